@@ -1,0 +1,162 @@
+"""The `posttrain` command line.
+
+Configs are validated before Prefect is even imported, so a typo fails in a second with the field
+named, not after a server has started.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# Offline-friendly defaults for Prefect's embedded server; explicit settings win.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+app = typer.Typer(
+    help="posttrain: post-train language models with cached Prefect stages tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ConfigArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Pipeline YAML (e.g. conf/demo.yaml). Default: the built-in demo."),
+]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Field overrides as dotted.path=value, e.g. sft.max_steps=50."),
+]
+
+_KEY_METRICS = {
+    "data": ("train_rows", "eval_rows", "dropped_rows"),
+    "sft": ("loss", "eval_loss", "mean_token_accuracy", "tokens_per_second"),
+}
+_COMPARISON = ("checker_accuracy", "eval_loss", "perplexity", "mean_completion_length")
+
+
+def _load(config: str | None, overrides: list[str] | None):
+    from posttrain.config import ConfigError, load_pipeline_config
+
+    overrides = list(overrides or [])
+    if config and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)  # `posttrain run sft.max_steps=5`: no file given
+        config = None
+    try:
+        return load_pipeline_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _run_flow(flow_fn, cfg) -> dict:
+    from posttrain.data.loading import DataError
+
+    try:
+        return flow_fn(cfg)
+    except DataError as e:
+        console.print(f"[red]data error:[/red] {e}")
+        raise typer.Exit(1) from None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_summary(result: dict) -> None:
+    table = Table(title="posttrain run")
+    for col in ("stage", "status", "time (s)", "key metrics"):
+        table.add_column(col)
+    for row in result["stages"]:
+        names = _KEY_METRICS.get(row["stage"], ())
+        shown = ", ".join(f"{k}={_fmt(row['metrics'][k])}" for k in names if k in row["metrics"])
+        status = "[green]ran[/green]" if row["status"] == "ran" else "[cyan]cached[/cyan]"
+        table.add_row(row["stage"], status, f"{row['seconds']:.1f}", shown)
+    console.print(table)
+    comparison = result.get("comparison") or {}
+    if comparison:
+        cmp = Table(title="evaluation (held-out)")
+        cmp.add_column("model")
+        cols = [c for c in _COMPARISON if any(c in m for m in comparison.values())]
+        for c in cols:
+            cmp.add_column(c, justify="right")
+        for name, m in comparison.items():
+            cmp.add_row(name, *(_fmt(m.get(c, "")) for c in cols))
+        console.print(cmp)
+
+
+def print_ui_hints(result: dict) -> None:
+    from posttrain.tracking import tracking_uri
+
+    prefect = os.environ.get("PREFECT_API_URL")
+    console.print(f"MLflow parent run: {result['mlflow_run_id']}  (store: {tracking_uri()})")
+    if prefect:
+        console.print(f"Prefect UI: {prefect.removesuffix('/api')}")
+    console.print(
+        "Open the UIs: [bold]make ui[/bold] (Prefect on http://127.0.0.1:4200, MLflow on "
+        "http://127.0.0.1:5000); stop them with [bold]make ui-stop[/bold]."
+    )
+
+
+@app.command()
+def run(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Run the whole pipeline (data -> SFT -> evaluation) as a Prefect flow."""
+    cfg = _load(config, overrides)
+    from pipelines.flows import pipeline
+
+    result = _run_flow(pipeline, cfg)
+    print_summary(result)
+    print_ui_hints(result)
+
+
+@app.command()
+def sft(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Run the SFT stage (and the data preparation it needs) as a Prefect flow."""
+    cfg = _load(config, overrides)
+    from pipelines.flows import sft_flow
+
+    result = _run_flow(sft_flow, cfg)
+    print_summary(result)
+    print_ui_hints(result)
+
+
+@app.command()
+def env() -> None:
+    """Print versions, devices and where runs are tracked."""
+    from posttrain.tracking import tracking_uri
+
+    table = Table(title="posttrain environment", show_header=False)
+    table.add_row("python", f"{platform.python_version()} ({sys.executable})")
+    for name in ("posttrain", "torch", "transformers", "peft", "accelerate", "datasets",
+                 "prefect", "mlflow", "pydantic"):
+        try:
+            table.add_row(name, metadata.version(name))
+        except metadata.PackageNotFoundError:
+            table.add_row(name, "not installed")
+    import torch
+
+    device = f"cuda x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    table.add_row("device", f"{device}, {os.cpu_count()} CPU cores")
+    table.add_row("MLflow tracking", tracking_uri())
+    table.add_row("Prefect API", os.environ.get("PREFECT_API_URL") or "embedded (no server)")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,115 @@
+"""Prefect flows. Each reads like a table of contents: one line per stage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prefect import flow
+from prefect.context import get_run_context
+
+from posttrain import artifacts, tracking
+from posttrain.config import PipelineConfig
+from tasks.data import prepare_data_task
+from tasks.evaluate import evaluate_task
+from tasks.sft import sft_task
+
+
+@dataclass
+class PipelineRun:
+    """The MLflow parent run of one flow run, and the per-stage rows of its summary."""
+
+    cfg: PipelineConfig
+    run_id: str
+    rows: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, cfg: PipelineConfig, flow_name: str) -> PipelineRun:
+        ctx = get_run_context()
+        flow_run_id = str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else ""
+        config = cfg.model_dump(mode="json")
+        run_id = tracking.start_run(
+            cfg.tracking.experiment,
+            f"{cfg.name}:{flow_name}",
+            params=config,
+            tags={
+                "posttrain.pipeline": cfg.name,
+                "posttrain.config_hash": artifacts.hash_json(config)[:16],
+                "prefect.flow_run_id": flow_run_id,
+                "prefect.flow_name": flow_name,
+            },
+        )
+        return cls(cfg, run_id)
+
+    def stage(self, name: str, task, *args) -> dict:
+        """Run one stage task; record whether it ran or came from the cache, and how long."""
+        started = time.time()
+        state = task(self.cfg)(self.cfg, *args, parent_run_id=self.run_id, return_state=True)
+        manifest = state.result()  # raises the stage's own error if it failed
+        prefect_cached = state.name == "Cached"
+        if prefect_cached:
+            # The task body did not run, so nothing logged a child run: do it here.
+            tracking.record_cache_hit(self.cfg.tracking.experiment, self.run_id, name, manifest)
+        cached = prefect_cached or manifest.get("cached", False)
+        self.rows.append(
+            {
+                "stage": name,
+                "status": "cached" if cached else "ran",
+                "seconds": round(time.time() - started, 2),
+                "metrics": manifest.get("metrics", {}),
+                "path": manifest.get("path"),
+                "source_run_id": manifest.get("mlflow_run_id"),
+            }
+        )
+        return manifest
+
+    def finish(self, evaluation: dict | None = None) -> dict:
+        if evaluation is not None:
+            comparison = evaluation.get("comparison", {})
+            table = [{"stage": stage, **metrics} for stage, metrics in comparison.items()]
+            tracking.log_table(self.run_id, table, "comparison.json")
+            tracking.log_metrics(
+                self.run_id,
+                {f"{s}/{k}": v for s, m in comparison.items() for k, v in m.items()},
+            )
+        tracking.log_table(
+            self.run_id,
+            [{k: r[k] for k in ("stage", "status", "seconds")} for r in self.rows],
+            "stages.json",
+        )
+        tracking.end_run(self.run_id)
+        return {
+            "mlflow_run_id": self.run_id,
+            "stages": self.rows,
+            "comparison": (evaluation or {}).get("comparison", {}),
+        }
+
+    def fail(self, error: BaseException) -> None:
+        tracking.end_run(self.run_id, "FAILED", reason=f"{type(error).__name__}: {error}")
+
+
+@flow(name="posttrain-pipeline", log_prints=True)
+def pipeline(cfg: PipelineConfig = PipelineConfig()) -> dict:
+    """Prepare data, fine-tune (SFT), evaluate; every stage cached and tracked."""
+    run = PipelineRun.start(cfg, "pipeline")
+    try:
+        data = run.stage("data", prepare_data_task)
+        sft = run.stage("sft", sft_task, data)
+        evaluation = run.stage("evaluate", evaluate_task, data, {"sft": sft})
+    except BaseException as e:
+        run.fail(e)
+        raise
+    return run.finish(evaluation)
+
+
+@flow(name="posttrain-sft", log_prints=True)
+def sft_flow(cfg: PipelineConfig = PipelineConfig()) -> dict:
+    """The SFT stage (and the data it needs), cached and tracked like in the pipeline."""
+    run = PipelineRun.start(cfg, "sft")
+    try:
+        data = run.stage("data", prepare_data_task)
+        run.stage("sft", sft_task, data)
+    except BaseException as e:
+        run.fail(e)
+        raise
+    return run.finish()

@@ -1,0 +1,188 @@
+"""Content-addressed stage artifacts and their manifests.
+
+A stage writes into `<root>/<stage>/<key>/`. The folder is first written under a temporary name
+and renamed into place only when complete, so a crash never leaves a half-written artifact where a
+reader would find it. `manifest.json` lists the sha256 of every file; its `digest` (a hash of that
+list) is what downstream stages put into their own keys, so a change anywhere upstream changes the
+key of everything below it and nothing above it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+KEY_LENGTH = 20  # hex characters of sha256 used for folder names: 80 bits, no collisions in practice
+_KEY_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact folder that is missing files or whose contents do not match its manifest."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    """sha256 of a canonical JSON rendering (sorted keys), the basis of every key."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the library's own sources plus the versions of the libraries that shape results.
+
+    Editing any file under posttrain/ invalidates every stage: cheap insurance against a cached
+    artifact produced by code that no longer exists.
+    """
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    for name in _KEY_LIBRARIES:
+        try:
+            h.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}==absent".encode())
+    return h.hexdigest()[:KEY_LENGTH]
+
+
+def stage_key(
+    stage: str,
+    config: dict,
+    upstream: dict[str, str] | None = None,
+    data_fingerprint: str | None = None,
+    code: str | None = None,
+) -> str:
+    """The cache key of one stage run.
+
+    `upstream` maps an upstream stage name to its manifest digest; `data_fingerprint` hashes the
+    dataset contents (never its path alone); `code` defaults to `code_version()`.
+    """
+    payload = {
+        "stage": stage,
+        "config": config,
+        "upstream": upstream or {},
+        "data": data_fingerprint,
+        "code": code if code is not None else code_version(),
+    }
+    return hash_json(payload)[:KEY_LENGTH]
+
+
+def stage_dir(root: str | Path, stage: str, key: str) -> Path:
+    return Path(root) / stage / key
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def verify(folder: str | Path, *, full: bool = True) -> dict:
+    """Return the manifest of `folder` after checking its files; ArtifactError when they differ.
+
+    `full=False` checks presence only (cheap enough for a cache-key function); `full=True` also
+    re-hashes every file.
+    """
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath}: unreadable manifest ({e})") from None
+    for rel, digest in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: file {rel} listed in the manifest is missing")
+        if full and sha256_file(path) != digest:
+            raise ArtifactError(f"{folder}: file {rel} does not match its manifest digest")
+    return manifest
+
+
+def load_manifest(root: str | Path, stage: str, key: str, *, full: bool = True) -> dict | None:
+    """The verified manifest of an existing artifact, or None when there is none.
+
+    A folder that fails verification is moved aside (never deleted: nothing is lost) so that the
+    stage can be produced again under the same key.
+    """
+    folder = stage_dir(root, stage, key)
+    if not folder.exists():
+        return None
+    try:
+        return verify(folder, full=full)
+    except ArtifactError:
+        aside = folder.with_name(f"{folder.name}.corrupt-{int(time.time())}")
+        os.replace(folder, aside)
+        return None
+
+
+@dataclass
+class StageOutput:
+    """Handle given to a stage body: write files into `dir`, put JSON-able facts into `meta`."""
+
+    dir: Path
+    meta: dict = field(default_factory=dict)
+    manifest: dict | None = None
+
+
+@contextmanager
+def write_stage(root: str | Path, stage: str, key: str) -> Iterator[StageOutput]:
+    """Write a stage artifact atomically.
+
+    Files go into a temporary sibling folder; on success the manifest is written last and the
+    folder renamed to `<root>/<stage>/<key>`. On error the temporary folder is removed and the
+    error propagates, so no reader ever sees a partial artifact. If another writer finished the
+    same key first, its artifact is kept and ours discarded (the key says they are equivalent).
+    """
+    final = stage_dir(root, stage, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    out = StageOutput(dir=tmp)
+    try:
+        yield out
+        files = _file_digests(tmp)
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "digest": hash_json({"stage": stage, "key": key, "files": files}),
+            "files": files,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "path": str(final.resolve()),
+            **out.meta,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            manifest = verify(final, full=False)
+        out.manifest = manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,325 @@
+"""Pydantic configs for every stage and the whole pipeline.
+
+YAML files in `conf/` only set values; every field is documented here. The models are frozen and
+forbid unknown keys, so a typo fails before any work starts, with the dotted field name in the
+message. The same models give the Prefect UI its parameter forms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names every offending field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+class DemoTaskConfig(_Frozen):
+    """The built-in synthetic task family (see posttrain.data.demo)."""
+
+    tasks: tuple[Literal["add", "reverse", "sort"], ...] = Field(
+        ("add", "reverse", "sort"), description="Which task kinds the generator mixes."
+    )
+    num_train: int = Field(4000, ge=1, description="Number of training prompts generated.")
+    num_eval: int = Field(200, ge=1, description="Number of held-out prompts generated.")
+    bug_rate: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="Share of SFT demonstrations inside each task's 'bug region' that carry the "
+        "task's systematic mistake; above 0.5 the SFT model learns the mistake, which leaves "
+        "preference optimization measurable room.",
+    )
+    conversational: bool = Field(
+        True, description="Emit chat messages (rendered by the chat template) instead of strings."
+    )
+
+
+class DatasetSource(_Frozen):
+    """Where one dataset comes from."""
+
+    path: str = Field(
+        description="'demo' for the built-in synthetic task, a local .jsonl/.json/.parquet/.csv "
+        "file, or a Hugging Face hub dataset id."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    subset: str | None = Field(None, description="Hub dataset configuration name, if any.")
+    revision: str | None = Field(None, description="Hub dataset revision (commit or tag).")
+    eval_path: str | None = Field(
+        None,
+        description="Separate held-out file or hub split name; when unset, eval_fraction of the "
+        "rows is held out.",
+    )
+
+
+class DataConfig(_Frozen):
+    """Data preparation: loading, validation and the train/eval split."""
+
+    sft: DatasetSource = Field(
+        DatasetSource(path="demo"), description="The supervised fine-tuning dataset."
+    )
+    demo: DemoTaskConfig = Field(
+        DemoTaskConfig(), description="Generator settings used when a source path is 'demo'."
+    )
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Share of rows held out when no eval_path is given."
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="Read at most this many rows per source (after shuffling)."
+    )
+    on_bad_rows: Literal["error", "drop"] = Field(
+        "error",
+        description="'error' stops at the first invalid row; 'drop' removes invalid rows, counts "
+        "and reports them.",
+    )
+    max_drop_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="With on_bad_rows='drop', fail when more than this share of rows is dropped.",
+    )
+    seed: int = Field(0, description="Seed of the demo generator and of the train/eval split.")
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+class TinyModelConfig(_Frozen):
+    """A small Qwen2-style causal LM built from scratch (no download)."""
+
+    hidden_size: int = Field(64, ge=8, description="Width of the residual stream.")
+    num_hidden_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(4, ge=1, description="Query heads per layer.")
+    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads per layer (GQA).")
+    intermediate_size: int = Field(256, ge=8, description="Width of the MLP.")
+    max_position_embeddings: int = Field(128, ge=16, description="Longest supported sequence.")
+    seed: int = Field(0, description="Seed of the random initialization.")
+
+
+class LoraConfig(_Frozen):
+    """Low-rank adapters through peft."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator: the update is scaled by alpha/r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: tuple[str, ...] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+
+class ModelConfig(_Frozen):
+    """Which model to start from and how to load it."""
+
+    name_or_path: str = Field(
+        "tiny",
+        description="'tiny' builds the built-in model and tokenizer; otherwise a hub model id or "
+        "a local directory.",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype; float32 is the right choice on CPU."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub; off unless you trust the repository."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    tiny: TinyModelConfig = Field(
+        TinyModelConfig(), description="Architecture of the built-in model (name_or_path='tiny')."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters instead of all weights when set."
+    )
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+class TrainingConfig(_Frozen):
+    """Optimization settings shared by every training stage."""
+
+    max_steps: int = Field(
+        300, ge=1, description="Optimizer steps (each step = grad_accum micro-batches)."
+    )
+    per_device_batch_size: int = Field(32, ge=1, description="Rows per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps from 0 to the peak.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warm-up."
+    )
+    max_grad_norm: float | None = Field(
+        1.0, gt=0.0, description="Clip the global gradient norm to this value; null disables."
+    )
+    max_length: int = Field(
+        128, ge=8, description="Longest tokenized example; longer ones are truncated or dropped."
+    )
+    truncation: Literal["error", "drop", "truncate_prompt", "truncate_right"] = Field(
+        "drop",
+        description="What to do with over-length examples: fail, drop (counted), cut the prompt "
+        "from the left, or cut the end.",
+    )
+    eval_every: int = Field(100, ge=1, description="Held-out loss every this many steps.")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every this many steps; null: never."
+    )
+    log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
+    seed: int = Field(0, description="Seed of data order and dropout.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingConfig:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+            )
+        return self
+
+
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning."""
+
+    packing: bool = Field(
+        True,
+        description="Pack examples best-fit-decreasing into rows of max_length tokens, with a "
+        "block-diagonal attention mask so that packed examples never attend to each other.",
+    )
+    completion_only_loss: bool = Field(
+        True,
+        description="Train on completion tokens only (prompt-completion data); language-modeling "
+        "data always trains on every token.",
+    )
+
+
+class EvalConfig(_Frozen):
+    """The evaluation stage."""
+
+    max_new_tokens: int = Field(16, ge=1, description="Generation budget per held-out prompt.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    max_prompts: int | None = Field(
+        None, ge=1, description="Evaluate at most this many held-out prompts; null: all."
+    )
+    num_samples: int = Field(
+        12, ge=0, description="Sample generations shown in the table logged to MLflow."
+    )
+
+
+class TrackingConfig(_Frozen):
+    """MLflow settings (the tracking URI itself comes from MLFLOW_TRACKING_URI)."""
+
+    experiment: str = Field("posttrain", description="MLflow experiment name.")
+    max_artifact_mb: float = Field(
+        200.0,
+        ge=0.0,
+        description="Copy a stage's folder into MLflow when smaller than this; larger stages "
+        "log their manifest and a tag with the folder's path.",
+    )
+
+
+class PipelineConfig(_Frozen):
+    """A whole pipeline run: data, model, stages, tracking."""
+
+    name: str = Field("demo", description="Pipeline name, shown in Prefect and MLflow.")
+    artifacts_root: str = Field(
+        "artifacts", description="Folder holding the content-addressed stage artifacts."
+    )
+    data: DataConfig = Field(DataConfig(), description="Data preparation.")
+    model: ModelConfig = Field(ModelConfig(), description="Base model.")
+    sft: SFTConfig = Field(SFTConfig(), description="Supervised fine-tuning stage.")
+    evaluate: EvalConfig = Field(EvalConfig(), description="Evaluation stage.")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
+
+
+# ------------------------------------------------------------------------------ load/overrides
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = [f"invalid configuration ({where}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {field}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`sft.learning_rate=1e-3` -> (['sft', 'learning_rate'], 0.001). Values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form field.path=value")
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} names no field")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return parts, value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Set dotted fields in a nested dict (a copy); unknown fields are caught by validation."""
+    out = _deep_copy(values)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of fields")
+    return values
+
+
+def validate(model: type[BaseModel], values: dict, where: str = "config") -> Any:
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where)) from None
+
+
+def load_pipeline_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    """Read a YAML file (or the defaults), apply `a.b=value` overrides, validate."""
+    values = read_yaml(path) if path else {}
+    values = apply_overrides(values, list(overrides))
+    where = str(path) if path else "defaults"
+    if overrides:
+        where += " + overrides"
+    return validate(PipelineConfig, values, where)

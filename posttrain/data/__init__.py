@@ -1,0 +1,1 @@
+"""Data: loading (local files, hub ids), validation, tokenization with loss masks, packing."""

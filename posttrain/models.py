@@ -1,0 +1,257 @@
+"""Tokenizers and causal LMs: the built-in tiny preset, hub/local loading, LoRA, saving.
+
+The tiny preset (a character-level tokenizer and a small Qwen2 model) is built offline from a
+config, so the demo pipeline needs no download. Real models load through the same functions from a
+hub id or a local directory.
+
+Weights are only ever read as safetensors (`use_safetensors=True`): a pickled `pytorch_model.bin`
+can run arbitrary code when loaded, so such a directory is refused.
+
+A stage that trained LoRA adapters saves the MERGED full model in its directory (and the adapter
+alone under `adapter/`), so every downstream stage loads a plain model directory with
+`load_trained` and never needs to know whether the upstream stage used LoRA.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import string
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from posttrain.config import LoraConfig, ModelConfig, TinyModelConfig
+
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+EOS_TOKEN = "<|end|>"
+ROLE_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>")
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, *ROLE_TOKENS, EOS_TOKEN)
+# Printable ASCII plus tab and newline: a superset of what the demo tasks use, so that any
+# everyday ASCII text (test fixtures, user files) round-trips without <unk>.
+TINY_CHARS = tuple(c for c in string.printable if c not in "\r\x0b\x0c")
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+# ---------------------------------------------------------------------------------- tokenizers
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with chat special tokens, built offline.
+
+    One id per character keeps the demo tasks trivially tokenizable (digits are never merged), and
+    `decode` gives back the exact text. Special tokens are added tokens, which the tokenizer
+    matches before pre-tokenization, so "<|end|>" in text is one id, not seven characters.
+    Encoding adds no special tokens (there is no post-processor): the chat template and the
+    tokenization code decide where they go.
+    """
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + TINY_CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    # "[\s\S]", not ".": Oniguruma's "." does not match "\n", and the unmatched run "\n\n" would
+    # become one <unk> piece.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        extra_special_tokens=list(ROLE_TOKENS),
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Batching needs a pad token; many base models ship without one, so reuse EOS (masked)."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(
+    model_cfg: ModelConfig, *, path: str | Path | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of `path` (a saved stage), else of the configured model ('tiny' builds it)."""
+    if path is not None:
+        tokenizer = load_trained_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
+    elif model_cfg.name_or_path == "tiny":
+        tokenizer = build_tiny_tokenizer()
+    elif Path(model_cfg.name_or_path).is_dir():
+        tokenizer = load_trained_tokenizer(
+            model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
+        )
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_cfg.name_or_path,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    return _ensure_pad_token(tokenizer)
+
+
+# Classes that mean "the pipeline is exactly what tokenizer.json says".
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_trained_tokenizer(
+    path: str | Path, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a local directory (a stage output or a local model).
+
+    transformers 5's AutoTokenizer ignores a generic `tokenizer_class` when the config.json next
+    to it has model_type "qwen2" and builds Qwen2Tokenizer, whose hard-coded byte-level BPE
+    pre-tokenizer silently breaks the tiny character tokenizer (spaces vanish). Files that declare
+    the generic class are therefore loaded as written; everything else goes through AutoTokenizer.
+    """
+    path = Path(path)
+    config_file = path / "tokenizer_config.json"
+    if config_file.is_file():
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        if declared in _GENERIC_TOKENIZER_CLASSES:
+            return _ensure_pad_token(PreTrainedTokenizerFast.from_pretrained(str(path)))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return _ensure_pad_token(tokenizer)
+
+
+# -------------------------------------------------------------------------------------- models
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    attn_implementation: str = "sdpa",
+    dtype: str | torch.dtype = torch.float32,
+) -> Qwen2ForCausalLM:
+    """A randomly initialized Qwen2 causal LM sized by `cfg`, deterministic from `cfg.seed`.
+
+    Tied embeddings keep the parameter count small (the vocabulary is ~100 characters anyway).
+    Pad and EOS ids go into both the model and the generation config, so `generate` stops at
+    "<|end|>" and pads with "<pad>". The global RNG is left as it was.
+    """
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation, dtype=_torch_dtype(dtype)
+        )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def load_causal_lm(model_cfg: ModelConfig, *, path: str | Path | None = None) -> PreTrainedModel:
+    """The starting policy: the model in `path` (a saved stage) if given, else the configured one.
+
+    'tiny' without a path builds the built-in model; anything else loads from the hub or a local
+    directory, safetensors only.
+    """
+    if path is None and model_cfg.name_or_path == "tiny":
+        return build_tiny_model(
+            model_cfg.tiny,
+            build_tiny_tokenizer(),
+            attn_implementation=model_cfg.attn_implementation,
+            dtype=model_cfg.dtype,
+        )
+    source = str(path) if path is not None else model_cfg.name_or_path
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        revision=None if path is not None else model_cfg.revision,
+        dtype=_torch_dtype(model_cfg.dtype),
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=True,
+    )
+
+
+def load_trained(
+    path: str | Path,
+    dtype: str | torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """A causal LM saved by `save_model` (a plain, merged model directory), safetensors only."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=_torch_dtype(dtype),
+        attn_implementation=attn_implementation,
+        use_safetensors=True,
+    )
+
+
+# ------------------------------------------------------------------------------ LoRA and saving
+
+
+def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig) -> PeftModel:
+    """Wrap `model` with LoRA adapters; only adapter weights stay trainable."""
+    target = lora_cfg.target_modules
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=target if target == "all-linear" else list(target),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def save_model(
+    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
+) -> Path:
+    """Save a stage's model and tokenizer as a plain model directory (safetensors).
+
+    A PeftModel is merged on a deep copy (the caller's model keeps its adapters; the copy costs one
+    extra model in memory), so downstream stages load it like any model; the adapter alone is also
+    kept under `out_dir/adapter` for whoever wants to ship just that.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(out / "adapter"), safe_serialization=True)
+        model = copy.deepcopy(model).merge_and_unload()
+    # transformers 5 always writes safetensors (4.x defaults to it); ties are saved once.
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params)

@@ -1,0 +1,1 @@
+"""One training loop per loop shape; each runs on its own with `python -m posttrain.recipes.<name>`."""

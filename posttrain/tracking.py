@@ -1,0 +1,209 @@
+"""MLflow logging through explicit run ids.
+
+Everything goes through `MlflowClient` with run ids passed as arguments: MLflow's active-run stack
+is thread-local, and a Prefect task may run in another thread than its flow. The default store is
+`sqlite:///mlflow.db` in the working directory; `MLFLOW_TRACKING_URI` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CACHE_HIT_TAG = "posttrain.cache_hit"
+SOURCE_RUN_TAG = "posttrain.source_run_id"
+STAGE_TAG = "posttrain.stage"
+KEY_TAG = "posttrain.key"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # another process created it between the two calls
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'sft.learning_rate': '0.001', ...} (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for k, v in values.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def _params(values: dict[str, str]):
+    from mlflow.entities import Param
+
+    # MLflow caps param values at 6000 characters.
+    return [Param(k, v[:6000]) for k, v in values.items()]
+
+
+def start_run(
+    experiment: str,
+    name: str,
+    *,
+    parent_run_id: str | None = None,
+    params: dict | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Create a run (a child when `parent_run_id` is given) and return its id."""
+    c = client()
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id(experiment), run_name=name, tags=all_tags)
+    if params:
+        flat = flatten(params)
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            c.log_batch(run.info.run_id, params=_params(dict(items[i : i + 100])))
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+    c = client()
+    if reason:
+        c.set_tag(run_id, "posttrain.failure", reason[:5000])
+    c.set_terminated(run_id, status=status)
+
+
+class MetricLogger:
+    """Buffers per-step metrics and sends them in batches (one SQLite write per few hundred)."""
+
+    def __init__(self, run_id: str | None, flush_every: int = 500):
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._buffer: list = []
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self.history.append((step, clean))
+        if self.run_id is None:
+            return
+        now = int(time.time() * 1000)
+        for k, v in clean.items():
+            if math.isfinite(v):
+                self._buffer.append(Metric(k, v, now, step))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.run_id is None or not self._buffer:
+            return
+        c = client()
+        for i in range(0, len(self._buffer), 1000):
+            c.log_batch(self.run_id, metrics=self._buffer[i : i + 1000])
+        self._buffer = []
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    logger = MetricLogger(run_id)
+    logger(metrics, step)
+    logger.flush()
+
+
+def log_dataset(
+    run_id: str, rows: list[dict], *, name: str, source: str, digest: str, context: str
+) -> None:
+    """Record a dataset as an input of the run (visible in the MLflow UI's 'Datasets' column)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    # Nested message lists become JSON strings so that MLflow can infer a schema.
+    df = pd.DataFrame(
+        [{k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in r.items()}
+         for r in rows[:1000]]
+    )
+    ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+    client().log_inputs(
+        run_id,
+        datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
+    )
+
+
+def log_folder(run_id: str, folder: str | Path, max_mb: float, artifact_path: str = "stage") -> None:
+    """Copy a stage folder into the run's artifacts; large folders log only their manifest."""
+    folder = Path(folder)
+    size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+    c = client()
+    c.set_tag(run_id, "posttrain.artifact_dir", str(folder.resolve()))
+    if size_mb <= max_mb:
+        c.log_artifacts(run_id, str(folder), artifact_path)
+    else:
+        c.log_artifact(run_id, str(folder / "manifest.json"), artifact_path)
+
+
+def log_table(run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """A list of row dicts as an MLflow table (JSON, shown in the UI's artifact view)."""
+    columns = list(rows[0].keys()) if rows else []
+    payload = {"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(json.dumps(payload, default=str))
+        parent = str(Path(artifact_file).parent)
+        client().log_artifact(run_id, str(path), None if parent == "." else parent)
+
+
+def record_cache_hit(
+    experiment: str, parent_run_id: str | None, stage: str, manifest: dict
+) -> str:
+    """A child run that says 'this stage was cached' and points at the run that produced it.
+
+    Its params and final metrics are copied from the manifest so that comparisons across
+    pipeline runs show the cached stage like any other.
+    """
+    source = manifest.get("mlflow_run_id") or ""
+    run_id = start_run(
+        experiment,
+        f"{stage} (cached)",
+        parent_run_id=parent_run_id,
+        params=manifest.get("config") or {},
+        tags={
+            CACHE_HIT_TAG: "true",
+            SOURCE_RUN_TAG: source,
+            STAGE_TAG: stage,
+            KEY_TAG: manifest.get("key", ""),
+            "mlflow.note.content": f"Cached: produced by run {source} "
+            f"(artifact {manifest.get('path', '')}).",
+        },
+    )
+    metrics = {k: v for k, v in (manifest.get("metrics") or {}).items() if _is_number(v)}
+    if metrics:
+        log_metrics(run_id, metrics)
+    end_run(run_id)
+    return run_id
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,57 @@
+"""Shared fixtures: one MLflow store and (for flow tests) one Prefect server per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Every test logs into one throw-away SQLite store (a new store migrates for seconds)."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary Prefect server and database shared by all flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_pipeline_values(tmp_path, **sections) -> dict:
+    """A pipeline config small enough for a test: tiny model, few steps, few prompts."""
+    values = {
+        "name": "test",
+        "artifacts_root": str(tmp_path / "artifacts"),
+        "data": {"demo": {"num_train": 300, "num_eval": 24}},
+        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64}},
+        "sft": {
+            "max_steps": 6,
+            "per_device_batch_size": 4,
+            "learning_rate": 3e-3,
+            "warmup_steps": 1,
+            "max_length": 48,
+            "eval_every": 3,
+            "log_every": 1,
+        },
+        "evaluate": {"max_new_tokens": 6, "batch_size": 24, "num_samples": 4},
+        "tracking": {"experiment": f"test-{tmp_path.name}"},
+    }
+    for name, update in sections.items():
+        values[name] = {**values.get(name, {}), **update}
+    return values

@@ -1,0 +1,69 @@
+"""The `posttrain` command line: fast checks in-process, the whole demo pipeline end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "sft", "env"):
+        assert command in result.output
+
+
+def test_invalid_config_fails_before_any_work_naming_the_field(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run", str(ROOT / "conf/demo.yaml"), "sft.max_steps=zero"])
+    assert result.exit_code == 2
+    assert "sft.max_steps" in result.output
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_env_prints_versions_and_tracking():
+    result = runner.invoke(app, ["env"])
+    assert result.exit_code == 0
+    assert "torch" in result.output and "MLflow tracking" in result.output
+
+
+def _posttrain(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
+    """`posttrain run conf/demo.yaml` (shortened) in a fresh folder with the default stores:
+    embedded Prefect and sqlite:///mlflow.db in the working directory."""
+    overrides = [
+        "sft.max_steps=30", "sft.eval_every=15", "data.demo.num_train=500",
+        "data.demo.num_eval=40",
+    ]
+    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        first = _posttrain(["run", str(ROOT / "conf/demo.yaml"), *overrides], tmp_path)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert (tmp_path / "mlflow.db").exists()
+        second = _posttrain(["run", str(ROOT / "conf/demo.yaml"), *overrides], tmp_path)
+        assert second.returncode == 0, second.stdout + second.stderr
+    finally:
+        if env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    for stage in ("data", "sft", "evaluate"):
+        assert f"│ {stage}" in first.stdout
+    assert first.stdout.count(" ran ") >= 3, first.stdout
+    assert second.stdout.count(" cached ") >= 3, second.stdout
+    assert "checker_accuracy" in first.stdout and "make ui" in first.stdout

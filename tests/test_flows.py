@@ -1,0 +1,97 @@
+"""Flow tests on a shared Prefect test server: caching across runs and MLflow records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain import tracking
+from posttrain.config import PipelineConfig, validate
+from posttrain.data import demo
+from posttrain.data.loading import write_jsonl
+from tests.conftest import tiny_pipeline_values
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _cfg(tmp_path, **sections) -> PipelineConfig:
+    return validate(PipelineConfig, tiny_pipeline_values(tmp_path, **sections))
+
+
+def _status(result: dict) -> dict[str, str]:
+    return {r["stage"]: r["status"] for r in result["stages"]}
+
+
+def _children(parent_run_id: str) -> dict[str, object]:
+    c = tracking.client()
+    parent = c.get_run(parent_run_id)
+    runs = c.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("a cached stage must not train")
+
+
+def test_unchanged_rerun_trains_nothing_and_logs_cache_hits(tmp_path, monkeypatch):
+    from pipelines.flows import pipeline
+    from posttrain.recipes import sft
+
+    cfg = _cfg(tmp_path)
+    first = pipeline(cfg)
+    assert _status(first) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+    first_children = _children(first["mlflow_run_id"])
+    assert set(first_children) == {"data", "sft", "evaluate"}
+    sft_run = first_children["sft"]
+    assert sft_run.info.status == "FINISHED"
+    assert "sft.learning_rate" in sft_run.data.params
+    history = tracking.client().get_metric_history(sft_run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, cfg.sft.max_steps + 1))
+    assert first_children["data"].inputs.dataset_inputs  # the dataset is logged as an input
+
+    weights = next((tmp_path / "artifacts" / "sft").glob("*/model/model.safetensors"))
+    mtime = weights.stat().st_mtime_ns
+    monkeypatch.setattr(sft, "train", _no_training)
+    second = pipeline(cfg)
+    assert _status(second) == {"data": "cached", "sft": "cached", "evaluate": "cached"}
+    assert weights.stat().st_mtime_ns == mtime
+    for stage, run in _children(second["mlflow_run_id"]).items():
+        assert run.data.tags[tracking.CACHE_HIT_TAG] == "true"
+        assert run.data.tags[tracking.SOURCE_RUN_TAG] == first_children[stage].info.run_id
+    assert second["comparison"] == first["comparison"]
+
+
+def test_changing_an_sft_field_reruns_sft_and_evaluation_only(tmp_path):
+    from pipelines.flows import pipeline
+
+    pipeline(_cfg(tmp_path))
+    changed = pipeline(_cfg(tmp_path, sft={"learning_rate": 1e-3}))
+    assert _status(changed) == {"data": "cached", "sft": "ran", "evaluate": "ran"}
+
+
+def test_changing_one_data_row_reruns_everything_downstream(tmp_path):
+    from pipelines.flows import pipeline
+
+    rows = demo.generate_sft(_cfg(tmp_path).data.demo, 0, "train")[:200]
+    path = tmp_path / "sft.jsonl"
+    write_jsonl(rows, path)
+    cfg = _cfg(tmp_path, data={"sft": {"path": str(path)}, "eval_fraction": 0.1})
+    first = pipeline(cfg)
+    assert _status(first) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+    assert _status(pipeline(cfg))["data"] == "cached"
+
+    rows[7] = {**rows[7], "completion": json.loads(json.dumps(rows[7]["completion"]))}
+    rows[7]["completion"][0]["content"] += "0"
+    write_jsonl(rows, path)
+    assert _status(pipeline(cfg)) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+
+
+def test_sft_flow_runs_data_and_sft(tmp_path):
+    from pipelines.flows import sft_flow
+
+    result = sft_flow(_cfg(tmp_path))
+    assert [r["stage"] for r in result["stages"]] == ["data", "sft"]
+    assert (tmp_path / "artifacts" / "sft").exists()
