@@ -52,6 +52,10 @@ def run_stage(
     `body` writes files into `out.dir`, may add JSON facts to `out.meta`, and returns the stage's
     final metrics. The returned manifest carries `cached` (True when nothing ran).
     """
+    if cfg.cpu_threads:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
     existing = artifacts.load_manifest(cfg.artifacts_root, stage, key)
     experiment = cfg.tracking.experiment
     if existing is not None:

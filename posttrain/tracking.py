@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,11 @@ def log_dataset(
         [{k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in r.items()}
          for r in rows[:1000]]
     )
-    ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+    with warnings.catch_warnings():
+        # A bare name such as 'demo' or a hub id matches several source kinds; MLflow picks one
+        # and warns each time, which says nothing to a user.
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
     client().log_inputs(
         run_id,
         datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],

@@ -106,8 +106,8 @@ def test_tokenizer_alone_round_trips_through_auto_tokenizer(tokenizer, tmp_path)
 
 @pytest.mark.xfail(
     reason="transformers 5 AutoTokenizer forces Qwen2Tokenizer next to a qwen2 config.json, which "
-    "drops spaces; why load_trained_tokenizer exists (an XPASS means the workaround can go)",
-    strict=False,
+    "drops spaces; why load_trained_tokenizer exists (an XPASS fails: the workaround can go)",
+    strict=True,
 )
 def test_auto_tokenizer_next_to_a_qwen2_config(tokenizer, model, tmp_path):
     models.save_model(model, tokenizer, tmp_path)
