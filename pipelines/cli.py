@@ -11,7 +11,7 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -30,19 +30,25 @@ app = typer.Typer(
 console = Console()
 
 ConfigArg = Annotated[
-    Optional[str],
+    str | None,
     typer.Argument(help="Pipeline YAML (e.g. conf/demo.yaml). Default: the built-in demo."),
 ]
 OverridesArg = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(help="Field overrides as dotted.path=value, e.g. sft.max_steps=50."),
 ]
 
 _KEY_METRICS = {
-    "data": ("train_rows", "eval_rows", "dropped_rows"),
+    "data": ("sft_train_rows", "preference_train_rows", "kto_train_rows", "dropped_rows"),
     "sft": ("loss", "eval_loss", "mean_token_accuracy", "tokens_per_second"),
+    "reward": ("loss", "eval_accuracy", "eval_margin"),
+    "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"),
+    "orpo": ("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies"),
+    "kto": ("loss", "kl", "rewards/margins", "eval_loss"),
 }
-_COMPARISON = ("checker_accuracy", "eval_loss", "perplexity", "mean_completion_length")
+_COMPARISON = (
+    "checker_accuracy", "reward_score", "eval_loss", "perplexity", "mean_completion_length",
+)
 
 
 def _load(config: str | None, overrides: list[str] | None):
@@ -112,7 +118,7 @@ def print_ui_hints(result: dict) -> None:
 
 @app.command()
 def run(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
-    """Run the whole pipeline (data -> SFT -> evaluation) as a Prefect flow."""
+    """Run the whole pipeline (data, SFT, reward model, methods, evaluation) as a Prefect flow."""
     cfg = _load(config, overrides)
     from pipelines.flows import pipeline
 
@@ -121,15 +127,27 @@ def run(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
     print_ui_hints(result)
 
 
-@app.command()
-def sft(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
-    """Run the SFT stage (and the data preparation it needs) as a Prefect flow."""
-    cfg = _load(config, overrides)
-    from pipelines.flows import sft_flow
+def _stage_command(stage: str, help_text: str):
+    def command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+        cfg = _load(config, overrides)
+        from pipelines.flows import stage_flow
 
-    result = _run_flow(sft_flow, cfg)
-    print_summary(result)
-    print_ui_hints(result)
+        result = _run_flow(lambda c: stage_flow(c, stage), cfg)
+        print_summary(result)
+        print_ui_hints(result)
+
+    command.__doc__ = help_text
+    return command
+
+
+for _stage, _help in (
+    ("sft", "Supervised fine-tuning (and the data preparation it needs) as a Prefect flow."),
+    ("rm", "Train the reward model from the SFT model (data and SFT cached or run first)."),
+    ("dpo", "DPO from the SFT model (data and SFT cached or run first)."),
+    ("orpo", "ORPO from the SFT model (data and SFT cached or run first)."),
+    ("kto", "KTO from the SFT model (data and SFT cached or run first)."),
+):
+    app.command(name=_stage)(_stage_command("reward" if _stage == "rm" else _stage, _help))
 
 
 @app.command()

@@ -12,7 +12,11 @@ from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from tasks.data import prepare_data_task
 from tasks.evaluate import evaluate_task
+from tasks.preference import method_task
+from tasks.reward import reward_task
 from tasks.sft import sft_task
+
+DEFAULT_CONFIG = PipelineConfig()  # the form the Prefect UI shows for a deployment
 
 
 @dataclass
@@ -89,26 +93,40 @@ class PipelineRun:
 
 
 @flow(name="posttrain-pipeline", log_prints=True)
-def pipeline(cfg: PipelineConfig = PipelineConfig()) -> dict:
-    """Prepare data, fine-tune (SFT), evaluate; every stage cached and tracked."""
+def pipeline(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
+    """Prepare data, fine-tune (SFT), train the reward model, run each preference method from the
+    SFT model, evaluate everything side by side; every stage cached and tracked."""
     run = PipelineRun.start(cfg, "pipeline")
     try:
         data = run.stage("data", prepare_data_task)
         sft = run.stage("sft", sft_task, data)
-        evaluation = run.stage("evaluate", evaluate_task, data, {"sft": sft})
+        reward = run.stage("reward", reward_task, data, sft) if cfg.needs_reward_model else None
+        candidates = {"sft": sft}
+        for method in cfg.methods:
+            candidates[method] = run.stage(method, method_task(method), method, data, sft)
+        evaluation = run.stage("evaluate", evaluate_task, data, candidates, reward)
     except BaseException as e:
         run.fail(e)
         raise
     return run.finish(evaluation)
 
 
-@flow(name="posttrain-sft", log_prints=True)
-def sft_flow(cfg: PipelineConfig = PipelineConfig()) -> dict:
-    """The SFT stage (and the data it needs), cached and tracked like in the pipeline."""
-    run = PipelineRun.start(cfg, "sft")
+STAGES = ("sft", "reward", "dpo", "orpo", "kto")
+
+
+@flow(name="posttrain-stage", log_prints=True)
+def stage_flow(cfg: PipelineConfig = DEFAULT_CONFIG, stage: str = "sft") -> dict:
+    """One stage (and the upstream stages it needs, usually cached), tracked like the pipeline."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
+    run = PipelineRun.start(cfg, stage)
     try:
         data = run.stage("data", prepare_data_task)
-        run.stage("sft", sft_task, data)
+        sft = run.stage("sft", sft_task, data)
+        if stage == "reward":
+            run.stage("reward", reward_task, data, sft)
+        elif stage != "sft":
+            run.stage(stage, method_task(stage), stage, data, sft)
     except BaseException as e:
         run.fail(e)
         raise

@@ -69,6 +69,16 @@ class DataConfig(_Frozen):
     sft: DatasetSource = Field(
         DatasetSource(path="demo"), description="The supervised fine-tuning dataset."
     )
+    preference: DatasetSource | None = Field(
+        None,
+        description="Preference pairs (prompt/chosen/rejected, or chosen/rejected with the prompt "
+        "as shared prefix) for the reward model, DPO and ORPO; null: no preference stages.",
+    )
+    kto: DatasetSource | None = Field(
+        None,
+        description="Unpaired data (prompt/completion/label) for KTO; null: KTO uses the "
+        "preference pairs converted (chosen -> True, rejected -> False).",
+    )
     demo: DemoTaskConfig = Field(
         DemoTaskConfig(), description="Generator settings used when a source path is 'demo'."
     )
@@ -205,6 +215,72 @@ class SFTConfig(TrainingConfig):
     )
 
 
+ReferenceMode = Literal["precomputed", "copy", "adapter"]
+_REFERENCE_DOC = (
+    "Where reference log-probs come from: 'precomputed' once before training (no reference "
+    "model in memory during training), 'copy' a frozen copy of the starting model, 'adapter' "
+    "the policy with its LoRA adapter disabled (needs model.lora). All three give the same loss."
+)
+
+
+class RewardConfig(TrainingConfig):
+    """Bradley-Terry reward model: a sequence classifier with one output."""
+
+    learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
+
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0.0, description="Weight c of c*(r_c + r_r)^2, keeping rewards centred at 0."
+    )
+
+
+class DPOConfig(TrainingConfig):
+    """Direct Preference Optimization and its loss variants."""
+
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
+
+    beta: float = Field(0.1, gt=0.0, description="Temperature beta of the implicit reward.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = Field(
+        "sigmoid", description="sigmoid (DPO), hinge (SLiC), ipo (IPO), robust (cDPO/rDPO)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Label-noise rate epsilon of the robust loss."
+    )
+    length_normalize: bool = Field(
+        False, description="Divide each log-ratio by its completion length (SimPO-style)."
+    )
+    reference: ReferenceMode = Field("precomputed", description=_REFERENCE_DOC)
+
+
+class ORPOConfig(TrainingConfig):
+    """Odds-Ratio Preference Optimization (no reference model)."""
+
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
+
+    beta: float = Field(
+        0.1, gt=0.0, description="Weight lambda of the odds-ratio term (TRL calls it beta)."
+    )
+
+
+class KTOConfig(TrainingConfig):
+    """Kahneman-Tversky Optimization on unpaired desirable/undesirable completions."""
+
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
+
+    beta: float = Field(0.1, gt=0.0, description="Temperature beta of the implicit reward.")
+    desirable_weight: float = Field(1.0, gt=0.0, description="Weight of desirable examples.")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of undesirable examples.")
+    reference: ReferenceMode = Field("precomputed", description=_REFERENCE_DOC)
+
+    @model_validator(mode="after")
+    def _kl_needs_a_batch(self) -> KTOConfig:
+        if self.per_device_batch_size < 2:
+            raise ValueError(
+                "per_device_batch_size must be at least 2: KTO estimates its KL term from "
+                "mismatched (prompt, completion) pairs within a batch"
+            )
+        return self
+
+
 class EvalConfig(_Frozen):
     """The evaluation stage."""
 
@@ -215,6 +291,11 @@ class EvalConfig(_Frozen):
     )
     num_samples: int = Field(
         12, ge=0, description="Sample generations shown in the table logged to MLflow."
+    )
+    reward_model: bool = Field(
+        True,
+        description="Score generations with the reward model (trains the RM stage when "
+        "preference data is configured).",
     )
 
 
@@ -247,8 +328,37 @@ class PipelineConfig(_Frozen):
     data: DataConfig = Field(DataConfig(), description="Data preparation.")
     model: ModelConfig = Field(ModelConfig(), description="Base model.")
     sft: SFTConfig = Field(SFTConfig(), description="Supervised fine-tuning stage.")
+    methods: tuple[Literal["dpo", "orpo", "kto"], ...] = Field(
+        (), description="Preference methods to run, each from the SFT model, e.g. [dpo, kto]."
+    )
+    reward: RewardConfig = Field(RewardConfig(), description="Reward-model stage.")
+    dpo: DPOConfig = Field(DPOConfig(), description="DPO stage.")
+    orpo: ORPOConfig = Field(ORPOConfig(), description="ORPO stage.")
+    kto: KTOConfig = Field(KTOConfig(), description="KTO stage.")
     evaluate: EvalConfig = Field(EvalConfig(), description="Evaluation stage.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
+
+
+    @model_validator(mode="after")
+    def _stages_fit_together(self) -> PipelineConfig:
+        problems = []
+        if self.methods and self.data.preference is None and not (
+            self.methods == ("kto",) and self.data.kto is not None
+        ):
+            problems.append(f"methods {list(self.methods)} need data.preference")
+        if len(set(self.methods)) != len(self.methods):
+            problems.append(f"methods lists a method twice: {list(self.methods)}")
+        for name in ("dpo", "kto"):
+            if name in self.methods and getattr(self, name).reference == "adapter" \
+                    and self.model.lora is None:
+                problems.append(f"{name}.reference='adapter' needs model.lora")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def needs_reward_model(self) -> bool:
+        return self.data.preference is not None and self.evaluate.reward_model
 
 
 # ------------------------------------------------------------------------------ load/overrides

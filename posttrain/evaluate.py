@@ -59,6 +59,8 @@ def generate(
                     "text": tokenizer.decode(tokens, skip_special_tokens=True),
                     "num_tokens": len(tokens) + int(ended),
                     "eos": ended,
+                    "prompt_ids": encoded[len(out) - start],
+                    "completion_ids": row[: end + 1] if ended else tokens,
                 }
             )
     return out
@@ -99,11 +101,13 @@ def evaluate_model(
     max_length: int,
     num_samples: int,
     checker: Checker | None = None,
+    reward_model: torch.nn.Module | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Metrics and a sample table for held-out prompt-completion rows.
 
     `checker(prompt, completion_text)` says whether a completion is correct; without one (data
-    with no verifiable answer) `checker_accuracy` is left out rather than guessed.
+    with no verifiable answer) `checker_accuracy` is left out rather than guessed. With a
+    `reward_model`, every (prompt, completion) is scored: `reward_score` is the mean.
     """
     examples = [
         e
@@ -132,6 +136,10 @@ def evaluate_model(
         "mean_completion_length": sum(c["num_tokens"] for c in completions) / len(completions),
         "eos_rate": sum(c["eos"] for c in completions) / len(completions),
     }
+    scores: list[float | None] = [None] * len(rows)
+    if reward_model is not None:
+        scores = score_completions(reward_model, completions, tokenizer.pad_token_id, batch_size)
+        metrics["reward_score"] = sum(scores) / len(scores)
     correct: list[bool | None] = [None] * len(rows)
     if checker is not None:
         correct = [bool(checker(r["prompt"], c["text"])) for r, c in zip(rows, completions)]
@@ -142,7 +150,28 @@ def evaluate_model(
             "completion": c["text"],
             "reference": completion_text(r.get("completion", "")),
             "correct": ok,
+            "reward": score,
         }
-        for r, c, ok in list(zip(rows, completions, correct))[:num_samples]
+        for r, c, ok, score in list(zip(rows, completions, correct, scores))[:num_samples]
     ]
     return metrics, samples
+
+
+@torch.no_grad()
+def score_completions(
+    reward_model: torch.nn.Module, completions: list[dict], pad_token_id: int, batch_size: int
+) -> list[float]:
+    """Reward-model scores of generated (prompt_ids + completion_ids) sequences."""
+    from posttrain.data.packing import collate_padded
+    from posttrain.rewards import score_texts
+
+    sequences = [
+        {"input_ids": c["prompt_ids"] + c["completion_ids"],
+         "labels": c["prompt_ids"] + c["completion_ids"]}
+        for c in completions
+    ]
+    batches = [
+        collate_padded(sequences[i : i + batch_size], pad_token_id)
+        for i in range(0, len(sequences), batch_size)
+    ]
+    return score_texts(reward_model, batches).tolist()

@@ -1,12 +1,15 @@
 """Logits and log-probs at the positions that matter, without full-vocabulary work elsewhere.
 
 Running the LM head only on positions that carry a loss (completion tokens) avoids materializing
-(B, T, V) logits: with a 150k vocabulary that tensor dominates activation memory.
+(B, T, V) logits: with a 150k vocabulary that tensor dominates activation memory. The per-token
+log-prob is the target logit minus the row's logsumexp, computed in row chunks, so no (N, V)
+log-softmax tensor (nor, for bf16 logits, an (N, V) float32 copy kept for backward) ever exists.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class SelectedLogits(torch.nn.Module):
@@ -49,3 +52,105 @@ def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     select[:, :-1] = nxt != -100
     targets = nxt[nxt != -100]
     return select, targets
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp(logits), row chunk by row chunk.
+
+    Plain autograd would keep every float32 chunk alive for the backward pass, which for bf16
+    logits is an (N, V) float32 copy, as large as the log-softmax this function avoids. Saving
+    only the logits (already alive) and the (N,) logsumexp, and recomputing the softmax per chunk
+    in backward, keeps the extra memory at one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        # logits (N, V), targets (N,) -> (N,) float32
+        n = targets.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = logits[rows].float()  # (C, V)
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            out[rows] = chunk.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, targets.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            # d/dlogits (logit[t] - lse) = onehot(t) - softmax(logits)
+            g = torch.exp(logits[rows].float() - lse[rows, None]).neg_()  # (C, V)
+            g.scatter_add_(-1, targets[rows, None], torch.ones_like(g[:, :1]))
+            grad[rows] = g.mul_(grad_out[rows, None].float())
+        return grad, None, None
+
+
+def token_logps(
+    logits: torch.Tensor,  # (..., V)
+    targets: torch.Tensor,  # (...) long
+    chunk_size: int = 4096,
+) -> torch.Tensor:  # (...) float32
+    """Log-probability of each target token under its row of logits, in float32.
+
+    Equal to `log_softmax(logits.float(), -1).gather(-1, targets[..., None])` (gradients
+    included), but computed `chunk_size` rows at a time without an (N, V) log-softmax tensor.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat_targets = targets.reshape(-1).long()  # (N,)
+    return _TokenLogps.apply(flat_logits, flat_targets, chunk_size).reshape(targets.shape)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) padding mask -> (B, T) positions counting real tokens only.
+
+    With left padding the first real token gets position 0, exactly as without padding, so a
+    sequence's log-probs do not depend on the side it was padded on. Pad positions get 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor,  # (B, T) 1 = real token, 0 = padding (either side)
+    completion_mask: torch.Tensor,  # (B, T) 1 = a token whose log-prob is wanted
+    *,
+    average: bool = False,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:  # logps (B,) float32, num_tokens (B,) long
+    """Summed (or, with `average`, per-token averaged) log-probs of each row's completion tokens.
+
+    `completion_mask` is aligned with `input_ids`: a marked token t is scored by the logits at
+    position t-1 (a mark on position 0 is ignored: nothing predicts the first token). The LM head
+    runs only on those positions (no (B, T, V) tensor), and position ids come from the attention
+    mask, so left- and right-padded batches give the same numbers.
+
+    `model` is a causal LM, or a `SelectedLogits` (possibly inside a DDP/FSDP wrapper exposing it
+    as `.module`), which is then called as is so that the wrapper's gradient hooks run.
+    Returns the log-probs and the number of completion tokens of each row; a row without any gets
+    0 (and 0 for its average).
+    """
+    is_selected = isinstance(getattr(model, "module", model), SelectedLogits)
+    net = model if is_selected else SelectedLogits(model)
+    select = torch.zeros_like(completion_mask, dtype=torch.bool)  # (B, T)
+    select[:, :-1] = completion_mask[:, 1:].bool()
+    targets = input_ids[:, 1:][select[:, :-1]]  # (N,)
+    logits = net(input_ids, attention_mask, select, position_ids_from_mask(attention_mask))
+    per_token = token_logps(logits, targets, chunk_size)  # (N,)
+    # Boolean indexing and nonzero() both enumerate in row-major order: row i of `per_token`
+    # belongs to sequence batch_index[i].
+    batch_index = select.nonzero()[:, 0]  # (N,)
+    logps = per_token.new_zeros(input_ids.shape[0]).index_add(0, batch_index, per_token)  # (B,)
+    num_tokens = select.sum(-1)  # (B,)
+    if average:
+        logps = logps / num_tokens.clamp(min=1)
+    return logps, num_tokens

@@ -32,7 +32,7 @@ class TrainingProgress:
         self._task = self._progress.add_task(name, total=total, info="")
         self._latest: dict[str, float] = {}
 
-    def __enter__(self) -> TrainingProgress:
+    def __enter__(self) -> TrainingProgress:  # noqa: PYI034
         self._progress.__enter__()
         return self
 

@@ -11,9 +11,13 @@ from tasks.common import with_stage_cache
 
 @task(name="evaluate")
 def _evaluate(
-    cfg: PipelineConfig, data: dict, candidates: dict[str, dict], parent_run_id: str | None = None
+    cfg: PipelineConfig,
+    data: dict,
+    candidates: dict[str, dict],
+    reward: dict | None = None,
+    parent_run_id: str | None = None,
 ) -> dict:
-    return stages.run_eval_stage(cfg, data, candidates, parent_run_id=parent_run_id)
+    return stages.run_eval_stage(cfg, data, candidates, reward, parent_run_id=parent_run_id)
 
 
 def evaluate_task(cfg: PipelineConfig):
@@ -21,5 +25,5 @@ def evaluate_task(cfg: PipelineConfig):
         _evaluate,
         "evaluate",
         cfg.artifacts_root,
-        lambda p: stages.eval_stage_key(p["cfg"], p["data"], p["candidates"]),
+        lambda p: stages.eval_stage_key(p["cfg"], p["data"], p["candidates"], p.get("reward")),
     )

@@ -90,8 +90,8 @@ def test_changing_one_data_row_reruns_everything_downstream(tmp_path):
 
 
 def test_sft_flow_runs_data_and_sft(tmp_path):
-    from pipelines.flows import sft_flow
+    from pipelines.flows import stage_flow
 
-    result = sft_flow(_cfg(tmp_path))
+    result = stage_flow(_cfg(tmp_path), "sft")
     assert [r["stage"] for r in result["stages"]] == ["data", "sft"]
     assert (tmp_path / "artifacts" / "sft").exists()

@@ -15,21 +15,22 @@ Run on its own (no Prefect): `python -m posttrain.recipes.sft --config conf/demo
 from __future__ import annotations
 
 import math
-import random
-import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import get_scheduler
 
 from posttrain.config import SFTConfig
 from posttrain.data.packing import collate_packed, collate_padded, pack_bfd
 from posttrain.logprobs import SelectedLogits, shift_targets
 from posttrain.losses.sft import sft_loss
-from posttrain.progress import TrainingProgress
+from posttrain.training import (
+    build_optimizer,
+    endless_batches,
+    fit,
+    global_sum,
+)
 
 MetricFn = Callable[[dict[str, float], int], None]
 
@@ -45,34 +46,19 @@ def micro_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches, reshuffled every epoch; process `rank` takes every world_size-th.
+    """Endless micro-batches: `batch_size` packed rows of `max_length` tokens, or (without
+    packing) `batch_size` examples padded to the longest."""
+    def collate(chosen: list) -> dict[str, torch.Tensor]:
+        if packing:
+            return collate_packed(chosen, pad_token_id, length=max_length)
+        return collate_padded(chosen, pad_token_id)
 
-    With packing, a micro-batch is `batch_size` packed rows of `max_length` tokens; without, it is
-    `batch_size` examples padded to the longest.
-    """
+    units: list = examples
     if packing:
         bins = pack_bfd([len(e["input_ids"]) for e in examples], max_length)
         units = [[examples[i] for i in b] for b in bins]
-    else:
-        units = [[e] for e in examples]
-    if len(units) < batch_size * world_size:
-        raise ValueError(
-            f"{len(units)} {'packed rows' if packing else 'examples'} cannot fill one batch of "
-            f"{batch_size} per process x {world_size} processes"
-        )
-    epoch = 0
-    while True:
-        order = list(range(len(units)))
-        random.Random(seed + epoch).shuffle(order)
-        n_batches = len(order) // (batch_size * world_size)  # drop the ragged tail
-        for b in range(n_batches):
-            start = (b * world_size + rank) * batch_size
-            chosen = [units[i] for i in order[start : start + batch_size]]
-            if packing:
-                yield collate_packed(chosen, pad_token_id, length=max_length)
-            else:
-                yield collate_padded([u[0] for u in chosen], pad_token_id)
-        epoch += 1
+    return endless_batches(units, batch_size, collate, seed=seed, rank=rank,
+                           world_size=world_size, what="packed rows" if packing else "examples")
 
 
 @torch.no_grad()
@@ -114,21 +100,9 @@ def train(
     """Train `model` in place on tokenized examples ({input_ids, labels}); return final metrics."""
     accelerator = accelerator or Accelerator()
     torch.manual_seed(config.seed)
-    log_metrics = log_metrics or (lambda m, s: None)
     net = SelectedLogits(model)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay,
-    )
-    scheduler = get_scheduler(
-        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.warmup_steps,
-        num_training_steps=config.max_steps,
-    )
+    optimizer, scheduler = build_optimizer(params, config)
     net, optimizer = accelerator.prepare(net, optimizer)
     batches = micro_batches(
         train_examples,
@@ -144,77 +118,34 @@ def train(
         collate_padded(eval_examples[i : i + config.per_device_batch_size], pad_token_id)
         for i in range(0, len(eval_examples), config.per_device_batch_size)
     ]
-    net.train()
-    final: dict[str, float] = {}
-    tokens_seen = 0
-    progress = TrainingProgress("sft", config.max_steps, enabled=accelerator.is_main_process)
-    with progress:
-        for step in range(1, config.max_steps + 1):
-            t0 = time.perf_counter()
-            stats = _accumulated_step(
-                net, optimizer, scheduler, batches, config, accelerator, params
-            )
-            tokens_seen += stats.pop("step_tokens")
-            metrics = {
-                **stats,
-                "num_tokens": tokens_seen,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "tokens_per_second": stats["real_tokens"] / max(time.perf_counter() - t0, 1e-9),
-            }
-            metrics.pop("real_tokens")
-            if step % config.eval_every == 0 or step == config.max_steps:
-                metrics.update(evaluate_loss(net, eval_batches, accelerator.device))
-            if step % config.log_every == 0 or step == config.max_steps or "eval_loss" in metrics:
-                if accelerator.is_main_process:
-                    log_metrics(metrics, step)
-            if checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
-                accelerator.save_state(str(checkpoint_dir / f"step-{step:06d}"))
-            progress.update(step, metrics)
-            final.update(metrics)
-    return final
 
-
-def _accumulated_step(net, optimizer, scheduler, batches, config, accelerator, params) -> dict:
-    """One optimizer step over `grad_accum` micro-batches, normalized by global loss tokens."""
-    micro = [next(batches) for _ in range(config.grad_accum)]
-    local_items = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
-    # Sum over processes: every rank divides by the same global count. DDP then AVERAGES
-    # gradients over ranks, so each rank's loss is scaled back up by the number of processes.
-    global_items = accelerator.reduce(
-        torch.tensor(local_items, device=accelerator.device), reduction="sum"
-    ).item()
-    loss_sum = correct = real_tokens = 0.0
-    for i, mb in enumerate(micro):
-        mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+    def loss_fn(mb: dict) -> tuple[torch.Tensor, dict[str, float]]:
         select, targets = shift_targets(mb["labels"])
-        sync = accelerator.no_sync(net) if i < len(micro) - 1 else nullcontext()
-        with sync:
-            logits = net(mb["input_ids"], mb["attention_mask"], select, mb.get("position_ids"))
-            loss, m = sft_loss(logits, targets, max(global_items, 1))
-            accelerator.backward(loss * accelerator.num_processes)
-        loss_sum += m["loss_sum"].item()
-        correct += m["num_correct"].item()
-        real_tokens += _real_tokens(mb)
-    grad_norm = None
-    if config.max_grad_norm is not None:
-        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in params if p.grad is not None])
-        )
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    totals = accelerator.reduce(
-        torch.tensor([loss_sum, correct, real_tokens], device=accelerator.device), "sum"
+        logits = net(mb["input_ids"], mb["attention_mask"], select, mb.get("position_ids"))
+        loss_sum, m = sft_loss(logits, targets, 1)
+        return loss_sum, {
+            "loss": m["loss_sum"].item(),
+            "mean_token_accuracy": m["num_correct"].item(),
+        }
+
+    tokens_seen = 0
+
+    def throughput(micro: list[dict], seconds: float) -> dict[str, float]:
+        nonlocal tokens_seen
+        real = global_sum(accelerator, sum(_real_tokens(mb) for mb in micro))
+        tokens_seen += int(real)
+        return {"num_tokens": tokens_seen, "tokens_per_second": real / max(seconds, 1e-9)}
+
+    return fit(
+        accelerator, net, optimizer, scheduler, params, batches, config,
+        name="sft", count=_loss_tokens, loss_fn=loss_fn,
+        evaluate=lambda: evaluate_loss(net, eval_batches, accelerator.device),
+        step_extras=throughput, log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
     )
-    return {
-        "loss": totals[0].item() / max(global_items, 1),
-        "mean_token_accuracy": totals[1].item() / max(global_items, 1),
-        "grad_norm": float(grad_norm),
-        "real_tokens": totals[2].item(),
-        "step_tokens": int(totals[2].item()),
-    }
+
+
+def _loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -1,0 +1,70 @@
+"""Kahneman–Tversky Optimization (Ethayarajh et al. 2024, eq. 8) on unpaired, labelled examples.
+
+r(y) = log π(y|x) − log π_ref(y|x). The reference point z_ref estimates KL(π ‖ π_ref) from
+mismatched pairs (x_i, y_j), j ≠ i, in the same batch (the paper's biased estimator):
+    z_ref = max(0, mean_i [log π(y_j|x_i) − log π_ref(y_j|x_i)]),  detached (no gradient).
+    desirable:   1 − σ(β(r − z_ref))        weighted by desirable_weight
+    undesirable: 1 − σ(β(z_ref − r))        weighted by undesirable_weight
+The loss is the sum of the weighted per-example losses divided by the batch size.
+
+z_ref here is the estimate of one micro-batch on one process; the paper (and TRL) average it over
+the whole global batch. A recipe that wants that averages `kl_policy_logps − kl_ref_logps` across
+processes before calling, which this function then simply averages again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mismatched_indices(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """For each example i an index j ≠ i, (i + 1) mod B: completion j is paired with prompt i.
+
+    The log-probs of these mismatched (x_i, y_j) pairs feed the KL estimate z_ref.
+    """
+    if batch_size < 2:
+        raise ValueError(
+            f"KTO needs a per-device batch size > 1 to pair each prompt with another example's "
+            f"completion for its KL estimate; got {batch_size}"
+        )
+    return (torch.arange(batch_size, device=device) + 1) % batch_size  # (B,)
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,  # (B,) log π(y_i|x_i)
+    ref_logps: torch.Tensor,  # (B,) log π_ref(y_i|x_i)
+    labels: torch.Tensor,  # (B,) bool, True = desirable
+    kl_policy_logps: torch.Tensor,  # (B,) log π(y_j|x_i), j = mismatched_indices(B)[i]
+    kl_ref_logps: torch.Tensor,  # (B,) log π_ref(y_j|x_i)
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO loss and detached metrics.
+
+    Metrics: `kl` (z_ref), `rewards/chosen` (mean β·r over desirable examples),
+    `rewards/rejected` (same over undesirable ones), `rewards/margins` (their difference).
+    A batch with no desirable (or no undesirable) example gives NaN for that mean and for the
+    margin: the metric is undefined there, and NaN is what loggers skip or plot as a gap, where
+    0 would be read as a real value.
+    """
+    labels = labels.bool()
+    with torch.no_grad():
+        kl = (kl_policy_logps.float() - kl_ref_logps.float()).mean().clamp(min=0)  # ()
+    rewards = policy_logps.float() - ref_logps.float()  # (B,)
+    desirable = desirable_weight * (1.0 - torch.sigmoid(beta * (rewards - kl)))
+    undesirable = undesirable_weight * (1.0 - torch.sigmoid(beta * (kl - rewards)))
+    losses = torch.where(labels, desirable, undesirable)  # (B,)
+    loss = losses.sum() / labels.numel()
+    with torch.no_grad():
+        scaled = beta * rewards
+        chosen = scaled[labels].mean()  # NaN when empty
+        rejected = scaled[~labels].mean()
+        metrics = {
+            "kl": kl,
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected,
+        }
+    return loss, metrics

@@ -1,0 +1,156 @@
+"""Kahneman-Tversky Optimization on unpaired desirable / undesirable completions.
+
+Ethayarajh et al. (2024), "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8:
+v(x, y) = σ(β(r − z_ref)) for desirable and σ(β(z_ref − r)) for undesirable y, with
+r = log π(y|x) − log π_ref(y|x), loss = weight·(1 − v), and z_ref a detached, non-negative
+estimate of KL(π ‖ π_ref) from mismatched pairs (x_i, y_j), j ≠ i.
+
+Choices:
+- Each example's mismatched partner completion is fixed once, before training, by a seeded
+  derangement, instead of being drawn from whatever else shares its batch. z_ref is still the
+  batch mean over mismatched pairs, but every reference log-prob becomes precomputable, so the
+  'precomputed' reference mode (default) needs no reference model during training.
+- The policy's KL-pair log-probs are computed without gradient: z_ref is detached anyway.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.config import KTOConfig
+from posttrain.data.preference import collate_unpaired
+from posttrain.logprobs import SelectedLogits, sequence_logps
+from posttrain.losses.kto import kto_loss
+from posttrain.training import build_optimizer, endless_batches, fit, reference_runner
+
+MetricFn = Callable[[dict[str, float], int], None]
+
+
+def assign_partners(examples: list[dict], seed: int) -> list[dict]:
+    """Give every example a `kl_completion_ids` taken from a different example."""
+    if len(examples) < 2:
+        raise ValueError("KTO needs at least two examples to form mismatched pairs")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    return [
+        {**ex, "kl_completion_ids": examples[partner[i]]["completion_ids"]}
+        for i, ex in enumerate(examples)
+    ]
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Main rows (prompt_i, y_i) and KL rows (prompt_i, y_partner(i)) of one KTO batch."""
+    batch = collate_unpaired(
+        [{k: v for k, v in ex.items() if k != "kl_completion_ids"} for ex in examples],
+        pad_token_id, mismatched=False,
+    )
+    kl_rows = [
+        {"prompt_ids": ex["prompt_ids"], "completion_ids": ex["kl_completion_ids"],
+         "label": ex["label"]}
+        for ex in examples
+    ]
+    kl = collate_unpaired(kl_rows, pad_token_id, mismatched=False)
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        batch[f"kl_{key}"] = kl[key]
+    return batch
+
+
+def _logps(net, batch: dict, prefix: str = "") -> torch.Tensor:
+    logps, _ = sequence_logps(
+        net, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
+        batch[f"{prefix}completion_mask"],
+    )
+    return logps
+
+
+def _reference_logps(reference, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if reference is None:
+        return batch["ref_logps"], batch["kl_ref_logps"]
+    return reference(lambda ref: _logps(ref, batch)), reference(lambda ref: _logps(ref, batch, "kl_"))
+
+
+@torch.no_grad()
+def precompute_reference(policy, examples: list[dict], *, pad_token_id: int,
+                         batch_size: int) -> list[dict]:
+    was_training = policy.training
+    policy.eval()
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = collate(chunk, pad_token_id)
+        main, kl = _logps(policy, batch), _logps(policy, batch, "kl_")
+        for ex, a, b in zip(chunk, main.tolist(), kl.tolist()):
+            out.append({**ex, "ref_logps": a, "kl_ref_logps": b})
+    policy.train(was_training)
+    return out
+
+
+def train(
+    policy: torch.nn.Module,
+    train_examples: list[dict],
+    eval_examples: list[dict],
+    config: KTOConfig,
+    *,
+    pad_token_id: int,
+    log_metrics: MetricFn | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Train `policy` in place on tokenized unpaired examples (prompt_ids, completion_ids, label)."""
+    accelerator = accelerator or Accelerator()
+    torch.manual_seed(config.seed)
+    train_examples = assign_partners(train_examples, config.seed)
+    eval_examples = assign_partners(eval_examples, config.seed + 1)
+    reference = reference_runner(config.reference, policy)
+    if reference is None:
+        kw = {"pad_token_id": pad_token_id, "batch_size": config.per_device_batch_size}
+        train_examples = precompute_reference(policy, train_examples, **kw)
+        eval_examples = precompute_reference(policy, eval_examples, **kw)
+    net = SelectedLogits(policy)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, config)
+    net, optimizer = accelerator.prepare(net, optimizer)
+
+    def terms(batch: dict) -> tuple[torch.Tensor, dict]:
+        policy_logps = _logps(net, batch)
+        with torch.no_grad():
+            kl_policy = _logps(net, batch, "kl_")
+        ref, kl_ref = _reference_logps(reference, batch)
+        return kto_loss(
+            policy_logps, ref, batch["labels"], kl_policy, kl_ref, beta=config.beta,
+            desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
+        )
+
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, m = terms(batch)
+        n = batch["input_ids"].shape[0]
+        return loss * n, {"loss": loss.item() * n, **{k: float(v) * n for k, v in m.items()}}
+
+    eval_batches = [
+        collate(eval_examples[i : i + config.per_device_batch_size], pad_token_id)
+        for i in range(0, len(eval_examples), config.per_device_batch_size)
+    ]
+
+    def evaluate() -> dict[str, float]:
+        total, n_total = 0.0, 0
+        for batch in eval_batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss, _ = terms(batch)
+            n_total += batch["input_ids"].shape[0]
+            total += float(loss) * batch["input_ids"].shape[0]
+        return {"eval_loss": total / max(n_total, 1)}
+
+    batches = endless_batches(
+        train_examples, config.per_device_batch_size, lambda ex: collate(ex, pad_token_id),
+        seed=config.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        what="KTO examples",
+    )
+    return fit(
+        accelerator, net, optimizer, scheduler, params, batches, config, name="kto",
+        count=lambda b: b["input_ids"].shape[0], loss_fn=loss_fn, evaluate=evaluate,
+        log_metrics=log_metrics,
+    )

@@ -1,0 +1,154 @@
+"""Offline preference optimization on pairs: DPO (and its loss variants) and ORPO.
+
+DPO: Rafailov et al. (2023), "Direct Preference Optimization", eq. 7, with the hinge (SLiC), IPO
+and robust (rDPO) variants and SimPO-style length normalization as options (posttrain/losses/dpo.py).
+ORPO: Hong et al. (2024), "ORPO: Monolithic Preference Optimization without Reference Model",
+eq. 6: NLL on the chosen response plus λ times the odds-ratio term; no reference forward at all.
+
+Departures and choices:
+- Chosen and rejected go through one forward (concatenated along the batch).
+- The reference log-probs come from one of three places (`reference`): precomputed once before
+  training with the starting policy (the default: no reference model during training), a frozen
+  copy, or the policy itself with its LoRA adapter disabled. All three give the same loss.
+- IPO uses per-token averaged log-probs, as the IPO paper's definition of the policy's
+  log-likelihood does.
+- ORPO's NLL is normalized by the chosen tokens of the micro-batch (a mean over tokens, as in the
+  paper), and the odds-ratio term by pairs; the accumulated step weighs micro-batches by pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.config import DPOConfig, ORPOConfig
+from posttrain.data.preference import collate_pairs
+from posttrain.logprobs import SelectedLogits, sequence_logps
+from posttrain.losses.dpo import dpo_loss
+from posttrain.losses.orpo import orpo_loss
+from posttrain.training import build_optimizer, endless_batches, fit, reference_runner
+
+MetricFn = Callable[[dict[str, float], int], None]
+
+
+def _pair_logps(net, batch: dict, average: bool):
+    """Policy log-probs of chosen and rejected halves: ((B,), (B,), (B,), (B,)) incl. counts."""
+    logps, counts = sequence_logps(
+        net, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+        average=average,
+    )
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:], counts[:half], counts[half:]
+
+
+@torch.no_grad()
+def precompute_reference(
+    policy: torch.nn.Module, pairs: list[dict], *, pad_token_id: int, batch_size: int,
+    average: bool,
+) -> list[dict]:
+    """Copies of `pairs` carrying `ref_chosen_logps` / `ref_rejected_logps` of the policy as it is
+    now (call before any training step)."""
+    was_training = policy.training
+    policy.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        chosen, rejected, _, _ = _pair_logps(policy, collate_pairs(chunk, pad_token_id), average)
+        for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            out.append({**ex, "ref_chosen_logps": c, "ref_rejected_logps": r})
+    policy.train(was_training)
+    return out
+
+
+def _dpo_terms(net, batch: dict, config: DPOConfig, reference) -> tuple[torch.Tensor, dict]:
+    average = config.loss_type == "ipo"
+    chosen, rejected, n_c, n_r = _pair_logps(net, batch, average)
+    if reference is None:
+        ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    else:
+        ref_c, ref_r, _, _ = reference(lambda ref: _pair_logps(ref, batch, average))
+    lengths = {}
+    if config.length_normalize and not average:
+        lengths = {"chosen_lengths": n_c, "rejected_lengths": n_r}
+    return dpo_loss(
+        chosen, rejected, ref_c, ref_r, beta=config.beta, loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing, **lengths,
+    )
+
+
+def _orpo_terms(net, batch: dict, config: ORPOConfig) -> tuple[torch.Tensor, dict]:
+    chosen, rejected, n_c, n_r = _pair_logps(net, batch, average=False)
+    nll = -chosen.sum() / n_c.sum().clamp(min=1)  # token-mean NLL of the chosen responses
+    return orpo_loss(
+        chosen / n_c.clamp(min=1), rejected / n_r.clamp(min=1), nll, beta=config.beta
+    )
+
+
+def train(
+    method: str,
+    policy: torch.nn.Module,
+    train_pairs: list[dict],
+    eval_pairs: list[dict],
+    config: DPOConfig | ORPOConfig,
+    *,
+    pad_token_id: int,
+    log_metrics: MetricFn | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Train `policy` in place with `method` ('dpo' or 'orpo') on tokenized pairs."""
+    accelerator = accelerator or Accelerator()
+    torch.manual_seed(config.seed)
+    reference = None
+    if method == "dpo":
+        reference = reference_runner(config.reference, policy)
+        if reference is None:
+            kw = {"pad_token_id": pad_token_id, "batch_size": config.per_device_batch_size,
+                  "average": config.loss_type == "ipo"}
+            train_pairs = precompute_reference(policy, train_pairs, **kw)
+            eval_pairs = precompute_reference(policy, eval_pairs, **kw)
+    elif method != "orpo":
+        raise ValueError(f"unknown preference method {method!r}")
+    net = SelectedLogits(policy)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, config)
+    net, optimizer = accelerator.prepare(net, optimizer)
+
+    def terms(batch: dict) -> tuple[torch.Tensor, dict]:
+        if method == "dpo":
+            return _dpo_terms(net, batch, config, reference)
+        return _orpo_terms(net, batch, config)
+
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, m = terms(batch)
+        n = batch["input_ids"].shape[0] // 2
+        return loss * n, {"loss": loss.item() * n, **{k: float(v) * n for k, v in m.items()}}
+
+    eval_batches = [
+        collate_pairs(eval_pairs[i : i + config.per_device_batch_size], pad_token_id)
+        for i in range(0, len(eval_pairs), config.per_device_batch_size)
+    ]
+
+    def evaluate() -> dict[str, float]:
+        totals: dict[str, float] = {}
+        n_total = 0
+        for batch in eval_batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss, m = terms(batch)
+            n = batch["input_ids"].shape[0] // 2
+            n_total += n
+            for k, v in {"loss": loss, **m}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * n
+        return {f"eval_{k}": v / max(n_total, 1) for k, v in totals.items()}
+
+    batches = endless_batches(
+        train_pairs, config.per_device_batch_size, lambda ex: collate_pairs(ex, pad_token_id),
+        seed=config.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        what="preference pairs",
+    )
+    return fit(
+        accelerator, net, optimizer, scheduler, params, batches, config, name=method,
+        count=lambda b: b["input_ids"].shape[0] // 2, loss_fn=loss_fn, evaluate=evaluate,
+        log_metrics=log_metrics,
+    )

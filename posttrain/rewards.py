@@ -1,0 +1,62 @@
+"""Reward models: a sequence scorer read at the last real token.
+
+transformers' *ForSequenceClassification heads find the last token by searching for the pad id,
+which is wrong when pad = EOS (the EOS that ends a completion counts as padding) and with left
+padding. `RewardScorer` reads the score at the last position the attention mask marks instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from posttrain.logprobs import position_ids_from_mask
+
+
+class RewardScorer(torch.nn.Module):
+    """Wraps a sequence classifier with one output: (input_ids, attention_mask) -> (B,) scores."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).last_hidden_state  # (B, T, H)
+        width = attention_mask.shape[1]
+        last = width - 1 - attention_mask.flip(1).argmax(dim=1)  # (B,) last real token
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.model.score(picked).squeeze(-1).float()  # (B,)
+
+
+def load_reward_model(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, new_head: bool = False
+) -> PreTrainedModel:
+    """A one-output sequence classifier from a saved model directory (safetensors only).
+
+    `new_head=True` starts from a causal LM (e.g. the SFT artifact): its body is reused and the
+    score head is freshly initialized (transformers reports it as newly initialized).
+    """
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=dtype, use_safetensors=True
+    )
+    if new_head:
+        # A small head keeps initial rewards near 0, so the first losses sit near ln 2.
+        torch.nn.init.normal_(model.score.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
+    return model
+
+
+@torch.no_grad()
+def score_texts(
+    model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]
+) -> torch.Tensor:
+    """Scores of already collated batches (input_ids, attention_mask), concatenated."""
+    scorer = RewardScorer(model).eval()
+    device = next(model.parameters()).device
+    out = [scorer(b["input_ids"].to(device), b["attention_mask"].to(device)) for b in batches]
+    return torch.cat(out) if out else torch.zeros(0)

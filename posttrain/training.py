@@ -1,0 +1,219 @@
+"""Pieces every training loop shares, written and tested once: optimizer and schedule, endless
+shuffled (and sharded) batches, and gradient accumulation normalized over the global batch.
+
+The loops themselves (posttrain/recipes/) stay separate and readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from posttrain.config import TrainingConfig
+
+Batch = dict[str, Any]
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig):
+    """AdamW with linear warm-up then the configured decay."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    return optimizer, scheduler
+
+
+def endless_batches(
+    units: list,
+    batch_size: int,
+    collate: Callable[[list], Batch],
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    what: str = "examples",
+) -> Iterator[Batch]:
+    """Micro-batches forever, reshuffled each epoch; process `rank` takes every world_size-th.
+
+    The ragged tail of an epoch is dropped so that every micro-batch has `batch_size` units and
+    every process the same number of batches.
+    """
+    if len(units) < batch_size * world_size:
+        raise ValueError(
+            f"{len(units)} {what} cannot fill one batch of {batch_size} per process x "
+            f"{world_size} processes"
+        )
+    epoch = 0
+    while True:
+        order = list(range(len(units)))
+        random.Random(seed + epoch).shuffle(order)
+        for b in range(len(order) // (batch_size * world_size)):
+            start = (b * world_size + rank) * batch_size
+            yield collate([units[i] for i in order[start : start + batch_size]])
+        epoch += 1
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def accumulate(
+    accelerator: Accelerator,
+    net: torch.nn.Module,
+    micro: list[Batch],
+    count: Callable[[Batch], int],
+    loss_fn: LossFn,
+) -> tuple[dict[str, float], int]:
+    """Backward over micro-batches so that the gradient is that of one global batch.
+
+    `count(mb)` is the number of loss items of a micro-batch (tokens for SFT, pairs for DPO),
+    known before its forward. `loss_fn(mb)` returns the loss SUMMED over those items and metrics
+    also summed over them. Each sum is divided by the item count of the whole accumulated batch
+    across processes; since DDP averages gradients over processes, each process's share is
+    multiplied back by the number of processes. Returns metrics as global per-item means and the
+    global item count.
+    """
+    local = sum(count(mb) for mb in micro)
+    total = int(global_sum(accelerator, float(local)))
+    denom = max(total, 1)
+    sums: dict[str, float] = {}
+    for i, mb in enumerate(micro):
+        mb = to_device(mb, accelerator.device)
+        sync = accelerator.no_sync(net) if i < len(micro) - 1 else nullcontext()
+        with sync:
+            loss_sum, metrics = loss_fn(mb)
+            accelerator.backward(loss_sum / denom * accelerator.num_processes)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    names = sorted(sums)
+    if names:
+        reduced = accelerator.reduce(
+            torch.tensor([sums[k] for k in names], device=accelerator.device, dtype=torch.float64),
+            "sum",
+        )
+        sums = dict(zip(names, reduced.tolist()))
+    return {k: v / denom for k, v in sums.items()}, total
+
+
+def global_sum(accelerator: Accelerator, value: float) -> float:
+    t = torch.tensor(value, device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, "sum"))
+
+
+def optimizer_step(
+    accelerator: Accelerator, optimizer, scheduler, params: list, max_grad_norm: float | None
+) -> float:
+    """Clip (when configured), step, schedule, zero; return the pre-clip global gradient norm."""
+    if max_grad_norm is not None:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def fit(
+    accelerator: Accelerator,
+    net: torch.nn.Module,
+    optimizer,
+    scheduler,
+    params: list,
+    batches: Iterator[Batch],
+    cfg: TrainingConfig,
+    *,
+    name: str,
+    count: Callable[[Batch], int],
+    loss_fn: LossFn,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    step_extras: Callable[[list[Batch], float], dict[str, float]] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    checkpoint_dir=None,
+) -> dict[str, float]:
+    """The offline training loop shared by SFT, reward modelling, DPO, ORPO and KTO.
+
+    Per optimizer step: `grad_accum` micro-batches through `accumulate`, clip and step, then
+    `step_extras(micro, seconds)` for throughput-style metrics, `evaluate()` every `eval_every`
+    steps and at the end, and metrics logged every `log_every` steps (rank 0 only).
+    """
+    import time
+
+    from posttrain.progress import TrainingProgress
+
+    net.train()
+    final: dict[str, float] = {}
+    with TrainingProgress(name, cfg.max_steps, enabled=accelerator.is_main_process) as progress:
+        for step in range(1, cfg.max_steps + 1):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            metrics, _ = accumulate(accelerator, net, micro, count, loss_fn)
+            metrics["grad_norm"] = optimizer_step(
+                accelerator, optimizer, scheduler, params, cfg.max_grad_norm
+            )
+            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            if step_extras is not None:
+                metrics.update(step_extras(micro, time.perf_counter() - t0))
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                net.eval()
+                with torch.no_grad():
+                    metrics.update(evaluate())
+                net.train()
+            due = step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.eval_every == 0
+            if due and accelerator.is_main_process and log_metrics is not None:
+                log_metrics(metrics, step)
+            if checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                accelerator.save_state(str(checkpoint_dir / f"step-{step:06d}"))
+            progress.update(step, metrics)
+            final.update(metrics)
+    return final
+
+
+def reference_runner(mode: str, policy: torch.nn.Module) -> Callable[[Callable], Any] | None:
+    """How to run the reference model: None for 'precomputed' (the caller precomputes with the
+    starting policy); otherwise `run(fn)` = fn(reference) in eval mode without gradients.
+
+    'copy' freezes a deep copy of the starting policy now; 'adapter' runs the policy (a peft
+    model) with its adapter disabled, so no second model is held in memory.
+    """
+    import copy
+
+    if mode == "precomputed":
+        return None
+    if mode == "copy":
+        ref, context = copy.deepcopy(policy).eval().requires_grad_(False), nullcontext
+    elif mode == "adapter":
+        if not hasattr(policy, "disable_adapter"):
+            raise ValueError("reference='adapter' needs a LoRA (peft) policy; set model.lora")
+        ref, context = policy, policy.disable_adapter
+    else:
+        raise ValueError(f"unknown reference mode {mode!r}")
+
+    @torch.no_grad()
+    def run(fn: Callable[[torch.nn.Module], Any]) -> Any:
+        was_training = ref.training
+        ref.eval()
+        with context():
+            out = fn(ref)
+        ref.train(was_training)
+        return out
+
+    return run

@@ -1,0 +1,83 @@
+"""KTO loss against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posttrain.losses.kto import kto_loss, mismatched_indices
+
+LN3 = math.log(3.0)
+
+
+def test_kto_by_hand():
+    """β = 0.5, desirable_weight 2, undesirable_weight 1.5, three examples.
+    KL pairs: kl_policy - kl_ref = (2 ln 3, 0, ln 3), mean ln 3 = 1.098612 = z_ref (> 0, kept).
+    r = (3 ln 3, -ln 3, ln 3), labels (desirable, undesirable, desirable):
+      1: 1 - σ(0.5 (3 ln 3 - ln 3)) = 1 - σ(ln 3) = 1/4
+      2: 1 - σ(0.5 (ln 3 + ln 3)) = 1/4
+      3: 1 - σ(0) = 1/2
+    weighted (2 · 1/4, 1.5 · 1/4, 2 · 1/2) = (0.5, 0.375, 1.0), sum 1.875, / 3 = 0.625.
+    rewards/chosen = 0.5 · (3 ln 3 + ln 3)/2 = ln 3 = 1.098612, rewards/rejected = -0.5 ln 3 =
+    -0.549306, margins 1.647918.
+    """
+    policy = torch.tensor([3 * LN3, -LN3, LN3]) - 5.0
+    ref = torch.full((3,), -5.0)
+    labels = torch.tensor([True, False, True])
+    kl_policy = torch.tensor([2 * LN3, 0.0, LN3]) - 7.0
+    kl_ref = torch.full((3,), -7.0)
+    loss, m = kto_loss(
+        policy,
+        ref,
+        labels,
+        kl_policy,
+        kl_ref,
+        beta=0.5,
+        desirable_weight=2.0,
+        undesirable_weight=1.5,
+    )
+    assert loss.item() == pytest.approx(0.625, abs=1e-6)
+    assert m["kl"].item() == pytest.approx(1.098612, abs=1e-6)
+    assert m["rewards/chosen"].item() == pytest.approx(1.098612, abs=1e-6)
+    assert m["rewards/rejected"].item() == pytest.approx(-0.549306, abs=1e-6)
+    assert m["rewards/margins"].item() == pytest.approx(1.647918, abs=1e-6)
+    assert set(m) == {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins"}
+
+
+def test_kl_clamped_at_zero_and_detached():
+    """KL pairs (-1, 0.5): mean -0.25 -> z_ref = 0. β = 0.5, r = 2 ln 3, desirable:
+    1 - σ(ln 3) = 1/4; undesirable with the same r: 1 - σ(-ln 3) = 3/4; mean 1/2.
+    No gradient reaches the KL log-probs."""
+    policy = torch.tensor([2 * LN3, 2 * LN3], requires_grad=True)
+    kl_policy = torch.tensor([-1.0, 0.5], requires_grad=True)
+    loss, m = kto_loss(
+        policy, torch.zeros(2), torch.tensor([True, False]), kl_policy, torch.zeros(2), beta=0.5
+    )
+    assert m["kl"].item() == 0.0
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    loss.backward()
+    assert kl_policy.grad is None
+    # desirable: dL/dr = -β σ'(ln 3) / B = -0.5 · 3/16 / 2 < 0 (pushed up); undesirable: > 0
+    assert policy.grad[0].item() == pytest.approx(-0.5 * 3 / 16 / 2, abs=1e-7)
+    assert policy.grad[1].item() == pytest.approx(0.5 * 3 / 16 / 2, abs=1e-7)
+
+
+def test_rewards_nan_when_a_side_is_absent():
+    """All desirable: rewards/rejected and rewards/margins are undefined (NaN), the loss is not."""
+    loss, m = kto_loss(
+        torch.zeros(2), torch.zeros(2), torch.tensor([1, 1]), torch.zeros(2), torch.zeros(2)
+    )
+    assert loss.item() == pytest.approx(0.5)  # 1 - σ(0)
+    assert m["rewards/chosen"].item() == 0.0
+    assert math.isnan(m["rewards/rejected"].item()) and math.isnan(m["rewards/margins"].item())
+
+
+def test_mismatched_indices():
+    """(i + 1) mod B: every prompt gets another example's completion."""
+    idx = mismatched_indices(4)
+    assert idx.tolist() == [1, 2, 3, 0]
+    assert mismatched_indices(2).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="batch size > 1"):
+        mismatched_indices(1)
