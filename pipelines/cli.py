@@ -97,7 +97,7 @@ def print_summary(result: dict) -> None:
         cmp.add_column("model")
         cols = [c for c in _COMPARISON if any(c in m for m in comparison.values())]
         for c in cols:
-            cmp.add_column(c, justify="right")
+            cmp.add_column(c.replace("_", " "), justify="right")  # spaces let narrow tables wrap
         for name, m in comparison.items():
             cmp.add_row(name, *(_fmt(m.get(c, "")) for c in cols))
         console.print(cmp)

@@ -53,5 +53,8 @@ def tiny_pipeline_values(tmp_path, **sections) -> dict:
         "tracking": {"experiment": f"test-{tmp_path.name}"},
     }
     for name, update in sections.items():
-        values[name] = {**values.get(name, {}), **update}
+        if isinstance(update, dict):
+            values[name] = {**values.get(name, {}), **update}
+        else:
+            values[name] = update
     return values

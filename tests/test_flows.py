@@ -95,3 +95,46 @@ def test_sft_flow_runs_data_and_sft(tmp_path):
     result = stage_flow(_cfg(tmp_path), "sft")
     assert [r["stage"] for r in result["stages"]] == ["data", "sft"]
     assert (tmp_path / "artifacts" / "sft").exists()
+
+
+def _pref_sections(**dpo):
+    small = {"max_steps": 3, "per_device_batch_size": 4, "warmup_steps": 0, "max_length": 48,
+             "eval_every": 3, "log_every": 1}
+    return {
+        "data": {"preference": {"path": "demo"}},
+        "methods": ["dpo", "orpo", "kto"],
+        "reward": small,
+        "dpo": {**small, **dpo},
+        "orpo": small,
+        "kto": small,
+    }
+
+
+def test_preference_methods_are_independent_cached_stages(tmp_path):
+    from pipelines.flows import pipeline
+
+    values = tiny_pipeline_values(tmp_path, **_pref_sections())
+    first = pipeline(validate(PipelineConfig, values))
+    assert _status(first) == {s: "ran" for s in
+                              ("data", "sft", "reward", "dpo", "orpo", "kto", "evaluate")}
+    assert set(first["comparison"]) == {"base", "sft", "dpo", "orpo", "kto"}
+    assert all("reward_score" in m for m in first["comparison"].values())
+    children = _children(first["mlflow_run_id"])
+    assert {"reward", "dpo", "orpo", "kto"} <= set(children)
+    assert "rewards/margins" in children["dpo"].data.metrics
+    assert "eval_accuracy" in children["reward"].data.metrics
+
+    changed = pipeline(validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path, **_pref_sections(beta=0.3))))
+    assert _status(changed) == {
+        "data": "cached", "sft": "cached", "reward": "cached", "dpo": "ran", "orpo": "cached",
+        "kto": "cached", "evaluate": "ran",
+    }
+
+
+def test_stage_flow_runs_one_method_with_its_upstream(tmp_path):
+    from pipelines.flows import stage_flow
+
+    values = tiny_pipeline_values(tmp_path, **_pref_sections())
+    result = stage_flow(validate(PipelineConfig, values), "orpo")
+    assert [r["stage"] for r in result["stages"]] == ["data", "sft", "orpo"]

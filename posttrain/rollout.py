@@ -1,0 +1,223 @@
+"""Batched, KV-cached sampling for GRPO/PPO that records the log-prob of every sampled token.
+
+`generate` runs the model's own forward with a transformers `DynamicCache` instead of
+`model.generate`, so the sampling distribution, and the log-probs recorded from it, are exactly
+the ones the losses use as π_old. All prompts × `num_samples` rows are decoded at once: one
+prefill forward over the left-padded prompts, then one forward per new token that feeds only the
+last token and reuses the cache (the prefix is never re-encoded). Position ids come from the
+attention mask, so a left-padded prompt sees the same positions as an unpadded one, as in the
+training forward (`posttrain.logprobs.position_ids_from_mask`).
+
+Which log-probs are recorded: log softmax(logits / temperature) of the sampled token, i.e. under
+the temperature-scaled model distribution but BEFORE top-k / top-p filtering. That is what TRL and
+verl use as π_old when the temperature is not 1 (their training forward divides the logits by the
+same temperature and knows nothing of the filters); `completion_logps` is that training forward.
+Temperature 0 means greedy decoding; its log-probs are taken at temperature 1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from posttrain.logprobs import SelectedLogits, position_ids_from_mask, token_logps
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, row i·G + g being sample g of prompt i (G = num_samples).
+
+    C is the longest completion actually generated (at most max_new_tokens): decoding stops as
+    soon as every row has ended.
+    """
+
+    prompt_ids: torch.Tensor  # (N, P) long, left-padded with the pad id
+    prompt_mask: torch.Tensor  # (N, P) long, 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (N, C) long, right-padded with the pad id
+    completion_mask: torch.Tensor  # (N, C) long, 1 on generated tokens up to and including EOS
+    logps: torch.Tensor  # (N, C) float32, log-probs of the sampled tokens (0 on padding)
+    truncated: torch.Tensor  # (N,) bool, no EOS within max_new_tokens
+    lengths: torch.Tensor  # (N,) long, completion_mask.sum(-1)
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, completion_mask), each (N, P + C), for training forwards.
+
+        The completion mask is aligned with input_ids (0 over the prompt), the convention of
+        `posttrain.logprobs.sequence_logps`.
+        """
+        input_ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        completion_mask = torch.cat(
+            [torch.zeros_like(self.prompt_mask), self.completion_mask], dim=1
+        )
+        return input_ids, attention_mask, completion_mask
+
+
+def left_pad(
+    prompt_ids: list[list[int]], pad_token_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, mask), each (B, P), left-padded to the longest prompt."""
+    if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    width = max(len(ids) for ids in prompt_ids)
+    ids = [[pad_token_id] * (width - len(p)) + list(p) for p in prompt_ids]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(N, V) logits with tokens outside the top-k / top-p (nucleus) set at -inf.
+
+    top_k = 0 and top_p = 1 leave the logits as they are. Nucleus keeps the smallest set of most
+    probable tokens whose probability reaches top_p (always at least the most probable one).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # A token is dropped when the tokens before it already reach top_p.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward's cache argument: `cache` in recent transformers 5, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _next_tokens(
+    logits: torch.Tensor,  # (N, V) float32
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens (N,), logps (N,)
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, token_logps(logits, tokens)
+    scaled = logits / temperature
+    probs = filter_logits(scaled, top_k=top_k, top_p=top_p).softmax(-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, token_logps(scaled, tokens)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_ids: set[int] | int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample `num_samples` completions of every prompt in one batch, with a KV cache.
+
+    Rows stop at their first token in `eos_token_ids` (included in the completion); later steps
+    give them pad tokens, masked out. `generator` (on the model's device) makes sampling
+    reproducible. The model runs in eval mode (no dropout) and gets its previous mode back.
+    """
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError("max_new_tokens and num_samples must be >= 1")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    device = next(model.parameters()).device
+    eos = torch.tensor(sorted({eos_token_ids} if isinstance(eos_token_ids, int) else eos_token_ids))
+    eos = eos.to(device)
+    prompt, prompt_mask = left_pad(prompt_ids, pad_token_id, device)
+    prompt = prompt.repeat_interleave(num_samples, dim=0)  # (N, P)
+    prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # (N, P)
+    n = prompt.shape[0]
+
+    cache_kwarg = _cache_kwarg(model)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = DynamicCache(config=model.config)
+        attention = prompt_mask
+        step_ids = prompt
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens, logps, masks = [], [], []
+        for _ in range(max_new_tokens):
+            out = model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=position_ids_from_mask(attention)[:, -step_ids.shape[1] :],
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kwarg: cache},
+            )
+            token, logp = _next_tokens(
+                out.logits[:, -1].float(), temperature, top_k, top_p, generator
+            )
+            alive = ~done
+            tokens.append(torch.where(alive, token, pad_token_id))
+            logps.append(torch.where(alive, logp, 0.0))
+            masks.append(alive.long())
+            done = done | torch.isin(token, eos)
+            if bool(done.all()):
+                break
+            # Rows that ended keep feeding (masked) pad tokens: the batch shape stays fixed.
+            step_ids = tokens[-1][:, None]
+            attention = torch.cat([attention, masks[-1][:, None]], dim=1)
+    finally:
+        model.train(was_training)
+
+    completion_mask = torch.stack(masks, dim=1)  # (N, C)
+    return Rollout(
+        prompt_ids=prompt,
+        prompt_mask=prompt_mask,
+        completion_ids=torch.stack(tokens, dim=1),
+        completion_mask=completion_mask,
+        logps=torch.stack(logps, dim=1),
+        truncated=~done,
+        lengths=completion_mask.sum(-1),
+    )
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,  # (B, P) left-padded
+    prompt_mask: torch.Tensor,  # (B, P)
+    completion_ids: torch.Tensor,  # (B, C) right-padded
+    completion_mask: torch.Tensor,  # (B, C)
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+) -> torch.Tensor:  # (B, C) float32, 0 where completion_mask is 0
+    """Per-token log-probs of the completions under log softmax(logits / temperature).
+
+    The training-side twin of the log-probs `generate` records (temperature 0 counts as 1, as
+    there): one forward over prompt + completion, LM head only at the positions that predict a
+    completion token, gradients flowing when enabled. Slice rows for micro-batches. `model` is a
+    causal LM or a `SelectedLogits` (possibly inside a DDP/FSDP wrapper).
+    """
+    is_selected = isinstance(getattr(model, "module", model), SelectedLogits)
+    net = model if is_selected else SelectedLogits(model)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    keep = completion_mask.bool()  # (B, C)
+    # Completion token j sits at position P + j and is predicted by position P + j - 1.
+    width = prompt_ids.shape[1]
+    select = torch.zeros_like(input_ids, dtype=torch.bool)
+    select[:, width - 1 : width - 1 + keep.shape[1]] = keep
+    logits = net(input_ids, attention_mask, select, position_ids_from_mask(attention_mask))
+    if temperature > 0:
+        logits = logits / temperature
+    per_token = token_logps(logits, completion_ids[keep], chunk_size)  # (N,)
+    # Boolean indexing enumerates (row, position) in row-major order on both sides.
+    out = per_token.new_zeros(completion_ids.shape)
+    out[keep] = per_token
+    return out
