@@ -79,6 +79,11 @@ class DataConfig(_Frozen):
         description="Unpaired data (prompt/completion/label) for KTO; null: KTO uses the "
         "preference pairs converted (chosen -> True, rejected -> False).",
     )
+    prompts: DatasetSource | None = Field(
+        None,
+        description="Prompt-only data (a `prompt` column plus any columns the reward functions "
+        "read) for GRPO and PPO; null: the prompts of the SFT dataset.",
+    )
     demo: DemoTaskConfig = Field(
         DemoTaskConfig(), description="Generator settings used when a source path is 'demo'."
     )
@@ -281,6 +286,85 @@ class KTOConfig(TrainingConfig):
         return self
 
 
+class RolloutConfig(TrainingConfig):
+    """Sampling settings shared by the online methods (GRPO, PPO)."""
+
+    max_completion_length: int = Field(256, ge=1, description="New tokens per completion.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0: no limit.")
+    reference: Literal["copy", "adapter"] = Field(
+        "copy",
+        description="Reference for the KL term: a frozen copy of the starting policy, or the "
+        "policy with its LoRA adapter disabled (needs model.lora).",
+    )
+
+
+class GRPOConfig(RolloutConfig):
+    """Group Relative Policy Optimization. Batch sizes count completions, not prompts."""
+
+    learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")
+    num_generations: int = Field(
+        8, ge=2, description="Completions sampled per prompt (the group size G)."
+    )
+    epsilon: float = Field(0.2, gt=0.0, description="Lower clip range: ratio >= 1 - epsilon.")
+    epsilon_high: float | None = Field(
+        None, gt=0.0, description="Upper clip range (DAPO's clip-higher); null: epsilon."
+    )
+    beta: float = Field(
+        0.0, ge=0.0, description="Weight of the k3 KL to the reference; 0 loads no reference."
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="How per-token losses are normalized (see ALGORITHMS.md)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide centred rewards by the group's std, the batch's, or not."
+    )
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer passes over each generation batch (mu)."
+    )
+    reward_functions: dict[str, float] = Field(
+        {"posttrain.reward_functions:demo_checker": 1.0},
+        description="Reward functions by dotted path with their weights; the name "
+        "'reward_model' uses the trained reward model.",
+    )
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> GRPOConfig:
+        if self.per_device_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_batch_size ({self.per_device_batch_size}) counts completions and "
+                f"must be a multiple of num_generations ({self.num_generations})"
+            )
+        return self
+
+
+class PPOConfig(RolloutConfig):
+    """PPO for RLHF: policy, frozen reference, frozen reward model, value model."""
+
+    learning_rate: float = Field(3e-6, gt=0.0, description="Peak learning rate of AdamW.")
+    num_ppo_epochs: int = Field(4, ge=1, description="Optimization epochs per rollout batch.")
+    num_mini_batches: int = Field(1, ge=1, description="Mini-batches per PPO epoch.")
+    kl_coef: float = Field(0.05, ge=0.0, description="Per-token KL penalty in the reward.")
+    cliprange: float = Field(0.2, gt=0.0, description="Policy ratio clip epsilon.")
+    cliprange_value: float = Field(0.2, gt=0.0, description="Value clip epsilon_v.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="lambda of GAE.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the score of completions without EOS."
+    )
+
+    @model_validator(mode="after")
+    def _minibatches_fit(self) -> PPOConfig:
+        if self.per_device_batch_size % self.num_mini_batches:
+            raise ValueError(
+                f"per_device_batch_size ({self.per_device_batch_size}) must be a multiple of "
+                f"num_mini_batches ({self.num_mini_batches})"
+            )
+        return self
+
+
 class EvalConfig(_Frozen):
     """The evaluation stage."""
 
@@ -328,13 +412,15 @@ class PipelineConfig(_Frozen):
     data: DataConfig = Field(DataConfig(), description="Data preparation.")
     model: ModelConfig = Field(ModelConfig(), description="Base model.")
     sft: SFTConfig = Field(SFTConfig(), description="Supervised fine-tuning stage.")
-    methods: tuple[Literal["dpo", "orpo", "kto"], ...] = Field(
-        (), description="Preference methods to run, each from the SFT model, e.g. [dpo, kto]."
+    methods: tuple[Literal["dpo", "orpo", "kto", "grpo", "ppo"], ...] = Field(
+        (), description="Methods to run, each from the SFT model, e.g. [dpo, kto, grpo]."
     )
     reward: RewardConfig = Field(RewardConfig(), description="Reward-model stage.")
     dpo: DPOConfig = Field(DPOConfig(), description="DPO stage.")
     orpo: ORPOConfig = Field(ORPOConfig(), description="ORPO stage.")
     kto: KTOConfig = Field(KTOConfig(), description="KTO stage.")
+    grpo: GRPOConfig = Field(GRPOConfig(), description="GRPO stage.")
+    ppo: PPOConfig = Field(PPOConfig(), description="PPO stage.")
     evaluate: EvalConfig = Field(EvalConfig(), description="Evaluation stage.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
 
@@ -342,13 +428,19 @@ class PipelineConfig(_Frozen):
     @model_validator(mode="after")
     def _stages_fit_together(self) -> PipelineConfig:
         problems = []
-        if self.methods and self.data.preference is None and not (
-            self.methods == ("kto",) and self.data.kto is not None
+        offline = [m for m in self.methods if m in ("dpo", "orpo", "kto")]
+        if offline and self.data.preference is None and not (
+            offline == ["kto"] and self.data.kto is not None
         ):
-            problems.append(f"methods {list(self.methods)} need data.preference")
+            problems.append(f"methods {offline} need data.preference")
+        if "ppo" in self.methods and self.data.preference is None:
+            problems.append("ppo needs data.preference to train its reward model")
+        uses_rm = "reward_model" in self.grpo.reward_functions
+        if "grpo" in self.methods and uses_rm and self.data.preference is None:
+            problems.append("grpo.reward_functions uses reward_model, which needs data.preference")
         if len(set(self.methods)) != len(self.methods):
             problems.append(f"methods lists a method twice: {list(self.methods)}")
-        for name in ("dpo", "kto"):
+        for name in ("dpo", "kto", "grpo", "ppo"):
             if name in self.methods and getattr(self, name).reference == "adapter" \
                     and self.model.lora is None:
                 problems.append(f"{name}.reference='adapter' needs model.lora")
@@ -358,7 +450,14 @@ class PipelineConfig(_Frozen):
 
     @property
     def needs_reward_model(self) -> bool:
-        return self.data.preference is not None and self.evaluate.reward_model
+        """The RM stage runs when evaluation scores with it or an online method trains on it."""
+        if self.data.preference is None:
+            return False
+        return (
+            self.evaluate.reward_model
+            or "ppo" in self.methods
+            or ("grpo" in self.methods and "reward_model" in self.grpo.reward_functions)
+        )
 
 
 # ------------------------------------------------------------------------------ load/overrides

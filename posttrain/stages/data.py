@@ -28,8 +28,11 @@ FORMATS = {
     "sft": ("language_modeling", "prompt_completion"),
     "preference": ("preference", "preference_implicit"),
     "kto": ("unpaired_preference",),
+    "prompts": ("prompt_only",),
 }
-_DEMO = {"sft": demo.generate_sft, "preference": demo.generate_preference, "kto": demo.generate_kto}
+_DEMO = {"sft": demo.generate_sft, "preference": demo.generate_preference,
+         "kto": demo.generate_kto, "prompts": demo.generate_prompts}
+ONLINE = ("grpo", "ppo")
 
 
 def sources(cfg: PipelineConfig) -> dict[str, DatasetSource]:
@@ -39,6 +42,8 @@ def sources(cfg: PipelineConfig) -> dict[str, DatasetSource]:
         out["preference"] = cfg.data.preference
     if "kto" in cfg.methods and cfg.data.kto is not None:
         out["kto"] = cfg.data.kto
+    if any(m in cfg.methods for m in ONLINE) and cfg.data.prompts is not None:
+        out["prompts"] = cfg.data.prompts
     return out
 
 
@@ -63,7 +68,8 @@ def source_fingerprint(src: DatasetSource) -> str:
 
 def data_stage_key(cfg: PipelineConfig) -> str:
     fingerprints = {kind: source_fingerprint(src) for kind, src in sources(cfg).items()}
-    config = {"data": dump(cfg.data), "kto_converted": "kto" in cfg.methods}
+    config = {"data": dump(cfg.data), "kto_converted": "kto" in cfg.methods,
+              "prompts_from_sft": any(m in cfg.methods for m in ONLINE)}
     return artifacts.stage_key("data", config, data_fingerprint=artifacts.hash_json(fingerprints))
 
 
@@ -121,6 +127,19 @@ def _convert_pairs(train: list[dict], held: list[dict], seed: int):
     return out
 
 
+def _prompts_from_sft(train: list[dict], held: list[dict]) -> list[list[dict]]:
+    """Prompt-only rows (prompt plus extra columns) from prompt-completion SFT rows."""
+    out = []
+    for rows in (train, held):
+        if rows and "prompt" not in rows[0]:
+            raise DataError(
+                "GRPO/PPO need prompts: set data.prompts, or use prompt-completion SFT data "
+                "(the SFT dataset has no 'prompt' column)"
+            )
+        out.append([{k: v for k, v in r.items() if k != "completion"} for r in rows])
+    return out
+
+
 def run_data_stage(cfg: PipelineConfig, *, parent_run_id: str | None = None) -> dict:
     """Load, validate and split every dataset; store them as `<kind>_{train,eval}.jsonl`."""
     key = data_stage_key(cfg)
@@ -134,6 +153,9 @@ def run_data_stage(cfg: PipelineConfig, *, parent_run_id: str | None = None) -> 
         if "kto" in cfg.methods and "kto" not in splits:
             train, held, path = splits["preference"]
             splits["kto"] = (*_convert_pairs(train, held, cfg.data.seed), f"{path} (converted)")
+        if any(m in cfg.methods for m in ONLINE) and "prompts" not in splits:
+            train, held, path = splits["sft"]
+            splits["prompts"] = (*_prompts_from_sft(train, held), f"{path} (prompts)")
         for kind, (train, held, path) in splits.items():
             write_jsonl(train, out.dir / f"{kind}_train.jsonl")
             write_jsonl(held, out.dir / f"{kind}_eval.jsonl")
