@@ -255,6 +255,14 @@ class DPOConfig(TrainingConfig):
     )
     reference: ReferenceMode = Field("precomputed", description=_REFERENCE_DOC)
 
+    @model_validator(mode="after")
+    def _smoothing_is_robust_only(self) -> DPOConfig:
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError(
+                f"label_smoothing applies to loss_type 'robust' only (got {self.loss_type!r})"
+            )
+        return self
+
 
 class ORPOConfig(TrainingConfig):
     """Odds-Ratio Preference Optimization (no reference model)."""

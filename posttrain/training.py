@@ -52,19 +52,23 @@ def endless_batches(
     The ragged tail of an epoch is dropped so that every micro-batch has `batch_size` units and
     every process the same number of batches.
     """
-    if len(units) < batch_size * world_size:
+    if len(units) < batch_size * world_size:  # checked now, not at the first next()
         raise ValueError(
             f"{len(units)} {what} cannot fill one batch of {batch_size} per process x "
             f"{world_size} processes"
         )
-    epoch = 0
-    while True:
-        order = list(range(len(units)))
-        random.Random(seed + epoch).shuffle(order)
-        for b in range(len(order) // (batch_size * world_size)):
-            start = (b * world_size + rank) * batch_size
-            yield collate([units[i] for i in order[start : start + batch_size]])
-        epoch += 1
+
+    def forever() -> Iterator[Batch]:
+        epoch = 0
+        while True:
+            order = list(range(len(units)))
+            random.Random(seed + epoch).shuffle(order)
+            for b in range(len(order) // (batch_size * world_size)):
+                start = (b * world_size + rank) * batch_size
+                yield collate([units[i] for i in order[start : start + batch_size]])
+            epoch += 1
+
+    return forever()
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -28,10 +28,9 @@ def test_write_stage_renames_complete_folder_with_manifest(tmp_path):
 
 
 def test_failed_stage_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError, match="boom"):
-        with A.write_stage(tmp_path, "sft", "k1") as out:
-            (out.dir / "half.bin").write_bytes(b"partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), A.write_stage(tmp_path, "sft", "k1") as out:
+        (out.dir / "half.bin").write_bytes(b"partial")
+        raise RuntimeError("boom")
     assert list((tmp_path / "sft").iterdir()) == []
     assert A.load_manifest(tmp_path, "sft", "k1") is None
 
@@ -68,8 +67,8 @@ def test_missing_file_is_detected_by_cheap_check(tmp_path):
 
 
 def test_stage_key_moves_with_each_ingredient():
-    base = dict(stage="sft", config={"lr": 1.0}, upstream={"data": "d1"}, data_fingerprint="f",
-                code="c")
+    base = {"stage": "sft", "config": {"lr": 1.0}, "upstream": {"data": "d1"},
+            "data_fingerprint": "f", "code": "c"}
     k = A.stage_key(**base)
     assert A.stage_key(**base) == k
     assert A.stage_key(**{**base, "config": {"lr": 2.0}}) != k

@@ -36,14 +36,14 @@ def prompts(tok):
 
 
 def _sample(model, prompts, seed=0, **kwargs) -> Rollout:
-    args = dict(num_samples=4, max_new_tokens=10, eos_token_ids=STOPS, pad_token_id=PAD)
+    args = {"num_samples": 4, "max_new_tokens": 10, "eos_token_ids": STOPS, "pad_token_id": PAD}
     args.update(kwargs)
     return generate(model, prompts, generator=torch.Generator().manual_seed(seed), **args)
 
 
 def _full_forward_logps(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     """The simple version: full (N, P+C, V) logits, log_softmax, gather; (N, C) on completions."""
-    input_ids, attention_mask, completion_mask = rollout.sequences()
+    input_ids, attention_mask, _ = rollout.sequences()
     with torch.no_grad():
         logits = model(
             input_ids=input_ids,
@@ -57,10 +57,10 @@ def _full_forward_logps(model, rollout: Rollout, temperature: float) -> torch.Te
 
 
 def test_recorded_logps_equal_one_training_forward(model, prompts):
-    """Left-padded prompts of 1, 4 and 8 tokens, 4 samples each, rows ending at different steps:
+    """Left-padded prompts of 1, 4 and 8 tokens, 8 samples each, rows ending at different steps:
     the log-probs recorded while sampling (at temperature 0.7, with top-k/top-p filters that
     must not change them) equal log softmax(logits / 0.7) of one forward over the sequences."""
-    rollout = _sample(model, prompts, temperature=0.7, top_k=50, top_p=0.95)
+    rollout = _sample(model, prompts, num_samples=8, temperature=0.7, top_k=50, top_p=0.95)
     lengths = rollout.lengths.tolist()
     assert len(set(lengths)) >= 4, lengths  # rows stopped at many different steps
     assert rollout.truncated.any() and not rollout.truncated.all()

@@ -83,7 +83,7 @@ def kl_penalized_rewards(
 ) -> torch.Tensor:  # (B, T) float32, 0 where masked
     """Per-token rewards: −kl_coef·(log π − log π_ref) on every valid token, plus the score on
     each row's last valid token. Every row needs at least one valid token (its score would
-    otherwise have nowhere to go)."""
+    otherwise have nowhere to go). The result carries no gradient: rewards are data."""
     mask = mask.float()
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError("every row needs at least one completion token to carry its score")
