@@ -45,6 +45,8 @@ _KEY_METRICS = {
     "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"),
     "orpo": ("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies"),
     "kto": ("loss", "kl", "rewards/margins", "eval_loss"),
+    "grpo": ("reward", "reward_std", "eval_reward", "completions/mean_length"),
+    "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/value_avg"),
 }
 _COMPARISON = (
     "checker_accuracy", "reward_score", "eval_loss", "perplexity", "mean_completion_length",
@@ -146,6 +148,8 @@ for _stage, _help in (
     ("dpo", "DPO from the SFT model (data and SFT cached or run first)."),
     ("orpo", "ORPO from the SFT model (data and SFT cached or run first)."),
     ("kto", "KTO from the SFT model (data and SFT cached or run first)."),
+    ("grpo", "GRPO from the SFT model against the configured reward functions."),
+    ("ppo", "PPO from the SFT model against the reward model (trained first if needed)."),
 ):
     app.command(name=_stage)(_stage_command("reward" if _stage == "rm" else _stage, _help))
 

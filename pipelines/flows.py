@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from prefect import flow
 from prefect.context import get_run_context
 
-from posttrain import artifacts, tracking
+from posttrain import artifacts, stages, tracking
 from posttrain.config import PipelineConfig
 from tasks.data import prepare_data_task
 from tasks.evaluate import evaluate_task
+from tasks.online import online_task
 from tasks.preference import method_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
@@ -103,7 +104,7 @@ def pipeline(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
         reward = run.stage("reward", reward_task, data, sft) if cfg.needs_reward_model else None
         candidates = {"sft": sft}
         for method in cfg.methods:
-            candidates[method] = run.stage(method, method_task(method), method, data, sft)
+            candidates[method] = _method_stage(run, method, data, sft, reward)
         evaluation = run.stage("evaluate", evaluate_task, data, candidates, reward)
     except BaseException as e:
         run.fail(e)
@@ -111,7 +112,13 @@ def pipeline(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
     return run.finish(evaluation)
 
 
-STAGES = ("sft", "reward", "dpo", "orpo", "kto")
+def _method_stage(run: PipelineRun, method: str, data: dict, sft: dict, reward: dict | None):
+    if method in stages.ONLINE_METHODS:
+        return run.stage(method, online_task(method), method, data, sft, reward)
+    return run.stage(method, method_task(method), method, data, sft)
+
+
+STAGES = ("sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo")
 
 
 @flow(name="posttrain-stage", log_prints=True)
@@ -123,10 +130,11 @@ def stage_flow(cfg: PipelineConfig = DEFAULT_CONFIG, stage: str = "sft") -> dict
     try:
         data = run.stage("data", prepare_data_task)
         sft = run.stage("sft", sft_task, data)
-        if stage == "reward":
-            run.stage("reward", reward_task, data, sft)
-        elif stage != "sft":
-            run.stage(stage, method_task(stage), stage, data, sft)
+        needs_rm = stage == "reward" or (
+            stage in stages.ONLINE_METHODS and stages.uses_reward_model(cfg, stage))
+        reward = run.stage("reward", reward_task, data, sft) if needs_rm else None
+        if stage not in ("sft", "reward"):
+            _method_stage(run, stage, data, sft, reward)
     except BaseException as e:
         run.fail(e)
         raise

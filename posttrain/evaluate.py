@@ -15,6 +15,7 @@ import torch
 from posttrain.data.packing import collate_padded
 from posttrain.data.tokenize import tokenize_prompt, tokenize_sft_example
 from posttrain.logprobs import SelectedLogits
+from posttrain.models import stop_token_ids
 from posttrain.recipes.sft import evaluate_loss
 
 Checker = Callable[[object, str], bool]
@@ -33,7 +34,7 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     out: list[dict] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [tokenize_prompt(p, tokenizer) for p in prompts[start : start + batch_size]]
@@ -64,18 +65,6 @@ def generate(
                 }
             )
     return out
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    """EOS plus the model's own stop ids: chat models often end a turn with a token that is not
-    the tokenizer's EOS (Qwen's <|im_end|>), and generation must stop there too."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    return {i for i in ids if i is not None}
 
 
 def completion_text(completion) -> str:

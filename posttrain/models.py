@@ -255,3 +255,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, sum(p.numel() for p in params)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """EOS plus the model's own stop ids: chat models often end a turn with a token that is not
+    the tokenizer's EOS (Qwen's <|im_end|>), and generation must stop there too."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([configured] if isinstance(configured, int) else configured or [])
+    return {i for i in ids if i is not None}

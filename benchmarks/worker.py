@@ -1,0 +1,308 @@
+"""Run ONE benchmark variant in this process and print its result as one JSON line on stdout.
+
+    python -m benchmarks.worker --variant sft --steps 7 --warmup 2 [--packing] ...
+    python -m benchmarks.worker --variant dpo --reference copy ...
+    python -m benchmarks.worker --variant logps --impl chunked --vocab 150000 --rows 1024
+    python -m benchmarks.worker --variant calibrate
+
+`benchmarks/run.py` spawns one worker per variant so that peak memory (ru_maxrss, or the CUDA
+allocator's peak on GPU) belongs to that variant alone. Training variants call the library's own
+`train()` functions (posttrain/recipes/) unchanged; timing comes from their per-step metric
+callback, and work (tokens, LM-head rows, with or without autograd) from forward hooks.
+
+Timed window: the callbacks of steps `warmup` .. `steps - 1`. The first steps (allocator warm-up,
+lazy init) and the last one (it also runs the final evaluation) are outside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+
+STAGES = ("sft", "rm", "dpo", "orpo", "kto")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.worker", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--variant", required=True, choices=(*STAGES, "logps", "calibrate"))
+    p.add_argument("--name", default=None, help="label copied into the JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model (random-initialised Qwen2)")
+    g.add_argument("--hidden", type=int, default=64)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=2)
+    g.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4*hidden)")
+    g.add_argument("--vocab", type=int, default=4096, help="vocabulary (ignored with --data demo)")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=7, help="optimizer steps in total")
+    g.add_argument("--warmup", type=int, default=2, help="steps before the timed window")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="examples (SFT), pairs (RM/DPO/ORPO) or rows (KTO) per step; with "
+                        "--packing the rows are sized to hold as many real tokens on average")
+    g.add_argument("--examples", type=int, default=None,
+                   help="training examples (default: batch-size x steps, one epoch)")
+    g.add_argument("--data", choices=("synthetic", "demo"), default="synthetic",
+                   help="synthetic random tokens, or the built-in demo's SFT rows (SFT only)")
+    g.add_argument("--prompt-len", type=_pair, default=(16, 128), help="lo,hi")
+    g.add_argument("--completion-len", type=_pair, default=(16, 256), help="lo,hi")
+    g.add_argument("--packing", action="store_true", help="SFT: pack rows of --max-length")
+    g.add_argument("--max-length", type=int, default=512, help="SFT packed row length")
+    g.add_argument("--reference", choices=("precomputed", "copy"), default="precomputed",
+                   help="DPO/KTO reference log-probs")
+    g = p.add_argument_group("logps (token_logps vs log_softmax + gather)")
+    g.add_argument("--impl", choices=("chunked", "full"), default="chunked")
+    g.add_argument("--rows", type=int, default=1024, help="N of the (N, V) logits")
+    g.add_argument("--chunk-size", type=int, default=4096, help="token_logps chunk (rows)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g = p.add_argument_group("calibrate (fp32 GEMM)")
+    g.add_argument("--gemm-size", type=int, default=1024)
+    g.add_argument("--seconds", type=float, default=1.0, help="time spent multiplying")
+    args = p.parse_args(argv)
+    if args.variant in STAGES and args.steps < args.warmup + 2:
+        p.error("--steps must be at least --warmup + 2 (the timed window needs a step)")
+    return args
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _memory(device, rss_before: float) -> dict[str, float]:
+    import torch
+
+    from benchmarks.synthetic import peak_rss_mb
+
+    out = {"peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
+    out["extra_mb"] = out["peak_rss_mb"] - rss_before
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# -------------------------------------------------------------------------------- calibration
+
+
+def calibrate(args) -> dict:
+    """fp32 GEMM throughput: median and best GFLOP/s of n x n @ n x n products."""
+    import torch
+
+    device = _device()
+    n = args.gemm_size
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    rates: list[float] = []
+    start = time.perf_counter()
+    while len(rates) < 5 or time.perf_counter() - start < args.seconds:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return {"gemm_size": n, "gflops_median": statistics.median(rates),
+            "gflops_best": max(rates), "samples": len(rates)}
+
+
+# ------------------------------------------------------------------------------------- logps
+
+
+def logps(args) -> dict:
+    """Peak memory and time of forward + backward of per-token log-probs on (N, V) logits."""
+    import torch
+
+    from benchmarks.synthetic import current_rss_mb
+    from posttrain.logprobs import token_logps
+
+    device = _device()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    logits = torch.randn(args.rows, args.vocab, device=device, dtype=dtype).requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.rows,), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = current_rss_mb()
+    t0 = time.perf_counter()
+    if args.impl == "full":
+        out = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    else:
+        out = token_logps(logits, targets, chunk_size=args.chunk_size)
+    out.sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    logits_mb = logits.numel() * logits.element_size() / 2**20
+    return {"impl": args.impl, "rows": args.rows, "vocab": args.vocab, "dtype": args.dtype,
+            "chunk_size": args.chunk_size if args.impl == "chunked" else None,
+            "logits_mb": logits_mb, "seconds": seconds, **_memory(device, rss_before)}
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def _model_and_data(args) -> dict:
+    """The model, train/eval data and pad id of a stage variant."""
+    from benchmarks import synthetic as syn
+
+    intermediate = args.intermediate or 4 * args.hidden
+    shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+             "kv_heads": args.kv_heads, "intermediate": intermediate}
+    n = args.examples or args.batch_size * args.steps
+    n_eval = max(args.batch_size, 2)
+    lengths = (args.prompt_len, args.completion_len)
+    pad, vocab = syn.PAD_ID, args.vocab
+    if args.data == "demo":
+        if args.variant != "sft":
+            raise SystemExit("--data demo is for the sft variant only")
+        train, tokenizer = syn.demo_sft_examples(n, args.max_length, args.seed)
+        evals = train[:n_eval]
+        pad, vocab = tokenizer.pad_token_id, len(tokenizer)
+        config = syn.qwen2_config(vocab=vocab, pad_token_id=pad,
+                                  eos_token_id=tokenizer.eos_token_id, **shape)
+    else:
+        config = syn.qwen2_config(vocab=vocab, **shape)
+        make = {"sft": syn.sft_examples, "kto": syn.kto_examples}.get(
+            args.variant, syn.preference_pairs)
+        train = make(n, vocab, *lengths, seed=args.seed)
+        evals = make(n_eval, vocab, *lengths, seed=args.seed + 1)
+    model = syn.build_model(config, reward=args.variant == "rm", seed=args.seed)
+    return {"model": model, "train": train, "eval": evals, "pad": pad, "vocab": vocab,
+            "shape": shape}
+
+
+def _stage_config(args, train: list[dict]):
+    from posttrain import config as C
+
+    common = {"max_steps": args.steps, "per_device_batch_size": args.batch_size,
+              "learning_rate": 1e-4, "warmup_steps": 0, "lr_scheduler": "constant",
+              "eval_every": args.steps, "log_every": 1, "seed": args.seed}
+    if args.variant == "sft":
+        rows = args.batch_size
+        if args.packing:  # as many real tokens per step as batch_size padded examples, on average
+            mean = sum(len(e["input_ids"]) for e in train) / len(train)
+            rows = max(1, round(args.batch_size * mean / args.max_length))
+        return C.SFTConfig(**{**common, "per_device_batch_size": rows},
+                           packing=args.packing, max_length=max(args.max_length, 8))
+    if args.variant == "rm":
+        return C.RewardConfig(**common)
+    if args.variant == "dpo":
+        return C.DPOConfig(**common, reference=args.reference)
+    if args.variant == "orpo":
+        return C.ORPOConfig(**common)
+    return C.KTOConfig(**common, reference=args.reference)
+
+
+def _train_fn(args):
+    """The recipe's train(), with its precompute_reference wrapped to time the up-front pass."""
+    from posttrain.recipes import kto, preference, reward, sft
+
+    timing = {"precompute_s": 0.0}
+    for module in (preference, kto):
+        original = module.precompute_reference
+
+        def timed(*a, _original=original, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _original(*a, **kw)
+            finally:
+                timing["precompute_s"] += time.perf_counter() - t0
+
+        module.precompute_reference = timed
+    fn = {
+        "sft": sft.train, "rm": reward.train, "kto": kto.train,
+        "dpo": lambda *a, **kw: preference.train("dpo", *a, **kw),
+        "orpo": lambda *a, **kw: preference.train("orpo", *a, **kw),
+    }[args.variant]
+    return fn, timing
+
+
+def train_stage(args) -> dict:
+    """Train with the library's recipe and measure the timed window."""
+    import torch
+
+    from benchmarks.synthetic import count_work, current_rss_mb, model_flops, parameter_counts
+
+    built = _model_and_data(args)
+    model, train = built["model"], built["train"]
+    cfg = _stage_config(args, train)
+    counts = count_work(model, built["pad"])
+    params = parameter_counts(model)
+    fn, timing = _train_fn(args)
+    marks: dict[int, tuple[float, dict]] = {}
+
+    def log_metrics(metrics: dict, step: int) -> None:
+        marks[step] = (time.perf_counter(), dict(counts))
+
+    device = _device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = current_rss_mb()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+        final = fn(model, train, built["eval"], cfg, pad_token_id=built["pad"],
+                   log_metrics=log_metrics)
+    total_s = time.perf_counter() - t0
+    (ta, ca), (tb, cb) = marks[args.warmup], marks[args.steps - 1]
+    seconds, steps = tb - ta, args.steps - 1 - args.warmup
+    work = {k: cb[k] - ca[k] for k in cb}
+    flops = model_flops(work, params)
+    grad_positions = max(work["grad_positions"], 1)
+    return {
+        "stage": args.variant, "data": args.data, "packing": args.packing,
+        "reference": args.reference if args.variant in ("dpo", "kto") else None,
+        "per_device_batch_size": cfg.per_device_batch_size, "vocab": built["vocab"],
+        **built["shape"], "params": params, "train_examples": len(train),
+        "steps_timed": steps, "seconds": seconds,
+        "steps_per_s": steps / seconds,
+        "tokens_per_s": work["grad_tokens"] / seconds,
+        "positions_per_s": work["grad_positions"] / seconds,
+        "pad_fraction": 1 - work["grad_tokens"] / grad_positions,
+        "step_seconds": [round(marks[i][0] - marks[i - 1][0], 4) for i in range(2, args.steps)],
+        "work": work, "model_flops": flops, "flops_per_s": flops / seconds,
+        "precompute_s": timing["precompute_s"],
+        "e2e_s": tb - t0,  # train() start to the end of the last timed step
+        "total_s": total_s,
+        "final_loss": final.get("loss"),
+        **_memory(device, rss_before),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = {"calibrate": calibrate, "logps": logps}.get(args.variant, train_stage)
+    result = {
+        "name": args.name or args.variant, "variant": args.variant, **run(args),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": str(_device()), "machine": platform.machine(),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Group Relative Policy Optimization.
+
+Shao et al. (2024), "DeepSeekMath", §4.1, eq. 3: for each prompt sample G completions, score
+them, use the group-normalized reward as every token's advantage, and maximize the clipped
+importance-weighted objective, minus β·KL to a reference (k3 estimator, eq. 4).
+
+Choices and departures:
+- Batch sizes count completions: a micro-batch of `per_device_batch_size` holds
+  per_device_batch_size / G whole groups, and one generation batch feeds `grad_accum`
+  micro-batches and `num_iterations` optimizer steps (μ of the paper).
+- π_old is the policy that sampled: its per-token log-probs are recorded during generation (equal
+  to a forward pass over the sequences, tested), so no extra forward is spent on them.
+- Loss normalizations `grpo` (the paper), `bnpo`, `dr_grpo` (Liu et al., 2025) and `dapo` (Yu et
+  al., 2025) per ALGORITHMS.md; the clip can be asymmetric (ε_high, DAPO's clip-higher).
+- With β = 0 (default) no reference model is loaded at all.
+- `entropy` is logged as the mean negative log-prob of the sampled tokens, a Monte-Carlo estimate
+  of the policy's entropy that needs no full-vocabulary pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.advantages import group_advantages
+from posttrain.config import GRPOConfig
+from posttrain.data.tokenize import tokenize_prompt
+from posttrain.logprobs import SelectedLogits
+from posttrain.losses.grpo import grpo_loss
+from posttrain.models import stop_token_ids
+from posttrain.progress import TrainingProgress
+from posttrain.reward_functions import combine_rewards
+from posttrain.rollout import Rollout, completion_logps, generate
+from posttrain.training import (
+    build_optimizer,
+    endless_batches,
+    global_sum,
+    optimizer_step,
+    reference_runner,
+)
+
+MetricFn = Callable[[dict[str, float], int], None]
+RewardFns = dict[str, Callable]
+
+
+def prepare_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
+    """Rows with `prompt_ids` (cut from the left to fit) next to their original columns."""
+    out = []
+    for row in rows:
+        ids = tokenize_prompt(row["prompt"], tokenizer)
+        out.append({**row, "prompt_ids": ids[-max_prompt_length:]})
+    return out
+
+
+def decode_completions(rollout: Rollout, tokenizer) -> list[str]:
+    texts = []
+    for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+        kept = [t for t, m in zip(ids, mask) if m]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts
+
+
+def score_rollout(rows, rollout, tokenizer, reward_fns: RewardFns, weights, group: int):
+    """Total reward per completion (N,) and the per-function rewards, for rows repeated G times."""
+    prompts = [r["prompt"] for r in rows for _ in range(group)]
+    extra = [k for k in rows[0] if k not in ("prompt", "prompt_ids")]
+    columns = {k: [r[k] for r in rows for _ in range(group)] for k in extra}
+    completions = decode_completions(rollout, tokenizer)
+    return combine_rewards(reward_fns, weights, prompts, completions, columns)
+
+
+def rollout_metrics(total: torch.Tensor, per_fn: dict, rollout: Rollout, group: int) -> dict:
+    grouped = total.view(-1, group)  # (P, G)
+    lengths = rollout.completion_mask.sum(-1).float()
+    mask = rollout.completion_mask.bool()
+    metrics = {
+        "reward": total.mean().item(),
+        "reward_std": grouped.std(dim=1).mean().item(),
+        "frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+        "entropy": (-rollout.logps[mask]).mean().item() if mask.any() else 0.0,
+    }
+    for name, values in per_fn.items():
+        metrics[f"rewards/{name}/mean"] = torch.nanmean(values).item()
+    return metrics
+
+
+def _sample(policy, rows, config: GRPOConfig, tokenizer, generator) -> Rollout:
+    return generate(
+        policy, [r["prompt_ids"] for r in rows], num_samples=config.num_generations,
+        max_new_tokens=config.max_completion_length, temperature=config.temperature,
+        top_p=config.top_p, top_k=config.top_k, eos_token_ids=stop_token_ids(policy, tokenizer),
+        pad_token_id=tokenizer.pad_token_id, generator=generator,
+    )
+
+
+def reference_logps(reference, rollout: Rollout, temperature: float) -> torch.Tensor | None:
+    """Per-token reference log-probs of a rollout (B, C), or None without a reference."""
+    if reference is None:
+        return None
+    return reference(lambda ref: completion_logps(
+        ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+        rollout.completion_mask, temperature=temperature))
+
+
+def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps, config,
+              accelerator) -> dict[str, float]:
+    """One optimizer step over the generation batch split into `grad_accum` micro-batches."""
+    n = rollout.completion_ids.shape[0]
+    size = config.per_device_batch_size
+    num_items = global_sum(accelerator, float(rollout.completion_mask.sum()))
+    sums: dict[str, float] = {}
+    chunks = list(range(0, n, size))
+    for i, start in enumerate(chunks):
+        sl = slice(start, start + size)
+        sync = accelerator.no_sync(net) if i < len(chunks) - 1 else nullcontext()
+        with sync:
+            logps = completion_logps(
+                net, rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.completion_ids[sl],
+                rollout.completion_mask[sl], temperature=config.temperature,
+            )
+            loss, m = grpo_loss(
+                logps, rollout.logps[sl], advantages[sl], rollout.completion_mask[sl],
+                epsilon=config.epsilon, epsilon_high=config.epsilon_high, beta=config.beta,
+                ref_logps=None if ref_logps is None else ref_logps[sl],
+                loss_type=config.loss_type, max_completion_length=config.max_completion_length,
+                num_items_in_batch=num_items / accelerator.num_processes,
+            )
+            # dapo already divides by the global token count; the others are per-micro-batch
+            # means, averaged over the accumulated micro-batches.
+            scale = 1.0 if config.loss_type == "dapo" else 1.0 / len(chunks)
+            accelerator.backward(loss * scale)
+        for k, v in {"loss": loss, **m}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / len(chunks)
+    sums["grad_norm"] = optimizer_step(accelerator, optimizer, scheduler, params,
+                                       config.max_grad_norm)
+    sums["learning_rate"] = scheduler.get_last_lr()[0]
+    return sums
+
+
+def train(
+    policy: torch.nn.Module,
+    tokenizer,
+    prompts: list[dict],
+    eval_prompts: list[dict],
+    config: GRPOConfig,
+    *,
+    reward_fns: RewardFns,
+    weights: dict[str, float],
+    log_metrics: MetricFn | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Train `policy` in place on prompt rows ({prompt, ...extra columns})."""
+    accelerator = accelerator or Accelerator()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
+    G = config.num_generations
+    max_prompt = config.max_length - config.max_completion_length
+    rows = prepare_prompts(prompts, tokenizer, max_prompt)
+    held = prepare_prompts(eval_prompts, tokenizer, max_prompt)[:64]
+    reference = reference_runner(config.reference, policy) if config.beta > 0 else None
+    net = SelectedLogits(policy)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, config)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    per_generation = config.per_device_batch_size * config.grad_accum // G  # prompts
+    batches = endless_batches(rows, per_generation, list, seed=config.seed,
+                              rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, what="prompts")
+    final: dict[str, float] = {}
+    step = 0
+    with TrainingProgress("grpo", config.max_steps, enabled=accelerator.is_main_process) as bar:
+        while step < config.max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            rollout = _sample(policy, batch, config, tokenizer, generator)
+            total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G)
+            advantages = group_advantages(total, G, scale=config.scale_rewards)  # (N,)
+            ref_logps = reference_logps(reference, rollout, config.temperature)
+            sampled = rollout_metrics(total, per_fn, rollout, G)
+            for _ in range(config.num_iterations):
+                if step >= config.max_steps:
+                    break
+                step += 1
+                metrics = {**sampled, **_optimize(net, optimizer, scheduler, params, rollout,
+                                                  advantages, ref_logps, config, accelerator)}
+                metrics["seconds_per_step"] = time.perf_counter() - t0
+                if held and (step % config.eval_every == 0 or step == config.max_steps):
+                    metrics.update(_evaluate(policy, held, config, tokenizer, reward_fns, weights))
+                due = step % config.log_every == 0 or step == config.max_steps
+                if (due or "eval_reward" in metrics) and accelerator.is_main_process and \
+                        log_metrics is not None:
+                    log_metrics(metrics, step)
+                bar.update(step, {"loss": metrics["loss"]})
+                final.update(metrics)
+    return final
+
+
+@torch.no_grad()
+def _evaluate(policy, held, config: GRPOConfig, tokenizer, reward_fns, weights) -> dict:
+    """Mean reward of greedy completions on held-out prompts."""
+    rollout = generate(
+        policy, [r["prompt_ids"] for r in held], num_samples=1,
+        max_new_tokens=config.max_completion_length, temperature=0.0,
+        eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
+    )
+    total, _ = score_rollout(held, rollout, tokenizer, reward_fns, weights, 1)
+    return {"eval_reward": total.mean().item()}

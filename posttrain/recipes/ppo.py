@@ -1,0 +1,187 @@
+"""PPO for RLHF with a learned reward model.
+
+Ouyang et al. (2022), "Training language models to follow instructions with human feedback",
+eq. 2, optimized with PPO (Schulman et al., 2017) as in Ziegler et al. (2019): the reward of a
+completion is the reward model's score minus a per-token KL penalty against the frozen
+reference; advantages by GAE (Schulman et al., 2016) over a learned value model, whitened;
+clipped policy and value losses over several epochs of minibatches.
+
+Choices and departures:
+- The value model starts from the reward model (its body and scalar head), as TRL does; it reads
+  a value at every position that predicts a completion token.
+- The score is read on the completion truncated at its EOS; an optional penalty is subtracted
+  from completions that never produced one.
+- Policy and value share one AdamW; the loss is policy loss + vf_coef · value loss.
+- `max_steps` counts rollout batches; the learning-rate schedule counts optimizer steps
+  (max_steps · num_ppo_epochs · num_mini_batches).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.advantages import gae, whiten
+from posttrain.config import PPOConfig
+from posttrain.logprobs import SelectedLogits, position_ids_from_mask
+from posttrain.losses.ppo import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
+from posttrain.models import stop_token_ids
+from posttrain.progress import TrainingProgress
+from posttrain.recipes.grpo import prepare_prompts, reference_logps
+from posttrain.rewards import RewardScorer
+from posttrain.rollout import Rollout, completion_logps, generate
+from posttrain.training import build_optimizer, endless_batches, optimizer_step, reference_runner
+
+MetricFn = Callable[[dict[str, float], int], None]
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Both trained modules under one parent, so one optimizer and one DDP wrapper cover them."""
+
+    def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module):
+        super().__init__()
+        self.policy = SelectedLogits(policy)
+        self.value_model = value_model
+
+    def forward(self, rollout: Rollout, rows: slice, temperature: float):
+        logps = completion_logps(
+            self.policy, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+            rollout.completion_ids[rows], rollout.completion_mask[rows], temperature=temperature,
+        )
+        values = token_values(self.value_model, rollout, rows)
+        return logps, values
+
+
+def token_values(value_model, rollout: Rollout, rows: slice = slice(None)) -> torch.Tensor:
+    """V at every position that predicts a completion token: (B, C), 0 on padding."""
+    prompt_ids, completion_ids = rollout.prompt_ids[rows], rollout.completion_ids[rows]
+    completion_mask = rollout.completion_mask[rows]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([rollout.prompt_mask[rows], completion_mask], dim=1)
+    hidden = value_model.base_model(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+    ).last_hidden_state  # (B, P + C, H)
+    width = prompt_ids.shape[1]
+    values = value_model.score(hidden[:, width - 1 : width - 1 + completion_ids.shape[1]])
+    return values.squeeze(-1).float() * completion_mask  # (B, C)
+
+
+@torch.no_grad()
+def score_completions(reward_model, rollout: Rollout) -> torch.Tensor:
+    """Reward-model score of prompt + completion (the completion ends at its EOS): (B,)."""
+    input_ids, mask, _ = rollout.sequences()
+    return RewardScorer(reward_model)(input_ids, mask)
+
+
+@torch.no_grad()
+def _experience(rollout, policy_value, reward_model, reference, config: PPOConfig):
+    """Old log-probs, values, rewards, advantages and returns of one rollout batch."""
+    mask = rollout.completion_mask
+    old_logps = rollout.logps
+    ref_logps = reference_logps(reference, rollout, config.temperature)
+    values = token_values(policy_value.value_model, rollout)
+    scores = score_completions(reward_model, rollout)
+    if config.missing_eos_penalty is not None:
+        scores = scores - config.missing_eos_penalty * rollout.truncated.float()
+    rewards = kl_penalized_rewards(old_logps, ref_logps, scores, mask, kl_coef=config.kl_coef)
+    advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
+    advantages = whiten(advantages, mask)
+    kl = ((old_logps - ref_logps) * mask).sum(-1)  # (B,) sequence KL estimate
+    stats = {
+        "objective/kl": kl.mean().item(),
+        "objective/scores": scores.mean().item(),
+        "objective/rlhf_reward": (scores - config.kl_coef * kl).mean().item(),
+        "completions/mean_length": mask.sum(-1).float().mean().item(),
+        "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+    }
+    return old_logps, values, advantages, returns, stats
+
+
+def train(
+    policy: torch.nn.Module,
+    value_model: torch.nn.Module,
+    reward_model: torch.nn.Module,
+    tokenizer,
+    prompts: list[dict],
+    config: PPOConfig,
+    *,
+    log_metrics: MetricFn | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Train `policy` (and `value_model`) in place against the frozen `reward_model`."""
+    accelerator = accelerator or Accelerator()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
+    rows = prepare_prompts(prompts, tokenizer, config.max_length - config.max_completion_length)
+    reference = reference_runner(config.reference, policy)
+    reward_model.eval().requires_grad_(False)
+    policy_value = PolicyAndValue(policy, value_model)
+    params = [p for p in policy_value.parameters() if p.requires_grad]
+    updates = config.num_ppo_epochs * config.num_mini_batches
+    schedule = config.model_copy(update={"max_steps": config.max_steps * updates,
+                                         "warmup_steps": config.warmup_steps * updates})
+    optimizer, scheduler = build_optimizer(params, schedule)
+    policy_value, optimizer = accelerator.prepare(policy_value, optimizer)
+    inner = accelerator.unwrap_model(policy_value)
+    batches = endless_batches(rows, config.per_device_batch_size, list, seed=config.seed,
+                              rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, what="prompts")
+    final: dict[str, float] = {}
+    with TrainingProgress("ppo", config.max_steps, enabled=accelerator.is_main_process) as bar:
+        for step in range(1, config.max_steps + 1):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            rollout = generate(
+                policy, [r["prompt_ids"] for r in batch], max_new_tokens=config.max_completion_length,
+                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                generator=generator,
+            )
+            old_logps, old_values, adv, returns, stats = _experience(
+                rollout, inner, reward_model, reference, config)
+            sums = _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps,
+                               old_values, adv, returns, config, accelerator, generator)
+            metrics = {**stats, **sums, "learning_rate": scheduler.get_last_lr()[0],
+                       "seconds_per_step": time.perf_counter() - t0}
+            due = step % config.log_every == 0 or step == config.max_steps
+            if due and accelerator.is_main_process and log_metrics is not None:
+                log_metrics(metrics, step)
+            bar.update(step, {"loss": metrics["loss/policy_avg"]})
+            final.update(metrics)
+    return final
+
+
+def _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps, old_values, adv,
+                returns, config: PPOConfig, accelerator, generator) -> dict[str, float]:
+    """num_ppo_epochs passes of num_mini_batches clipped updates; metrics averaged over them."""
+    n = rollout.completion_ids.shape[0]
+    size = n // config.num_mini_batches
+    mask = rollout.completion_mask
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(config.num_ppo_epochs):
+        order = torch.randperm(n, generator=generator, device=generator.device).tolist()
+        for start in range(0, n, size):
+            rows = torch.tensor(order[start : start + size])
+            logps, values = policy_value(_take(rollout, rows), slice(None), config.temperature)
+            pg, m1 = ppo_policy_loss(logps, old_logps[rows], adv[rows], mask[rows],
+                                     clip=config.cliprange)
+            vf, m2 = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows],
+                                    clip=config.cliprange_value)
+            accelerator.backward(pg + config.vf_coef * vf)
+            grad_norm = optimizer_step(accelerator, optimizer, scheduler, params,
+                                       config.max_grad_norm)
+            for k, v in {**m1, **m2, "grad_norm": grad_norm}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+def _take(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rows of a rollout (a minibatch), as a Rollout."""
+    from dataclasses import fields, replace
+
+    return replace(rollout, **{f.name: getattr(rollout, f.name)[rows] for f in fields(rollout)})
