@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vocab", type=int, default=4096, help="vocabulary (ignored with --data demo)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=7, help="optimizer steps in total")
-    g.add_argument("--warmup", type=int, default=2, help="steps before the timed window")
+    g.add_argument("--warmup", type=int, default=2, help="steps before the timed window (>= 1)")
     g.add_argument("--batch-size", type=int, default=8,
                    help="examples (SFT), pairs (RM/DPO/ORPO) or rows (KTO) per step; with "
                         "--packing the rows are sized to hold as many real tokens on average")
@@ -73,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gemm-size", type=int, default=1024)
     g.add_argument("--seconds", type=float, default=1.0, help="time spent multiplying")
     args = p.parse_args(argv)
-    if args.variant in STAGES and args.steps < args.warmup + 2:
-        p.error("--steps must be at least --warmup + 2 (the timed window needs a step)")
+    if args.variant in STAGES and (args.warmup < 1 or args.steps < args.warmup + 2):
+        p.error("need --warmup >= 1 and --steps >= --warmup + 2 (the timed window runs from "
+                "the end of step `warmup` to the end of step `steps - 1`)")
     return args
 
 
@@ -237,11 +239,41 @@ def _train_fn(args):
     return fn, timing
 
 
+def _window(marks: dict[int, tuple[float, dict]], params: dict, first: int, last: int) -> dict:
+    """Rates over the callbacks of steps first..last: window means and per-step medians (the
+    medians resist the bursts of a shared machine)."""
+    from benchmarks.synthetic import model_flops
+
+    (ta, ca), (tb, cb) = marks[first], marks[last]
+    seconds, steps = tb - ta, last - first
+    work = {k: cb[k] - ca[k] for k in cb}
+    per_step = []  # (seconds, tokens/s, FLOP/s) of each timed step
+    for i in range(first + 1, last + 1):
+        (t0, c0), (t1, c1) = marks[i - 1], marks[i]
+        step_work = {k: c1[k] - c0[k] for k in c1}
+        per_step.append((t1 - t0, step_work["grad_tokens"] / (t1 - t0),
+                         model_flops(step_work, params) / (t1 - t0)))
+    flops = model_flops(work, params)
+    return {
+        "steps_timed": steps, "seconds": seconds,
+        "steps_per_s": 1 / statistics.median(s for s, _, _ in per_step),
+        "tokens_per_s": statistics.median(r for _, r, _ in per_step),
+        "flops_per_s": statistics.median(f for _, _, f in per_step),
+        "mean_steps_per_s": steps / seconds,
+        "mean_tokens_per_s": work["grad_tokens"] / seconds,
+        "mean_flops_per_s": flops / seconds,
+        "positions_per_s": work["grad_positions"] / seconds,
+        "pad_fraction": 1 - work["grad_tokens"] / max(work["grad_positions"], 1),
+        "step_seconds": [round(s, 4) for s, _, _ in per_step],
+        "work": work, "model_flops": flops,
+    }
+
+
 def train_stage(args) -> dict:
-    """Train with the library's recipe and measure the timed window."""
+    """Train with the library's recipe; measure the timed window, setup and memory."""
     import torch
 
-    from benchmarks.synthetic import count_work, current_rss_mb, model_flops, parameter_counts
+    from benchmarks.synthetic import count_work, current_rss_mb, parameter_counts
 
     built = _model_and_data(args)
     model, train = built["model"], built["train"]
@@ -263,25 +295,14 @@ def train_stage(args) -> dict:
         final = fn(model, train, built["eval"], cfg, pad_token_id=built["pad"],
                    log_metrics=log_metrics)
     total_s = time.perf_counter() - t0
-    (ta, ca), (tb, cb) = marks[args.warmup], marks[args.steps - 1]
-    seconds, steps = tb - ta, args.steps - 1 - args.warmup
-    work = {k: cb[k] - ca[k] for k in cb}
-    flops = model_flops(work, params)
-    grad_positions = max(work["grad_positions"], 1)
     return {
         "stage": args.variant, "data": args.data, "packing": args.packing,
         "reference": args.reference if args.variant in ("dpo", "kto") else None,
         "per_device_batch_size": cfg.per_device_batch_size, "vocab": built["vocab"],
         **built["shape"], "params": params, "train_examples": len(train),
-        "steps_timed": steps, "seconds": seconds,
-        "steps_per_s": steps / seconds,
-        "tokens_per_s": work["grad_tokens"] / seconds,
-        "positions_per_s": work["grad_positions"] / seconds,
-        "pad_fraction": 1 - work["grad_tokens"] / grad_positions,
-        "step_seconds": [round(marks[i][0] - marks[i - 1][0], 4) for i in range(2, args.steps)],
-        "work": work, "model_flops": flops, "flops_per_s": flops / seconds,
+        **_window(marks, params, args.warmup, args.steps - 1),
         "precompute_s": timing["precompute_s"],
-        "e2e_s": tb - t0,  # train() start to the end of the last timed step
+        "e2e_s": marks[args.steps - 1][0] - t0,  # train() start to the end of the last timed step
         "total_s": total_s,
         "final_loss": final.get("loss"),
         **_memory(device, rss_before),
@@ -295,8 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = {"calibrate": calibrate, "logps": logps}.get(args.variant, train_stage)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
         "name": args.name or args.variant, "variant": args.variant, **run(args),
+        "loadavg_1m": [load_before, os.getloadavg()[0] if load_before is not None else None],
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "device": str(_device()), "machine": platform.machine(),
     }

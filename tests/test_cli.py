@@ -51,7 +51,8 @@ def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
     embedded Prefect and sqlite:///mlflow.db in the working directory."""
     overrides = [
         "sft.max_steps=30", "sft.eval_every=15", "data.demo.num_train=500",
-        "data.demo.num_eval=40",
+        "data.demo.num_eval=40", "reward.max_steps=5", "dpo.max_steps=5", "orpo.max_steps=5",
+        "kto.max_steps=5", "grpo.max_steps=3", "ppo.max_steps=3",
     ]
     env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
@@ -63,8 +64,9 @@ def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
     finally:
         if env_uri is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
-    for stage in ("data", "sft", "evaluate"):
+    stages = ("data", "sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo", "evaluate")
+    for stage in stages:
         assert f"│ {stage}" in first.stdout
-    assert first.stdout.count(" ran ") >= 3, first.stdout
-    assert second.stdout.count(" cached ") >= 3, second.stdout
-    assert "checker_accuracy" in first.stdout and "make ui" in first.stdout
+    assert first.stdout.count(" ran ") == len(stages), first.stdout
+    assert second.stdout.count(" cached ") == len(stages), second.stdout
+    assert "checker accuracy" in first.stdout and "make ui" in first.stdout

@@ -77,8 +77,15 @@ def test_every_invalid_field_is_named_at_once():
 
 
 def test_cross_field_validation():
-    with pytest.raises(C.ConfigError, match="warmup_steps"):
-        C.load_pipeline_config(None, ["sft.max_steps=5", "sft.warmup_steps=10"])
+    with pytest.raises(C.ConfigError, match=r"methods \['dpo'\] need data.preference"):
+        C.load_pipeline_config(None, ["methods=[dpo]"])
+    with pytest.raises(C.ConfigError, match="ppo needs data.preference"):
+        C.load_pipeline_config(None, ["methods=[ppo]"])
+    with pytest.raises(C.ConfigError, match="dpo.reference='adapter' needs model.lora"):
+        C.load_pipeline_config(None, ["methods=[dpo]", "data.preference.path=demo",
+                                      "dpo.reference=adapter"])
+    with pytest.raises(C.ConfigError, match="label_smoothing applies to loss_type 'robust'"):
+        C.load_pipeline_config(None, ["dpo.label_smoothing=0.1"])
 
 
 @pytest.mark.parametrize("bad", ["sft.max_steps", "=3", "sft.max_steps=[1"])

@@ -138,3 +138,29 @@ def test_stage_flow_runs_one_method_with_its_upstream(tmp_path):
     values = tiny_pipeline_values(tmp_path, **_pref_sections())
     result = stage_flow(validate(PipelineConfig, values), "orpo")
     assert [r["stage"] for r in result["stages"]] == ["data", "sft", "orpo"]
+
+
+def test_online_methods_run_as_cached_stages_with_curves_in_mlflow(tmp_path):
+    from pipelines.flows import pipeline
+
+    online = {"max_steps": 2, "warmup_steps": 0, "max_length": 40, "max_completion_length": 4,
+              "log_every": 1}
+    values = tiny_pipeline_values(
+        tmp_path,
+        data={"preference": {"path": "demo"}, "prompts": {"path": "demo"}},
+        methods=["grpo", "ppo"],
+        reward={"max_steps": 2, "per_device_batch_size": 4, "warmup_steps": 0, "max_length": 48},
+        grpo={**online, "per_device_batch_size": 8, "num_generations": 4},
+        ppo={**online, "per_device_batch_size": 4},
+    )
+    cfg = validate(PipelineConfig, values)
+    first = pipeline(cfg)
+    assert _status(first) == {s: "ran" for s in ("data", "sft", "reward", "grpo", "ppo",
+                                                 "evaluate")}
+    assert {"grpo", "ppo"} <= set(first["comparison"])
+    children = _children(first["mlflow_run_id"])
+    c = tracking.client()
+    assert [m.step for m in c.get_metric_history(children["grpo"].info.run_id, "reward")] == [1, 2]
+    assert len(c.get_metric_history(children["ppo"].info.run_id, "objective/kl")) == 2
+    second = pipeline(cfg)
+    assert set(_status(second).values()) == {"cached"}

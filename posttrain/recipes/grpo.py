@@ -135,7 +135,7 @@ def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps,
             # means, averaged over the accumulated micro-batches.
             scale = 1.0 if config.loss_type == "dapo" else 1.0 / len(chunks)
             accelerator.backward(loss * scale)
-        for k, v in {"loss": loss, **m}.items():
+        for k, v in {"loss": loss.detach(), **m}.items():
             sums[k] = sums.get(k, 0.0) + float(v) / len(chunks)
     sums["grad_norm"] = optimizer_step(accelerator, optimizer, scheduler, params,
                                        config.max_grad_norm)
