@@ -227,6 +227,17 @@ def _f(value, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _settings(o: dict) -> str:
+    if not o:
+        return ""
+    return (f"Settings: Qwen2 hidden {o['hidden']}, {o['layers']} layers, {o['heads']} heads "
+            f"({o['kv_heads']} KV), vocab {o['vocab']}; {o['steps']} steps of which the first "
+            f"{o['warmup']} and the last are untimed; SFT {o['sft_batch']} examples/step, "
+            f"{o['pair_batch']} pairs/step (KTO {2 * int(o['pair_batch'])} rows); prompt "
+            f"lengths {o['prompt_len']}, completion lengths {o['completion_len']}; "
+            f"{o['repeat']} run(s) per variant.")
+
+
 def markdown(report: dict) -> str:
     cal = report["calibration"]
     lines = [
@@ -238,6 +249,7 @@ def markdown(report: dict) -> str:
          f"{_f(cal['gflops'], 1)} GFLOP/s (start {_f(cal['start'], 1)}, "
          f"end {_f(cal['end'], 1)})."),
         f"Command: `{report['command']}`",
+        _settings(report.get("options", {})),
         "",
         "## Training stages",
         "",

@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt-len", type=_pair, default=(16, 128), help="lo,hi")
     g.add_argument("--completion-len", type=_pair, default=(16, 256), help="lo,hi")
     g.add_argument("--packing", action="store_true", help="SFT: pack rows of --max-length")
-    g.add_argument("--max-length", type=int, default=512, help="SFT packed row length")
+    g.add_argument("--max-length", type=int, default=512, help="SFT packed row length; demo rows longer are dropped")
     g.add_argument("--reference", choices=("precomputed", "copy"), default="precomputed",
                    help="DPO/KTO reference log-probs")
     g = p.add_argument_group("logps (token_logps vs log_softmax + gather)")

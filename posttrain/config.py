@@ -7,6 +7,7 @@ message. The same models give the Prefect UI its parameter forms.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,24 @@ class ModelConfig(_Frozen):
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters instead of all weights when set."
     )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template replacing the tokenizer's own; part of every "
+        "downstream stage's cache key.",
+    )
+
+    @model_validator(mode="after")
+    def _remote_code_is_pinned(self) -> ModelConfig:
+        # Remote code runs on load: it must be an explicit choice AND the exact code reviewed,
+        # so a moving branch name is refused.
+        local = Path(self.name_or_path).is_dir()
+        pinned = self.revision is not None and re.fullmatch(r"[0-9a-f]{40}", self.revision)
+        if self.trust_remote_code and not local and not pinned:
+            raise ValueError(
+                "trust_remote_code=true needs revision pinned to a full 40-character commit "
+                f"hash (got {self.revision!r})"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ training
@@ -388,6 +407,77 @@ class EvalConfig(_Frozen):
     )
 
 
+class MetricGuard(_Frozen):
+    """A metric that may not get worse than the reference by more than a tolerance."""
+
+    metric: str = Field(description="Comparison metric name, e.g. 'eval_loss' or 'kl_to_sft'.")
+    direction: Literal["max", "min"] = Field(
+        description="'max': higher is better; 'min': lower is better."
+    )
+    tolerance: float = Field(
+        0.0, ge=0.0, description="Largest allowed regression, in the metric's own units."
+    )
+
+
+class PromotionConfig(_Frozen):
+    """The promotion gate: which evaluated stage (if any) becomes the registry's champion.
+
+    Fail-closed: a candidate or champion missing a metric the gate reads, a non-finite value, or
+    a failed evaluation promotes nothing.
+    """
+
+    enabled: bool = Field(True, description="Run the gate after evaluation; false: never promote.")
+    metric: str = Field(
+        "checker_accuracy",
+        description="Primary comparison metric; the best candidate on it is the one considered.",
+    )
+    direction: Literal["max", "min"] = Field(
+        "max", description="'max': higher primary metric is better; 'min': lower is better."
+    )
+    min_margin: float = Field(
+        0.0,
+        ge=0.0,
+        description="The winner must beat the current champion's primary metric by at least this "
+        "much (and by more than 0); without a champion, any candidate passing the guards wins.",
+    )
+    guards: tuple[MetricGuard, ...] = Field(
+        (MetricGuard(metric="eval_loss", direction="min", tolerance=0.5),),
+        description="Metrics that may not regress beyond their tolerance against the champion "
+        "(or against the SFT model when there is no champion yet).",
+    )
+    candidates: tuple[str, ...] | None = Field(
+        None,
+        description="Stages that may be promoted, e.g. [dpo, grpo]; null: every evaluated stage "
+        "except the untrained base model.",
+    )
+    registered_model: str | None = Field(
+        None, description="MLflow registered model name; null: the pipeline's name."
+    )
+    alias: str = Field("champion", description="Registry alias moved to the promoted version.")
+
+
+class RetrainConfig(_Frozen):
+    """Scheduled and event-triggered retraining (`posttrain serve`)."""
+
+    cron: str | None = Field(
+        "0 3 * * 1",
+        description="Cron schedule of the retraining deployment (Prefect syntax); null: no "
+        "schedule, only manual and event-triggered runs.",
+    )
+    timezone: str = Field("UTC", description="Time zone the cron schedule is read in.")
+    on_dataset_updated: bool = Field(
+        True,
+        description="Also retrain when a 'posttrain.dataset.updated' event for this pipeline "
+        "is emitted (by `posttrain emit-dataset-updated`, or by data preparation when a "
+        "source's content fingerprint changes).",
+    )
+    emit_events: bool = Field(
+        True,
+        description="Data preparation in the pipeline flow emits 'posttrain.dataset.updated' "
+        "when a source's fingerprint differs from the one seen last time.",
+    )
+
+
 class TrackingConfig(_Frozen):
     """MLflow settings (the tracking URI itself comes from MLFLOW_TRACKING_URI)."""
 
@@ -428,6 +518,12 @@ class PipelineConfig(_Frozen):
     ppo: PPOConfig = Field(PPOConfig(), description="PPO stage.")
     evaluate: EvalConfig = Field(EvalConfig(), description="Evaluation stage.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
+    promotion: PromotionConfig = Field(
+        PromotionConfig(), description="Promotion gate after evaluation."
+    )
+    retrain: RetrainConfig = Field(
+        RetrainConfig(), description="Retraining schedule and event trigger."
+    )
 
 
     @model_validator(mode="after")

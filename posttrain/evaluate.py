@@ -1,5 +1,7 @@
 """The shared evaluation suite: held-out loss and perplexity, checker accuracy, completion
-length, and a table of sample generations.
+length, reward-model score, perplexity on chosen preference responses, and a table of sample
+generations; plus the pairwise numbers against a reference model (the SFT model): win rate
+judged by the reward model and a KL estimate on the candidate's own completions.
 
 Generation is greedy and batched (left-padded, KV-cached through `model.generate`), so a score is
 a property of the model, not of sampling luck.
@@ -9,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from posttrain.data.packing import collate_padded
-from posttrain.data.tokenize import tokenize_prompt, tokenize_sft_example
-from posttrain.logprobs import SelectedLogits
+from posttrain.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_sft_example
+from posttrain.logprobs import SelectedLogits, sequence_logps
 from posttrain.models import stop_token_ids
 from posttrain.recipes.sft import evaluate_loss
 
@@ -80,7 +83,25 @@ def prompt_text(prompt) -> str:
     return "\n".join(m.get("content", "") for m in prompt if m.get("role") != "assistant")
 
 
-def evaluate_model(
+@dataclass
+class Evaluation:
+    """One model's results: metrics, the sample table, and per-prompt details for pairwise
+    metrics (completions with their token ids, reward scores or None)."""
+
+    metrics: dict[str, float]
+    samples: list[dict]
+    completions: list[dict] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, rows: list[dict], **kwargs
+                   ) -> tuple[dict[str, float], list[dict]]:
+    """Metrics and a sample table (see `evaluate_candidate` for the arguments)."""
+    result = evaluate_candidate(model, tokenizer, rows, **kwargs)
+    return result.metrics, result.samples
+
+
+def evaluate_candidate(
     model: torch.nn.Module,
     tokenizer,
     rows: list[dict],
@@ -91,12 +112,14 @@ def evaluate_model(
     num_samples: int,
     checker: Checker | None = None,
     reward_model: torch.nn.Module | None = None,
-) -> tuple[dict[str, float], list[dict]]:
-    """Metrics and a sample table for held-out prompt-completion rows.
+    preference_rows: list[dict] | None = None,
+) -> Evaluation:
+    """Metrics, samples and per-prompt details for held-out prompt-completion rows.
 
     `checker(prompt, completion_text)` says whether a completion is correct; without one (data
     with no verifiable answer) `checker_accuracy` is left out rather than guessed. With a
-    `reward_model`, every (prompt, completion) is scored: `reward_score` is the mean.
+    `reward_model`, every (prompt, completion) is scored: `reward_score` is the mean. With
+    held-out `preference_rows`, `chosen_perplexity` is the perplexity of the chosen responses.
     """
     examples = [
         e
@@ -143,7 +166,81 @@ def evaluate_model(
         }
         for r, c, ok, score in list(zip(rows, completions, correct, scores))[:num_samples]
     ]
-    return metrics, samples
+    if preference_rows:
+        chosen = chosen_perplexity(model, tokenizer, preference_rows, max_length=max_length,
+                                   batch_size=batch_size)
+        if chosen is not None:
+            metrics["chosen_perplexity"] = chosen
+    return Evaluation(metrics, samples, completions, scores)
+
+
+def chosen_perplexity(model: torch.nn.Module, tokenizer, rows: list[dict], *, max_length: int,
+                      batch_size: int) -> float | None:
+    """Perplexity of the chosen responses of preference pairs (prompt tokens carry no loss);
+    None when no pair fits in max_length."""
+    from posttrain.data.loading import DataError
+    from posttrain.data.preference import tokenize_preference_rows
+
+    try:
+        pairs, _ = tokenize_preference_rows(rows, tokenizer, max_length=max_length,
+                                            truncation="drop", source="held-out preference pairs",
+                                            max_bad_fraction=1.0)
+    except DataError:  # nothing usable left: the metric is absent, not guessed
+        return None
+    examples = [
+        {"input_ids": p["prompt_ids"] + p["chosen_ids"],
+         "labels": [IGNORE_INDEX] * len(p["prompt_ids"]) + p["chosen_ids"]}
+        for p in pairs
+    ]
+    batches = [collate_padded(examples[i : i + batch_size], tokenizer.pad_token_id)
+               for i in range(0, len(examples), batch_size)]
+    if not batches:
+        return None
+    device = next(model.parameters()).device
+    return evaluate_loss(SelectedLogits(model), batches, device)["eval_perplexity"]
+
+
+@torch.no_grad()
+def completion_logps(model: torch.nn.Module, completions: list[dict], pad_token_id: int,
+                     batch_size: int) -> torch.Tensor:  # (N,) float32
+    """Summed log-probs of each generated completion (given its prompt) under `model`."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(completions), batch_size):
+        chunk = completions[start : start + batch_size]
+        seqs = [c["prompt_ids"] + c["completion_ids"] for c in chunk]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # (B, T)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+        completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+        for b, (c, s) in enumerate(zip(chunk, seqs)):
+            input_ids[b, : len(s)] = torch.tensor(s)
+            attention[b, : len(s)] = 1
+            completion_mask[b, len(c["prompt_ids"]) : len(s)] = 1
+        logps, _ = sequence_logps(model, input_ids.to(device), attention.to(device),
+                                  completion_mask.to(device))
+        out.append(logps.cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
+    """Mean of log pi(y) - log pi_ref(y) over completions y drawn from pi: a Monte-Carlo KL(pi ||
+    pi_ref) per sequence. Greedy completions are a biased draw (the mode), so read it as a
+    distance the evaluation can track, not an exact KL."""
+    if policy_logps.numel() == 0:
+        return math.nan
+    return float((policy_logps - reference_logps).mean())
+
+
+def win_rate(scores: list[float | None], reference_scores: list[float | None]) -> float:
+    """Share of prompts whose completion the reward model scores above the reference's
+    completion for the same prompt; a tie counts half (identical completions tie), so a model
+    against itself scores 0.5. NaN when no prompt has both scores."""
+    pairs = [(a, b) for a, b in zip(scores, reference_scores) if a is not None and b is not None]
+    if not pairs:
+        return math.nan
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
 
 
 @torch.no_grad()

@@ -110,6 +110,8 @@ def load_tokenizer(
             revision=model_cfg.revision,
             trust_remote_code=model_cfg.trust_remote_code,
         )
+    if model_cfg.chat_template is not None:
+        tokenizer.chat_template = model_cfg.chat_template
     return _ensure_pad_token(tokenizer)
 
 

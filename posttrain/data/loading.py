@@ -42,7 +42,10 @@ def load_rows(
     """
     p = Path(path).expanduser()
     if p.is_file():
-        rows = _load_local(p)
+        try:
+            rows = _load_local(p)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     elif p.is_dir():
         # A local folder of data files: datasets knows how to read those layouts.
         rows = _load_hub(str(p), split=split, subset=subset, revision=revision)

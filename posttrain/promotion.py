@@ -1,0 +1,179 @@
+"""The promotion gate and the MLflow Model Registry.
+
+`decide` is a pure function: comparison (stage -> metrics) + the current champion's metrics +
+`PromotionConfig` -> `Decision`. It fails closed: a missing or non-finite metric that the gate
+reads (on any candidate, on the champion, or on the SFT baseline the guards fall back to), or an
+empty comparison, promotes nothing. A candidate wins when it
+
+1. is the best eligible candidate on the primary metric (`cfg.metric`, `cfg.direction`),
+2. passes every guard: the metric does not regress against the reference (the champion, or the
+   SFT model when there is no champion yet) by more than the guard's tolerance, and
+3. beats the champion's primary metric by at least `cfg.min_margin` and by more than 0 (an
+   unchanged re-run therefore never moves the alias).
+
+`register_champion` registers the winner's model folder (logged under `stage/model` on the run
+that trained it) as a new version, stores its metrics as version tags for the next comparison,
+and moves the alias (`champion`); earlier versions stay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain import tracking
+from posttrain.config import PromotionConfig
+
+BASE = "base"
+METRICS_TAG = "posttrain.metrics"
+STAGE_TAG = "posttrain.stage"
+
+
+@dataclass
+class Decision:
+    """What the gate decided and why; `rows` holds one line per candidate for the record."""
+
+    promote: bool
+    winner: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    champion: dict | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"promote": self.promote, "winner": self.winner, "reasons": self.reasons,
+                "champion": self.champion, "rows": self.rows}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _better(a: float, b: float, direction: str) -> float:
+    """How much better a is than b (positive = better) under `direction`."""
+    return a - b if direction == "max" else b - a
+
+
+def _missing(metrics: dict | None, names: list[str]) -> list[str]:
+    return [n for n in names if not _finite((metrics or {}).get(n))]
+
+
+def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
+           cfg: PromotionConfig) -> Decision:
+    """Choose the stage to promote, or none (see the module docstring)."""
+    if not cfg.enabled:
+        return Decision(False, reasons=["promotion is disabled (promotion.enabled=false)"])
+    if not comparison:
+        return Decision(False, reasons=["no evaluation results: nothing is promoted"])
+    names = [cfg.metric] + [g.metric for g in cfg.guards]
+    eligible = [s for s in comparison if s != BASE and (cfg.candidates is None
+                                                        or s in cfg.candidates)]
+    if not eligible:
+        return Decision(False, reasons=["no eligible candidate among the evaluated stages"])
+    problems = [f"{s}: missing or non-finite {', '.join(m)}"
+                for s in eligible if (m := _missing(comparison[s], names))]
+    if champion_metrics is not None and (m := _missing(champion_metrics, names)):
+        problems.append(f"champion: missing or non-finite {', '.join(m)}")
+    reference = champion_metrics
+    if reference is None and cfg.guards:
+        reference = comparison.get("sft")
+        if reference is None or (m := _missing(reference, [g.metric for g in cfg.guards])):
+            problems.append("no champion and no complete SFT baseline for the guards")
+    if problems:
+        return Decision(False, reasons=["incomplete evaluation, nothing is promoted:", *problems],
+                        champion=champion_metrics)
+    rows = [_check(s, comparison[s], reference, champion_metrics, cfg) for s in eligible]
+    passing = [r for r in rows if not r["failed_guards"]]
+    if not passing:
+        return Decision(False, reasons=["every candidate fails a guard"], rows=rows,
+                        champion=champion_metrics)
+    best = max(passing, key=lambda r: r[cfg.metric] if cfg.direction == "max" else -r[cfg.metric])
+    if champion_metrics is None:
+        return Decision(True, best["stage"], [f"{best['stage']} is the best candidate on "
+                        f"{cfg.metric} ({best[cfg.metric]:.4g}) and there is no champion yet"],
+                        rows=rows)
+    gain = best["improvement"]
+    if gain > 0 and gain >= cfg.min_margin:
+        return Decision(True, best["stage"], [f"{best['stage']} beats the champion on "
+                        f"{cfg.metric} by {gain:.4g} (min_margin {cfg.min_margin})"],
+                        champion=champion_metrics, rows=rows)
+    return Decision(False, reasons=[f"best candidate {best['stage']} does not beat the champion "
+                    f"on {cfg.metric} by the margin: {gain:.4g} vs min_margin "
+                    f"{cfg.min_margin}"], champion=champion_metrics, rows=rows)
+
+
+def _check(stage: str, metrics: dict, reference: dict | None, champion: dict | None,
+           cfg: PromotionConfig) -> dict:
+    failed = []
+    for g in cfg.guards:
+        regression = -_better(metrics[g.metric], reference[g.metric], g.direction)
+        if regression > g.tolerance:
+            failed.append(f"{g.metric} regresses by {regression:.4g} > {g.tolerance}")
+    improvement = (_better(metrics[cfg.metric], champion[cfg.metric], cfg.direction)
+                   if champion is not None else None)
+    return {"stage": stage, cfg.metric: metrics[cfg.metric], "improvement": improvement,
+            "failed_guards": failed}
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def registered_model_name(cfg: PromotionConfig, pipeline_name: str) -> str:
+    return cfg.registered_model or pipeline_name
+
+
+def champion_version(name: str, alias: str = "champion"):
+    """The model version holding `alias`, or None when there is none (or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking.client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def champion_metrics(name: str, alias: str = "champion") -> dict | None:
+    """The metrics stored on the champion version when it was promoted; {} when it has none
+    (which the gate treats as missing metrics, i.e. fail-closed)."""
+    version = champion_version(name, alias)
+    if version is None:
+        return None
+    return json.loads((version.tags or {}).get(METRICS_TAG, "{}"))
+
+
+def model_source(manifest: dict) -> tuple[str, str | None]:
+    """(source URI, run id) of a stage's model: its folder as logged on the run that trained it,
+    or the local artifact folder when the model was too large to copy into MLflow."""
+    run_id = manifest.get("mlflow_run_id")
+    c = tracking.client()
+    if run_id and c.list_artifacts(run_id, "stage/model"):
+        return f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/stage/model", run_id
+    return Path(manifest["path"], "model").resolve().as_uri(), run_id
+
+
+def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
+                      alias: str = "champion", tags: dict[str, str] | None = None) -> str:
+    """Register `stage`'s model as a new version of `name`, move `alias` to it, return the
+    version number. Earlier versions and their tags stay."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client()
+    try:
+        c.create_registered_model(name, description="Promoted by the posttrain gate.")
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    source, run_id = model_source(manifest)
+    clean = {k: v for k, v in metrics.items() if _finite(v)}
+    version_tags = {
+        STAGE_TAG: stage,
+        tracking.KEY_TAG: manifest.get("key", ""),
+        METRICS_TAG: json.dumps(clean),
+        **{f"metric.{k}": f"{v:.6g}" for k, v in clean.items()},
+        **(tags or {}),
+    }
+    version = c.create_model_version(name, source, run_id=run_id, tags=version_tags,
+                                     description=f"{stage} stage, artifact {manifest.get('path')}")
+    c.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
