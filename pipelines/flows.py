@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -10,10 +11,12 @@ from prefect.context import get_run_context
 
 from posttrain import artifacts, stages, tracking
 from posttrain.config import PipelineConfig
+from tasks import events
 from tasks.data import prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.online import online_task
 from tasks.preference import method_task
+from tasks.promote import promote_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
 
@@ -68,11 +71,10 @@ class PipelineRun:
         )
         return manifest
 
-    def finish(self, evaluation: dict | None = None) -> dict:
-        if evaluation is not None:
-            comparison = evaluation.get("comparison", {})
-            table = [{"stage": stage, **metrics} for stage, metrics in comparison.items()]
-            tracking.log_table(self.run_id, table, "comparison.json")
+    def finish(self, evaluation: dict | None = None, promotion: dict | None = None) -> dict:
+        comparison = (evaluation or {}).get("comparison", {})
+        if comparison:
+            tracking.log_comparison(self.run_id, comparison, "comparison.json", "comparison.png")
             tracking.log_metrics(
                 self.run_id,
                 {f"{s}/{k}": v for s, m in comparison.items() for k, v in m.items()},
@@ -86,7 +88,8 @@ class PipelineRun:
         return {
             "mlflow_run_id": self.run_id,
             "stages": self.rows,
-            "comparison": (evaluation or {}).get("comparison", {}),
+            "comparison": comparison,
+            "promotion": promotion,
         }
 
     def fail(self, error: BaseException) -> None:
@@ -96,20 +99,46 @@ class PipelineRun:
 @flow(name="posttrain-pipeline", log_prints=True)
 def pipeline(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
     """Prepare data, fine-tune (SFT), train the reward model, run each preference method from the
-    SFT model, evaluate everything side by side; every stage cached and tracked."""
+    SFT model, evaluate everything side by side, promote the winner if the gate passes; every
+    stage cached and tracked."""
     run = PipelineRun.start(cfg, "pipeline")
+    return _train_evaluate_promote(run, emit_events=cfg.retrain.emit_events)
+
+
+@flow(name="posttrain-retrain", log_prints=True)
+def retrain(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
+    """Retraining (scheduled, or triggered by a 'posttrain.dataset.updated' event): re-fingerprint
+    the data sources, then the whole pipeline. Unchanged data finds every stage cached; changed
+    data re-runs what depends on it, evaluates, and promotes only if the gate passes."""
+    run = PipelineRun.start(cfg, "retrain")
+    fingerprints = events.current_fingerprints(cfg)
+    tracking.client().set_tag(run.run_id, "posttrain.data_fingerprints",
+                              json.dumps(fingerprints, sort_keys=True)[:5000])
+    # No event from here: this run already is the retraining an event would trigger.
+    return _train_evaluate_promote(run, emit_events=False)
+
+
+def _train_evaluate_promote(run: PipelineRun, *, emit_events: bool) -> dict:
+    cfg = run.cfg
     try:
         data = run.stage("data", prepare_data_task)
+        changed = events.note_fingerprints(cfg, emit=emit_events)
+        if changed:
+            print(f"data sources changed since the last run: {', '.join(changed)}")
         sft = run.stage("sft", sft_task, data)
         reward = run.stage("reward", reward_task, data, sft) if cfg.needs_reward_model else None
         candidates = {"sft": sft}
         for method in cfg.methods:
             candidates[method] = _method_stage(run, method, data, sft, reward)
         evaluation = run.stage("evaluate", evaluate_task, data, candidates, reward)
+        decision = None
+        if cfg.promotion.enabled:
+            decision = promote_task(cfg, evaluation.get("comparison", {}), candidates,
+                                    parent_run_id=run.run_id)
     except BaseException as e:
         run.fail(e)
         raise
-    return run.finish(evaluation)
+    return run.finish(evaluation, decision)
 
 
 def _method_stage(run: PipelineRun, method: str, data: dict, sft: dict, reward: dict | None):

@@ -158,6 +158,16 @@ class ModelConfig(_Frozen):
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters instead of all weights when set."
     )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast of the training forward (accelerate): 'auto' is bf16 on a GPU "
+        "that supports it, fp16 on an older GPU and 'no' (fp32) on CPU.",
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save memory; 'auto' turns it "
+        "on with a GPU and off on CPU (where memory is rarely the limit and it costs time).",
+    )
     chat_template: str | None = Field(
         None,
         description="A Jinja chat template replacing the tokenizer's own; part of every "
@@ -478,6 +488,29 @@ class RetrainConfig(_Frozen):
     )
 
 
+class LaunchConfig(_Frozen):
+    """How training stages start: in the Prefect worker's process, or as `accelerate launch`."""
+
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel processes per training stage; above 1 the stage runs under "
+        "`accelerate launch` (DDP, one process per GPU; gloo on CPU). per_device_batch_size "
+        "stays per process, so the global batch grows with it. With accelerate_config set, 1 "
+        "keeps the file's num_processes.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An accelerate config file (e.g. infra/accelerate/fsdp.yaml) for "
+        "`accelerate launch --config_file`; set, the stage always runs as a launched process.",
+    )
+
+    @property
+    def launched(self) -> bool:
+        """Whether training stages run as `accelerate launch` processes."""
+        return self.num_processes > 1 or self.accelerate_config is not None
+
+
 class TrackingConfig(_Frozen):
     """MLflow settings (the tracking URI itself comes from MLFLOW_TRACKING_URI)."""
 
@@ -518,6 +551,9 @@ class PipelineConfig(_Frozen):
     ppo: PPOConfig = Field(PPOConfig(), description="PPO stage.")
     evaluate: EvalConfig = Field(EvalConfig(), description="Evaluation stage.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
+    launch: LaunchConfig = Field(
+        LaunchConfig(), description="Process launch of training stages (distributed training)."
+    )
     promotion: PromotionConfig = Field(
         PromotionConfig(), description="Promotion gate after evaluation."
     )

@@ -88,19 +88,19 @@ def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
     if not passing:
         return Decision(False, reasons=["every candidate fails a guard"], rows=rows,
                         champion=champion_metrics)
-    best = max(passing, key=lambda r: r[cfg.metric] if cfg.direction == "max" else -r[cfg.metric])
+    sign = 1 if cfg.direction == "max" else -1
+    best = max(passing, key=lambda r: sign * r[cfg.metric])
+    stage, value = best["stage"], best[cfg.metric]
     if champion_metrics is None:
-        return Decision(True, best["stage"], [f"{best['stage']} is the best candidate on "
-                        f"{cfg.metric} ({best[cfg.metric]:.4g}) and there is no champion yet"],
-                        rows=rows)
+        why = f"{stage} is the best candidate on {cfg.metric} ({value:.4g}); no champion yet"
+        return Decision(True, stage, [why], rows=rows)
     gain = best["improvement"]
     if gain > 0 and gain >= cfg.min_margin:
-        return Decision(True, best["stage"], [f"{best['stage']} beats the champion on "
-                        f"{cfg.metric} by {gain:.4g} (min_margin {cfg.min_margin})"],
-                        champion=champion_metrics, rows=rows)
-    return Decision(False, reasons=[f"best candidate {best['stage']} does not beat the champion "
-                    f"on {cfg.metric} by the margin: {gain:.4g} vs min_margin "
-                    f"{cfg.min_margin}"], champion=champion_metrics, rows=rows)
+        why = f"{stage} beats the champion on {cfg.metric} by {gain:.4g} (min {cfg.min_margin})"
+        return Decision(True, stage, [why], champion=champion_metrics, rows=rows)
+    why = (f"best candidate {stage} does not beat the champion on {cfg.metric} by the margin: "
+           f"{gain:.4g} vs min_margin {cfg.min_margin}")
+    return Decision(False, reasons=[why], champion=champion_metrics, rows=rows)
 
 
 def _check(stage: str, metrics: dict, reference: dict | None, champion: dict | None,

@@ -212,3 +212,41 @@ def record_cache_hit(
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def log_comparison(run_id: str, comparison: dict[str, dict[str, float]],
+                   artifact_file: str = "comparison.json",
+                   chart_file: str = "comparison.png") -> None:
+    """The evaluation comparison as an MLflow table (one row per stage) and a PNG chart with one
+    panel per metric, its bars the stages."""
+    import pandas as pd
+
+    rows = [{"stage": stage, **metrics} for stage, metrics in comparison.items()]
+    c = client()
+    c.log_table(run_id, pd.DataFrame(rows), artifact_file)
+    if rows:
+        c.log_figure(run_id, comparison_chart(comparison), chart_file)
+
+
+def comparison_chart(comparison: dict[str, dict[str, float]]):
+    """A matplotlib Figure (Agg backend, no display needed): metric by stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(comparison)
+    metrics = sorted({k for m in comparison.values() for k in m})
+    cols = min(3, max(1, len(metrics)))
+    nrows = max(1, math.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        values = [comparison[s].get(metric, math.nan) for s in stages]
+        ax.bar(stages, [v if _is_number(v) else 0.0 for v in values], color="#4c72b0")
+        ax.set_title(metric, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    plt.close(fig)  # the Figure still renders when saved; pyplot just forgets it
+    return fig

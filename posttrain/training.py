@@ -20,6 +20,39 @@ from posttrain.config import TrainingConfig
 Batch = dict[str, Any]
 
 
+def resolve_mixed_precision(setting: str, *, cuda: bool | None = None) -> str:
+    """'auto' -> 'bf16' on a GPU that supports it, 'fp16' on an older GPU, 'no' on CPU."""
+    if setting != "auto":
+        return setting
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_gradient_checkpointing(setting: bool | str, *, cuda: bool | None = None) -> bool:
+    """'auto' -> on with a GPU (memory is the limit there), off on CPU (it only costs time)."""
+    if setting != "auto":
+        return bool(setting)
+    return torch.cuda.is_available() if cuda is None else cuda
+
+
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """The Accelerator of one training stage. Under `accelerate launch`/`torchrun` it joins the
+    process group (DDP, or FSDP/DeepSpeed from the launch config); alone it is one process."""
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, setting: bool | str) -> bool:
+    """Turn on activation recomputation (non-reentrant: works with LoRA's frozen inputs and DDP)
+    when `setting` resolves to on; return whether it is on."""
+    on = resolve_gradient_checkpointing(setting)
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return on
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig):
     """AdamW with linear warm-up then the configured decay."""
     optimizer = torch.optim.AdamW(

@@ -164,3 +164,96 @@ def test_online_methods_run_as_cached_stages_with_curves_in_mlflow(tmp_path):
     assert len(c.get_metric_history(children["ppo"].info.run_id, "objective/kl")) == 2
     second = pipeline(cfg)
     assert set(_status(second).values()) == {"cached"}
+
+
+# ------------------------------------------------------- evaluation, promotion, retraining
+
+
+def _artifact_paths(run_id: str) -> set[str]:
+    c = tracking.client()
+    return {a.path for a in c.list_artifacts(run_id)}
+
+
+def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path):
+    from pipelines.flows import pipeline
+    from posttrain import promotion
+
+    sections = _pref_sections()
+    sections["methods"] = ["dpo"]
+    name = f"reg-{tmp_path.name}"
+    values = tiny_pipeline_values(tmp_path, **sections, promotion={
+        "registered_model": name, "metric": "reward_score", "guards": []})
+    cfg = validate(PipelineConfig, values)
+    first = pipeline(cfg)
+    comparison = first["comparison"]
+    assert list(comparison) == ["base", "sft", "dpo"]
+    for metrics in comparison.values():
+        assert {"checker_accuracy", "reward_score", "win_rate_vs_sft", "kl_to_sft",
+                "chosen_perplexity", "perplexity", "mean_completion_length"} <= set(metrics)
+    assert comparison["sft"]["win_rate_vs_sft"] == 0.5 and comparison["sft"]["kl_to_sft"] == 0.0
+    assert {"comparison.json", "comparison.png"} <= _artifact_paths(first["mlflow_run_id"])
+    children = _children(first["mlflow_run_id"])
+    assert "heldout/win_rate_vs_sft" in tracking.client().get_run(
+        children["dpo"].info.run_id).data.metrics
+
+    decision = first["promotion"]
+    best = max(("sft", "dpo"), key=lambda s: comparison[s]["reward_score"])
+    assert decision["promote"] and decision["winner"] == best
+    champion = promotion.champion_version(name)
+    assert str(champion.version) == decision["version"]
+    assert champion.tags[promotion.STAGE_TAG] == best
+    parent = tracking.client().get_run(first["mlflow_run_id"])
+    assert parent.data.tags["posttrain.promoted_stage"] == best
+
+    # Every stage cached, the same numbers: not better than the champion, the alias stays.
+    second = pipeline(cfg)
+    assert not second["promotion"]["promote"]
+    assert str(promotion.champion_version(name).version) == decision["version"]
+
+
+def test_failed_evaluation_promotes_nothing(tmp_path, monkeypatch):
+    from pipelines.flows import pipeline
+    from posttrain import promotion
+    from posttrain.stages import evaluate as eval_stage
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(eval_stage, "_evaluate_all", broken)
+    name = f"reg-{tmp_path.name}"
+    cfg = _cfg(tmp_path, promotion={"registered_model": name})
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        pipeline(cfg)
+    assert promotion.champion_version(name) is None
+
+
+def test_retrain_caches_unchanged_data_and_reruns_changed_data(tmp_path, monkeypatch):
+    from pipelines.flows import pipeline, retrain
+    from tasks import events
+
+    emitted = []
+    monkeypatch.setattr(events, "emit_dataset_updated", lambda *a, **k: emitted.append((a, k)))
+    rows = demo.generate_sft(_cfg(tmp_path).data.demo, 0, "train")[:120]
+    path = tmp_path / "sft.jsonl"
+    write_jsonl(rows, path)
+    cfg = _cfg(tmp_path, data={"sft": {"path": str(path)}, "eval_fraction": 0.1},
+               promotion={"registered_model": f"reg-{tmp_path.name}"})
+    pipeline(cfg)
+    assert emitted == []  # a first run has nothing to compare with
+
+    unchanged = retrain(cfg)
+    assert set(_status(unchanged).values()) == {"cached"}
+    assert not unchanged["promotion"]["promote"]
+
+    write_jsonl(rows[:-1], path)
+    changed = pipeline(cfg)  # data preparation notices the new fingerprint and emits the event
+    assert _status(changed)["data"] == "ran"
+    assert len(emitted) == 1 and emitted[0][0][0] == cfg.name
+    assert emitted[0][0][1]["changed"] == ["sft"]
+
+    write_jsonl(rows[:-2], path)
+    again = retrain(cfg)  # the retraining flow itself never emits (it is the retraining)
+    assert _status(again) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+    assert len(emitted) == 1
+    parent = tracking.client().get_run(again["mlflow_run_id"])
+    assert "sft" in json.loads(parent.data.tags["posttrain.data_fingerprints"])

@@ -1,10 +1,19 @@
-"""What every stage shares: the content key, the idempotent artifact, the MLflow child run."""
+"""What every stage shares: the content key, the idempotent artifact, the MLflow child run.
+
+Under `accelerate launch`/`torchrun` every process runs the stage body (the training is
+data-parallel), but only rank 0 looks up the cache, writes the artifact and talks to MLflow; the
+other ranks write into a throw-away folder, wait for rank 0 and return the manifest it wrote.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
@@ -18,40 +27,65 @@ def digest(manifest: dict) -> str:
     return manifest["digest"]
 
 
+def launch_params(cfg: PipelineConfig) -> dict:
+    """What of the launch shapes a training stage's result, for its key: the process count (the
+    global batch is per_device_batch_size x processes x grad_accum), the autocast setting and
+    the accelerate config file's contents (never its path alone)."""
+    path = cfg.launch.accelerate_config
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"launch.accelerate_config: {path} does not exist")
+    return {"num_processes": cfg.launch.num_processes,
+            "accelerate_config": artifacts.sha256_file(path) if path else None,
+            "mixed_precision": cfg.model.mixed_precision}
+
+
 def run_stage(
     cfg: PipelineConfig,
     stage: str,
     key: str,
     params: dict,
-    body: Callable[[artifacts.StageOutput, str], dict],
+    body: Callable[[artifacts.StageOutput, str | None], dict],
     *,
     parent_run_id: str | None = None,
 ) -> dict:
     """Return the artifact of (stage, key), producing it with `body(out, run_id)` if needed.
 
     `body` writes files into `out.dir`, may add JSON facts to `out.meta`, and returns the stage's
-    final metrics. The returned manifest carries `cached` (True when nothing ran).
+    final metrics. The returned manifest carries `cached` (True when nothing ran). On ranks other
+    than 0 of a multi-process launch, `run_id` is None and `out.dir` a throw-away folder.
     """
     if cfg.cpu_threads:
         import torch
 
         torch.set_num_threads(cfg.cpu_threads)
-    existing = artifacts.load_manifest(cfg.artifacts_root, stage, key)
-    experiment = cfg.tracking.experiment
+    main = is_main_process()
+    existing = _from_main(artifacts.load_manifest(cfg.artifacts_root, stage, key) if main else None)
     if existing is not None:
-        tracking.record_cache_hit(experiment, parent_run_id, stage, existing)
+        if main:
+            tracking.record_cache_hit(cfg.tracking.experiment, parent_run_id, stage, existing)
         return {**existing, "cached": True}
-    run_id = tracking.start_run(
-        experiment,
-        stage,
-        parent_run_id=parent_run_id,
-        params=params,
-        tags={tracking.STAGE_TAG: stage, tracking.KEY_TAG: key},
-    )
+    if not main:
+        scratch = Path(tempfile.mkdtemp(prefix=f"posttrain-{stage}-rank{os.environ['RANK']}-"))
+        try:
+            body(artifacts.StageOutput(dir=scratch), None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return {**_from_main(None), "cached": False}
+    return {**_from_main(_produce(cfg, stage, key, params, body, parent_run_id)), "cached": False}
+
+
+def _produce(cfg: PipelineConfig, stage: str, key: str, params: dict, body,
+             parent_run_id: str | None) -> dict:
+    """Run `body` inside the atomic artifact writer and an MLflow child run (rank 0 only)."""
+    tags = {tracking.STAGE_TAG: stage, tracking.KEY_TAG: key}
+    if world_size() > 1:
+        tags["posttrain.num_processes"] = str(world_size())
+    run_id = tracking.start_run(cfg.tracking.experiment, stage, parent_run_id=parent_run_id,
+                                params=params, tags=tags)
     started = time.time()
     try:
         with artifacts.write_stage(cfg.artifacts_root, stage, key) as out:
-            out.meta.update(config=params, mlflow_run_id=run_id)
+            out.meta.update(config=params, mlflow_run_id=run_id, num_processes=world_size())
             metrics = body(out, run_id)
             out.meta["metrics"] = metrics
             out.meta["seconds"] = round(time.time() - started, 3)
@@ -61,4 +95,28 @@ def run_stage(
     except BaseException as e:
         tracking.end_run(run_id, "FAILED", reason=f"{type(e).__name__}: {e}")
         raise
-    return {**out.manifest, "cached": False}
+    return out.manifest
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def world_size() -> int:
+    """Processes of this launch: WORLD_SIZE as set by torchrun / accelerate launch, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch, or the only process: the one that writes artifacts and records."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _from_main(value):
+    """`value` as rank 0 has it, on every rank of a launch (a pickled broadcast); alone: `value`."""
+    if world_size() == 1:
+        return value
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState()  # joins the process group the launcher set up, if nothing has yet
+    return broadcast_object_list([value])[0]

@@ -7,14 +7,14 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, run_stage
+from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
 
 ONLINE_METHODS = ("grpo", "ppo")
 
 
 def _params(cfg: PipelineConfig, method: str) -> dict:
     return {method: dump(getattr(cfg, method)), "lora": dump(cfg.model)["lora"],
-            "dtype": cfg.model.dtype}
+            "dtype": cfg.model.dtype, "launch": launch_params(cfg)}
 
 
 def online_stage_key(cfg: PipelineConfig, method: str, data_manifest: dict, sft_manifest: dict,
@@ -63,29 +63,35 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
         from posttrain.models import apply_lora, load_trained, load_trained_tokenizer, save_model
         from posttrain.recipes import grpo, ppo
         from posttrain.rewards import load_reward_model
+        from posttrain.training import enable_gradient_checkpointing, make_accelerator
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
         tokenizer = load_trained_tokenizer(sft_dir)
         policy = load_trained(sft_dir, dtype=cfg.model.dtype,
                               attn_implementation=cfg.model.attn_implementation)
+        enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
         if cfg.model.lora is not None:
             policy = apply_lora(policy, cfg.model.lora)
         prompts = read_jsonl(data_dir / "prompts_train.jsonl")
         logger = tracking.MetricLogger(run_id)
+        accelerator = make_accelerator(cfg.model.mixed_precision)
         try:
             if method == "grpo":
                 fns, weights = _reward_functions(cfg, reward_manifest, tokenizer)
                 final = grpo.train(policy, tokenizer, prompts,
                                    read_jsonl(data_dir / "prompts_eval.jsonl"), cfg.grpo,
-                                   reward_fns=fns, weights=weights, log_metrics=logger)
+                                   reward_fns=fns, weights=weights, log_metrics=logger,
+                                   accelerator=accelerator)
             else:
                 rm_dir = Path(reward_manifest["path"]) / "model"
                 final = ppo.train(policy, load_reward_model(rm_dir), load_reward_model(rm_dir),
-                                  tokenizer, prompts, cfg.ppo, log_metrics=logger)
+                                  tokenizer, prompts, cfg.ppo, log_metrics=logger,
+                                  accelerator=accelerator)
         finally:
             logger.flush()
-        save_model(policy, tokenizer, out.dir / "model")
+        if is_main_process():
+            save_model(policy, tokenizer, out.dir / "model")
         return {**final, "train_prompts": len(prompts)}
 
     return run_stage(cfg, method, key, _params(cfg, method), body, parent_run_id=parent_run_id)

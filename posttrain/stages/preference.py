@@ -8,7 +8,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, run_stage
+from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
 from posttrain.stages.reward import tokenize_pairs
 
 METHODS = ("dpo", "orpo", "kto")
@@ -16,7 +16,8 @@ METHODS = ("dpo", "orpo", "kto")
 
 def _params(cfg: PipelineConfig, method: str) -> dict:
     return {method: dump(getattr(cfg, method)), "lora": dump(cfg.model)["lora"],
-            "dtype": cfg.model.dtype, "max_drop_fraction": cfg.data.max_drop_fraction}
+            "dtype": cfg.model.dtype, "max_drop_fraction": cfg.data.max_drop_fraction,
+            "launch": launch_params(cfg)}
 
 
 def method_stage_key(cfg: PipelineConfig, method: str, data_manifest: dict,
@@ -48,12 +49,14 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         from posttrain.models import apply_lora, load_trained, load_trained_tokenizer, save_model
         from posttrain.recipes import kto, preference
+        from posttrain.training import enable_gradient_checkpointing, make_accelerator
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
         tokenizer = load_trained_tokenizer(sft_dir)
         policy = load_trained(sft_dir, dtype=cfg.model.dtype,
                               attn_implementation=cfg.model.attn_implementation)
+        enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
         if cfg.model.lora is not None:
             policy = apply_lora(policy, cfg.model.lora)
         if method == "kto":
@@ -64,7 +67,8 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
             held, _ = tokenize_pairs(cfg, data_dir, "eval", tokenizer, stage_cfg)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
-        kw = {"pad_token_id": tokenizer.pad_token_id, "log_metrics": logger}
+        kw = {"pad_token_id": tokenizer.pad_token_id, "log_metrics": logger,
+              "accelerator": make_accelerator(cfg.model.mixed_precision)}
         try:
             if method == "kto":
                 final = kto.train(policy, train, held, stage_cfg, **kw)
@@ -72,7 +76,8 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
                 final = preference.train(method, policy, train, held, stage_cfg, **kw)
         finally:
             logger.flush()
-        save_model(policy, tokenizer, out.dir / "model")
+        if is_main_process():
+            save_model(policy, tokenizer, out.dir / "model")
         return {**final, "train_examples": len(train),
                 "dropped_examples": sum(report["dropped"].values())}
 

@@ -8,13 +8,14 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, run_stage
+from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
 
 
 def reward_stage_key(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dict) -> str:
     return artifacts.stage_key(
         "reward", {"reward": dump(cfg.reward), "dtype": cfg.model.dtype,
-                   "max_drop_fraction": cfg.data.max_drop_fraction},
+                   "max_drop_fraction": cfg.data.max_drop_fraction,
+                   "launch": launch_params(cfg)},
         upstream={"data": digest(data_manifest), "sft": digest(sft_manifest)},
     )
 
@@ -40,23 +41,27 @@ def run_reward_stage(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dic
         from posttrain.models import load_trained_tokenizer
         from posttrain.recipes import reward
         from posttrain.rewards import load_reward_model
+        from posttrain.training import enable_gradient_checkpointing, make_accelerator
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
         tokenizer = load_trained_tokenizer(sft_dir)
         model = load_reward_model(sft_dir, new_head=True)
         model.config.pad_token_id = tokenizer.pad_token_id
+        enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
         train, report = tokenize_pairs(cfg, data_dir, "train", tokenizer, cfg.reward)
         held, _ = tokenize_pairs(cfg, data_dir, "eval", tokenizer, cfg.reward)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
         try:
             final = reward.train(model, train, held, cfg.reward,
-                                 pad_token_id=tokenizer.pad_token_id, log_metrics=logger)
+                                 pad_token_id=tokenizer.pad_token_id, log_metrics=logger,
+                                 accelerator=make_accelerator(cfg.model.mixed_precision))
         finally:
             logger.flush()
-        model.save_pretrained(out.dir / "model")
-        tokenizer.save_pretrained(out.dir / "model")
+        if is_main_process():
+            model.save_pretrained(out.dir / "model")
+            tokenizer.save_pretrained(out.dir / "model")
         return {**final, "train_pairs": len(train), "dropped_pairs": sum(report["dropped"].values())}
 
     return run_stage(cfg, "reward", key, {"reward": dump(cfg.reward)}, body,

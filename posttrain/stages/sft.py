@@ -8,12 +8,12 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import DataError, read_jsonl
-from posttrain.stages.common import digest, dump, run_stage
+from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
 
 
 def sft_stage_key(cfg: PipelineConfig, data_manifest: dict) -> str:
     return artifacts.stage_key(
-        "sft", {"model": dump(cfg.model), "sft": dump(cfg.sft)},
+        "sft", {"model": dump(cfg.model), "sft": dump(cfg.sft), "launch": launch_params(cfg)},
         upstream={"data": digest(data_manifest)},
     )
 
@@ -40,10 +40,12 @@ def run_sft_stage(cfg: PipelineConfig, data_manifest: dict, *,
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         from posttrain.models import apply_lora, load_causal_lm, load_tokenizer, save_model
         from posttrain.recipes import sft
+        from posttrain.training import enable_gradient_checkpointing, make_accelerator
 
         data_dir = Path(data_manifest["path"])
         tokenizer = load_tokenizer(cfg.model)
         model = load_causal_lm(cfg.model)
+        enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
         if cfg.model.lora is not None:
             model = apply_lora(model, cfg.model.lora)
         s = cfg.sft
@@ -55,10 +57,12 @@ def run_sft_stage(cfg: PipelineConfig, data_manifest: dict, *,
         ckpt = Path(cfg.artifacts_root) / "sft" / f"{key}.checkpoints"
         try:
             final = sft.train(model, train, held, s, pad_token_id=tokenizer.pad_token_id,
-                              log_metrics=logger, checkpoint_dir=ckpt)
+                              log_metrics=logger, checkpoint_dir=ckpt,
+                              accelerator=make_accelerator(cfg.model.mixed_precision))
         finally:
             logger.flush()
-        save_model(model, tokenizer, out.dir / "model")
+        if is_main_process():
+            save_model(model, tokenizer, out.dir / "model")
         out.meta["base_model"] = cfg.model.name_or_path
         dropped = report["dropped_too_long"] + report["dropped_no_loss"]
         return {**final, "train_examples": len(train), "dropped_for_length": dropped}

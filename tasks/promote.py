@@ -1,0 +1,72 @@
+"""Promotion task: the gate (posttrain.promotion.decide), the registry alias, and a Prefect
+markdown artifact recording the decision with the comparison table."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from posttrain import promotion, tracking
+from posttrain.config import PipelineConfig
+
+
+@task(name="promote")
+def promote_task(cfg: PipelineConfig, comparison: dict[str, dict], candidates: dict[str, dict],
+                 parent_run_id: str | None = None) -> dict:
+    """Decide, register the winner (alias moved only when the gate passes), record the decision
+    as a markdown artifact and as tags on the parent run."""
+    p = cfg.promotion
+    name = promotion.registered_model_name(p, cfg.name)
+    champion = promotion.champion_metrics(name, p.alias) if p.enabled else None
+    decision = promotion.decide(comparison, champion, p)
+    result = decision.to_dict() | {"registered_model": name, "version": None}
+    if decision.promote:
+        result["version"] = promotion.register_champion(
+            name, decision.winner, candidates[decision.winner], comparison[decision.winner],
+            alias=p.alias, tags={"posttrain.parent_run_id": parent_run_id or ""},
+        )
+    if parent_run_id:
+        c = tracking.client()
+        c.set_tag(parent_run_id, "posttrain.promoted", str(decision.promote).lower())
+        c.set_tag(parent_run_id, "posttrain.promoted_stage", decision.winner or "")
+        c.set_tag(parent_run_id, "posttrain.promoted_version", result["version"] or "")
+    create_markdown_artifact(
+        markdown=decision_markdown(result, comparison, p.metric),
+        key=_artifact_key(f"{cfg.name}-promotion"),
+        description=f"Promotion decision for {name}",
+    )
+    return result
+
+
+def decision_markdown(result: dict, comparison: dict[str, dict], primary: str) -> str:
+    if result["promote"]:
+        head = (f"**Promoted `{result['winner']}`** as version {result['version']} of "
+                f"`{result['registered_model']}` (alias moved).")
+    else:
+        head = f"**Nothing promoted**; `{result['registered_model']}` keeps its champion."
+    lines = ["# Promotion decision", "", head, ""] + [f"- {r}" for r in result["reasons"]]
+    metrics = sorted({k for m in comparison.values() for k in m},
+                     key=lambda k: (k != primary, k))
+    lines += ["", "## Comparison (held-out)", "",
+              "| stage | " + " | ".join(metrics) + " |",
+              "|---" * (len(metrics) + 1) + "|"]
+    for stage, m in comparison.items():
+        lines.append(f"| {stage} | " + " | ".join(_fmt(m.get(k)) for k in metrics) + " |")
+    if result.get("champion"):
+        lines.append("| *champion* | " + " | ".join(_fmt(result["champion"].get(k))
+                                                    for k in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _artifact_key(text: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "posttrain"
