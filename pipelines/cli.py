@@ -49,7 +49,8 @@ _KEY_METRICS = {
     "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/value_avg"),
 }
 _COMPARISON = (
-    "checker_accuracy", "reward_score", "eval_loss", "perplexity", "mean_completion_length",
+    "checker_accuracy", "reward_score", "win_rate_vs_sft", "kl_to_sft", "eval_loss",
+    "perplexity", "chosen_perplexity", "mean_completion_length", "eos_rate",
 )
 
 
@@ -103,6 +104,19 @@ def print_summary(result: dict) -> None:
         for name, m in comparison.items():
             cmp.add_row(name, *(_fmt(m.get(c, "")) for c in cols))
         console.print(cmp)
+    print_promotion(result.get("promotion"))
+
+
+def print_promotion(decision: dict | None) -> None:
+    if not decision:
+        return
+    if decision["promote"]:
+        console.print(f"[green]promoted[/green] {decision['winner']} as version "
+                      f"{decision['version']} of {decision['registered_model']} (champion)")
+    else:
+        console.print(f"[yellow]nothing promoted[/yellow] ({decision['registered_model']})")
+    for reason in decision["reasons"]:
+        console.print(f"  {reason}")
 
 
 def print_ui_hints(result: dict) -> None:
@@ -152,6 +166,46 @@ for _stage, _help in (
     ("ppo", "PPO from the SFT model against the reward model (trained first if needed)."),
 ):
     app.command(name=_stage)(_stage_command("reward" if _stage == "rm" else _stage, _help))
+
+
+@app.command()
+def serve(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Serve the pipeline and retraining deployments from this process (needs PREFECT_API_URL;
+    runs until stopped; schedules stay active after it stops)."""
+    cfg = _load(config, overrides)
+    _require_server("serve")
+    from prefect import serve as prefect_serve
+
+    from pipelines.flows import deployments
+
+    r = cfg.retrain
+    console.print(f"serving posttrain-pipeline/{cfg.name} and posttrain-retrain/{cfg.name} "
+                  f"(schedule: {r.cron or 'none'} {r.timezone if r.cron else ''}; event trigger: "
+                  f"{'on' if r.on_dataset_updated else 'off'})")
+    prefect_serve(*deployments(cfg), pause_on_shutdown=False)
+
+
+@app.command(name="emit-dataset-updated")
+def emit_dataset_updated(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Emit a 'posttrain.dataset.updated' event for the pipeline, which triggers its retraining
+    deployment (needs PREFECT_API_URL)."""
+    cfg = _load(config, overrides)
+    _require_server("emit-dataset-updated")
+    from prefect.events.worker import EventsWorker
+
+    from tasks.events import emit_dataset_updated as emit
+
+    event = emit(cfg.name, {"source": "posttrain emit-dataset-updated"})
+    EventsWorker.drain_all()  # the event is sent in the background: wait before exiting
+    console.print(f"emitted posttrain.dataset.updated for {cfg.name}"
+                  + (f" (event {event.id})" if event is not None else ""))
+
+
+def _require_server(command: str) -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print(f"[red]{command} needs a Prefect server:[/red] set PREFECT_API_URL, e.g. "
+                      "`make ui` then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -168,3 +168,44 @@ def stage_flow(cfg: PipelineConfig = DEFAULT_CONFIG, stage: str = "sft") -> dict
         run.fail(e)
         raise
     return run.finish()
+
+
+# -------------------------------------------------------------------------------- deployments
+
+
+def deployments(cfg: PipelineConfig) -> list:
+    """The deployments `posttrain serve` registers (and prefect.yaml declares for work pools):
+
+    - `posttrain-pipeline/<name>`: the full pipeline, run by hand from the UI; its parameter form
+      is generated from PipelineConfig and the server validates values before a run starts;
+    - `posttrain-retrain/<name>`: the retraining flow on `cfg.retrain.cron`, and on every
+      `posttrain.dataset.updated` event for this pipeline.
+
+    Both default to `cfg` and run one at a time (concurrency limit 1; further runs wait in
+    line); under that, the stages' serializable locks keep concurrent runs from training the
+    same stage twice.
+    """
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    params = {"cfg": cfg.model_dump(mode="json")}
+    r = cfg.retrain
+    triggers = []
+    if r.on_dataset_updated:
+        triggers.append(DeploymentEventTrigger(
+            name=f"{cfg.name}: dataset updated",
+            expect={events.EVENT},
+            match={"prefect.resource.id": events.resource(cfg.name)["prefect.resource.id"]},
+        ))
+    common = {"name": cfg.name, "parameters": params, "concurrency_limit": 1,
+              "enforce_parameter_schema": True, "tags": ["posttrain", cfg.name]}
+    return [
+        pipeline.to_deployment(description="The full pipeline, run by hand.", **common),
+        retrain.to_deployment(
+            description="Scheduled and event-triggered retraining; promotes only through the "
+            "gate.",
+            schedules=[Cron(r.cron, timezone=r.timezone)] if r.cron else None,
+            triggers=triggers,
+            **common,
+        ),
+    ]

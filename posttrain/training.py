@@ -38,10 +38,22 @@ def resolve_gradient_checkpointing(setting: bool | str, *, cuda: bool | None = N
     return torch.cuda.is_available() if cuda is None else cuda
 
 
-def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    """The Accelerator of one training stage. Under `accelerate launch`/`torchrun` it joins the
-    process group (DDP, or FSDP/DeepSpeed from the launch config); alone it is one process."""
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
+def cpu_processes() -> bool:
+    """True for a multi-process launch without GPUs. accelerate only joins such a launch (as
+    MULTI_CPU, gloo) when told cpu=True; otherwise each process would train alone, silently."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
+    """The Accelerator of one training run. Under `accelerate launch`/`torchrun` it joins the
+    process group (DDP, or FSDP/DeepSpeed from the launch config; gloo on CPU); alone it is one
+    process. `mixed_precision`: 'auto' (see resolve_mixed_precision), 'no', 'bf16', 'fp16', or
+    None for the launcher's choice (ACCELERATE_MIXED_PRECISION, default 'no')."""
+    if mixed_precision is not None:
+        mixed_precision = resolve_mixed_precision(mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes())
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, setting: bool | str) -> bool:
@@ -49,7 +61,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module, setting: bool | str) -
     when `setting` resolves to on; return whether it is on."""
     on = resolve_gradient_checkpointing(setting)
     if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return on
 
 

@@ -4,6 +4,10 @@ The Prefect cache key IS the stage's content key (posttrain.artifacts.stage_key)
 cache and the artifact folder agree. Results (manifests) and cache records live under the
 artifacts root, as JSON. SERIALIZABLE isolation with a file lock makes a second concurrent trigger
 of the same stage wait for the first and then hit its cache instead of training twice.
+
+A training stage runs in the task's own process, or, when the config's `launch` section asks for
+it (several processes, or an accelerate config file), as `accelerate launch` processes whose
+output lines go to the task's log (`run_training_stage`).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from prefect import Task
+from prefect import Task, get_run_logger
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.locking.filesystem import FileSystemLockManager
 
-from posttrain import artifacts
+from posttrain import artifacts, launch
+from posttrain.config import PipelineConfig
 
 
 def cache_record_dir(artifacts_root: str | Path) -> Path:
@@ -51,3 +56,17 @@ def with_stage_cache(task: Task, stage: str, artifacts_root: str, key_fn: Callab
         result_serializer="json",
         result_storage=root / "results",
     )
+
+
+def run_training_stage(cfg: PipelineConfig, stage: str, upstream: dict,
+                       parent_run_id: str | None = None) -> dict:
+    """Run a training stage here, or under `accelerate launch` when cfg.launch asks for it.
+
+    Launched, every line the processes print goes to the task's log, and a failure raises
+    posttrain.launch.StageLaunchError carrying the stage's own error message.
+    """
+    if not cfg.launch.launched:
+        return launch.run_stage_by_name(cfg, stage, upstream, parent_run_id)
+    logger = get_run_logger()
+    return launch.run_launched(cfg, stage, upstream, parent_run_id=parent_run_id,
+                               on_line=logger.info)

@@ -6,13 +6,13 @@ from prefect import task
 
 from posttrain import stages
 from posttrain.config import PipelineConfig
-from tasks.common import with_stage_cache
+from tasks.common import run_training_stage, with_stage_cache
 
 
 @task
 def _method(cfg: PipelineConfig, method: str, data: dict, sft: dict,
             parent_run_id: str | None = None) -> dict:
-    return stages.run_method_stage(cfg, method, data, sft, parent_run_id=parent_run_id)
+    return run_training_stage(cfg, method, {"data": data, "sft": sft}, parent_run_id)
 
 
 def method_task(method: str):

@@ -6,12 +6,12 @@ from prefect import task
 
 from posttrain import stages
 from posttrain.config import PipelineConfig
-from tasks.common import with_stage_cache
+from tasks.common import run_training_stage, with_stage_cache
 
 
 @task(name="reward")
 def _reward(cfg: PipelineConfig, data: dict, sft: dict, parent_run_id: str | None = None) -> dict:
-    return stages.run_reward_stage(cfg, data, sft, parent_run_id=parent_run_id)
+    return run_training_stage(cfg, "reward", {"data": data, "sft": sft}, parent_run_id)
 
 
 def reward_task(cfg: PipelineConfig):

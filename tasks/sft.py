@@ -6,12 +6,12 @@ from prefect import task
 
 from posttrain import stages
 from posttrain.config import PipelineConfig
-from tasks.common import with_stage_cache
+from tasks.common import run_training_stage, with_stage_cache
 
 
 @task(name="sft")
 def _sft(cfg: PipelineConfig, data: dict, parent_run_id: str | None = None) -> dict:
-    return stages.run_sft_stage(cfg, data, parent_run_id=parent_run_id)
+    return run_training_stage(cfg, "sft", {"data": data}, parent_run_id)
 
 
 def sft_task(cfg: PipelineConfig):

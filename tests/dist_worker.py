@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from accelerate import Accelerator  # noqa: E402
-
-from posttrain.config import DemoTaskConfig, DPOConfig, SFTConfig, TinyModelConfig  # noqa: E402
-from posttrain.data import demo  # noqa: E402
-from posttrain.data.preference import tokenize_preference_rows  # noqa: E402
-from posttrain.data.tokenize import tokenize_sft_rows  # noqa: E402
-from posttrain.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from posttrain.recipes import preference, sft  # noqa: E402
+from posttrain.config import DemoTaskConfig, DPOConfig, SFTConfig, TinyModelConfig
+from posttrain.data import demo
+from posttrain.data.preference import tokenize_preference_rows
+from posttrain.data.tokenize import tokenize_sft_rows
+from posttrain.models import build_tiny_model, build_tiny_tokenizer
+from posttrain.recipes import preference, sft
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
 STEPS = 5

@@ -116,3 +116,14 @@ def test_library_never_imports_prefect():
         "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_periodic_checkpoints_hold_safetensors_weights(tokenizer, examples, tmp_path):
+    model = build_tiny_model(TINY, tokenizer)
+    cfg = SFTConfig(max_steps=4, per_device_batch_size=4, warmup_steps=0, max_length=48,
+                    eval_every=4, checkpoint_every=2)
+    sft.train(model, examples, examples[:8], cfg, pad_token_id=tokenizer.pad_token_id,
+              checkpoint_dir=tmp_path / "ckpt")
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert saved == ["step-000002", "step-000004"]
+    assert list((tmp_path / "ckpt" / "step-000004").glob("*.safetensors"))

@@ -25,7 +25,13 @@ from posttrain.config import KTOConfig
 from posttrain.data.preference import collate_unpaired
 from posttrain.logprobs import SelectedLogits, sequence_logps
 from posttrain.losses.kto import kto_loss
-from posttrain.training import build_optimizer, endless_batches, fit, reference_runner
+from posttrain.training import (
+    build_optimizer,
+    endless_batches,
+    fit,
+    make_accelerator,
+    reference_runner,
+)
 
 MetricFn = Callable[[dict[str, float], int], None]
 
@@ -101,7 +107,7 @@ def train(
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """Train `policy` in place on tokenized unpaired examples (prompt_ids, completion_ids, label)."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     train_examples = assign_partners(train_examples, config.seed)
     eval_examples = assign_partners(eval_examples, config.seed + 1)

@@ -28,7 +28,13 @@ from posttrain.data.preference import collate_pairs
 from posttrain.logprobs import SelectedLogits, sequence_logps
 from posttrain.losses.dpo import dpo_loss
 from posttrain.losses.orpo import orpo_loss
-from posttrain.training import build_optimizer, endless_batches, fit, reference_runner
+from posttrain.training import (
+    build_optimizer,
+    endless_batches,
+    fit,
+    make_accelerator,
+    reference_runner,
+)
 
 MetricFn = Callable[[dict[str, float], int], None]
 
@@ -98,7 +104,7 @@ def train(
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """Train `policy` in place with `method` ('dpo' or 'orpo') on tokenized pairs."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     reference = None
     if method == "dpo":

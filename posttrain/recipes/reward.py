@@ -17,7 +17,7 @@ from posttrain.config import RewardConfig
 from posttrain.data.preference import collate_pairs
 from posttrain.losses.reward import reward_loss
 from posttrain.rewards import RewardScorer
-from posttrain.training import build_optimizer, endless_batches, fit
+from posttrain.training import build_optimizer, endless_batches, fit, make_accelerator
 
 MetricFn = Callable[[dict[str, float], int], None]
 
@@ -55,7 +55,7 @@ def train(
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """Train a one-output sequence classifier in place on tokenized pairs."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     scorer = RewardScorer(model)
     params = [p for p in scorer.parameters() if p.requires_grad]

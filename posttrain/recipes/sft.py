@@ -30,6 +30,7 @@ from posttrain.training import (
     endless_batches,
     fit,
     global_sum,
+    make_accelerator,
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
@@ -98,7 +99,7 @@ def train(
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """Train `model` in place on tokenized examples ({input_ids, labels}); return final metrics."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     net = SelectedLogits(model)
     params = [p for p in net.parameters() if p.requires_grad]

@@ -118,5 +118,7 @@ def _from_main(value):
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    PartialState()  # joins the process group the launcher set up, if nothing has yet
+    from posttrain.training import cpu_processes
+
+    PartialState(cpu=cpu_processes())  # joins the launcher's process group if nothing has yet
     return broadcast_object_list([value])[0]

@@ -1,0 +1,243 @@
+"""Data-parallel training and launched stages, on this CPU machine (gloo).
+
+- Two processes with per-process batch B give the same SFT and DPO trajectories as one process
+  with batch 2B (the same global batch, the same rows in each step): sharding, DDP's gradient
+  averaging and the loss normalization over the global item count add up to the same update.
+- A stage asking for two processes runs under `accelerate launch` from its Prefect task: one
+  artifact and one MLflow run (rank 0's), its output in the task's log; a failing launched stage
+  reaches the flow with its own error message.
+- Mixed precision and gradient checkpointing resolve to fp32 / off on CPU, and checkpointing
+  turned on by hand changes nothing but memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain import launch, stages, tracking
+from posttrain.config import DemoTaskConfig, LaunchConfig, PipelineConfig, SFTConfig, validate
+from posttrain.training import (
+    enable_gradient_checkpointing,
+    resolve_gradient_checkpointing,
+    resolve_mixed_precision,
+)
+from tests.conftest import tiny_pipeline_values
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+def _worker(out: Path, nproc: int, *args: str) -> dict:
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), str(WORKER)]
+    done = subprocess.run([*cmd, str(out), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_trajectory(tmp_path):
+    """2 processes x 2 packed rows x 2 accumulated micro-batches vs 1 process x 4 x 2: every
+    logged loss, accuracy, gradient norm and DPO margin agrees within 1e-5 (fp32), and so do the
+    trained weights."""
+    args = ("--packing", "--grad-accum", "2")
+    two = _worker(tmp_path / "two.json", 2, "--batch", "2", *args)
+    one = _worker(tmp_path / "one.json", 1, "--batch", "4", *args)
+    assert two["world_size"] == 2 and two["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert one["world_size"] == 1
+    for recipe in ("sft", "dpo"):
+        assert [m["step"] for m in two[recipe]] == [1, 2, 3, 4, 5]
+        for a, b in zip(one[recipe], two[recipe]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (recipe, a["step"], key)
+        assert two[f"{recipe}_weights"] == pytest.approx(one[f"{recipe}_weights"], rel=1e-6)
+    losses = [m["loss"] for m in one["sft"]]
+    assert losses[-1] < losses[0]  # it trained: equal trajectories are not trivially equal
+
+
+# ------------------------------------------------------------------------- launched stages
+
+
+def _launched_cfg(tmp_path, **sections) -> PipelineConfig:
+    values = tiny_pipeline_values(tmp_path, cpu_threads=1, launch={"num_processes": 2},
+                                  **sections)
+    return validate(PipelineConfig, values)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_sft_stage_runs_as_two_processes_from_its_task(tmp_path, caplog):
+    from pipelines.flows import stage_flow
+
+    cfg = _launched_cfg(tmp_path)
+    with caplog.at_level(logging.INFO):
+        result = stage_flow(cfg, "sft")
+    assert [(r["stage"], r["status"]) for r in result["stages"]] == [("data", "ran"),
+                                                                      ("sft", "ran")]
+    sft_dirs = [p for p in (tmp_path / "artifacts" / "sft").iterdir() if p.is_dir()]
+    assert len(sft_dirs) == 1  # no second artifact, no leftover temporary folder
+    manifest = json.loads((sft_dirs[0] / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2
+    assert (sft_dirs[0] / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "artifacts" / ".launch").exists() or not any(
+        (tmp_path / "artifacts" / ".launch").iterdir())
+
+    c = tracking.client()
+    parent = c.get_run(result["mlflow_run_id"])
+    runs = c.search_runs([parent.info.experiment_id],
+                         f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
+    sft_runs = [r for r in runs if r.data.tags[tracking.STAGE_TAG] == "sft"]
+    assert len(sft_runs) == 1  # rank 0 alone records
+    assert sft_runs[0].data.tags["posttrain.num_processes"] == "2"
+    history = c.get_metric_history(sft_runs[0].info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, cfg.sft.max_steps + 1))
+
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "accelerate.commands.launch" in logged and "--num_processes 2" in logged
+
+    again = stage_flow(cfg, "sft")  # cached: no launch at all
+    assert [r["status"] for r in again["stages"]] == ["cached", "cached"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_a_failing_launched_stage_reaches_the_flow_with_its_own_message(tmp_path):
+    """max_length=8 leaves no demo row: the SFT stage raises DataError in both processes; the
+    flow's exception says so (not just 'child process failed')."""
+    from pipelines.flows import stage_flow
+
+    cfg = _launched_cfg(tmp_path, sft={"max_length": 8})
+    with pytest.raises(launch.StageLaunchError) as info:
+        stage_flow(cfg, "sft")
+    message = str(info.value)
+    assert "DataError" in message and "no row fits in max_length=8" in message
+    assert "ChildFailedError" not in message
+
+
+# --------------------------------------------------------------------------- launch pieces
+
+
+def test_launch_command_multi_process_without_a_config_file():
+    cmd = launch.launch_command(LaunchConfig(num_processes=4), "no", ["--stage", "sft"])
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    assert "--multi_gpu" in cmd and "--config_file" not in cmd
+    assert cmd[-4:] == ["-m", "posttrain.launch", "--stage", "sft"]
+
+
+def test_launch_command_with_a_config_file_keeps_its_process_count_unless_asked():
+    path = str(ROOT / "infra" / "accelerate" / "fsdp.yaml")
+    cmd = launch.launch_command(LaunchConfig(accelerate_config=path), "bf16", [])
+    assert cmd[cmd.index("--config_file") + 1] == path
+    assert "--num_processes" not in cmd and "--multi_gpu" not in cmd
+    cmd = launch.launch_command(LaunchConfig(accelerate_config=path, num_processes=8), "bf16", [])
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+
+
+def test_launched_means_several_processes_or_a_config_file():
+    assert not LaunchConfig().launched
+    assert LaunchConfig(num_processes=2).launched
+    assert LaunchConfig(accelerate_config="infra/accelerate/single_gpu.yaml").launched
+
+
+def test_stage_error_prefers_the_stages_own_exception(tmp_path):
+    (tmp_path / "error-rank1.json").write_text(json.dumps(
+        {"type": "DataError", "message": "sft_train.jsonl: row 3: empty completion"}))
+    (tmp_path / "error-rank0.json").write_text(json.dumps(
+        {"type": "SystemExit", "message": "143"}))  # rank 0 was stopped by the launcher
+    tail = deque(["Traceback (most recent call last):",
+                  "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: "])
+    assert launch._stage_error(tmp_path, tail) == (
+        "DataError: sft_train.jsonl: row 3: empty completion")
+
+
+def test_stage_error_falls_back_on_the_last_exception_line(tmp_path):
+    tail = deque(["[rank0]: Traceback (most recent call last):",
+                  "ValueError: learning rate exploded",
+                  "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+                  "subprocess.CalledProcessError: Command '[...]' returned non-zero exit "
+                  "status 1."])
+    assert launch._stage_error(tmp_path, tail) == "ValueError: learning rate exploded"
+
+
+def test_unknown_stage_cannot_be_launched(tmp_path):
+    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path))
+    with pytest.raises(ValueError, match="cannot be launched"):
+        launch.run_stage_by_name(cfg, "evaluate", {})
+
+
+def test_the_launch_shapes_the_training_stage_keys(tmp_path):
+    """Two processes double the global batch: another result, another key. An accelerate config
+    file counts by its contents."""
+    data = {"digest": "d" * 64}
+    base = validate(PipelineConfig, tiny_pipeline_values(tmp_path))
+    two = validate(PipelineConfig, tiny_pipeline_values(tmp_path, launch={"num_processes": 2}))
+    assert stages.sft_stage_key(base, data) != stages.sft_stage_key(two, data)
+    sft = {"digest": "e" * 64}
+    assert stages.method_stage_key(base, "dpo", data, sft) != stages.method_stage_key(
+        two, "dpo", data, sft)
+    conf = tmp_path / "acc.yaml"
+    conf.write_text("distributed_type: MULTI_GPU\n")
+    with_file = validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path, launch={"accelerate_config": str(conf)}))
+    key = stages.sft_stage_key(with_file, data)
+    conf.write_text("distributed_type: FSDP\n")
+    assert stages.sft_stage_key(with_file, data) != key
+    conf.unlink()
+    with pytest.raises(FileNotFoundError, match="accelerate_config"):
+        stages.sft_stage_key(with_file, data)
+
+
+# ------------------------------------------------------------------------------ GPU switches
+
+
+def test_auto_resolves_to_fp32_and_no_checkpointing_on_cpu():
+    assert resolve_mixed_precision("auto", cuda=False) == "no"
+    assert resolve_mixed_precision("auto", cuda=True) in ("bf16", "fp16")
+    assert resolve_mixed_precision("fp16", cuda=False) == "fp16"  # explicit wins
+    assert resolve_gradient_checkpointing("auto", cuda=False) is False
+    assert resolve_gradient_checkpointing("auto", cuda=True) is True
+    assert resolve_gradient_checkpointing(True, cuda=False) is True
+    if not torch.cuda.is_available():
+        assert resolve_mixed_precision("auto") == "no"
+        assert resolve_gradient_checkpointing("auto") is False
+    defaults = PipelineConfig().model
+    assert defaults.mixed_precision == "auto" and defaults.gradient_checkpointing == "auto"
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory():
+    """Six SFT steps with and without checkpointing from the same model: the same losses."""
+    from posttrain.data import demo
+    from posttrain.data.tokenize import tokenize_sft_rows
+    from posttrain.models import build_tiny_model, build_tiny_tokenizer
+    from posttrain.recipes import sft
+    from tests.test_recipe_sft import TINY
+
+    tokenizer = build_tiny_tokenizer()
+    rows = demo.generate_sft(DemoTaskConfig(num_train=100, num_eval=10), 0, "train")
+    examples, _ = tokenize_sft_rows(rows, tokenizer, max_length=48)
+    cfg = SFTConfig(max_steps=6, per_device_batch_size=4, learning_rate=3e-3, warmup_steps=1,
+                    max_length=48, eval_every=6, log_every=1)
+    losses = {}
+    for on in (False, True):
+        model = build_tiny_model(TINY, tokenizer)
+        assert enable_gradient_checkpointing(model, on) is on
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is on
+        history: list[float] = []
+        sft.train(model, examples, examples[:8], cfg, pad_token_id=tokenizer.pad_token_id,
+                  log_metrics=lambda m, s: history.append(m["loss"]))
+        losses[on] = history
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)

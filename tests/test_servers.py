@@ -1,0 +1,256 @@
+"""Against real servers: `prefect server start` and `mlflow server` on free 127.0.0.1 ports,
+`posttrain serve` in a background process, deployment runs created through the Prefect API.
+
+The servers and the serving process are started once for the module and stopped (their whole
+process groups) in fixture teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.config import PipelineConfig, read_yaml, validate
+from tests.conftest import tiny_pipeline_values
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_prefect_yaml_declares_the_served_deployments():
+    """prefect.yaml (work pools) and `posttrain serve conf/demo.yaml` declare the same thing."""
+    from pipelines.flows import deployments
+    from posttrain.config import load_pipeline_config
+
+    declared = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    served = deployments(load_pipeline_config(ROOT / "conf" / "demo.yaml"))
+    assert [d["entrypoint"] for d in declared] == [d.entrypoint for d in served]
+    for spec, dep in zip(declared, served):
+        assert spec["name"] == dep.name
+        assert spec["parameters"]["cfg"] == read_yaml(ROOT / "conf" / "demo.yaml")
+        validate(PipelineConfig, spec["parameters"]["cfg"])
+        assert spec["concurrency_limit"] == dep.concurrency_limit == 1
+        assert spec["enforce_parameter_schema"] is dep.enforce_parameter_schema is True
+    retrain, served_retrain = declared[1], served[1]
+    assert retrain["schedules"][0]["cron"] == served_retrain.schedules[0].schedule.cron
+    trigger, served_trigger = retrain["triggers"][0], served_retrain.triggers[0]
+    assert set(trigger["expect"]) == served_trigger.expect
+    assert trigger["match"] == dict(served_trigger.match.root)
+
+
+# ------------------------------------------------------------------------------ real servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _start(cmd: list[str], log: Path, env: dict, cwd: Path = ROOT) -> subprocess.Popen:
+    out = log.open("w")
+    # A session of its own: teardown stops the process and every child it started.
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A Prefect server and an MLflow server; yields the environment that points at them."""
+    tmp = tmp_path_factory.mktemp("servers")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    procs = []
+    try:
+        procs.append(_start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(prefect_port), "--no-ui"], tmp / "prefect.log", env))
+        procs.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                             str(mlflow_port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                             "--artifacts-destination", str(tmp / "mlartifacts")],
+                            tmp / "mlflow.log", env, cwd=tmp))
+        _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], 120,
+                   tmp / "prefect.log")
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", procs[1], 120, tmp / "mlflow.log")
+        env |= {"PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+        yield {"env": env, "tmp": tmp}
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+@pytest.fixture(scope="module")
+def served(servers):
+    """`posttrain serve` for a tiny pipeline, in a background process; yields its config."""
+    tmp = servers["tmp"]
+    values = tiny_pipeline_values(tmp, name="srv", data={"preference": None},
+                                  promotion={"registered_model": "srv-model", "guards": []},
+                                  retrain={"cron": "0 3 * * 1"})
+    values["tracking"] = {"experiment": "srv"}
+    config = tmp / "srv.yaml"
+    config.write_text(yaml.safe_dump(values))
+    proc = _start([str(BIN / "posttrain"), "serve", str(config)], tmp / "serve.log",
+                  servers["env"])
+    try:
+        yield {"values": values, "log": tmp / "serve.log", "proc": proc, "config": config}
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def apis(servers, monkeypatch):
+    """This test process talks to the same servers (Prefect client, MLflow client)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["env"]["MLFLOW_TRACKING_URI"])
+    with temporary_settings({PREFECT_API_URL: servers["env"]["PREFECT_API_URL"]}):
+        yield
+
+
+def _deployment(client, name: str, served: dict, timeout: float = 90):
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            if served["proc"].poll() is not None or time.time() > deadline:
+                raise RuntimeError("deployment not served:\n"
+                                   + served["log"].read_text()[-3000:]) from None
+            time.sleep(1)
+
+
+def _wait_final(client, flow_run_id, served: dict, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run_id} not finished:\n"
+                       + served["log"].read_text()[-3000:])
+
+
+def _wait_for_run_of(client, deployment_id, served: dict, timeout: float = 90):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[deployment_id])))
+        if runs:
+            return runs[0]
+        time.sleep(1)
+    raise TimeoutError("the event did not trigger the retraining deployment:\n"
+                       + served["log"].read_text()[-3000:])
+
+
+def _mlflow_children(parent_run_id: str) -> dict:
+    from posttrain import tracking
+
+    c = tracking.client()
+    parent = c.get_run(parent_run_id)
+    runs = c.search_runs([parent.info.experiment_id],
+                         f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
+
+
+def _parent_of(flow_run_id):
+    from posttrain import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name("srv")
+    runs = c.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, served, apis):
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from posttrain import promotion, tracking
+
+    with get_client(sync_client=True) as client:
+        dep = _deployment(client, "posttrain-pipeline/srv", served)
+        retrain = _deployment(client, "posttrain-retrain/srv", served)
+        assert retrain.global_concurrency_limit.limit == 1 and retrain.schedules
+        assert retrain.schedules[0].schedule.cron == "0 3 * * 1"
+        assert dep.enforce_parameter_schema
+
+        # The server validates parameters against the schema generated from PipelineConfig.
+        with pytest.raises(PrefectHTTPStatusError):
+            client.create_flow_run_from_deployment(
+                dep.id, parameters={"cfg": {"sft": {"learning_rate": "fast"}}})
+
+        custom = {**served["values"], "sft": {**served["values"]["sft"], "max_steps": 4}}
+        run = client.create_flow_run_from_deployment(dep.id, parameters={"cfg": custom})
+        run = _wait_final(client, run.id, served)
+        assert run.state.is_completed(), run.state
+
+        parent = _parent_of(run.id)
+        assert parent.data.params["sft.max_steps"] == "4"  # the custom value was used
+        assert parent.info.status == "FINISHED"
+        children = _mlflow_children(parent.info.run_id)
+        assert set(children) == {"data", "sft", "evaluate"}
+        artifacts = {a.path for a in tracking.client().list_artifacts(parent.info.run_id)}
+        assert {"comparison.json", "comparison.png"} <= artifacts
+        champion = promotion.champion_version("srv-model")
+        assert champion is not None and champion.aliases == ["champion"]
+        assert champion.tags[promotion.STAGE_TAG] == "sft"
+        assert parent.data.tags["posttrain.promoted_version"] == str(champion.version)
+        assert any(a.type == "markdown" and "Promotion decision" in str(a.data)
+                   for a in client.read_artifacts())
+
+        # A `dataset updated` event (emitted by the CLI) triggers the retraining deployment. It
+        # runs the served config (default parameters): same data, so the data stage is cached.
+        emitted = subprocess.run(
+            [str(BIN / "posttrain"), "emit-dataset-updated", str(served["config"])],
+            env=servers["env"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+        )
+        assert emitted.returncode == 0, emitted.stdout + emitted.stderr
+        triggered = _wait_final(client, _wait_for_run_of(client, retrain.id, served).id, served)
+        assert triggered.state.is_completed(), triggered.state
+        retrain_children = _mlflow_children(_parent_of(triggered.id).info.run_id)
+        assert retrain_children["data"].data.tags.get(tracking.CACHE_HIT_TAG) == "true"
