@@ -228,6 +228,12 @@ class TrainingConfig(_Frozen):
         None, ge=1, description="Save a resumable checkpoint every this many steps; null: never."
     )
     log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
+    max_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        description="Skip an optimizer step whose loss or gradient is NaN/inf; fail the stage "
+        "after this many in a row (no NaN weights are ever saved).",
+    )
     seed: int = Field(0, description="Seed of data order and dropout.")
 
 

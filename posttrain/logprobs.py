@@ -92,16 +92,28 @@ class _TokenLogps(torch.autograd.Function):
         return grad, None, None
 
 
+CHUNK_ELEMENTS = 2**24  # default chunk budget: 16M float32 values = 64 MiB per temporary
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk when none is given: as many as fit CHUNK_ELEMENTS (V=32k: 524,
+    V=150k: 111), so the float32 temporaries stay ~64 MiB each at any vocabulary size."""
+    return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
 def token_logps(
     logits: torch.Tensor,  # (..., V)
     targets: torch.Tensor,  # (...) long
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:  # (...) float32
     """Log-probability of each target token under its row of logits, in float32.
 
     Equal to `log_softmax(logits.float(), -1).gather(-1, targets[..., None])` (gradients
     included), but computed `chunk_size` rows at a time without an (N, V) log-softmax tensor.
+    `chunk_size=None` sizes the chunk by memory (`default_chunk_rows`), not by a row count.
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(logits.shape[-1])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
@@ -125,7 +137,7 @@ def sequence_logps(
     completion_mask: torch.Tensor,  # (B, T) 1 = a token whose log-prob is wanted
     *,
     average: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # logps (B,) float32, num_tokens (B,) long
     """Summed (or, with `average`, per-token averaged) log-probs of each row's completion tokens.
 

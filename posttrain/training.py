@@ -6,6 +6,7 @@ The loops themselves (posttrain/recipes/) stay separate and readable top to bott
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -170,19 +171,60 @@ def global_sum(accelerator: Accelerator, value: float) -> float:
     return float(accelerator.reduce(t, "sum"))
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss or gradient is not finite; fails after `max_in_row` in a row.
+
+    A skipped step changes nothing: no parameter update, no scheduler step, gradients dropped.
+    Failing (rather than skipping forever) keeps a diverged run from saving NaN weights: the
+    stage's artifact is never written and its MLflow run ends FAILED with this message.
+    """
+
+    def __init__(self, max_in_row: int):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.skipped = 0
+
+    def allows(self, *values: float) -> bool:
+        if all(math.isfinite(v) for v in values):
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.skipped += 1
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteError(
+                f"{self.in_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(values {values}); stopping so that no NaN weights are saved"
+            )
+        return False
+
+
 def optimizer_step(
-    accelerator: Accelerator, optimizer, scheduler, params: list, max_grad_norm: float | None
+    accelerator: Accelerator,
+    optimizer,
+    scheduler,
+    params: list,
+    max_grad_norm: float | None,
+    guard: NonFiniteGuard | None = None,
+    loss: float = 0.0,
 ) -> float:
-    """Clip (when configured), step, schedule, zero; return the pre-clip global gradient norm."""
+    """Clip (when configured), step, schedule, zero; return the pre-clip global gradient norm.
+
+    With a `guard`, a step whose `loss` or gradient norm is not finite is skipped.
+    """
     if max_grad_norm is not None:
-        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
     else:
         grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
-    optimizer.step()
-    scheduler.step()
+        norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+    if guard is None or guard.allows(float(loss), norm):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 def fit(
@@ -214,14 +256,17 @@ def fit(
 
     net.train()
     final: dict[str, float] = {}
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     with TrainingProgress(name, cfg.max_steps, enabled=accelerator.is_main_process) as progress:
         for step in range(1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             metrics, _ = accumulate(accelerator, net, micro, count, loss_fn)
             metrics["grad_norm"] = optimizer_step(
-                accelerator, optimizer, scheduler, params, cfg.max_grad_norm
+                accelerator, optimizer, scheduler, params, cfg.max_grad_norm, guard,
+                metrics.get("loss", 0.0),
             )
+            metrics["skipped_steps"] = guard.skipped
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             if step_extras is not None:
                 metrics.update(step_extras(micro, time.perf_counter() - t0))

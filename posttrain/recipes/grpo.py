@@ -36,6 +36,7 @@ from posttrain.progress import TrainingProgress
 from posttrain.reward_functions import combine_rewards
 from posttrain.rollout import Rollout, completion_logps, generate
 from posttrain.training import (
+    NonFiniteGuard,
     build_optimizer,
     endless_batches,
     global_sum,
@@ -109,7 +110,7 @@ def reference_logps(reference, rollout: Rollout, temperature: float) -> torch.Te
 
 
 def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps, config,
-              accelerator) -> dict[str, float]:
+              accelerator, guard: NonFiniteGuard) -> dict[str, float]:
     """One optimizer step over the generation batch split into `grad_accum` micro-batches."""
     n = rollout.completion_ids.shape[0]
     size = config.per_device_batch_size
@@ -138,7 +139,8 @@ def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps,
         for k, v in {"loss": loss.detach(), **m}.items():
             sums[k] = sums.get(k, 0.0) + float(v) / len(chunks)
     sums["grad_norm"] = optimizer_step(accelerator, optimizer, scheduler, params,
-                                       config.max_grad_norm)
+                                       config.max_grad_norm, guard, sums["loss"])
+    sums["skipped_steps"] = guard.skipped
     sums["learning_rate"] = scheduler.get_last_lr()[0]
     return sums
 
@@ -173,6 +175,7 @@ def train(
                               rank=accelerator.process_index,
                               world_size=accelerator.num_processes, what="prompts")
     final: dict[str, float] = {}
+    guard = NonFiniteGuard(config.max_nonfinite_steps)
     step = 0
     with TrainingProgress("grpo", config.max_steps, enabled=accelerator.is_main_process) as bar:
         while step < config.max_steps:
@@ -188,7 +191,8 @@ def train(
                     break
                 step += 1
                 metrics = {**sampled, **_optimize(net, optimizer, scheduler, params, rollout,
-                                                  advantages, ref_logps, config, accelerator)}
+                                                  advantages, ref_logps, config, accelerator,
+                                                  guard)}
                 metrics["seconds_per_step"] = time.perf_counter() - t0
                 if held and (step % config.eval_every == 0 or step == config.max_steps):
                     metrics.update(_evaluate(policy, held, config, tokenizer, reward_fns, weights))

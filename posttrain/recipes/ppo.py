@@ -33,7 +33,13 @@ from posttrain.progress import TrainingProgress
 from posttrain.recipes.grpo import prepare_prompts, reference_logps
 from posttrain.rewards import RewardScorer
 from posttrain.rollout import Rollout, completion_logps, generate
-from posttrain.training import build_optimizer, endless_batches, optimizer_step, reference_runner
+from posttrain.training import (
+    NonFiniteGuard,
+    build_optimizer,
+    endless_batches,
+    optimizer_step,
+    reference_runner,
+)
 
 MetricFn = Callable[[dict[str, float], int], None]
 
@@ -130,6 +136,7 @@ def train(
                               rank=accelerator.process_index,
                               world_size=accelerator.num_processes, what="prompts")
     final: dict[str, float] = {}
+    guard = NonFiniteGuard(config.max_nonfinite_steps)
     with TrainingProgress("ppo", config.max_steps, enabled=accelerator.is_main_process) as bar:
         for step in range(1, config.max_steps + 1):
             t0 = time.perf_counter()
@@ -143,7 +150,7 @@ def train(
             old_logps, old_values, adv, returns, stats = _experience(
                 rollout, inner, reward_model, reference, config)
             sums = _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps,
-                               old_values, adv, returns, config, accelerator, generator)
+                               old_values, adv, returns, config, accelerator, generator, guard)
             metrics = {**stats, **sums, "learning_rate": scheduler.get_last_lr()[0],
                        "seconds_per_step": time.perf_counter() - t0}
             due = step % config.log_every == 0 or step == config.max_steps
@@ -155,7 +162,8 @@ def train(
 
 
 def _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps, old_values, adv,
-                returns, config: PPOConfig, accelerator, generator) -> dict[str, float]:
+                returns, config: PPOConfig, accelerator, generator,
+                guard: NonFiniteGuard) -> dict[str, float]:
     """num_ppo_epochs passes of num_mini_batches clipped updates; metrics averaged over them."""
     n = rollout.completion_ids.shape[0]
     size = n // config.num_mini_batches
@@ -171,9 +179,10 @@ def _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps, 
                                      clip=config.cliprange)
             vf, m2 = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows],
                                     clip=config.cliprange_value)
-            accelerator.backward(pg + config.vf_coef * vf)
+            loss = pg + config.vf_coef * vf
+            accelerator.backward(loss)
             grad_norm = optimizer_step(accelerator, optimizer, scheduler, params,
-                                       config.max_grad_norm)
+                                       config.max_grad_norm, guard, float(loss))
             for k, v in {**m1, **m2, "grad_norm": grad_norm}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
