@@ -166,9 +166,11 @@ def _stage_error(workdir: Path, tail: deque[str]) -> str:
 
 
 def _terminate(signum, _frame):
-    # torchrun stops the other ranks with SIGTERM when one fails: unwind (so that rank 0 marks
-    # its MLflow run FAILED) instead of dying on the spot.
-    raise SystemExit(128 + signum)
+    # torchrun stops the other ranks with SIGTERM when one fails. Unwind, so that rank 0 marks
+    # its MLflow run FAILED, instead of dying on the spot; a process already unwinding from its
+    # own error (inside an `except`) goes on doing so undisturbed.
+    if sys.exc_info()[0] is None:
+        raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,9 +98,11 @@ def end_run(run_id: str, status: str = "FINISHED", reason: str | None = None) ->
 class MetricLogger:
     """Buffers per-step metrics and sends them in batches (one SQLite write per few hundred)."""
 
-    def __init__(self, run_id: str | None, flush_every: int = 500):
+    def __init__(self, run_id: str | None, flush_every: int = 500, flush_seconds: float = 10.0):
         self.run_id = run_id
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds  # a killed run loses at most this much of its curve
+        self._last_flush = time.monotonic()
         self._buffer: list = []
         self.history: list[tuple[int, dict[str, float]]] = []
 
@@ -115,10 +117,12 @@ class MetricLogger:
         for k, v in clean.items():
             if math.isfinite(v):
                 self._buffer.append(Metric(k, v, now, step))
-        if len(self._buffer) >= self.flush_every:
+        stale = time.monotonic() - self._last_flush > self.flush_seconds
+        if len(self._buffer) >= self.flush_every or stale:
             self.flush()
 
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         if self.run_id is None or not self._buffer:
             return
         c = client()

@@ -70,6 +70,56 @@ def enable_gradient_checkpointing(model: torch.nn.Module, setting: bool | str) -
     return on
 
 
+def prepare(accelerator: Accelerator, net: torch.nn.Module, optimizer, cfg: TrainingConfig):
+    """`accelerator.prepare(net, optimizer)`, returning (net, optimizer, params) where params are
+    the trainable parameters of the PREPARED net (FSDP2 replaces the module's parameters, and
+    clipping must see the new ones).
+
+    DeepSpeed learns the micro-batch size here (no dataloader goes through accelerate), and
+    refuses accumulation: its engine steps inside `backward`, which the shared loop's
+    normalization over the accumulated global batch does not expect.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if cfg.grad_accum != 1 or ds.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+            raise ValueError("with DeepSpeed, use grad_accum=1 and gradient_accumulation_steps: 1 "
+                             "(raise per_device_batch_size or the process count instead)")
+        ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+        ds["gradient_accumulation_steps"] = 1
+    net, optimizer = accelerator.prepare(net, optimizer)
+    return net, optimizer, [p for p in net.parameters() if p.requires_grad]
+
+
+def gathered_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict | None:
+    """The full weights of `model` when FSDP or DeepSpeed ZeRO-3 shard them across processes,
+    gathered by accelerate (every process must call this; rank 0 gets the full dict), keyed as
+    `model.state_dict()`. None when each process holds the whole model (one process, DDP,
+    ZeRO-1/2): save `model` itself.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        if accelerator.state.deepspeed_plugin.zero_stage != 3:
+            return None
+    elif kind != DistributedType.FSDP:
+        return None
+    prepared = [m for m in accelerator._models  # the wrapper `prepare` made around `model`
+                if any(sub is model for sub in accelerator.unwrap_model(m).modules())]
+    if not prepared:
+        raise ValueError("gathered_state_dict: the model was not prepared by this accelerator")
+    state = accelerator.get_state_dict(prepared[-1])
+    names = set(model.state_dict())
+    # The prepared module wraps `model` (e.g. SelectedLogits.lm): drop that prefix, and any
+    # weights of the wrapper itself (e.g. a value head).
+    prefix = next((k[: len(k) - len(n)] for k in state for n in names
+                   if k.endswith(n) and (len(k) == len(n) or k[len(k) - len(n) - 1] == ".")), "")
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and k[len(prefix):] in names}
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig):
     """AdamW with linear warm-up then the configured decay."""
     optimizer = torch.optim.AdamW(
@@ -246,19 +296,26 @@ def fit(
 ) -> dict[str, float]:
     """The offline training loop shared by SFT, reward modelling, DPO, ORPO and KTO.
 
+    With `checkpoint_dir`, training resumes from the newest valid checkpoint there (model,
+    optimizer, scheduler, RNG and data position) and saves one every `checkpoint_every` steps.
     Per optimizer step: `grad_accum` micro-batches through `accumulate`, clip and step, then
     `step_extras(micro, seconds)` for throughput-style metrics, `evaluate()` every `eval_every`
     steps and at the end, and metrics logged every `log_every` steps (rank 0 only).
     """
     import time
 
+    from posttrain import checkpoints
     from posttrain.progress import TrainingProgress
 
     net.train()
     final: dict[str, float] = {}
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    start = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
+    for _ in range(start * cfg.grad_accum):  # the data position: batches are deterministic
+        next(batches)
     with TrainingProgress(name, cfg.max_steps, enabled=accelerator.is_main_process) as progress:
-        for step in range(1, cfg.max_steps + 1):
+        for step in range(start + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             metrics, _ = accumulate(accelerator, net, micro, count, loss_fn)
@@ -279,7 +336,7 @@ def fit(
             if due and accelerator.is_main_process and log_metrics is not None:
                 log_metrics(metrics, step)
             if checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                accelerator.save_state(str(checkpoint_dir / f"step-{step:06d}"))
+                checkpoints.save(accelerator, checkpoint_dir, step)
             progress.update(step, metrics)
             final.update(metrics)
     return final

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +31,7 @@ from posttrain.training import (
     endless_batches,
     fit,
     make_accelerator,
+    prepare,
     reference_runner,
 )
 
@@ -105,6 +107,7 @@ def train(
     pad_token_id: int,
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
     """Train `policy` in place on tokenized unpaired examples (prompt_ids, completion_ids, label)."""
     accelerator = accelerator or make_accelerator()
@@ -119,7 +122,7 @@ def train(
     net = SelectedLogits(policy)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
-    net, optimizer = accelerator.prepare(net, optimizer)
+    net, optimizer, params = prepare(accelerator, net, optimizer, config)
 
     def terms(batch: dict) -> tuple[torch.Tensor, dict]:
         policy_logps = _logps(net, batch)
@@ -158,5 +161,5 @@ def train(
     return fit(
         accelerator, net, optimizer, scheduler, params, batches, config, name="kto",
         count=lambda b: b["input_ids"].shape[0], loss_fn=loss_fn, evaluate=evaluate,
-        log_metrics=log_metrics,
+        log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
     )

@@ -19,6 +19,7 @@ Departures and choices:
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +34,7 @@ from posttrain.training import (
     endless_batches,
     fit,
     make_accelerator,
+    prepare,
     reference_runner,
 )
 
@@ -102,6 +104,7 @@ def train(
     pad_token_id: int,
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
     """Train `policy` in place with `method` ('dpo' or 'orpo') on tokenized pairs."""
     accelerator = accelerator or make_accelerator()
@@ -119,7 +122,7 @@ def train(
     net = SelectedLogits(policy)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
-    net, optimizer = accelerator.prepare(net, optimizer)
+    net, optimizer, params = prepare(accelerator, net, optimizer, config)
 
     def terms(batch: dict) -> tuple[torch.Tensor, dict]:
         if method == "dpo":
@@ -156,5 +159,5 @@ def train(
     return fit(
         accelerator, net, optimizer, scheduler, params, batches, config, name=method,
         count=lambda b: b["input_ids"].shape[0] // 2, loss_fn=loss_fn, evaluate=evaluate,
-        log_metrics=log_metrics,
+        log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
     )

@@ -9,6 +9,7 @@ go through one forward (concatenated along the batch); the score is read at the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -17,7 +18,7 @@ from posttrain.config import RewardConfig
 from posttrain.data.preference import collate_pairs
 from posttrain.losses.reward import reward_loss
 from posttrain.rewards import RewardScorer
-from posttrain.training import build_optimizer, endless_batches, fit, make_accelerator
+from posttrain.training import build_optimizer, endless_batches, fit, make_accelerator, prepare
 
 MetricFn = Callable[[dict[str, float], int], None]
 
@@ -53,6 +54,7 @@ def train(
     pad_token_id: int,
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
     """Train a one-output sequence classifier in place on tokenized pairs."""
     accelerator = accelerator or make_accelerator()
@@ -60,7 +62,7 @@ def train(
     scorer = RewardScorer(model)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    scorer, optimizer, params = prepare(accelerator, scorer, optimizer, config)
     batches = endless_batches(
         train_pairs, config.per_device_batch_size, lambda ex: collate_pairs(ex, pad_token_id),
         seed=config.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -84,5 +86,5 @@ def train(
         accelerator, scorer, optimizer, scheduler, params, batches, config,
         name="reward", count=lambda b: b["input_ids"].shape[0] // 2, loss_fn=loss_fn,
         evaluate=lambda: pairwise_accuracy(scorer, eval_batches, accelerator.device),
-        log_metrics=log_metrics,
+        log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
     )

@@ -31,6 +31,7 @@ from posttrain.training import (
     fit,
     global_sum,
     make_accelerator,
+    prepare,
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
@@ -104,7 +105,7 @@ def train(
     net = SelectedLogits(model)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
-    net, optimizer = accelerator.prepare(net, optimizer)
+    net, optimizer, params = prepare(accelerator, net, optimizer, config)
     batches = micro_batches(
         train_examples,
         batch_size=config.per_device_batch_size,

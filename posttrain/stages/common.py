@@ -64,6 +64,8 @@ def run_stage(
         if main:
             tracking.record_cache_hit(cfg.tracking.experiment, parent_run_id, stage, existing)
         return {**existing, "cached": True}
+    run_id = _start_run(cfg, stage, key, params, parent_run_id) if main else None
+    _from_main(None)  # the other ranks start once rank 0's run exists, so a failure finds it
     if not main:
         scratch = Path(tempfile.mkdtemp(prefix=f"posttrain-{stage}-rank{os.environ['RANK']}-"))
         try:
@@ -71,17 +73,20 @@ def run_stage(
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return {**_from_main(None), "cached": False}
-    return {**_from_main(_produce(cfg, stage, key, params, body, parent_run_id)), "cached": False}
+    return {**_from_main(_produce(cfg, stage, key, params, body, run_id)), "cached": False}
 
 
-def _produce(cfg: PipelineConfig, stage: str, key: str, params: dict, body,
-             parent_run_id: str | None) -> dict:
-    """Run `body` inside the atomic artifact writer and an MLflow child run (rank 0 only)."""
+def _start_run(cfg: PipelineConfig, stage: str, key: str, params: dict,
+               parent_run_id: str | None) -> str:
     tags = {tracking.STAGE_TAG: stage, tracking.KEY_TAG: key}
     if world_size() > 1:
         tags["posttrain.num_processes"] = str(world_size())
-    run_id = tracking.start_run(cfg.tracking.experiment, stage, parent_run_id=parent_run_id,
-                                params=params, tags=tags)
+    return tracking.start_run(cfg.tracking.experiment, stage, parent_run_id=parent_run_id,
+                              params=params, tags=tags)
+
+
+def _produce(cfg: PipelineConfig, stage: str, key: str, params: dict, body, run_id: str) -> dict:
+    """Run `body` inside the atomic artifact writer, recording into MLflow run `run_id`."""
     started = time.time()
     try:
         with artifacts.write_stage(cfg.artifacts_root, stage, key) as out:

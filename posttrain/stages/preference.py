@@ -68,7 +68,8 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
         kw = {"pad_token_id": tokenizer.pad_token_id, "log_metrics": logger,
-              "accelerator": make_accelerator(cfg.model.mixed_precision)}
+              "accelerator": make_accelerator(cfg.model.mixed_precision),
+              "checkpoint_dir": Path(cfg.artifacts_root) / method / f"{key}.checkpoints"}
         try:
             if method == "kto":
                 final = kto.train(policy, train, held, stage_cfg, **kw)
