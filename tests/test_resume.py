@@ -156,3 +156,25 @@ def test_sft_stage_killed_with_sigkill_resumes_on_the_next_run(tmp_path):
     (full,) = _loss_history(clean.tracking.experiment)
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-4), step
+
+
+def test_grpo_resumes_exactly(tmp_path):
+    from posttrain.config import GRPOConfig
+    from posttrain.recipes import grpo
+
+    tok = build_tiny_tokenizer()
+    prompts = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4)
+               for b in range(4)]
+    cfg = GRPOConfig(max_steps=8, per_device_batch_size=16, num_generations=4,
+                     learning_rate=3e-3, warmup_steps=3, max_length=32, max_completion_length=5,
+                     eval_every=100, log_every=1, checkpoint_every=2)
+
+    def sevens(prompts, completions, **_):
+        return [c.count("7") / max(len(c), 1) for c in completions]
+
+    def train(log, ckpt):
+        grpo.train(build_tiny_model(TINY, tok), tok, prompts, prompts[:2], cfg,
+                   reward_fns={"sevens": sevens}, weights={"sevens": 1.0}, log_metrics=log,
+                   checkpoint_dir=ckpt)
+
+    _assert_resumed(train, tmp_path)

@@ -22,10 +22,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from posttrain import checkpoints
 from posttrain.advantages import group_advantages
 from posttrain.config import GRPOConfig
 from posttrain.data.tokenize import tokenize_prompt
@@ -156,8 +158,13 @@ def train(
     weights: dict[str, float],
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Train `policy` in place on prompt rows ({prompt, ...extra columns})."""
+    """Train `policy` in place on prompt rows ({prompt, ...extra columns}).
+
+    With `checkpoint_dir`, resumes from the newest valid checkpoint (policy, optimizer,
+    scheduler, sampling RNG, prompt position); checkpoints fall on generation-batch boundaries.
+    """
     accelerator = accelerator or Accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
@@ -176,7 +183,10 @@ def train(
                               world_size=accelerator.num_processes, what="prompts")
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
-    step = 0
+    accelerator.register_for_checkpointing(scheduler, _GeneratorState(generator))
+    step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
+    for _ in range(step // config.num_iterations):  # prompt batches already trained on
+        next(batches)
     with TrainingProgress("grpo", config.max_steps, enabled=accelerator.is_main_process) as bar:
         while step < config.max_steps:
             t0 = time.perf_counter()
@@ -202,7 +212,24 @@ def train(
                     log_metrics(metrics, step)
                 bar.update(step, {"loss": metrics["loss"]})
                 final.update(metrics)
+            every = config.checkpoint_every
+            if checkpoint_dir and every and step % every == 0 and \
+                    step % config.num_iterations == 0:
+                checkpoints.save(accelerator, checkpoint_dir, step)
     return final
+
+
+class _GeneratorState:
+    """Lets accelerate checkpoint the sampling generator like any stateful object."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
+from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
 
 ONLINE_METHODS = ("grpo", "ppo")
 
@@ -60,7 +60,7 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
     key = online_stage_key(cfg, method, data_manifest, sft_manifest, reward_manifest)
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.models import apply_lora, load_trained, load_trained_tokenizer, save_model
+        from posttrain.models import apply_lora, load_trained, load_trained_tokenizer
         from posttrain.recipes import grpo, ppo
         from posttrain.rewards import load_reward_model
         from posttrain.training import enable_gradient_checkpointing, make_accelerator
@@ -82,7 +82,9 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
                 final = grpo.train(policy, tokenizer, prompts,
                                    read_jsonl(data_dir / "prompts_eval.jsonl"), cfg.grpo,
                                    reward_fns=fns, weights=weights, log_metrics=logger,
-                                   accelerator=accelerator)
+                                   accelerator=accelerator,
+                                   checkpoint_dir=Path(cfg.artifacts_root) / method
+                                   / f"{key}.checkpoints")
             else:
                 rm_dir = Path(reward_manifest["path"]) / "model"
                 final = ppo.train(policy, load_reward_model(rm_dir), load_reward_model(rm_dir),
@@ -90,8 +92,7 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
                                   accelerator=accelerator)
         finally:
             logger.flush()
-        if is_main_process():
-            save_model(policy, tokenizer, out.dir / "model")
+        save_trained(accelerator, policy, tokenizer, out.dir / "model")
         return {**final, "train_prompts": len(prompts)}
 
     return run_stage(cfg, method, key, _params(cfg, method), body, parent_run_id=parent_run_id)
