@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast ui ui-stop lint clean
+.PHONY: install demo test test-fast ui ui-stop lint clean prefect-yaml
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ ui-stop:  ## stop the servers `make ui` started
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check posttrain tasks pipelines tests
+
+prefect-yaml: $(STAMP)  ## copy conf/demo.yaml's values into prefect.yaml's deployment parameters
+	$(PY) -m pipelines.prefect_yaml
 
 clean:  ## remove run outputs (artifacts, MLflow store), keep .venv
 	rm -rf artifacts mlflow.db mlruns .posttrain

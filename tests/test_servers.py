@@ -36,7 +36,8 @@ def test_prefect_yaml_declares_the_served_deployments():
     assert [d["entrypoint"] for d in declared] == [d.entrypoint for d in served]
     for spec, dep in zip(declared, served):
         assert spec["name"] == dep.name
-        assert spec["parameters"]["cfg"] == read_yaml(ROOT / "conf" / "demo.yaml")
+        assert spec["parameters"]["cfg"] == read_yaml(ROOT / "conf" / "demo.yaml"), \
+            "prefect.yaml is stale: run `make prefect-yaml`"
         validate(PipelineConfig, spec["parameters"]["cfg"])
         assert spec["concurrency_limit"] == dep.concurrency_limit == 1
         assert spec["enforce_parameter_schema"] is dep.enforce_parameter_schema is True
