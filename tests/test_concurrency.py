@@ -31,7 +31,7 @@ def test_two_concurrent_runs_train_each_stage_once(tmp_path, monkeypatch):
     def trigger():
         try:
             results.append(pipeline(cfg))
-        except BaseException as e:  # surfaced below
+        except BaseException as e:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(e)
 
     threads = [threading.Thread(target=trigger) for _ in range(2)]

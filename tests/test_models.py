@@ -14,11 +14,6 @@ from posttrain.data import demo
 TINY = TinyModelConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return models.build_tiny_tokenizer()
-
-
 @pytest.fixture()
 def model(tokenizer):
     return models.build_tiny_model(TINY, tokenizer)

@@ -10,26 +10,13 @@ import torch
 
 from posttrain import config as C
 from posttrain.config import GRPOConfig, PPOConfig, TinyModelConfig
-from posttrain.models import build_tiny_model, build_tiny_tokenizer, save_model
+from posttrain.models import build_tiny_model, save_model
 from posttrain.recipes import grpo, ppo
 from posttrain.rewards import load_reward_model
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
 PROMPTS = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "task": "add"}
            for a in range(4) for b in range(4)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 def sevens(prompts, completions, **columns):

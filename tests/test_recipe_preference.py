@@ -13,27 +13,13 @@ import torch
 from posttrain.config import DemoTaskConfig, DPOConfig, LoraConfig, ORPOConfig, TinyModelConfig
 from posttrain.data import demo
 from posttrain.data.preference import collate_pairs, tokenize_preference_rows
-from posttrain.models import apply_lora, build_tiny_model, build_tiny_tokenizer
+from posttrain.models import apply_lora, build_tiny_model
 from posttrain.recipes import preference
 from posttrain.training import reference_runner
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
 LORA = LoraConfig(r=4, alpha=8)
 LN2 = math.log(2.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread, above all on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

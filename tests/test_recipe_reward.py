@@ -15,25 +15,11 @@ from transformers import AutoModelForSequenceClassification, Qwen2Config
 from posttrain.config import DemoTaskConfig, RewardConfig, TinyModelConfig
 from posttrain.data import demo
 from posttrain.data.preference import collate_pairs, tokenize_preference_rows
-from posttrain.models import build_tiny_model, build_tiny_tokenizer, save_model
+from posttrain.models import build_tiny_model, save_model
 from posttrain.recipes import reward
 from posttrain.rewards import RewardScorer, load_reward_model, score_texts
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread, above all on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

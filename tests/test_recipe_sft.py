@@ -15,16 +15,11 @@ from posttrain.data.packing import collate_padded
 from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.logprobs import SelectedLogits, shift_targets
 from posttrain.losses.sft import sft_loss
-from posttrain.models import apply_lora, build_tiny_model, build_tiny_tokenizer
+from posttrain.models import apply_lora, build_tiny_model
 from posttrain.recipes import sft
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
