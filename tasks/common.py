@@ -55,7 +55,31 @@ def with_stage_cache(task: Task, stage: str, artifacts_root: str, key_fn: Callab
         persist_result=True,
         result_serializer="json",
         result_storage=root / "results",
+        retries=2,
+        retry_delay_seconds=2,
+        retry_condition_fn=retry_only_transient,
     )
+
+
+def is_transient(error: BaseException) -> bool:
+    """I/O that may work on a second try (a full disk being cleaned, a flaky network mount, a
+    server restarting). Configuration and data errors never are: retrying them only repeats
+    the failure and delays the message."""
+    from posttrain.config import ConfigError
+    from posttrain.data.loading import DataError
+
+    if isinstance(error, (ConfigError, DataError, ValueError, TypeError, KeyError)):
+        return False
+    return isinstance(error, (OSError, TimeoutError, ConnectionError))
+
+
+def retry_only_transient(_task, _task_run, state) -> bool:
+    """Prefect's retry condition: retry a failed stage only for transient errors."""
+    try:
+        state.result()
+    except Exception as error:  # noqa: BLE001 - classified right here
+        return is_transient(error)
+    return False
 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, upstream: dict,
