@@ -372,3 +372,42 @@ def reference_runner(mode: str, policy: torch.nn.Module) -> Callable[[Callable],
         return out
 
     return run
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device out-of-memory error (torch's own type, or the older RuntimeError text)."""
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(error, oom_type):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def halve_micro_batch(cfg: TrainingConfig) -> TrainingConfig | None:
+    """Half the micro-batch and twice the accumulation (the same effective batch for even sizes);
+    None when the micro-batch is already 1."""
+    if cfg.per_device_batch_size <= 1:
+        return None
+    return cfg.model_copy(update={"per_device_batch_size": cfg.per_device_batch_size // 2,
+                                  "grad_accum": cfg.grad_accum * 2})
+
+
+def with_oom_backoff(run: Callable[[TrainingConfig], Any], cfg: TrainingConfig,
+                     on_backoff: Callable[[TrainingConfig, TrainingConfig], None]) -> Any:
+    """`run(cfg)`, retried after an out-of-memory error with half the micro-batch and twice the
+    accumulation until it fits or the micro-batch is 1. `run` must start from scratch (load its
+    model afresh) each time; `on_backoff(old, new)` records the change."""
+    import gc
+
+    while True:
+        try:
+            return run(cfg)
+        except Exception as error:
+            smaller = halve_micro_batch(cfg) if is_out_of_memory(error) else None
+            if smaller is None:
+                raise
+            on_backoff(cfg, smaller)
+            del error
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            cfg = smaller
