@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("sft", "rm", "dpo", "orpo", "kto", "logps")
+GROUPS = ("sft", "rm", "dpo", "orpo", "kto", "grpo", "ppo", "rollout", "logps", "orchestration")
 # The built-in demo's model and SFT batch (conf/demo.yaml): 16 packed rows of 64 ~ 64 examples.
 DEMO_MODEL = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
               "--intermediate", "256"]
@@ -37,6 +37,8 @@ class Variant:
     group: str
     args: list[str]
     runs: list[dict] = field(default_factory=list)
+    module: str = "benchmarks.worker"
+    python: str = sys.executable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,9 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads in every worker, calibration included (default 1: less "
                         "sensitive to other processes on a shared machine; 0 = torch's default)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
+    p.add_argument("--label", default="",
+                   help="suffix of the output files: RESULTS-<date>-<label>.md/.json")
     p.add_argument("--trl", action="store_true",
-                   help="UNTESTED: also run the stages through TRL's trainers (needs trl: "
-                        "pip install -e .[bench]) and report ours/TRL ratios")
+                   help="also run SFT, RM, DPO, ORPO and KTO through TRL's trainers, interleaved "
+                        "with ours, and report ours/TRL ratios (needs trl: see --trl-python)")
+    p.add_argument("--trl-python", default=None,
+                   help="interpreter with trl installed for the TRL workers (default: this one; "
+                        "e.g. .venv-bench/bin/python from `pip install -e .[bench]`)")
     g = p.add_argument_group("model and data (defaults depend on --quick)")
     g.add_argument("--hidden", type=int)
     g.add_argument("--layers", type=int)
@@ -73,11 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-length", type=int, default=512, help="packed row length (SFT)")
     g.add_argument("--sft-batch", type=int, help="SFT examples per step (packing: same tokens)")
     g.add_argument("--pair-batch", type=int, help="pairs per step (RM, DPO, ORPO); KTO rows x2")
+    g.add_argument("--new-tokens", type=int, help="GRPO/PPO new tokens per completion")
+    g.add_argument("--rollout", default="32,64",
+                   help="sequences,new tokens of the KV-cache comparison (greedy)")
     args = p.parse_args(argv)
     quick = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 4096, "steps": 12,
-             "warmup": 2, "sft_batch": 8, "pair_batch": 4, "repeat": 1}
+             "warmup": 2, "sft_batch": 8, "pair_batch": 4, "repeat": 1, "new_tokens": 32}
     full = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 2, "vocab": 32000, "steps": 30,
-            "warmup": 5, "sft_batch": 16, "pair_batch": 8, "repeat": 3}
+            "warmup": 5, "sft_batch": 16, "pair_batch": 8, "repeat": 3, "new_tokens": 64}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -103,6 +113,10 @@ def plan(args) -> list[Variant]:
     pairs = [*train, "--batch-size", args.pair_batch]
     kto = [*train, "--variant", "kto", "--batch-size", 2 * args.pair_batch]
     logits = [(32000, 4096), (150000, 1024)] if args.quick else [(32000, 8192), (150000, 2048)]
+    online = [*train, "--new-tokens", args.new_tokens]
+    sequences, new_tokens = args.rollout.split(",")
+    rollout = [*model, "--variant", "rollout", "--sequences", sequences, "--new-tokens",
+               new_tokens, "--prompt-len", args.prompt_len]
     out = {
         "sft": [Variant("sft padded", "sft", sft), Variant("sft packed", "sft", [*sft, "--packing"]),
                 Variant("sft demo padded", "sft", demo),
@@ -113,25 +127,57 @@ def plan(args) -> list[Variant]:
         "orpo": [Variant("orpo", "orpo", [*pairs, "--variant", "orpo"])],
         "kto": [Variant("kto precomputed", "kto", kto),
                 Variant("kto copy", "kto", [*kto, "--reference", "copy"])],
+        # GRPO: batch counts completions, G = 4 per prompt; PPO: prompts, one completion each.
+        "grpo": [Variant("grpo", "grpo", [*online, "--variant", "grpo", "--generations", 4,
+                                          "--batch-size", 2 * args.pair_batch])],
+        "ppo": [Variant("ppo", "ppo", [*online, "--variant", "ppo",
+                                       "--batch-size", args.pair_batch])],
+        "rollout": [Variant(f"rollout {mode}", "rollout", [*rollout, "--kv-cache", flag])
+                    for mode, flag in (("kv-cache", "on"), ("no-cache", "off"))],
         "logps": [
             Variant(f"logps {impl} V={v} N={n}", "logps",
                     ["--variant", "logps", "--impl", impl.split()[0], "--vocab", v,
-                     "--rows", n, "--chunk-size", chunk])
+                     "--rows", n, *(["--chunk-size", chunk] if chunk else [])])
             for v, n in logits
-            for impl, chunk in (("full", 0), ("chunked 4096", 4096), ("chunked 256", 256))
+            for impl, chunk in (("full", 0), ("chunked default", None),
+                                ("chunked 4096", 4096), ("chunked 256", 256))
         ],
+        "orchestration": [Variant("orchestration", "orchestration", [],
+                                  module="benchmarks.orchestration")],
     }
     chosen = [v for g in GROUPS if g in args.only.split(",") for v in out[g]]
+    if args.trl:
+        chosen = _with_trl_twins(args, chosen)
     for v in chosen:
         v.args = [str(a) for a in v.args] + ["--threads", str(args.threads), "--name", v.name]
     return chosen
 
 
-def run_worker(module: str, worker_args: list[str], timeout: int) -> dict:
+def _with_trl_twins(args, chosen: list[Variant]) -> list[Variant]:
+    """Each stage variant TRL has (synthetic data), followed by its TRL twin: same arguments,
+    run by benchmarks.trl_worker under --trl-python, interleaved with ours."""
+    from benchmarks import trl_worker
+
+    python = args.trl_python or sys.executable
+    if not trl_worker.available(args.trl_python):
+        print(f"--trl: {python} cannot import trl (pip install -e .[bench]); skipped",
+              file=sys.stderr)
+        return chosen
+    out = []
+    for v in chosen:
+        out.append(v)
+        if v.group in trl_worker.STAGES and "demo" not in v.name:
+            out.append(Variant(f"trl {v.name}", v.group, list(v.args),
+                               module="benchmarks.trl_worker", python=python))
+    return out
+
+
+def run_worker(module: str, worker_args: list[str], timeout: int,
+               python: str | None = None) -> dict:
     """One variant in a fresh process; its last stdout line is the JSON result."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", module, *worker_args]
+    cmd = [python or sys.executable, "-m", module, *worker_args]
     try:
         proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -197,24 +243,57 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             _ratio(get(copy, "extra_mb"), get(pre, "extra_mb")),
             "peak RSS minus RSS before train() (the copy holds a second model)")
     for name in res:
-        if name.startswith("trl "):  # UNTESTED branch (--trl)
+        if name.startswith("trl "):
             ours = name.removeprefix("trl ")
             add(f"ours / TRL, real tokens/s ({ours})",
                 _ratio(get(ours, "tokens_per_s"), get(name, "tokens_per_s")),
-                "median per-step non-pad tokens/s (>1: ours faster)")
+                "median per-step non-pad tokens/s of the training forwards (>1: ours faster)")
+            add(f"ours / TRL, end-to-end time ({ours})",
+                _ratio(get(name, "e2e_s"), get(ours, "e2e_s")),
+                "TRL over ours: trainer construction (TRL) or train() (ours) to the last timed "
+                "step, data preparation and reference precompute included (>1: ours faster)")
             add(f"ours / TRL, peak RSS ({ours})",
                 _ratio(get(ours, "peak_rss_mb"), get(name, "peak_rss_mb")),
                 "peak resident memory of the worker process (<1: ours smaller)")
+            add(f"ours / TRL, training memory ({ours})",
+                _ratio(get(ours, "extra_mb"), get(name, "extra_mb")),
+                "peak RSS minus RSS before train() / before the TRL trainer is built "
+                "(<1: ours smaller)")
         if name.startswith("logps full "):
             tail = name.removeprefix("logps full ")
-            for chunk in ("4096", "256"):
+            for chunk in ("default", "4096", "256"):
                 other = f"logps chunked {chunk} {tail}"
-                add(f"log_softmax / token_logps(chunk {chunk}), extra memory, {tail}",
+                label = f"chunk {get(other, 'chunk_size')}" if chunk == "default" else \
+                    f"chunk {chunk}"
+                label = f"default, {label}" if chunk == "default" else label
+                add(f"log_softmax / token_logps({label}), extra memory, {tail}",
                     _ratio(get(name, "extra_mb"), get(other, "extra_mb")),
                     "peak RSS minus RSS with the logits allocated, fwd+bwd (>1: chunked smaller)")
-                add(f"log_softmax / token_logps(chunk {chunk}), time, {tail}",
+                add(f"log_softmax / token_logps({label}), time, {tail}",
                     _ratio(get(name, "seconds"), get(other, "seconds")),
                     "seconds of fwd+bwd (>1: chunked faster)")
+    if get("rollout kv-cache", "seconds") is not None:
+        add(f"rollout no cache / KV cache, time ({get('rollout kv-cache', 'sequences')} "
+            f"sequences x {get('rollout kv-cache', 'max_new_tokens')} new tokens)",
+            _ratio(get("rollout no-cache", "seconds"), get("rollout kv-cache", "seconds")),
+            "greedy decoding seconds, re-encoding the sequence every step over "
+            "posttrain.rollout.generate (>1: the cache is faster); same tokens: "
+            f"{_f(100 * (get('rollout no-cache', 'same_tokens_fraction') or 0), 1)}%")
+        add("rollout no cache / KV cache, positions encoded",
+            _ratio(get("rollout no-cache", "positions_encoded"),
+                   get("rollout kv-cache", "positions_encoded")),
+            "token positions through the decoder, the work the cache saves")
+    orch = res.get("orchestration")
+    if orch and "error" not in orch:
+        cold, cached = orch["cold"], orch["cached"]
+        body = sum(st["body_s"] or 0 for st in cold["stages"])
+        add("orchestration, cold run: flow seconds / stage-body seconds",
+            _ratio(cold["flow_s"], body),
+            "pipeline() call over the summed manifest 'seconds' of the stages that ran "
+            "(training, saving); >1 is what Prefect + MLflow add")
+        add("orchestration, cached rerun / cold run, wall time", 
+            _ratio(cached["wall_s"], cold["wall_s"]),
+            "whole process (imports, embedded Prefect server, flow), fully cached over cold")
     return rows
 
 
@@ -257,19 +336,24 @@ def markdown(report: dict) -> str:
          "| peak RSS MB | train mem MB | precompute s | end-to-end s |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["results"]:
-        if r.get("variant") in ("logps", "calibrate"):
+    results = report["results"]
+    for r in results:
+        if r.get("variant") in ("logps", "calibrate", "rollout", "orchestration"):
             continue
         if "error" in r:
             lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 9)
             continue
+        flops = r.get("flops_per_s")
         lines.append(
             f"| {r['name']} | {r['per_device_batch_size']} | {_f(r['tokens_per_s'])} "
             f"| {_f(r['steps_per_s'], 2)} | {_f(100 * r['pad_fraction'], 0)} "
-            f"| {_f(r['flops_per_s'] / 1e9, 2)} | {_f(r.get('matmul_fraction', 0) * 100, 1)} "
-            f"| {_f(r['peak_rss_mb'])} | {_f(r['extra_mb'])} | {_f(r['precompute_s'], 2)} "
+            f"| {_f(flops and flops / 1e9, 2)} "
+            f"| {_f(r.get('matmul_fraction') and r['matmul_fraction'] * 100, 1)} "
+            f"| {_f(r['peak_rss_mb'])} | {_f(r['extra_mb'])} | {_f(r.get('precompute_s'), 2)} "
             f"| {_f(r['e2e_s'], 2)} |"
         )
+    lines += _online_table(results) + _trl_table(results) + _rollout_table(results) \
+        + _orchestration_table(results)
     logps = [r for r in report["results"] if r.get("variant") == "logps"]
     if logps:
         lines += ["", "## Per-token log-probs, forward + backward on (N, V) fp32 logits", "",
@@ -285,6 +369,103 @@ def markdown(report: dict) -> str:
               "|---|---|---|"]
     lines += [f"| {r['ratio']} | {r['value']:.2f} | {r['definition']} |" for r in report["ratios"]]
     return "\n".join(lines) + "\n"
+
+
+def _online_table(results: list[dict]) -> list[str]:
+    rows = [r for r in results if r.get("variant") in ("grpo", "ppo") and "error" not in r]
+    if not rows:
+        return []
+    out = ["", "## Online RL (GRPO, PPO): sampling + training per step", "",
+           ("| variant | completions/step | new tokens max | generated tokens/s "
+           "| trained tokens/s | steps/s | % of matmul | peak RSS MB | train mem MB |"),
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['name']} | {r['per_device_batch_size']} | {r.get('new_tokens')} "
+                   f"| {_f(r.get('gen_tokens_per_s'))} | {_f(r['tokens_per_s'])} "
+                   f"| {_f(r['steps_per_s'], 2)} "
+                   f"| {_f(r.get('matmul_fraction') and r['matmul_fraction'] * 100, 1)} "
+                   f"| {_f(r['peak_rss_mb'])} | {_f(r['extra_mb'])} |")
+    return out
+
+
+def _trl_table(results: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in results}
+    pairs = [(by[n.removeprefix("trl ")], by[n]) for n in by
+             if n.startswith("trl ") and n.removeprefix("trl ") in by]
+    if not pairs:
+        return []
+    out = ["", "## Side by side with TRL (same model, data, batch, steps, optimizer)", "",
+           ("| stage | ours tokens/s | TRL tokens/s | ours/TRL | ours peak RSS MB "
+           "| TRL peak RSS MB | ours/TRL | ours train mem MB | TRL train mem MB | ours/TRL "
+           "| same tokens |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ours, trl in pairs:
+        if "error" in ours or "error" in trl:
+            out.append(f"| {ours['name']} | error: {ours.get('error') or trl.get('error')} |"
+                       + " |" * 9)
+            continue
+        same = ours.get("epoch_grad_tokens") == trl.get("epoch_grad_tokens")
+        out.append(
+            f"| {ours['name']} | {_f(ours['tokens_per_s'])} | {_f(trl['tokens_per_s'])} "
+            f"| {_f(_ratio(ours['tokens_per_s'], trl['tokens_per_s']), 2)} "
+            f"| {_f(ours['peak_rss_mb'])} | {_f(trl['peak_rss_mb'])} "
+            f"| {_f(_ratio(ours['peak_rss_mb'], trl['peak_rss_mb']), 2)} "
+            f"| {_f(ours['extra_mb'])} | {_f(trl['extra_mb'])} "
+            f"| {_f(_ratio(ours['extra_mb'], trl['extra_mb']), 2)} | {'yes' if same else 'NO'} |")
+    return out
+
+
+def _rollout_table(results: list[dict]) -> list[str]:
+    rows = [r for r in results if r.get("variant") == "rollout"]
+    if not rows:
+        return []
+    out = ["", "## Greedy rollout with and without the KV cache", "",
+           ("| variant | sequences | new tokens | seconds | new tokens/s | positions encoded "
+           "| peak RSS MB |"), "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | error: {r['error']} |" + " |" * 5)
+            continue
+        out.append(f"| {r['name']} | {r['sequences']} | {r['new_tokens']} "
+                   f"| {_f(r['seconds'], 2)} | {_f(r['new_tokens_per_s'])} "
+                   f"| {_f(r['positions_encoded'])} | {_f(r['peak_rss_mb'])} |")
+    return out
+
+
+def _orchestration_table(results: list[dict]) -> list[str]:
+    orch = next((r for r in results if r.get("variant") == "orchestration"), None)
+    if orch is None:
+        return []
+    if "error" in orch:
+        return ["", f"Orchestration: error: {orch['error']}"]
+    cold, cached = orch["cold"], orch["cached"]
+    out = ["", "## Orchestration: the demo pipeline (Prefect + MLflow), cold then fully cached",
+           "", f"Overrides: `{' '.join(orch['overrides'])}`", "",
+           "| stage | cold: task s | cold: stage body s | cold: overhead s | cached rerun: s |",
+           "|---|---|---|---|---|"]
+    again = {st["stage"]: st for st in cached["stages"]}
+    for st in cold["stages"]:
+        body = st["body_s"]
+        out.append(f"| {st['stage']} | {_f(st['seconds'], 2)} | {_f(body, 2)} "
+                   f"| {_f(body is not None and st['seconds'] - body or None, 2)} "
+                   f"| {_f(again.get(st['stage'], {}).get('seconds'), 2)} |")
+    out.append(f"| **whole flow** (pipeline() call) | {_f(cold['flow_s'], 2)} "
+               f"| {_f(sum(st['body_s'] or 0 for st in cold['stages']), 2)} "
+               f"| {_f(cold['flow_s'] - sum(st['body_s'] or 0 for st in cold['stages']), 2)} "
+               f"| {_f(cached['flow_s'], 2)} |")
+    labels = {"flow_entered": "flow start-up (pipeline() call to flow body: Prefect)",
+              "start": "MLflow parent run start", "fingerprints": "data fingerprint check",
+              "promote": "promotion (MLflow registry)",
+              "finish": "finish (comparison chart, summary table, end run)"}
+    for key, label in labels.items():
+        if key in cold.get("phases", {}):
+            out.append(f"| {label} | {_f(cold['phases'][key], 2)} | | "
+                       f"| {_f(cached.get('phases', {}).get(key), 2)} |")
+    out.append(f"| **process** (wall: imports, flow, interpreter exit) | "
+               f"{_f(cold['wall_s'], 2)} | | | {_f(cached['wall_s'], 2)} |")
+    out.append(f"| of which imports | {_f(cold['import_s'], 2)} | | "
+               f"| {_f(cached['import_s'], 2)} |")
+    return out
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -304,22 +485,25 @@ def main(argv: list[str] | None = None) -> dict:
         members = [v for v in variants if v.group == group]
         for _ in range(args.repeat):  # ABAB: drift hits every variant of a group alike
             for v in members:
-                v.runs.append(run_worker("benchmarks.worker", v.args, args.timeout))
+                v.runs.append(run_worker(v.module, v.args, args.timeout, v.python))
                 print(f"  {v.name}: {_summary(v.runs[-1])}", file=sys.stderr)
-    if args.trl:
-        from benchmarks import trl_worker
-
-        variants += trl_worker.variants(args, variants, run_worker)
     end = _calibrate(args)
     gflops = [c["gflops_median"] for c in (start, end) if "error" not in c]
     calibration = {"gemm_size": start.get("gemm_size"), "start": start.get("gflops_median"),
                    "end": end.get("gflops_median"),
                    "gflops": statistics.median(gflops) if gflops else None}
     results = [{**median_result(v.runs), "name": v.name} for v in variants]
-    for r in results:
-        if "flops_per_s" in r and calibration["gflops"]:
-            r["matmul_fraction"] = r["flops_per_s"] / (calibration["gflops"] * 1e9)
     by_name = {r["name"]: r for r in results}
+    cached, uncached = by_name.get("rollout kv-cache"), by_name.get("rollout no-cache")
+    if cached and uncached and "tokens" in cached and "tokens" in uncached:
+        pairs = [(a, b) for ra, rb in zip(cached["tokens"], uncached["tokens"])
+                 for a, b in zip(ra, rb)]
+        uncached["same_tokens_fraction"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+    for r in results:  # too long for the report; the raw runs keep them
+        r.pop("tokens", None)
+    for r in results:
+        if r.get("flops_per_s") and calibration["gflops"]:
+            r["matmul_fraction"] = r["flops_per_s"] / (calibration["gflops"] * 1e9)
     report = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
@@ -334,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     if str(args.out) != "-":
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"RESULTS-{report['date']}"
+        stem = args.out / "-".join(filter(None, ["RESULTS", report["date"], args.label]))
         stem.with_suffix(".md").write_text(text)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
         print(f"wrote {stem}.md and .json", file=sys.stderr)
@@ -346,6 +530,10 @@ def _summary(r: dict) -> str:
         return f"ERROR {r['error']}"
     if r.get("variant") == "logps":
         return f"extra {r['extra_mb']:.0f} MB, {r['seconds']:.2f} s"
+    if r.get("variant") == "rollout":
+        return f"{r['seconds']:.2f} s, {r['new_tokens_per_s']:.0f} new tok/s"
+    if r.get("variant") == "orchestration":
+        return f"cold {r['cold']['wall_s']:.1f} s, cached {r['cached']['wall_s']:.1f} s"
     return f"{r['tokens_per_s']:.0f} tok/s, {r['steps_per_s']:.2f} steps/s, " \
            f"peak {r['peak_rss_mb']:.0f} MB"
 

@@ -85,6 +85,46 @@ def kto_examples(
     ]
 
 
+def prompt_rows(
+    n: int, vocab: int, prompt_len: tuple[int, int], seed: int
+) -> list[dict]:
+    """Prompt rows {prompt} for GRPO/PPO, as word-level text ("t17 t5 ...", see word_tokenizer)."""
+    rng = random.Random(f"prompts:{seed}")
+    return [{"prompt": ids_to_text(_ids(p, vocab, rng)).lstrip()}
+            for p in lognormal_lengths(n, *prompt_len, rng)]
+
+
+def ids_to_text(ids: list[int]) -> str:
+    """Ids as word-level text, one word per id and a leading space: " t17 t5"."""
+    return "".join(f" t{i}" for i in ids)
+
+
+def word_tokenizer(vocab: int):
+    """A fast tokenizer with one word per id ("t17" <-> 17), so text round-trips to our ids.
+
+    Adds no special tokens; pad = 0, EOS = 2, unk = 1 (the synthetic data's conventions).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": PAD_ID, "<unk>": 1, "<eos>": EOS_ID}
+    words.update({f"t{i}": i for i in range(FIRST_CONTENT_ID, vocab)})
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def char_count_reward(prompts: list, completions: list[str], **_) -> list[float]:
+    """Rule reward for the GRPO benchmark: the completion's length in characters / 100.
+
+    Cheap (no model), deterministic, and it varies within a group (ids print as 2-5 characters),
+    so group-normalized advantages are not all zero.
+    """
+    return [len(c) / 100 for c in completions]
+
+
 def demo_sft_examples(n: int, max_length: int, seed: int) -> tuple[list[dict], object]:
     """The built-in demo's SFT examples (conversational, char tokenizer): ~10-20 tokens each."""
     from posttrain.config import DemoTaskConfig
@@ -135,7 +175,9 @@ def build_model(config, *, reward: bool, seed: int) -> torch.nn.Module:
 # --------------------------------------------------------------------------------- work counting
 
 
-def count_work(model: torch.nn.Module, pad_token_id: int) -> dict[str, int]:
+def count_work(
+    model: torch.nn.Module, pad_token_id: int, counts: dict[str, int] | None = None
+) -> dict[str, int]:
     """Counters of the work the model does, filled by forward pre-hooks.
 
     `{grad,nograd}_tokens`: real (non-pad) tokens through the decoder body; `_positions`: all
@@ -143,9 +185,10 @@ def count_work(model: torch.nn.Module, pad_token_id: int) -> dict[str, int]:
     on positions that carry a loss). "grad" calls run with autograd on (a training forward that
     is followed by a backward), "nograd" ones are reference / KL / precompute forwards.
     The hooks are closures, so `copy.deepcopy(model)` (the 'copy' reference mode) keeps counting
-    into the same dict: the reference's forwards are counted as nograd work.
+    into the same dict: the reference's forwards are counted as nograd work. Pass `counts` to
+    add a second model's work into an existing dict.
     """
-    counts = {
+    counts = counts if counts is not None else {
         f"{mode}_{what}": 0
         for mode in ("grad", "nograd")
         for what in ("tokens", "positions", "head_rows")

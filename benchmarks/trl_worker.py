@@ -1,20 +1,30 @@
-"""UNTESTED: the same benchmark variant through TRL's trainers, for ours/TRL ratios.
+"""The same benchmark variant through TRL's trainers (TRL 1.x), for ours/TRL ratios.
 
     python -m benchmarks.trl_worker --variant dpo --reference copy ...   (same flags as the worker)
 
-trl is not installed where this was written (it is the `bench` extra: `pip install -e .[bench]`),
-so this file has never run. It reuses the worker's model and synthetic data, so both sides train
-the same random-initialised Qwen2 on the same token ids: the ids become text ("t17 t5 ...") for a
-word-level tokenizer with one token per id, which TRL tokenizes back into exactly those ids
-(TRL appends EOS itself, so the trailing EOS id is dropped from the text). Timing uses a
-TrainerCallback's step ends and the same forward hooks as the worker; rates are compared as real
-tokens/s and steps/s (TRL runs the LM head on every position, so its "model FLOPs" by our
-counting would include the head on prompt tokens too).
+Needs trl (the `bench` extra): run it with an interpreter that has it, e.g. a separate
+environment made with `python -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]'`
+(`python -m benchmarks.run --trl --trl-python .venv-bench/bin/python`). Tested with trl 1.16.0,
+transformers 5.24, torch 2.13 (CPU).
 
-Settings mapped: steps, batch size, lr 1e-4 constant without warm-up, grad clip 1.0, beta 0.1,
-packing (SFT: TRL's rows per batch = ours), reference 'precomputed' -> precompute_ref_log_probs.
-Not mapped: our block-diagonal packing mask (TRL's packing isolates examples only with a
-flash-attention/padding-free path), so the SFT packing comparison is not the same computation.
+Both sides train the same random-initialised Qwen2 (the worker's, same seed) on the same token
+ids: the ids become text ("t17 t5 ...") for a word-level tokenizer with one token per id, which
+TRL tokenizes back into exactly those ids (TRL appends EOS itself, so our trailing EOS is left out
+of the text; `epoch_grad_tokens`, the real tokens of all training forwards of the run (one
+epoch), must equal ours: run.py checks it). Same
+settings: steps, per-device batch, AdamW lr 1e-4 constant without warm-up, clipping 1.0, beta 0.1,
+fp32, one process on CPU, no logging integrations, no checkpoints, no evaluation. Timing uses a
+TrainerCallback's step ends and the worker's forward hooks and timed window.
+
+Differences that stay (they are TRL's defaults, so they are part of what is compared):
+- TRL builds its tokenized dataset (and, with precompute_ref_log_probs, the reference log-probs)
+  in the trainer's constructor: `setup_s` times the constructor, `e2e_s` runs from its start.
+- TRL 1.16 runs the LM head as a fused, tiled kernel on the positions with a label (like ours) but
+  on `lm_head.weight` directly, so our LM-head hook sees nothing: no model FLOPs for TRL rows.
+- TRL logs extra per-step metrics (entropy, token accuracy, ...) and shuffles with its own sampler
+  (other batches than ours, same data).
+- SFT packing: TRL's packed rows are not isolated per example on this path (no flash attention),
+  ours are (block-diagonal mask); not the same computation.
 """
 
 from __future__ import annotations
@@ -28,48 +38,24 @@ import time
 
 from benchmarks import worker
 
-STAGES = ("sft", "rm", "dpo", "orpo", "kto")
+STAGES = ("sft", "rm", "dpo", "orpo", "kto")  # TRL 1.16 has no PPO trainer; GRPO not wired
 
 
-def available() -> bool:
-    return importlib.util.find_spec("trl") is not None
+def available(python: str | None = None) -> bool:
+    """Whether `python` (default: this interpreter) can import trl."""
+    import subprocess
 
-
-def variants(args, ours: list, run_worker) -> list:
-    """TRL twins of our stage variants (synthetic data only), each run args.repeat times."""
-    from benchmarks.run import Variant
-
-    if not available():
-        print("--trl: trl is not installed (pip install -e .[bench]); skipped", file=sys.stderr)
-        return []
-    twins = [Variant(f"trl {v.name}", v.group, list(v.args)) for v in ours
-             if v.group in STAGES and "demo" not in v.name]
-    for v in twins:
-        v.args[v.args.index("--name") + 1] = v.name
-        for _ in range(args.repeat):
-            v.runs.append(run_worker("benchmarks.trl_worker", v.args, args.timeout))
-    return twins
-
-
-def _tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from benchmarks.synthetic import EOS_ID, FIRST_CONTENT_ID, PAD_ID
-
-    words = {"<pad>": PAD_ID, "<unk>": 1, "<eos>": EOS_ID}
-    words.update({f"t{i}": i for i in range(FIRST_CONTENT_ID, vocab)})
-    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                   eos_token="<eos>", unk_token="<unk>")
+    if python is None:
+        return importlib.util.find_spec("trl") is not None
+    probe = subprocess.run([python, "-c", "import trl"], capture_output=True, check=False)
+    return probe.returncode == 0
 
 
 def _text(ids: list[int]) -> str:
     """Ids as text; a leading space so that prompt + completion splits at the boundary."""
-    from benchmarks.synthetic import EOS_ID
+    from benchmarks.synthetic import EOS_ID, ids_to_text
 
-    return "".join(f" t{i}" for i in (ids[:-1] if ids and ids[-1] == EOS_ID else ids))
+    return ids_to_text(ids[:-1] if ids and ids[-1] == EOS_ID else ids)
 
 
 def _dataset(stage: str, examples: list[dict]):
@@ -106,12 +92,13 @@ def train_stage(args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from benchmarks.synthetic import count_work, current_rss_mb, parameter_counts
+    from benchmarks.synthetic import count_work, current_rss_mb, parameter_counts, word_tokenizer
 
-    if args.data != "synthetic":
-        raise SystemExit("the TRL branch runs synthetic data only")
+    if args.data != "synthetic" or args.variant not in STAGES:
+        raise SystemExit(f"the TRL branch runs {STAGES} on synthetic data only")
     built = worker._model_and_data(args)
-    model, tokenizer = built["model"], _tokenizer(built["vocab"])
+    model, tokenizer = built["model"], word_tokenizer(built["vocab"])
+    model.config.pad_token_id = tokenizer.pad_token_id
     ours = worker._stage_config(args, built["train"])
     counts, params = count_work(model, built["pad"]), parameter_counts(model)
     marks: dict[int, tuple[float, dict]] = {}
@@ -121,30 +108,43 @@ def train_stage(args) -> dict:
             marks[state.global_step] = (time.perf_counter(), dict(counts))
 
     config_cls, trainer_cls = _trainer_classes(args.variant)
+    precompute = args.reference == "precomputed"
     extra = {"sft": {"packing": args.packing, "max_length": args.max_length,
                      "completion_only_loss": True},
-             "dpo": {"beta": 0.1, "precompute_ref_log_probs": args.reference == "precomputed"},
-             "kto": {"beta": 0.1, "precompute_ref_log_probs": args.reference == "precomputed"},
+             "dpo": {"beta": 0.1, "precompute_ref_log_probs": precompute},
+             "kto": {"beta": 0.1, "precompute_ref_log_probs": precompute},
              "orpo": {"beta": 0.1}, "rm": {}}[args.variant]
-    with tempfile.TemporaryDirectory() as out:
+    dataset = _dataset(args.variant, built["train"])
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
         cfg = config_cls(
             output_dir=out, max_steps=args.steps,
             per_device_train_batch_size=ours.per_device_batch_size, learning_rate=1e-4,
-            lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1,
-            save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed,
-            use_cpu=not torch.cuda.is_available(), disable_tqdm=True, **extra,
+            lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+            logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+            seed=args.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+            dataloader_num_workers=0, **extra,
         )
-        trainer = trainer_cls(model=model, args=cfg, train_dataset=_dataset(args.variant,
-                              built["train"]), processing_class=tokenizer, callbacks=[Marks()])
         rss_before = current_rss_mb()
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):
-            trainer.train()
+        if args.variant in ("dpo", "kto") and not precompute:  # TRL would reload it by name
+            import copy
+
+            extra_models = {"ref_model": copy.deepcopy(model)}  # hooks too: nograd work
+        else:
+            extra_models = {}
+        trainer = trainer_cls(model=model, args=cfg, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[Marks()], **extra_models)
+        setup_s = time.perf_counter() - t0
+        trainer.train()
+    window = worker._window(marks, params, args.warmup, args.steps - 1)
+    window.update(flops_per_s=None, mean_flops_per_s=None, model_flops=None)  # see docstring
     return {"stage": args.variant, "tool": "trl", "packing": args.packing,
             "reference": args.reference if args.variant in ("dpo", "kto") else None,
             "per_device_batch_size": ours.per_device_batch_size, "vocab": built["vocab"],
-            "params": params, **worker._window(marks, params, args.warmup, args.steps - 1),
-            "precompute_s": None, "e2e_s": marks[args.steps - 1][0] - t0,
+            "params": params, **window, "setup_s": setup_s,
+            "precompute_s": setup_s if precompute and args.variant in ("dpo", "kto") else 0.0,
+            "e2e_s": marks[args.steps - 1][0] - t0,
+            "epoch_grad_tokens": marks[max(marks)][1]["grad_tokens"],
             **worker._memory(worker._device(), rss_before)}
 
 

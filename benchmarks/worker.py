@@ -25,7 +25,8 @@ import statistics
 import sys
 import time
 
-STAGES = ("sft", "rm", "dpo", "orpo", "kto")
+STAGES = ("sft", "rm", "dpo", "orpo", "kto", "grpo", "ppo")
+ONLINE = ("grpo", "ppo")
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.worker", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--variant", required=True, choices=(*STAGES, "logps", "calibrate"))
+    p.add_argument("--variant", required=True,
+                   choices=(*STAGES, "logps", "rollout", "calibrate"))
     p.add_argument("--name", default=None, help="label copied into the JSON")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -65,10 +67,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-length", type=int, default=512, help="SFT packed row length; demo rows longer are dropped")
     g.add_argument("--reference", choices=("precomputed", "copy"), default="precomputed",
                    help="DPO/KTO reference log-probs")
+    g = p.add_argument_group("online RL (grpo, ppo) and rollout")
+    g.add_argument("--new-tokens", type=int, default=32,
+                   help="max new tokens per completion (random models rarely emit EOS)")
+    g.add_argument("--generations", type=int, default=4,
+                   help="GRPO: completions per prompt (batch-size counts completions)")
+    g.add_argument("--sequences", type=int, default=32, help="rollout: sequences decoded at once")
+    g.add_argument("--kv-cache", choices=("on", "off"), default="on",
+                   help="rollout: posttrain.rollout.generate (on) or a greedy loop that "
+                        "re-encodes the whole sequence every step (off)")
     g = p.add_argument_group("logps (token_logps vs log_softmax + gather)")
     g.add_argument("--impl", choices=("chunked", "full"), default="chunked")
     g.add_argument("--rows", type=int, default=1024, help="N of the (N, V) logits")
-    g.add_argument("--chunk-size", type=int, default=4096, help="token_logps chunk (rows)")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="token_logps chunk in rows (default: the library's memory-sized default)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g = p.add_argument_group("calibrate (fp32 GEMM)")
     g.add_argument("--gemm-size", type=int, default=1024)
@@ -134,7 +146,7 @@ def logps(args) -> dict:
     import torch
 
     from benchmarks.synthetic import current_rss_mb
-    from posttrain.logprobs import token_logps
+    from posttrain.logprobs import default_chunk_rows, token_logps
 
     device = _device()
     dtype = getattr(torch, args.dtype)
@@ -156,8 +168,74 @@ def logps(args) -> dict:
     seconds = time.perf_counter() - t0
     logits_mb = logits.numel() * logits.element_size() / 2**20
     return {"impl": args.impl, "rows": args.rows, "vocab": args.vocab, "dtype": args.dtype,
-            "chunk_size": args.chunk_size if args.impl == "chunked" else None,
+            "chunk_size": (args.chunk_size or default_chunk_rows(args.vocab))
+            if args.impl == "chunked" else None,
             "logits_mb": logits_mb, "seconds": seconds, **_memory(device, rss_before)}
+
+
+# ----------------------------------------------------------------------------------- rollout
+
+
+def _greedy_without_cache(model, prompt_ids: list[list[int]], max_new_tokens: int, eos: int,
+                          pad: int):
+    """Greedy decoding that re-encodes the whole sequence at every step (no KV cache): the
+    baseline for posttrain.rollout.generate. Same masks, positions and stopping rule, so the
+    tokens match generate(temperature=0) up to floating-point ties."""
+    import torch
+
+    from posttrain.logprobs import position_ids_from_mask
+    from posttrain.rollout import left_pad
+
+    ids, mask = left_pad(prompt_ids, pad, next(model.parameters()).device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False, logits_to_keep=1)
+        token = out.logits[:, -1].float().argmax(-1)
+        alive = ~done
+        tokens.append(torch.where(alive, token, pad))
+        done = done | (token == eos)
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, tokens[-1][:, None]], dim=1)
+        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+    return torch.stack(tokens, dim=1)
+
+
+def rollout(args) -> dict:
+    """Greedy decoding of --sequences prompts x --new-tokens, with or without the KV cache."""
+    import torch
+
+    from benchmarks import synthetic as syn
+    from posttrain.rollout import generate
+
+    intermediate = args.intermediate or 4 * args.hidden
+    config = syn.qwen2_config(vocab=args.vocab, hidden=args.hidden, layers=args.layers,
+                              heads=args.heads, kv_heads=args.kv_heads, intermediate=intermediate)
+    model = syn.build_model(config, reward=False, seed=args.seed).eval()
+    rng = __import__("random").Random(f"rollout:{args.seed}")
+    lengths = syn.lognormal_lengths(args.sequences, *args.prompt_len, rng)
+    prompts = [[rng.randrange(syn.FIRST_CONTENT_ID, args.vocab) for _ in range(n)]
+               for n in lengths]
+    def decode(new_tokens: int):
+        if args.kv_cache == "on":
+            return generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0,
+                            eos_token_ids=syn.EOS_ID, pad_token_id=syn.PAD_ID).completion_ids
+        return _greedy_without_cache(model, prompts, new_tokens, syn.EOS_ID, syn.PAD_ID)
+
+    with torch.no_grad():
+        decode(2)  # warm-up (lazy initialisation, allocator), not timed
+        counts = syn.count_work(model, syn.PAD_ID)
+        rss_before = syn.current_rss_mb()
+        t0 = time.perf_counter()
+        tokens = decode(args.new_tokens)
+        seconds = time.perf_counter() - t0
+    new = int((tokens != syn.PAD_ID).sum())
+    return {"kv_cache": args.kv_cache, "sequences": args.sequences,
+            "max_new_tokens": args.new_tokens, "new_tokens": new, "seconds": seconds,
+            "new_tokens_per_s": new / seconds, "positions_encoded": counts["nograd_positions"],
+            "tokens": tokens.tolist(), "vocab": args.vocab, **_memory(_device(), rss_before)}
 
 
 # ----------------------------------------------------------------------------------- training
@@ -174,7 +252,22 @@ def _model_and_data(args) -> dict:
     n_eval = max(args.batch_size, 2)
     lengths = (args.prompt_len, args.completion_len)
     pad, vocab = syn.PAD_ID, args.vocab
-    if args.data == "demo":
+    extra = {}
+    if args.variant in ONLINE:
+        if args.data != "synthetic":
+            raise SystemExit("--data demo is for the sft variant only")
+        config = syn.qwen2_config(vocab=vocab, **shape)
+        n_prompts = n // (args.generations if args.variant == "grpo" else 1)
+        train = syn.prompt_rows(n_prompts, vocab, args.prompt_len, seed=args.seed)
+        evals = syn.prompt_rows(n_eval, vocab, args.prompt_len, seed=args.seed + 1)
+        extra["tokenizer"] = syn.word_tokenizer(vocab)
+        if args.variant == "ppo":  # a random reward model; the value model starts from it
+            import copy
+
+            rm = syn.build_model(syn.qwen2_config(vocab=vocab, **shape), reward=True,
+                                 seed=args.seed + 1)
+            extra["reward_model"], extra["value_model"] = rm, copy.deepcopy(rm)
+    elif args.data == "demo":
         if args.variant != "sft":
             raise SystemExit("--data demo is for the sft variant only")
         train, tokenizer = syn.demo_sft_examples(n, args.max_length, args.seed)
@@ -190,7 +283,7 @@ def _model_and_data(args) -> dict:
         evals = make(n_eval, vocab, *lengths, seed=args.seed + 1)
     model = syn.build_model(config, reward=args.variant == "rm", seed=args.seed)
     return {"model": model, "train": train, "eval": evals, "pad": pad, "vocab": vocab,
-            "shape": shape}
+            "shape": shape, **extra}
 
 
 def _stage_config(args, train: list[dict]):
@@ -212,12 +305,19 @@ def _stage_config(args, train: list[dict]):
         return C.DPOConfig(**common, reference=args.reference)
     if args.variant == "orpo":
         return C.ORPOConfig(**common)
-    return C.KTOConfig(**common, reference=args.reference)
+    if args.variant == "kto":
+        return C.KTOConfig(**common, reference=args.reference)
+    online = {"max_completion_length": args.new_tokens, "temperature": 1.0,
+              "max_length": args.prompt_len[1] + args.new_tokens}
+    if args.variant == "grpo":  # batch-size counts completions: batch/G prompts per step
+        return C.GRPOConfig(**common, **online, num_generations=args.generations, beta=0.0,
+                            reward_functions={"benchmarks.synthetic:char_count_reward": 1.0})
+    return C.PPOConfig(**common, **online)  # batch-size prompts, 1 completion each
 
 
 def _train_fn(args):
     """The recipe's train(), with its precompute_reference wrapped to time the up-front pass."""
-    from posttrain.recipes import kto, preference, reward, sft
+    from posttrain.recipes import grpo, kto, ppo, preference, reward, sft
 
     timing = {"precompute_s": 0.0}
     for module in (preference, kto):
@@ -235,14 +335,21 @@ def _train_fn(args):
         "sft": sft.train, "rm": reward.train, "kto": kto.train,
         "dpo": lambda *a, **kw: preference.train("dpo", *a, **kw),
         "orpo": lambda *a, **kw: preference.train("orpo", *a, **kw),
+        "grpo": grpo.train, "ppo": ppo.train,
     }[args.variant]
     return fn, timing
 
 
 def _window(marks: dict[int, tuple[float, dict]], params: dict, first: int, last: int) -> dict:
     """Rates over the callbacks of steps first..last: window means and per-step medians (the
-    medians resist the bursts of a shared machine)."""
-    from benchmarks.synthetic import model_flops
+    medians resist the bursts of a shared machine). Counters named aux_* (PPO's value and reward
+    models, bodies the size of the policy's) add FLOPs but no tokens."""
+    from benchmarks.synthetic import model_flops as policy_flops
+
+    def model_flops(work: dict, params: dict) -> float:
+        aux = {k[4:]: v for k, v in work.items() if k.startswith("aux_")}
+        return policy_flops(work, params) + (
+            policy_flops(aux, {**params, "head": 0}) if aux else 0.0)
 
     (ta, ca), (tb, cb) = marks[first], marks[last]
     seconds, steps = tb - ta, last - first
@@ -264,6 +371,7 @@ def _window(marks: dict[int, tuple[float, dict]], params: dict, first: int, last
         "mean_flops_per_s": flops / seconds,
         "positions_per_s": work["grad_positions"] / seconds,
         "pad_fraction": 1 - work["grad_tokens"] / max(work["grad_positions"], 1),
+        "gen_tokens_per_s": work.get("gen_tokens", 0) / seconds,
         "step_seconds": [round(s, 4) for s, _, _ in per_step],
         "work": work, "model_flops": flops,
     }
@@ -273,18 +381,33 @@ def train_stage(args) -> dict:
     """Train with the library's recipe; measure the timed window, setup and memory."""
     import torch
 
-    from benchmarks.synthetic import count_work, current_rss_mb, parameter_counts
+    from benchmarks.synthetic import (
+        char_count_reward,
+        count_work,
+        current_rss_mb,
+        parameter_counts,
+    )
 
     built = _model_and_data(args)
     model, train = built["model"], built["train"]
     cfg = _stage_config(args, train)
     counts = count_work(model, built["pad"])
+    if args.variant == "ppo":  # value (trained) and reward (frozen) bodies: FLOPs, not tokens
+        aux = count_work(built["value_model"], built["pad"])
+        count_work(built["reward_model"], built["pad"], counts=aux)
+    else:
+        aux = {}
     params = parameter_counts(model)
     fn, timing = _train_fn(args)
     marks: dict[int, tuple[float, dict]] = {}
+    counts["gen_tokens"] = 0  # sampled completion tokens (GRPO/PPO)
 
     def log_metrics(metrics: dict, step: int) -> None:
-        marks[step] = (time.perf_counter(), dict(counts))
+        if "completions/mean_length" in metrics:
+            counts["gen_tokens"] += round(metrics["completions/mean_length"]
+                                          * cfg.per_device_batch_size * cfg.grad_accum)
+        marks[step] = (time.perf_counter(),
+                       {**counts, **{f"aux_{k}": v for k, v in aux.items()}})
 
     device = _device()
     if device.type == "cuda":
@@ -292,8 +415,16 @@ def train_stage(args) -> dict:
     rss_before = current_rss_mb()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-        final = fn(model, train, built["eval"], cfg, pad_token_id=built["pad"],
-                   log_metrics=log_metrics)
+        if args.variant == "grpo":
+            final = fn(model, built["tokenizer"], train, built["eval"], cfg,
+                       reward_fns={"chars": char_count_reward}, weights={"chars": 1.0},
+                       log_metrics=log_metrics)
+        elif args.variant == "ppo":
+            final = fn(model, built["value_model"], built["reward_model"], built["tokenizer"],
+                       train, cfg, log_metrics=log_metrics)
+        else:
+            final = fn(model, train, built["eval"], cfg, pad_token_id=built["pad"],
+                       log_metrics=log_metrics)
     total_s = time.perf_counter() - t0
     return {
         "stage": args.variant, "data": args.data, "packing": args.packing,
@@ -303,8 +434,11 @@ def train_stage(args) -> dict:
         **_window(marks, params, args.warmup, args.steps - 1),
         "precompute_s": timing["precompute_s"],
         "e2e_s": marks[args.steps - 1][0] - t0,  # train() start to the end of the last timed step
+        "epoch_grad_tokens": marks[max(marks)][1]["grad_tokens"],  # all training forwards
         "total_s": total_s,
-        "final_loss": final.get("loss"),
+        "final_loss": final.get("loss", final.get("loss/policy_avg")),
+        "new_tokens": args.new_tokens if args.variant in ONLINE else None,
+        "generations": args.generations if args.variant == "grpo" else None,
         **_memory(device, rss_before),
     }
 
@@ -315,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = {"calibrate": calibrate, "logps": logps}.get(args.variant, train_stage)
+    run = {"calibrate": calibrate, "logps": logps, "rollout": rollout}.get(args.variant,
+                                                                          train_stage)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
         "name": args.name or args.variant, "variant": args.variant, **run(args),

@@ -195,7 +195,7 @@ def completion_logps(
     completion_mask: torch.Tensor,  # (B, C)
     *,
     temperature: float = 1.0,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:  # (B, C) float32, 0 where completion_mask is 0
     """Per-token log-probs of the completions under log softmax(logits / temperature).
 

@@ -43,3 +43,60 @@ def test_sft_worker_reports_positive_numbers():
               "calibration": {"gemm_size": 8, "gflops": 1.0, "start": 1.0, "end": 1.0}}
     text = markdown(report)
     assert "| sft padded |" in text and "SFT packing / padding" in text
+
+
+def test_grpo_worker_and_rollout_without_cache_in_process():
+    """The online-RL worker (posttrain's GRPO with the char-count reward) and the two rollout
+    variants, in this process: the no-cache greedy loop gives generate()'s tokens."""
+    from benchmarks import worker
+
+    grpo = worker.train_stage(worker.parse_args(
+        ["--variant", "grpo", "--generations", "2", "--new-tokens", "4", *TINY[:-2]]))
+    assert grpo["steps_timed"] == 1 and grpo["gen_tokens_per_s"] > 0
+    assert grpo["work"]["grad_tokens"] > 0 and grpo["work"]["nograd_tokens"] > 0
+
+    small = ["--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab",
+             "64", "--sequences", "3", "--new-tokens", "5", "--prompt-len", "2,6"]
+    on = worker.rollout(worker.parse_args(["--variant", "rollout", "--kv-cache", "on", *small]))
+    off = worker.rollout(worker.parse_args(["--variant", "rollout", "--kv-cache", "off", *small]))
+    assert on["tokens"] == off["tokens"] and on["new_tokens"] > 0
+    assert off["positions_encoded"] > on["positions_encoded"]
+
+
+def test_report_tables_for_trl_rollout_and_orchestration():
+    base = {"per_device_batch_size": 2, "tokens_per_s": 100.0, "steps_per_s": 1.0,
+            "pad_fraction": 0.1, "peak_rss_mb": 500.0, "extra_mb": 100.0, "e2e_s": 2.0,
+            "flops_per_s": 1e9, "epoch_grad_tokens": 50}
+    stage = "orchestration"
+    res = {
+        "dpo copy": {**base, "name": "dpo copy", "variant": "dpo"},
+        "trl dpo copy": {**base, "name": "trl dpo copy", "variant": "dpo", "flops_per_s": None,
+                         "tokens_per_s": 50.0, "peak_rss_mb": 1000.0},
+        "rollout kv-cache": {"name": "rollout kv-cache", "variant": "rollout", "seconds": 1.0,
+                             "sequences": 4, "max_new_tokens": 8, "new_tokens": 32,
+                             "new_tokens_per_s": 32.0, "positions_encoded": 40,
+                             "peak_rss_mb": 1.0},
+        "rollout no-cache": {"name": "rollout no-cache", "variant": "rollout", "seconds": 10.0,
+                             "sequences": 4, "max_new_tokens": 8, "new_tokens": 32,
+                             "new_tokens_per_s": 3.2, "positions_encoded": 400,
+                             "peak_rss_mb": 1.0, "same_tokens_fraction": 1.0},
+        stage: {"name": stage, "variant": stage, "overrides": ["sft.max_steps=1"],
+                "cold": {"wall_s": 10.0, "import_s": 1.0, "flow_s": 8.0, "phases": {"start": 1.0},
+                         "stages": [{"stage": "sft", "status": "ran", "seconds": 3.0,
+                                     "body_s": 2.0}]},
+                "cached": {"wall_s": 5.0, "import_s": 1.0, "flow_s": 3.0, "phases": {},
+                           "stages": [{"stage": "sft", "status": "cached", "seconds": 0.5,
+                                       "body_s": None}]}},
+    }
+    rows = {r["ratio"]: r["value"] for r in ratios(res)}
+    assert rows["ours / TRL, real tokens/s (dpo copy)"] == 2.0
+    assert rows["ours / TRL, peak RSS (dpo copy)"] == 0.5
+    assert rows["rollout no cache / KV cache, time (4 sequences x 8 new tokens)"] == 10.0
+    assert rows["orchestration, cold run: flow seconds / stage-body seconds"] == 4.0
+    report = {"date": "2026-11-25", "machine": "test", "torch": "x", "threads": 1,
+              "command": "test", "results": list(res.values()), "ratios": ratios(res),
+              "calibration": {"gemm_size": 8, "gflops": 1.0, "start": 1.0, "end": 1.0}}
+    text = markdown(report)
+    assert "Side by side with TRL" in text and "| dpo copy | 100 | 50 | 2.00 |" in text
+    assert "| rollout no-cache | 4 | 32 | 10.00 |" in text
+    assert "| sft | 3.00 | 2.00 | 1.00 | 0.50 |" in text
