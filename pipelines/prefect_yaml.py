@@ -23,7 +23,7 @@ def refresh(prefect_yaml: Path = ROOT / "prefect.yaml", config: Path = ROOT / "c
     block = "".join(f"    {line}\n" for line in block.splitlines())
     pattern = r"(  parameters: &demo_parameters\n)(.*?)(\ndeployments:)"
     text = prefect_yaml.read_text()
-    new, count = re.subn(pattern, lambda m: m.group(1) + block + m.group(3), text, flags=re.S)
+    new, count = re.subn(pattern, lambda m: m.group(1) + block + m.group(3), text, flags=re.DOTALL)
     if count != 1:
         raise SystemExit(f"{prefect_yaml}: no '  parameters: &demo_parameters' block found")
     prefect_yaml.write_text(new)

@@ -127,13 +127,18 @@ def run_launched(
         tail: deque[str] = deque(maxlen=200)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              bufsize=1, env=env, errors="replace") as proc:
+                              bufsize=1, env=env, errors="replace",
+                              start_new_session=True) as proc:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                tail.append(line)
-                on_line(line)
-            returncode = proc.wait()
+            try:
+                for line in proc.stdout:
+                    line = line.rstrip("\n")
+                    tail.append(line)
+                    on_line(line)
+                returncode = proc.wait()
+            except BaseException:  # cancelled or interrupted: take the training down with us
+                _stop(proc)
+                raise
         if returncode != 0:
             raise StageLaunchError(stage, returncode, _stage_error(workdir, tail))
         manifest_path = workdir / MANIFEST_FILE
@@ -142,6 +147,17 @@ def run_launched(
         return json.loads(manifest_path.read_text())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the launcher and its workers (their own process group), SIGKILL after `grace` s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _stage_error(workdir: Path, tail: deque[str]) -> str:

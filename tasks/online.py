@@ -6,13 +6,14 @@ from prefect import task
 
 from posttrain import stages
 from posttrain.config import PipelineConfig
-from tasks.common import with_stage_cache
+from tasks.common import run_training_stage, with_stage_cache
 
 
 @task
 def _online(cfg: PipelineConfig, method: str, data: dict, sft: dict, reward: dict | None = None,
             parent_run_id: str | None = None) -> dict:
-    return stages.run_online_stage(cfg, method, data, sft, reward, parent_run_id=parent_run_id)
+    upstream = {"data": data, "sft": sft, "reward": reward}
+    return run_training_stage(cfg, method, upstream, parent_run_id)
 
 
 def online_task(method: str):

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 import subprocess
 import sys
 from collections import deque
@@ -42,7 +42,7 @@ def _worker(out: Path, nproc: int, *args: str) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(nproc), str(WORKER)]
     done = subprocess.run([*cmd, str(out), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -77,14 +77,25 @@ def _launched_cfg(tmp_path, **sections) -> PipelineConfig:
     return validate(PipelineConfig, values)
 
 
+def _flow_run_logs(flow_run_id: str) -> str:
+    """Every log line the Prefect server holds for one flow run (its tasks' included)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
-def test_sft_stage_runs_as_two_processes_from_its_task(tmp_path, caplog):
+def test_sft_stage_runs_as_two_processes_from_its_task(tmp_path):
     from pipelines.flows import stage_flow
 
     cfg = _launched_cfg(tmp_path)
-    with caplog.at_level(logging.INFO):
-        result = stage_flow(cfg, "sft")
+    result = stage_flow(cfg, "sft")
     assert [(r["stage"], r["status"]) for r in result["stages"]] == [("data", "ran"),
                                                                       ("sft", "ran")]
     sft_dirs = [p for p in (tmp_path / "artifacts" / "sft").iterdir() if p.is_dir()]
@@ -105,8 +116,9 @@ def test_sft_stage_runs_as_two_processes_from_its_task(tmp_path, caplog):
     history = c.get_metric_history(sft_runs[0].info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, cfg.sft.max_steps + 1))
 
-    logged = "\n".join(r.getMessage() for r in caplog.records)
+    logged = _flow_run_logs(parent.data.tags["prefect.flow_run_id"])
     assert "accelerate.commands.launch" in logged and "--num_processes 2" in logged
+    assert "Writing model shards" in logged  # the processes' own output, streamed
 
     again = stage_flow(cfg, "sft")  # cached: no launch at all
     assert [r["status"] for r in again["stages"]] == ["cached", "cached"]
@@ -125,6 +137,35 @@ def test_a_failing_launched_stage_reaches_the_flow_with_its_own_message(tmp_path
     message = str(info.value)
     assert "DataError" in message and "no row fits in max_length=8" in message
     assert "ChildFailedError" not in message
+    c = tracking.client()
+    experiment = c.get_experiment_by_name(cfg.tracking.experiment)
+    sft_runs = c.search_runs([experiment.experiment_id],
+                             f"tags.`{tracking.STAGE_TAG}` = 'sft'")
+    assert [r.info.status for r in sft_runs] == ["FAILED"]  # rank 0's run, closed as failed
+
+
+@pytest.mark.slow
+def test_recipe_entry_point_runs_under_torchrun(tmp_path):
+    """`torchrun -m posttrain.recipes.sft`: data preparation on rank 0 alone, SFT on both ranks,
+    one artifact and one MLflow run per stage."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "posttrain.recipes.sft", "--config", str(ROOT / "conf" / "demo.yaml"),
+           "sft.max_steps=3", "sft.eval_every=3", "sft.warmup_steps=1", "data.demo.num_train=300",
+           "data.demo.num_eval=20", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+           "cpu_threads=1", "tracking.experiment=torchrun"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage in ("data", "sft"):
+        assert len(list((tmp_path / "artifacts" / stage).iterdir())) == 1, stage
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("torchrun")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in runs) == ["data", "sft"]
+    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 # --------------------------------------------------------------------------- launch pieces
@@ -168,8 +209,8 @@ def test_stage_error_falls_back_on_the_last_exception_line(tmp_path):
     tail = deque(["[rank0]: Traceback (most recent call last):",
                   "ValueError: learning rate exploded",
                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
-                  "subprocess.CalledProcessError: Command '[...]' returned non-zero exit "
-                  "status 1."])
+                  ("subprocess.CalledProcessError: Command '[...]' returned non-zero exit "
+                   "status 1.")])
     assert launch._stage_error(tmp_path, tail) == "ValueError: learning rate exploded"
 
 
@@ -236,8 +277,24 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
         model = build_tiny_model(TINY, tokenizer)
         assert enable_gradient_checkpointing(model, on) is on
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is on
-        history: list[float] = []
+        losses[on] = history = []
         sft.train(model, examples, examples[:8], cfg, pad_token_id=tokenizer.pad_token_id,
-                  log_metrics=lambda m, s: history.append(m["loss"]))
-        losses[on] = history
+                  log_metrics=lambda m, s, into=history: into.append(m["loss"]))
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_grpo_stage_runs_as_two_processes(tmp_path):
+    from pipelines.flows import stage_flow
+
+    cfg = _launched_cfg(
+        tmp_path, data={"prompts": {"path": "demo"}}, methods=["grpo"],
+        grpo={"max_steps": 2, "per_device_batch_size": 8, "num_generations": 4,
+              "warmup_steps": 0, "max_length": 40, "max_completion_length": 4, "log_every": 1},
+    )
+    result = stage_flow(cfg, "grpo")
+    assert [(r["stage"], r["status"]) for r in result["stages"]][-1] == ("grpo", "ran")
+    grpo_dir = next(p for p in (tmp_path / "artifacts" / "grpo").iterdir()
+                    if (p / "manifest.json").is_file())
+    assert json.loads((grpo_dir / "manifest.json").read_text())["num_processes"] == 2

@@ -1,8 +1,9 @@
 """What every stage shares: the content key, the idempotent artifact, the MLflow child run.
 
-Under `accelerate launch`/`torchrun` every process runs the stage body (the training is
-data-parallel), but only rank 0 looks up the cache, writes the artifact and talks to MLflow; the
-other ranks write into a throw-away folder, wait for rank 0 and return the manifest it wrote.
+Under `accelerate launch`/`torchrun` only rank 0 looks up the cache, writes the artifact and
+talks to MLflow. A training stage's body runs on every process (the training is data-parallel;
+the other ranks write into a throw-away folder); any other stage's body runs on rank 0 alone.
+Every rank returns the manifest rank 0 wrote.
 """
 
 from __future__ import annotations
@@ -27,6 +28,25 @@ def digest(manifest: dict) -> str:
     return manifest["digest"]
 
 
+def save_trained(accelerator, model, tokenizer, out_dir: Path) -> None:
+    """Save a trained model and its tokenizer from rank 0 (posttrain.models.save_model), after
+    gathering the weights where FSDP or DeepSpeed ZeRO-3 shard them (all ranks take part)."""
+    from posttrain.models import save_model
+    from posttrain.training import gathered_state_dict
+
+    state = gathered_state_dict(accelerator, model)
+    if not is_main_process():
+        return
+    if state is None:
+        save_model(model, tokenizer, out_dir)
+        return
+    if hasattr(model, "peft_config"):
+        raise NotImplementedError("saving a LoRA model trained with FSDP or ZeRO-3 is not "
+                                  "supported; train LoRA with DDP (multi_gpu_ddp.yaml)")
+    model.save_pretrained(out_dir, state_dict=state)
+    tokenizer.save_pretrained(out_dir)
+
+
 def launch_params(cfg: PipelineConfig) -> dict:
     """What of the launch shapes a training stage's result, for its key: the process count (the
     global batch is per_device_batch_size x processes x grad_accum), the autocast setting and
@@ -47,12 +67,16 @@ def run_stage(
     body: Callable[[artifacts.StageOutput, str | None], dict],
     *,
     parent_run_id: str | None = None,
+    data_parallel: bool = False,
 ) -> dict:
     """Return the artifact of (stage, key), producing it with `body(out, run_id)` if needed.
 
     `body` writes files into `out.dir`, may add JSON facts to `out.meta`, and returns the stage's
-    final metrics. The returned manifest carries `cached` (True when nothing ran). On ranks other
-    than 0 of a multi-process launch, `run_id` is None and `out.dir` a throw-away folder.
+    final metrics. The returned manifest carries `cached` (True when nothing ran).
+
+    In a multi-process launch, a `data_parallel` body (training) runs on every rank: on ranks
+    other than 0 with `run_id` None and `out.dir` a throw-away folder. Any other body runs on
+    rank 0 alone while the other ranks wait for its manifest.
     """
     if cfg.cpu_threads:
         import torch
@@ -65,6 +89,9 @@ def run_stage(
             tracking.record_cache_hit(cfg.tracking.experiment, parent_run_id, stage, existing)
         return {**existing, "cached": True}
     run_id = _start_run(cfg, stage, key, params, parent_run_id) if main else None
+    if not data_parallel:
+        manifest = _produce(cfg, stage, key, params, body, run_id) if main else None
+        return {**_from_main(manifest), "cached": False}
     _from_main(None)  # the other ranks start once rank 0's run exists, so a failure finds it
     if not main:
         scratch = Path(tempfile.mkdtemp(prefix=f"posttrain-{stage}-rank{os.environ['RANK']}-"))

@@ -95,4 +95,5 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
         save_trained(accelerator, policy, tokenizer, out.dir / "model")
         return {**final, "train_prompts": len(prompts)}
 
-    return run_stage(cfg, method, key, _params(cfg, method), body, parent_run_id=parent_run_id)
+    return run_stage(cfg, method, key, _params(cfg, method), body, parent_run_id=parent_run_id,
+                     data_parallel=True)

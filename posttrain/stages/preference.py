@@ -8,7 +8,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
+from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
 from posttrain.stages.reward import tokenize_pairs
 
 METHODS = ("dpo", "orpo", "kto")
@@ -47,7 +47,7 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
     stage_cfg = getattr(cfg, method)
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.models import apply_lora, load_trained, load_trained_tokenizer, save_model
+        from posttrain.models import apply_lora, load_trained, load_trained_tokenizer
         from posttrain.recipes import kto, preference
         from posttrain.training import enable_gradient_checkpointing, make_accelerator
 
@@ -67,8 +67,9 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
             held, _ = tokenize_pairs(cfg, data_dir, "eval", tokenizer, stage_cfg)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
+        accelerator = make_accelerator(cfg.model.mixed_precision)
         kw = {"pad_token_id": tokenizer.pad_token_id, "log_metrics": logger,
-              "accelerator": make_accelerator(cfg.model.mixed_precision),
+              "accelerator": accelerator,
               "checkpoint_dir": Path(cfg.artifacts_root) / method / f"{key}.checkpoints"}
         try:
             if method == "kto":
@@ -77,9 +78,9 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
                 final = preference.train(method, policy, train, held, stage_cfg, **kw)
         finally:
             logger.flush()
-        if is_main_process():
-            save_model(policy, tokenizer, out.dir / "model")
+        save_trained(accelerator, policy, tokenizer, out.dir / "model")
         return {**final, "train_examples": len(train),
                 "dropped_examples": sum(report["dropped"].values())}
 
-    return run_stage(cfg, method, key, _params(cfg, method), body, parent_run_id=parent_run_id)
+    return run_stage(cfg, method, key, _params(cfg, method), body, parent_run_id=parent_run_id,
+                     data_parallel=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
+from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
 
 
 def reward_stage_key(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dict) -> str:
@@ -53,16 +53,15 @@ def run_reward_stage(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dic
         held, _ = tokenize_pairs(cfg, data_dir, "eval", tokenizer, cfg.reward)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
+        accelerator = make_accelerator(cfg.model.mixed_precision)
         try:
             final = reward.train(model, train, held, cfg.reward,
                                  pad_token_id=tokenizer.pad_token_id, log_metrics=logger,
-                                 accelerator=make_accelerator(cfg.model.mixed_precision))
+                                 accelerator=accelerator)
         finally:
             logger.flush()
-        if is_main_process():
-            model.save_pretrained(out.dir / "model")
-            tokenizer.save_pretrained(out.dir / "model")
+        save_trained(accelerator, model, tokenizer, out.dir / "model")
         return {**final, "train_pairs": len(train), "dropped_pairs": sum(report["dropped"].values())}
 
     return run_stage(cfg, "reward", key, {"reward": dump(cfg.reward)}, body,
-                     parent_run_id=parent_run_id)
+                     parent_run_id=parent_run_id, data_parallel=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import DataError, read_jsonl
-from posttrain.stages.common import digest, dump, is_main_process, launch_params, run_stage
+from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
 
 
 def sft_stage_key(cfg: PipelineConfig, data_manifest: dict) -> str:
@@ -38,7 +38,7 @@ def run_sft_stage(cfg: PipelineConfig, data_manifest: dict, *,
     params = {"model": dump(cfg.model), "sft": dump(cfg.sft)}
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.models import apply_lora, load_causal_lm, load_tokenizer, save_model
+        from posttrain.models import apply_lora, load_causal_lm, load_tokenizer
         from posttrain.recipes import sft
         from posttrain.training import enable_gradient_checkpointing, make_accelerator
 
@@ -55,16 +55,16 @@ def run_sft_stage(cfg: PipelineConfig, data_manifest: dict, *,
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
         ckpt = Path(cfg.artifacts_root) / "sft" / f"{key}.checkpoints"
+        accelerator = make_accelerator(cfg.model.mixed_precision)
         try:
             final = sft.train(model, train, held, s, pad_token_id=tokenizer.pad_token_id,
-                              log_metrics=logger, checkpoint_dir=ckpt,
-                              accelerator=make_accelerator(cfg.model.mixed_precision))
+                              log_metrics=logger, checkpoint_dir=ckpt, accelerator=accelerator)
         finally:
             logger.flush()
-        if is_main_process():
-            save_model(model, tokenizer, out.dir / "model")
+        save_trained(accelerator, model, tokenizer, out.dir / "model")
         out.meta["base_model"] = cfg.model.name_or_path
         dropped = report["dropped_too_long"] + report["dropped_no_loss"]
         return {**final, "train_examples": len(train), "dropped_for_length": dropped}
 
-    return run_stage(cfg, "sft", key, params, body, parent_run_id=parent_run_id)
+    return run_stage(cfg, "sft", key, params, body, parent_run_id=parent_run_id,
+                     data_parallel=True)
