@@ -47,3 +47,29 @@ def test_backoff_gives_up_at_one_and_never_hides_other_errors():
 
     with pytest.raises(KeyError):
         with_oom_backoff(bug, SFTConfig(per_device_batch_size=8), lambda o, n: None)
+
+
+def test_sft_stage_backs_off_after_an_oom_and_records_it(tmp_path, monkeypatch):
+    import json
+
+    from posttrain import stages, tracking
+    from posttrain.config import PipelineConfig, validate
+    from posttrain.recipes import sft
+    from tests.conftest import tiny_pipeline_values
+
+    real = sft.train
+    sizes = []
+
+    def small_gpu(model, train, held, cfg, **kw):
+        sizes.append((cfg.per_device_batch_size, cfg.grad_accum))
+        if cfg.per_device_batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, train, held, cfg, **kw)
+
+    monkeypatch.setattr(sft, "train", small_gpu)
+    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path, sft={"per_device_batch_size": 8}))
+    manifest = stages.run_sft_stage(cfg, stages.run_data_stage(cfg))
+    assert sizes == [(8, 1), (4, 2), (2, 4)]
+    assert manifest["oom_backoff"][-1] == {"per_device_batch_size": [4, 2], "grad_accum": [2, 4]}
+    run = tracking.client().get_run(manifest["mlflow_run_id"])
+    assert json.loads(run.data.tags["posttrain.oom_backoff"])[0]["per_device_batch_size"] == [8, 4]

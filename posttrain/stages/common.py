@@ -154,3 +154,16 @@ def _from_main(value):
 
     PartialState(cpu=cpu_processes())  # joins the launcher's process group if nothing has yet
     return broadcast_object_list([value])[0]
+
+
+def record_oom_backoff(out: artifacts.StageOutput, run_id: str):
+    """The `on_backoff` of training.with_oom_backoff: note each batch change in the manifest and
+    as an MLflow tag, so a result trained on a smaller micro-batch says so."""
+    def record(old, new) -> None:
+        change = {"per_device_batch_size": [old.per_device_batch_size, new.per_device_batch_size],
+                  "grad_accum": [old.grad_accum, new.grad_accum]}
+        out.meta.setdefault("oom_backoff", []).append(change)
+        if run_id:
+            tracking.client().set_tag(run_id, "posttrain.oom_backoff",
+                                      json.dumps(out.meta["oom_backoff"]))
+    return record

@@ -8,7 +8,14 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
+from posttrain.stages.common import (
+    digest,
+    dump,
+    launch_params,
+    record_oom_backoff,
+    run_stage,
+    save_trained,
+)
 from posttrain.stages.reward import tokenize_pairs
 
 METHODS = ("dpo", "orpo", "kto")
@@ -49,16 +56,15 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         from posttrain.models import apply_lora, load_trained, load_trained_tokenizer
         from posttrain.recipes import kto, preference
-        from posttrain.training import enable_gradient_checkpointing, make_accelerator
+        from posttrain.training import (
+            enable_gradient_checkpointing,
+            make_accelerator,
+            with_oom_backoff,
+        )
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
         tokenizer = load_trained_tokenizer(sft_dir)
-        policy = load_trained(sft_dir, dtype=cfg.model.dtype,
-                              attn_implementation=cfg.model.attn_implementation)
-        enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
-        if cfg.model.lora is not None:
-            policy = apply_lora(policy, cfg.model.lora)
         if method == "kto":
             train, report = _kto_examples(cfg, data_dir, "train", tokenizer)
             held, _ = _kto_examples(cfg, data_dir, "eval", tokenizer)
@@ -67,15 +73,24 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
             held, _ = tokenize_pairs(cfg, data_dir, "eval", tokenizer, stage_cfg)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
-        accelerator = make_accelerator(cfg.model.mixed_precision)
-        kw = {"pad_token_id": tokenizer.pad_token_id, "log_metrics": logger,
-              "accelerator": accelerator,
-              "checkpoint_dir": Path(cfg.artifacts_root) / method / f"{key}.checkpoints"}
-        try:
+
+        def attempt(s):  # from scratch each time: a failed attempt may have moved the weights
+            policy = load_trained(sft_dir, dtype=cfg.model.dtype,
+                                  attn_implementation=cfg.model.attn_implementation)
+            enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
+            if cfg.model.lora is not None:
+                policy = apply_lora(policy, cfg.model.lora)
+            accelerator = make_accelerator(cfg.model.mixed_precision)
+            kw = {"pad_token_id": tokenizer.pad_token_id, "log_metrics": logger,
+                  "accelerator": accelerator,
+                  "checkpoint_dir": Path(cfg.artifacts_root) / method / f"{key}.checkpoints"}
             if method == "kto":
-                final = kto.train(policy, train, held, stage_cfg, **kw)
-            else:
-                final = preference.train(method, policy, train, held, stage_cfg, **kw)
+                return policy, accelerator, kto.train(policy, train, held, s, **kw)
+            return policy, accelerator, preference.train(method, policy, train, held, s, **kw)
+
+        try:
+            policy, accelerator, final = with_oom_backoff(
+                attempt, stage_cfg, record_oom_backoff(out, run_id))
         finally:
             logger.flush()
         save_trained(accelerator, policy, tokenizer, out.dir / "model")

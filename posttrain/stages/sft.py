@@ -8,7 +8,14 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import DataError, read_jsonl
-from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
+from posttrain.stages.common import (
+    digest,
+    dump,
+    launch_params,
+    record_oom_backoff,
+    run_stage,
+    save_trained,
+)
 
 
 def sft_stage_key(cfg: PipelineConfig, data_manifest: dict) -> str:
@@ -40,14 +47,14 @@ def run_sft_stage(cfg: PipelineConfig, data_manifest: dict, *,
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         from posttrain.models import apply_lora, load_causal_lm, load_tokenizer
         from posttrain.recipes import sft
-        from posttrain.training import enable_gradient_checkpointing, make_accelerator
+        from posttrain.training import (
+            enable_gradient_checkpointing,
+            make_accelerator,
+            with_oom_backoff,
+        )
 
         data_dir = Path(data_manifest["path"])
         tokenizer = load_tokenizer(cfg.model)
-        model = load_causal_lm(cfg.model)
-        enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
-        if cfg.model.lora is not None:
-            model = apply_lora(model, cfg.model.lora)
         s = cfg.sft
         train, report = _tokenize(read_jsonl(data_dir / "sft_train.jsonl"), tokenizer,
                                   "sft_train.jsonl", s)
@@ -55,10 +62,20 @@ def run_sft_stage(cfg: PipelineConfig, data_manifest: dict, *,
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
         ckpt = Path(cfg.artifacts_root) / "sft" / f"{key}.checkpoints"
-        accelerator = make_accelerator(cfg.model.mixed_precision)
-        try:
+
+        def attempt(s):  # from scratch each time: a failed attempt may have moved the weights
+            model = load_causal_lm(cfg.model)
+            enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
+            if cfg.model.lora is not None:
+                model = apply_lora(model, cfg.model.lora)
+            accelerator = make_accelerator(cfg.model.mixed_precision)
             final = sft.train(model, train, held, s, pad_token_id=tokenizer.pad_token_id,
                               log_metrics=logger, checkpoint_dir=ckpt, accelerator=accelerator)
+            return model, accelerator, final
+
+        try:
+            model, accelerator, final = with_oom_backoff(
+                attempt, s, record_oom_backoff(out, run_id))
         finally:
             logger.flush()
         save_trained(accelerator, model, tokenizer, out.dir / "model")
