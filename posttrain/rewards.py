@@ -35,7 +35,8 @@ class RewardScorer(torch.nn.Module):
 
 
 def load_reward_model(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, new_head: bool = False
+    path: str | Path, *, dtype: torch.dtype = torch.float32, new_head: bool = False,
+    seed: int = 0,
 ) -> PreTrainedModel:
     """A one-output sequence classifier from a saved model directory (safetensors only).
 
@@ -46,8 +47,12 @@ def load_reward_model(
         str(path), num_labels=1, dtype=dtype, use_safetensors=True
     )
     if new_head:
-        # A small head keeps initial rewards near 0, so the first losses sit near ln 2.
-        torch.nn.init.normal_(model.score.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
+        # A small head keeps initial rewards near 0, so the first losses sit near ln 2; seeded
+        # apart from the global RNG so a stage gives the same head whatever ran before it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            std = 1.0 / (model.config.hidden_size + 1) ** 0.5
+            torch.nn.init.normal_(model.score.weight, std=std)
     return model
 
 

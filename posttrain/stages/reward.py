@@ -8,7 +8,14 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
+from posttrain.stages.common import (
+    digest,
+    dump,
+    launch_params,
+    record_oom_backoff,
+    run_stage,
+    save_trained,
+)
 
 
 def reward_stage_key(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dict) -> str:
@@ -41,23 +48,34 @@ def run_reward_stage(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dic
         from posttrain.models import load_trained_tokenizer
         from posttrain.recipes import reward
         from posttrain.rewards import load_reward_model
-        from posttrain.training import enable_gradient_checkpointing, make_accelerator
+        from posttrain.training import (
+            enable_gradient_checkpointing,
+            make_accelerator,
+            with_oom_backoff,
+        )
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
         tokenizer = load_trained_tokenizer(sft_dir)
-        model = load_reward_model(sft_dir, new_head=True)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
         train, report = tokenize_pairs(cfg, data_dir, "train", tokenizer, cfg.reward)
         held, _ = tokenize_pairs(cfg, data_dir, "eval", tokenizer, cfg.reward)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
-        accelerator = make_accelerator(cfg.model.mixed_precision)
+
+        def attempt(s):  # from scratch each time: a failed attempt may have moved the weights
+            model = load_reward_model(sft_dir, new_head=True, seed=s.seed)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
+            accelerator = make_accelerator(cfg.model.mixed_precision)
+            final = reward.train(
+                model, train, held, s, pad_token_id=tokenizer.pad_token_id, log_metrics=logger,
+                accelerator=accelerator,
+                checkpoint_dir=Path(cfg.artifacts_root) / "reward" / f"{key}.checkpoints")
+            return model, accelerator, final
+
         try:
-            final = reward.train(model, train, held, cfg.reward,
-                                 pad_token_id=tokenizer.pad_token_id, log_metrics=logger,
-                                 accelerator=accelerator)
+            model, accelerator, final = with_oom_backoff(
+                attempt, cfg.reward, record_oom_backoff(out, run_id))
         finally:
             logger.flush()
         save_trained(accelerator, model, tokenizer, out.dir / "model")
