@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -84,6 +85,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _short(v) -> str:
+    """Three significant digits: enough to compare models, narrow enough for seven columns."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def print_summary(result: dict) -> None:
     table = Table(title="posttrain run")
     for col in ("stage", "status", "time (s)", "key metrics"):
@@ -96,13 +102,15 @@ def print_summary(result: dict) -> None:
     console.print(table)
     comparison = result.get("comparison") or {}
     if comparison:
-        cmp = Table(title="evaluation (held-out)")
-        cmp.add_column("model")
-        cols = [c for c in _COMPARISON if any(c in m for m in comparison.values())]
-        for c in cols:
-            cmp.add_column(c.replace("_", " "), justify="right")  # spaces let narrow tables wrap
-        for name, m in comparison.items():
-            cmp.add_row(name, *(_fmt(m.get(c, "")) for c in cols))
+        # One row per metric, one column per model: metric names stay whole, and seven models
+        # still fit an 80-column terminal.
+        cmp = Table(title="evaluation (held-out)", box=box.SIMPLE_HEAD)
+        cmp.add_column("metric", no_wrap=True)
+        for name in comparison:
+            cmp.add_column(name, justify="right", min_width=5)
+        for metric in _COMPARISON:
+            if any(metric in m for m in comparison.values()):
+                cmp.add_row(metric, *(_short(m.get(metric, "")) for m in comparison.values()))
         console.print(cmp)
     print_promotion(result.get("promotion"))
 

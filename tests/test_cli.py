@@ -69,4 +69,4 @@ def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
         assert f"│ {stage}" in first.stdout
     assert first.stdout.count(" ran ") == len(stages), first.stdout
     assert second.stdout.count(" cached ") == len(stages), second.stdout
-    assert "checker accuracy" in first.stdout and "make ui" in first.stdout
+    assert "checker_accuracy" in first.stdout and "make ui" in first.stdout
