@@ -385,7 +385,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 def halve_micro_batch(cfg: TrainingConfig) -> TrainingConfig | None:
     """Half the micro-batch and twice the accumulation (the same effective batch for even sizes);
     None when the micro-batch is already 1."""
-    if cfg.per_device_batch_size <= 1:
+    group = getattr(cfg, "num_generations", 1)  # GRPO: a micro-batch holds whole groups
+    if cfg.per_device_batch_size <= 1 or (cfg.per_device_batch_size // 2) % group:
         return None
     return cfg.model_copy(update={"per_device_batch_size": cfg.per_device_batch_size // 2,
                                   "grad_accum": cfg.grad_accum * 2})

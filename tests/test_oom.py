@@ -73,3 +73,12 @@ def test_sft_stage_backs_off_after_an_oom_and_records_it(tmp_path, monkeypatch):
     assert manifest["oom_backoff"][-1] == {"per_device_batch_size": [4, 2], "grad_accum": [2, 4]}
     run = tracking.client().get_run(manifest["mlflow_run_id"])
     assert json.loads(run.data.tags["posttrain.oom_backoff"])[0]["per_device_batch_size"] == [8, 4]
+
+
+def test_grpo_micro_batches_only_shrink_to_whole_groups():
+    from posttrain.config import GRPOConfig
+
+    cfg = GRPOConfig(per_device_batch_size=32, num_generations=8)
+    smaller = halve_micro_batch(cfg)
+    assert (smaller.per_device_batch_size, smaller.grad_accum) == (16, 2)
+    assert halve_micro_batch(halve_micro_batch(smaller)) is None  # 8 -> 4 would split a group

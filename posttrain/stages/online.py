@@ -7,7 +7,14 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, launch_params, run_stage, save_trained
+from posttrain.stages.common import (
+    digest,
+    dump,
+    launch_params,
+    record_oom_backoff,
+    run_stage,
+    save_trained,
+)
 
 ONLINE_METHODS = ("grpo", "ppo")
 
@@ -63,24 +70,29 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
         from posttrain.models import apply_lora, load_trained, load_trained_tokenizer
         from posttrain.recipes import grpo, ppo
         from posttrain.rewards import load_reward_model
-        from posttrain.training import enable_gradient_checkpointing, make_accelerator
+        from posttrain.training import (
+            enable_gradient_checkpointing,
+            make_accelerator,
+            with_oom_backoff,
+        )
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
         tokenizer = load_trained_tokenizer(sft_dir)
-        policy = load_trained(sft_dir, dtype=cfg.model.dtype,
-                              attn_implementation=cfg.model.attn_implementation)
-        enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
-        if cfg.model.lora is not None:
-            policy = apply_lora(policy, cfg.model.lora)
         prompts = read_jsonl(data_dir / "prompts_train.jsonl")
         logger = tracking.MetricLogger(run_id)
-        accelerator = make_accelerator(cfg.model.mixed_precision)
-        try:
+
+        def attempt(stage_cfg):  # from scratch each time: a failed try may have moved weights
+            policy = load_trained(sft_dir, dtype=cfg.model.dtype,
+                                  attn_implementation=cfg.model.attn_implementation)
+            enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
+            if cfg.model.lora is not None:
+                policy = apply_lora(policy, cfg.model.lora)
+            accelerator = make_accelerator(cfg.model.mixed_precision)
             if method == "grpo":
                 fns, weights = _reward_functions(cfg, reward_manifest, tokenizer)
                 final = grpo.train(policy, tokenizer, prompts,
-                                   read_jsonl(data_dir / "prompts_eval.jsonl"), cfg.grpo,
+                                   read_jsonl(data_dir / "prompts_eval.jsonl"), stage_cfg,
                                    reward_fns=fns, weights=weights, log_metrics=logger,
                                    accelerator=accelerator,
                                    checkpoint_dir=Path(cfg.artifacts_root) / method
@@ -88,8 +100,16 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
             else:
                 rm_dir = Path(reward_manifest["path"]) / "model"
                 final = ppo.train(policy, load_reward_model(rm_dir), load_reward_model(rm_dir),
-                                  tokenizer, prompts, cfg.ppo, log_metrics=logger,
+                                  tokenizer, prompts, stage_cfg, log_metrics=logger,
                                   accelerator=accelerator)
+            return policy, accelerator, final
+
+        try:
+            if method == "grpo":  # its micro-batches can shrink; PPO's batch IS the rollout
+                policy, accelerator, final = with_oom_backoff(
+                    attempt, cfg.grpo, record_oom_backoff(out, run_id))
+            else:
+                policy, accelerator, final = attempt(cfg.ppo)
         finally:
             logger.flush()
         save_trained(accelerator, policy, tokenizer, out.dir / "model")
