@@ -167,3 +167,17 @@ def record_oom_backoff(out: artifacts.StageOutput, run_id: str):
             tracking.client().set_tag(run_id, "posttrain.oom_backoff",
                                       json.dumps(out.meta["oom_backoff"]))
     return record
+
+
+def load_policy(cfg: PipelineConfig, model_dir: Path):
+    """The policy a training stage starts from: a saved model, with the configured gradient
+    checkpointing and LoRA adapters applied."""
+    from posttrain.models import apply_lora, load_trained
+    from posttrain.training import enable_gradient_checkpointing
+
+    policy = load_trained(model_dir, dtype=cfg.model.dtype,
+                          attn_implementation=cfg.model.attn_implementation)
+    enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
+    if cfg.model.lora is not None:
+        policy = apply_lora(policy, cfg.model.lora)
+    return policy

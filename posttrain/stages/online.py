@@ -11,6 +11,7 @@ from posttrain.stages.common import (
     digest,
     dump,
     launch_params,
+    load_policy,
     record_oom_backoff,
     run_stage,
     save_trained,
@@ -67,14 +68,10 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
     key = online_stage_key(cfg, method, data_manifest, sft_manifest, reward_manifest)
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.models import apply_lora, load_trained, load_trained_tokenizer
+        from posttrain.models import load_trained_tokenizer
         from posttrain.recipes import grpo, ppo
         from posttrain.rewards import load_reward_model
-        from posttrain.training import (
-            enable_gradient_checkpointing,
-            make_accelerator,
-            with_oom_backoff,
-        )
+        from posttrain.training import make_accelerator, with_oom_backoff
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
@@ -83,11 +80,7 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
         logger = tracking.MetricLogger(run_id)
 
         def attempt(stage_cfg):  # from scratch each time: a failed try may have moved weights
-            policy = load_trained(sft_dir, dtype=cfg.model.dtype,
-                                  attn_implementation=cfg.model.attn_implementation)
-            enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
-            if cfg.model.lora is not None:
-                policy = apply_lora(policy, cfg.model.lora)
+            policy = load_policy(cfg, sft_dir)
             accelerator = make_accelerator(cfg.model.mixed_precision)
             if method == "grpo":
                 fns, weights = _reward_functions(cfg, reward_manifest, tokenizer)

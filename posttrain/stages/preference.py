@@ -12,6 +12,7 @@ from posttrain.stages.common import (
     digest,
     dump,
     launch_params,
+    load_policy,
     record_oom_backoff,
     run_stage,
     save_trained,
@@ -54,13 +55,9 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
     stage_cfg = getattr(cfg, method)
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.models import apply_lora, load_trained, load_trained_tokenizer
+        from posttrain.models import load_trained_tokenizer
         from posttrain.recipes import kto, preference
-        from posttrain.training import (
-            enable_gradient_checkpointing,
-            make_accelerator,
-            with_oom_backoff,
-        )
+        from posttrain.training import make_accelerator, with_oom_backoff
 
         sft_dir = Path(sft_manifest["path"]) / "model"
         data_dir = Path(data_manifest["path"])
@@ -75,11 +72,7 @@ def run_method_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
         logger = tracking.MetricLogger(run_id)
 
         def attempt(s):  # from scratch each time: a failed attempt may have moved the weights
-            policy = load_trained(sft_dir, dtype=cfg.model.dtype,
-                                  attn_implementation=cfg.model.attn_implementation)
-            enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
-            if cfg.model.lora is not None:
-                policy = apply_lora(policy, cfg.model.lora)
+            policy = load_policy(cfg, sft_dir)
             accelerator = make_accelerator(cfg.model.mixed_precision)
             kw = {"pad_token_id": tokenizer.pad_token_id, "log_metrics": logger,
                   "accelerator": accelerator,
