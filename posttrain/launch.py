@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from posttrain.config import LaunchConfig, PipelineConfig
+from posttrain.training import end_distributed
 
 CONFIG_FILE = "config.json"
 UPSTREAM_FILE = "upstream.json"
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = workdir / f".{MANIFEST_FILE}.tmp"
         tmp.write_text(json.dumps(manifest))
         tmp.replace(workdir / MANIFEST_FILE)
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -412,3 +412,14 @@ def with_oom_backoff(run: Callable[[TrainingConfig], Any], cfg: TrainingConfig,
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             cfg = smaller
+
+
+def end_distributed() -> None:
+    """Tear down the process group a multi-process run created. Left to interpreter exit, the
+    gloo group's threads can abort the process (SIGABRT, "terminate called without an active
+    exception") after all the work is done, failing a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from posttrain.config import load_pipeline_config
     from posttrain.stages import run_data_stage, run_sft_stage
+    from posttrain.training import end_distributed
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", default=None, help="pipeline YAML (default: built-in demo)")
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     data = run_data_stage(cfg)
     sft = run_sft_stage(cfg, data)
     print(f"SFT artifact: {sft['path']}")
+    end_distributed()
 
 
 if __name__ == "__main__":
