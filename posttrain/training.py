@@ -178,6 +178,11 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
+def as_sums(loss: torch.Tensor, metrics: dict, n: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """A batch-MEAN loss and metrics over `n` items turned into the sums `accumulate` expects."""
+    return loss * n, {"loss": loss.item() * n, **{k: float(v) * n for k, v in metrics.items()}}
+
+
 def accumulate(
     accelerator: Accelerator,
     net: torch.nn.Module,

@@ -27,6 +27,7 @@ from posttrain.data.preference import collate_unpaired
 from posttrain.logprobs import SelectedLogits, sequence_logps
 from posttrain.losses.kto import kto_loss
 from posttrain.training import (
+    as_sums,
     build_optimizer,
     endless_batches,
     fit,
@@ -137,7 +138,7 @@ def train(
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         loss, m = terms(batch)
         n = batch["input_ids"].shape[0]
-        return loss * n, {"loss": loss.item() * n, **{k: float(v) * n for k, v in m.items()}}
+        return as_sums(loss, m, n)
 
     eval_batches = [
         collate(eval_examples[i : i + config.per_device_batch_size], pad_token_id)

@@ -30,6 +30,7 @@ from posttrain.logprobs import SelectedLogits, sequence_logps
 from posttrain.losses.dpo import dpo_loss
 from posttrain.losses.orpo import orpo_loss
 from posttrain.training import (
+    as_sums,
     build_optimizer,
     endless_batches,
     fit,
@@ -132,7 +133,7 @@ def train(
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         loss, m = terms(batch)
         n = batch["input_ids"].shape[0] // 2
-        return loss * n, {"loss": loss.item() * n, **{k: float(v) * n for k, v in m.items()}}
+        return as_sums(loss, m, n)
 
     eval_batches = [
         collate_pairs(eval_pairs[i : i + config.per_device_batch_size], pad_token_id)

@@ -18,7 +18,14 @@ from posttrain.config import RewardConfig
 from posttrain.data.preference import collate_pairs
 from posttrain.losses.reward import reward_loss
 from posttrain.rewards import RewardScorer
-from posttrain.training import build_optimizer, endless_batches, fit, make_accelerator, prepare
+from posttrain.training import (
+    as_sums,
+    build_optimizer,
+    endless_batches,
+    fit,
+    make_accelerator,
+    prepare,
+)
 
 MetricFn = Callable[[dict[str, float], int], None]
 
@@ -80,7 +87,7 @@ def train(
             center_coefficient=config.center_rewards_coefficient,
         )
         n = chosen.shape[0]
-        return loss * n, {"loss": loss.item() * n, **{k: float(v) * n for k, v in m.items()}}
+        return as_sums(loss, m, n)
 
     return fit(
         accelerator, scorer, optimizer, scheduler, params, batches, config,
