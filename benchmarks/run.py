@@ -31,6 +31,16 @@ DEMO_MODEL = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "
               "--intermediate", "256"]
 
 
+# Named shapes for --preset. qwen0.5b: Qwen2.5-0.5B's architecture (random weights: no download),
+# bf16 autocast, the batch sizes of a single-GPU run; the run that measures model FLOPs
+# utilization against the same run's bf16 GEMM.
+PRESETS = {
+    "qwen0.5b": {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864,
+                 "vocab": 151936, "steps": 20, "warmup": 5, "sft_batch": 16, "pair_batch": 8,
+                 "new_tokens": 128, "repeat": 1, "precision": "bf16", "gemm_size": 8192},
+}
+
+
 @dataclass
 class Variant:
     name: str
@@ -48,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true",
                    help="small model, few steps, smaller logits: a couple of minutes on 2 cores")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a named model shape and settings (explicit flags still win): "
+                        "'qwen0.5b' is Qwen2.5-0.5B's shape (896 hidden, 24 layers, vocabulary "
+                        "151936) in bf16 for a GPU, the model FLOPs utilization run")
     p.add_argument("--only", default=",".join(GROUPS),
                    help=f"comma-separated groups to run, from {','.join(GROUPS)}")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
@@ -62,13 +76,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default="",
                    help="suffix of the output files: RESULTS-<date>-<label>.md/.json")
     p.add_argument("--trl", action="store_true",
-                   help="also run SFT, RM, DPO, ORPO and KTO through TRL's trainers, interleaved "
-                        "with ours, and report ours/TRL ratios (needs trl: see --trl-python)")
+                   help="also run SFT, RM, DPO, ORPO, KTO and GRPO through TRL's trainers, "
+                        "interleaved with ours, and report ours/TRL ratios (needs trl: see "
+                        "--trl-python)")
     p.add_argument("--trl-python", default=None,
                    help="interpreter with trl installed for the TRL workers (default: this one; "
                         "e.g. .venv-bench/bin/python from `pip install -e .[bench]`)")
-    g = p.add_argument_group("model and data (defaults depend on --quick)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="training precision (bf16: autocast with fp32 master weights) and the "
+                        "calibration GEMM's dtype, so %% of matmul compares like with like "
+                        "(default fp32)")
+    g = p.add_argument_group("model and data (defaults depend on --quick / --preset)")
     g.add_argument("--hidden", type=int)
+    g.add_argument("--intermediate", type=int, help="MLP width (default 4 x hidden)")
     g.add_argument("--layers", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--kv-heads", type=int)
@@ -88,8 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "warmup": 2, "sft_batch": 8, "pair_batch": 4, "repeat": 1, "new_tokens": 32}
     full = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 2, "vocab": 32000, "steps": 30,
             "warmup": 5, "sft_batch": 16, "pair_batch": 8, "repeat": 3, "new_tokens": 64}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
+    defaults = {**(quick if args.quick else full), **PRESETS.get(args.preset, {})}
+    defaults.setdefault("precision", "fp32")
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     unknown = set(args.only.split(",")) - set(GROUPS)
     if unknown:
@@ -103,12 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def plan(args) -> list[Variant]:
     """The variants, grouped so that the ones compared with each other run back to back."""
     model = ["--hidden", args.hidden, "--layers", args.layers, "--heads", args.heads,
-             "--kv-heads", args.kv_heads, "--vocab", args.vocab]
-    train = [*model, "--steps", args.steps, "--warmup", args.warmup,
+             "--kv-heads", args.kv_heads, "--vocab", args.vocab,
+             *(["--intermediate", args.intermediate] if args.intermediate else [])]
+    train = [*model, "--precision", args.precision, "--steps", args.steps, "--warmup", args.warmup,
              "--prompt-len", args.prompt_len, "--completion-len", args.completion_len]
     sft = [*train, "--variant", "sft", "--batch-size", args.sft_batch,
            "--max-length", args.max_length]
-    demo = ["--variant", "sft", "--data", "demo", *DEMO_MODEL, "--steps", args.steps,
+    demo = ["--variant", "sft", "--data", "demo", *DEMO_MODEL, "--precision", args.precision,
+            "--steps", args.steps,
             "--warmup", args.warmup, "--batch-size", 64, "--max-length", 64]
     pairs = [*train, "--batch-size", args.pair_batch]
     kto = [*train, "--variant", "kto", "--batch-size", 2 * args.pair_batch]
@@ -248,6 +272,10 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             add(f"ours / TRL, real tokens/s ({ours})",
                 _ratio(get(ours, "tokens_per_s"), get(name, "tokens_per_s")),
                 "median per-step non-pad tokens/s of the training forwards (>1: ours faster)")
+            add(f"ours / TRL, steps/s ({ours})",
+                _ratio(get(ours, "steps_per_s"), get(name, "steps_per_s")),
+                "median optimizer steps/s; a GRPO step includes sampling its completions "
+                "(>1: ours faster)")
             add(f"ours / TRL, end-to-end time ({ours})",
                 _ratio(get(name, "e2e_s"), get(ours, "e2e_s")),
                 "TRL over ours: trainer construction (TRL) or train() (ours) to the last timed "
@@ -309,8 +337,11 @@ def _f(value, digits: int = 0) -> str:
 def _settings(o: dict) -> str:
     if not o:
         return ""
+    mlp = o.get("intermediate")
+    mlp = f"MLP {mlp}" if mlp not in (None, "None") else "MLP 4 x hidden"
     return (f"Settings: Qwen2 hidden {o['hidden']}, {o['layers']} layers, {o['heads']} heads "
-            f"({o['kv_heads']} KV), vocab {o['vocab']}; {o['steps']} steps of which the first "
+            f"({o['kv_heads']} KV), {mlp}, vocab {o['vocab']}, {o.get('precision', 'fp32')}; "
+            f"{o['steps']} steps of which the first "
             f"{o['warmup']} and the last are untimed; SFT {o['sft_batch']} examples/step, "
             f"{o['pair_batch']} pairs/step (KTO {2 * int(o['pair_batch'])} rows); prompt "
             f"lengths {o['prompt_len']}, completion lengths {o['completion_len']}; "
@@ -324,7 +355,8 @@ def markdown(report: dict) -> str:
         "",
         (f"Machine: {report['machine']}. torch {report['torch']}, {report['threads']} "
          "thread(s) per worker."),
-        (f"Matmul calibration (fp32 {cal['gemm_size']}^3 GEMM, median of start and end): "
+        (f"Matmul calibration ({cal.get('precision', 'fp32')} {cal['gemm_size']}^3 GEMM, "
+         "median of start and end): "
          f"{_f(cal['gflops'], 1)} GFLOP/s (start {_f(cal['start'], 1)}, "
          f"end {_f(cal['end'], 1)})."),
         f"Command: `{report['command']}`",
@@ -333,15 +365,15 @@ def markdown(report: dict) -> str:
         "## Training stages",
         "",
         ("| variant | batch | real tokens/s | steps/s | pad % | model GFLOP/s | % of matmul "
-         "| peak RSS MB | train mem MB | precompute s | end-to-end s |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+         "| peak RSS MB | train mem MB | peak CUDA MB | precompute s | end-to-end s |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     results = report["results"]
     for r in results:
         if r.get("variant") in ("logps", "calibrate", "rollout", "orchestration"):
             continue
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 10)
             continue
         flops = r.get("flops_per_s")
         lines.append(
@@ -349,7 +381,8 @@ def markdown(report: dict) -> str:
             f"| {_f(r['steps_per_s'], 2)} | {_f(100 * r['pad_fraction'], 0)} "
             f"| {_f(flops and flops / 1e9, 2)} "
             f"| {_f(r.get('matmul_fraction') and r['matmul_fraction'] * 100, 1)} "
-            f"| {_f(r['peak_rss_mb'])} | {_f(r['extra_mb'])} | {_f(r.get('precompute_s'), 2)} "
+            f"| {_f(r['peak_rss_mb'])} | {_f(r['extra_mb'])} | {_f(r.get('cuda_peak_mb'))} "
+            f"| {_f(r.get('precompute_s'), 2)} "
             f"| {_f(r['e2e_s'], 2)} |"
         )
     lines += _online_table(results) + _trl_table(results) + _rollout_table(results) \
@@ -404,14 +437,18 @@ def _trl_table(results: list[dict]) -> list[str]:
             out.append(f"| {ours['name']} | error: {ours.get('error') or trl.get('error')} |"
                        + " |" * 9)
             continue
-        same = ours.get("epoch_grad_tokens") == trl.get("epoch_grad_tokens")
+        a, b = ours.get("epoch_grad_tokens"), trl.get("epoch_grad_tokens")
+        if ours.get("variant") in ("grpo", "ppo"):  # sampled completions: equal only in expectation
+            same = f"sampled: {_f(a)} vs {_f(b)}"
+        else:
+            same = "yes" if a == b else "NO"
         out.append(
             f"| {ours['name']} | {_f(ours['tokens_per_s'])} | {_f(trl['tokens_per_s'])} "
             f"| {_f(_ratio(ours['tokens_per_s'], trl['tokens_per_s']), 2)} "
             f"| {_f(ours['peak_rss_mb'])} | {_f(trl['peak_rss_mb'])} "
             f"| {_f(_ratio(ours['peak_rss_mb'], trl['peak_rss_mb']), 2)} "
             f"| {_f(ours['extra_mb'])} | {_f(trl['extra_mb'])} "
-            f"| {_f(_ratio(ours['extra_mb'], trl['extra_mb']), 2)} | {'yes' if same else 'NO'} |")
+            f"| {_f(_ratio(ours['extra_mb'], trl['extra_mb']), 2)} | {same} |")
     return out
 
 
@@ -473,7 +510,9 @@ def _orchestration_table(results: list[dict]) -> list[str]:
 
 def _calibrate(args) -> dict:
     return run_worker("benchmarks.worker", ["--variant", "calibrate", "--threads",
-                                            str(args.threads), "--seconds", "1"], args.timeout)
+                                            str(args.threads), "--seconds", "1", "--precision",
+                                            args.precision, "--gemm-size",
+                                            str(getattr(args, "gemm_size", 1024))], args.timeout)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -489,7 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {v.name}: {_summary(v.runs[-1])}", file=sys.stderr)
     end = _calibrate(args)
     gflops = [c["gflops_median"] for c in (start, end) if "error" not in c]
-    calibration = {"gemm_size": start.get("gemm_size"), "start": start.get("gflops_median"),
+    calibration = {"gemm_size": start.get("gemm_size"), "precision": args.precision,
+                   "start": start.get("gflops_median"),
                    "end": end.get("gflops_median"),
                    "gflops": statistics.median(gflops) if gflops else None}
     results = [{**median_result(v.runs), "name": v.name} for v in variants]

@@ -11,10 +11,12 @@ Both sides train the same random-initialised Qwen2 (the worker's, same seed) on 
 ids: the ids become text ("t17 t5 ...") for a word-level tokenizer with one token per id, which
 TRL tokenizes back into exactly those ids (TRL appends EOS itself, so our trailing EOS is left out
 of the text; `epoch_grad_tokens`, the real tokens of all training forwards of the run (one
-epoch), must equal ours: run.py checks it). Same
-settings: steps, per-device batch, AdamW lr 1e-4 constant without warm-up, clipping 1.0, beta 0.1,
-fp32, one process on CPU, no logging integrations, no checkpoints, no evaluation. Timing uses a
-TrainerCallback's step ends and the worker's forward hooks and timed window.
+epoch), must equal ours: run.py checks it; GRPO samples its completions, so there the counts agree
+only in expectation). Same settings: steps, per-device batch, AdamW lr 1e-4 constant without
+warm-up, clipping 1.0, beta 0.1 (GRPO: beta 0, loss_type 'grpo', group-scaled rewards, one
+iteration, temperature 1, the same char-count reward), fp32 or bf16 autocast (`--precision`), one
+process, no logging integrations, no checkpoints, no evaluation. Timing uses a TrainerCallback's
+step ends and the worker's forward hooks and timed window.
 
 Differences that stay (they are TRL's defaults, so they are part of what is compared):
 - TRL builds its tokenized dataset (and, with precompute_ref_log_probs, the reference log-probs)
@@ -38,7 +40,7 @@ import time
 
 from benchmarks import worker
 
-STAGES = ("sft", "rm", "dpo", "orpo", "kto")  # TRL 1.16 has no PPO trainer; GRPO not wired
+STAGES = ("sft", "rm", "dpo", "orpo", "kto", "grpo")  # TRL 1.16 has no PPO trainer
 
 
 def available(python: str | None = None) -> bool:
@@ -61,6 +63,8 @@ def _text(ids: list[int]) -> str:
 def _dataset(stage: str, examples: list[dict]):
     from datasets import Dataset
 
+    if stage == "grpo":  # prompt rows are text already (word-level, see synthetic.prompt_rows)
+        return Dataset.from_list([{"prompt": e["prompt"]} for e in examples])
     if stage == "sft":
         rows = []
         for e in examples:
@@ -80,7 +84,8 @@ def _trainer_classes(stage: str):
     """(ConfigClass, TrainerClass); ORPO/KTO may live under trl.experimental in newer TRL."""
     import trl
 
-    names = {"sft": "SFT", "rm": "Reward", "dpo": "DPO", "orpo": "ORPO", "kto": "KTO"}[stage]
+    names = {"sft": "SFT", "rm": "Reward", "dpo": "DPO", "orpo": "ORPO", "kto": "KTO",
+             "grpo": "GRPO"}[stage]
     for module in (trl, f"trl.experimental.{stage}"):
         with contextlib.suppress(ImportError, AttributeError):
             mod = importlib.import_module(module) if isinstance(module, str) else module
@@ -92,7 +97,13 @@ def train_stage(args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from benchmarks.synthetic import count_work, current_rss_mb, parameter_counts, word_tokenizer
+    from benchmarks.synthetic import (
+        char_count_reward,
+        count_work,
+        current_rss_mb,
+        parameter_counts,
+        word_tokenizer,
+    )
 
     if args.data != "synthetic" or args.variant not in STAGES:
         raise SystemExit(f"the TRL branch runs {STAGES} on synthetic data only")
@@ -102,10 +113,18 @@ def train_stage(args) -> dict:
     ours = worker._stage_config(args, built["train"])
     counts, params = count_work(model, built["pad"]), parameter_counts(model)
     marks: dict[int, tuple[float, dict]] = {}
+    counts["gen_tokens"] = 0  # sampled completion tokens (GRPO), from TRL's logged mean length
 
     class Marks(TrainerCallback):
         def on_step_end(self, targs, state, control, **kw):
             marks[state.global_step] = (time.perf_counter(), dict(counts))
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            # Trainer logs right after on_step_end: credit the step just marked.
+            if logs and "completions/mean_length" in logs and state.global_step in marks:
+                generated = round(logs["completions/mean_length"] * ours.per_device_batch_size)
+                counts["gen_tokens"] += generated
+                marks[state.global_step][1]["gen_tokens"] += generated
 
     config_cls, trainer_cls = _trainer_classes(args.variant)
     precompute = args.reference == "precomputed"
@@ -113,7 +132,13 @@ def train_stage(args) -> dict:
                      "completion_only_loss": True},
              "dpo": {"beta": 0.1, "precompute_ref_log_probs": precompute},
              "kto": {"beta": 0.1, "precompute_ref_log_probs": precompute},
-             "orpo": {"beta": 0.1}, "rm": {}}[args.variant]
+             "orpo": {"beta": 0.1}, "rm": {},
+             # Ours: GRPOConfig(loss_type="grpo", scale_rewards="group", num_iterations=1,
+             # beta=0, temperature 1, batch counts completions) -- the same settings.
+             "grpo": {"num_generations": args.generations,
+                      "max_completion_length": args.new_tokens, "temperature": 1.0,
+                      "beta": 0.0, "loss_type": "grpo", "scale_rewards": "group",
+                      "num_iterations": 1, "epsilon": 0.2}}[args.variant]
     dataset = _dataset(args.variant, built["train"])
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
         cfg = config_cls(
@@ -122,7 +147,7 @@ def train_stage(args) -> dict:
             lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
             logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
             seed=args.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-            dataloader_num_workers=0, **extra,
+            dataloader_num_workers=0, bf16=args.precision == "bf16", **extra,
         )
         rss_before = current_rss_mb()
         t0 = time.perf_counter()
@@ -132,6 +157,8 @@ def train_stage(args) -> dict:
             extra_models = {"ref_model": copy.deepcopy(model)}  # hooks too: nograd work
         else:
             extra_models = {}
+        if args.variant == "grpo":
+            extra_models = {"reward_funcs": [char_count_reward]}
         trainer = trainer_cls(model=model, args=cfg, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Marks()], **extra_models)
         setup_s = time.perf_counter() - t0
@@ -139,12 +166,15 @@ def train_stage(args) -> dict:
     window = worker._window(marks, params, args.warmup, args.steps - 1)
     window.update(flops_per_s=None, mean_flops_per_s=None, model_flops=None)  # see docstring
     return {"stage": args.variant, "tool": "trl", "packing": args.packing,
+            "precision": args.precision,
             "reference": args.reference if args.variant in ("dpo", "kto") else None,
             "per_device_batch_size": ours.per_device_batch_size, "vocab": built["vocab"],
             "params": params, **window, "setup_s": setup_s,
             "precompute_s": setup_s if precompute and args.variant in ("dpo", "kto") else 0.0,
             "e2e_s": marks[args.steps - 1][0] - t0,
             "epoch_grad_tokens": marks[max(marks)][1]["grad_tokens"],
+            "new_tokens": args.new_tokens if args.variant == "grpo" else None,
+            "generations": args.generations if args.variant == "grpo" else None,
             **worker._memory(worker._device(), rss_before)}
 
 

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="label copied into the JSON")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="training: fp32, or bf16 autocast (accelerate mixed precision, fp32 "
+                        "master weights); calibrate: the GEMM's dtype")
     g = p.add_argument_group("model (random-initialised Qwen2)")
     g.add_argument("--hidden", type=int, default=64)
     g.add_argument("--layers", type=int, default=2)
@@ -82,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--chunk-size", type=int, default=None,
                    help="token_logps chunk in rows (default: the library's memory-sized default)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    g = p.add_argument_group("calibrate (fp32 GEMM)")
+    g = p.add_argument_group("calibrate (GEMM in --precision)")
     g.add_argument("--gemm-size", type=int, default=1024)
     g.add_argument("--seconds", type=float, default=1.0, help="time spent multiplying")
     args = p.parse_args(argv)
@@ -117,13 +120,15 @@ def _memory(device, rss_before: float) -> dict[str, float]:
 
 
 def calibrate(args) -> dict:
-    """fp32 GEMM throughput: median and best GFLOP/s of n x n @ n x n products."""
+    """GEMM throughput (fp32, or bf16 with --precision bf16): median and best GFLOP/s of
+    n x n @ n x n products."""
     import torch
 
     device = _device()
     n = args.gemm_size
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b, out=c)
     rates: list[float] = []
@@ -134,7 +139,8 @@ def calibrate(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return {"gemm_size": n, "gflops_median": statistics.median(rates),
+    return {"gemm_size": n, "precision": args.precision,
+            "gflops_median": statistics.median(rates),
             "gflops_best": max(rates), "samples": len(rates)}
 
 
@@ -387,6 +393,7 @@ def train_stage(args) -> dict:
         current_rss_mb,
         parameter_counts,
     )
+    from posttrain.training import make_accelerator
 
     built = _model_and_data(args)
     model, train = built["model"], built["train"]
@@ -412,22 +419,24 @@ def train_stage(args) -> dict:
     device = _device()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    accelerator = make_accelerator("bf16" if args.precision == "bf16" else "no")
     rss_before = current_rss_mb()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
         if args.variant == "grpo":
             final = fn(model, built["tokenizer"], train, built["eval"], cfg,
                        reward_fns={"chars": char_count_reward}, weights={"chars": 1.0},
-                       log_metrics=log_metrics)
+                       log_metrics=log_metrics, accelerator=accelerator)
         elif args.variant == "ppo":
             final = fn(model, built["value_model"], built["reward_model"], built["tokenizer"],
-                       train, cfg, log_metrics=log_metrics)
+                       train, cfg, log_metrics=log_metrics, accelerator=accelerator)
         else:
             final = fn(model, train, built["eval"], cfg, pad_token_id=built["pad"],
-                       log_metrics=log_metrics)
+                       log_metrics=log_metrics, accelerator=accelerator)
     total_s = time.perf_counter() - t0
     return {
         "stage": args.variant, "data": args.data, "packing": args.packing,
+        "precision": args.precision,
         "reference": args.reference if args.variant in ("dpo", "kto") else None,
         "per_device_batch_size": cfg.per_device_batch_size, "vocab": built["vocab"],
         **built["shape"], "params": params, "train_examples": len(train),

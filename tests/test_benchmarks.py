@@ -100,3 +100,37 @@ def test_report_tables_for_trl_rollout_and_orchestration():
     assert "Side by side with TRL" in text and "| dpo copy | 100 | 50 | 2.00 |" in text
     assert "| rollout no-cache | 4 | 32 | 10.00 |" in text
     assert "| sft | 3.00 | 2.00 | 1.00 | 0.50 |" in text
+
+
+def test_qwen_preset_plans_bf16_workers_with_the_real_shape():
+    """--preset qwen0.5b (the GPU MFU run) hands Qwen2.5-0.5B's shape and bf16 to every stage
+    worker and to the calibration; explicit flags still win over the preset."""
+    from benchmarks.run import parse_args, plan
+
+    args = parse_args(["--preset", "qwen0.5b", "--only", "sft,grpo", "--steps", "8"])
+    assert (args.precision, args.gemm_size, args.steps) == ("bf16", 8192, 8)
+    variants = {v.name: v.args for v in plan(args)}
+    padded = variants["sft padded"]
+    flag = {padded[i]: padded[i + 1] for i in range(len(padded) - 1) if padded[i].startswith("--")}
+    assert flag["--hidden"] == "896" and flag["--layers"] == "24" and flag["--vocab"] == "151936"
+    assert flag["--intermediate"] == "4864" and flag["--precision"] == "bf16"
+    assert all("--precision" in a and "bf16" in a for a in variants.values())
+    assert parse_args(["--quick"]).precision == "fp32"
+
+
+def test_trl_table_marks_sampled_stages():
+    """GRPO's completions are sampled, so ours and TRL's token counts agree only in
+    expectation: the table says so instead of a yes/NO."""
+    base = {"per_device_batch_size": 8, "tokens_per_s": 100.0, "steps_per_s": 4.0,
+            "pad_fraction": 0.1, "peak_rss_mb": 400.0, "extra_mb": 60.0, "e2e_s": 2.0,
+            "flops_per_s": 1e9}
+    res = {"grpo": {**base, "name": "grpo", "variant": "grpo", "epoch_grad_tokens": 8577},
+           "trl grpo": {**base, "name": "trl grpo", "variant": "grpo", "steps_per_s": 2.0,
+                        "peak_rss_mb": 800.0, "flops_per_s": None, "epoch_grad_tokens": 8578}}
+    rows = {r["ratio"]: r["value"] for r in ratios(res)}
+    assert rows["ours / TRL, steps/s (grpo)"] == 2.0
+    assert rows["ours / TRL, peak RSS (grpo)"] == 0.5
+    report = {"date": "2026-11-25", "machine": "test", "torch": "x", "threads": 1,
+              "command": "test", "results": list(res.values()), "ratios": ratios(res),
+              "calibration": {"gemm_size": 8, "gflops": 1.0, "start": 1.0, "end": 1.0}}
+    assert "| sampled: 8,577 vs 8,578 |" in markdown(report)

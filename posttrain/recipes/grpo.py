@@ -42,6 +42,7 @@ from posttrain.training import (
     build_optimizer,
     endless_batches,
     global_sum,
+    make_accelerator,
     optimizer_step,
     reference_runner,
 )
@@ -165,7 +166,7 @@ def train(
     With `checkpoint_dir`, resumes from the newest valid checkpoint (policy, optimizer,
     scheduler, sampling RNG, prompt position); checkpoints fall on generation-batch boundaries.
     """
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
     G = config.num_generations

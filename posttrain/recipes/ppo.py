@@ -37,6 +37,7 @@ from posttrain.training import (
     NonFiniteGuard,
     build_optimizer,
     endless_batches,
+    make_accelerator,
     optimizer_step,
     reference_runner,
 )
@@ -118,7 +119,7 @@ def train(
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """Train `policy` (and `value_model`) in place against the frozen `reward_model`."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
     rows = prepare_prompts(prompts, tokenizer, config.max_length - config.max_completion_length)
