@@ -178,9 +178,12 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
-def as_sums(loss: torch.Tensor, metrics: dict, n: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """A batch-MEAN loss and metrics over `n` items turned into the sums `accumulate` expects."""
-    return loss * n, {"loss": loss.item() * n, **{k: float(v) * n for k, v in metrics.items()}}
+def as_sums(loss: torch.Tensor, metrics: dict, n: int) -> tuple[torch.Tensor, dict]:
+    """A batch-MEAN loss and metrics over `n` items turned into the sums `accumulate` expects.
+    (sum, count) pairs, metrics over their own subset of items, pass through unchanged."""
+    return loss * n, {"loss": loss.item() * n,
+                      **{k: v if isinstance(v, tuple) else float(v) * n
+                         for k, v in metrics.items()}}
 
 
 def accumulate(
@@ -198,11 +201,16 @@ def accumulate(
     across processes; since DDP averages gradients over processes, each process's share is
     multiplied back by the number of processes. Returns metrics as global per-item means and the
     global item count.
+
+    A metric given as a (sum, count) pair is a mean over its own items (KTO's reward of the
+    desirable rows): both parts are summed over micro-batches and processes, and the metric is
+    sum / count, NaN when no micro-batch anywhere had such an item.
     """
     local = sum(count(mb) for mb in micro)
     total = int(global_sum(accelerator, float(local)))
     denom = max(total, 1)
     sums: dict[str, float] = {}
+    counts: dict[str, float] = {}  # the own item counts of (sum, count) metrics
     for i, mb in enumerate(micro):
         mb = to_device(mb, accelerator.device)
         sync = accelerator.no_sync(net) if i < len(micro) - 1 else nullcontext()
@@ -210,15 +218,21 @@ def accumulate(
             loss_sum, metrics = loss_fn(mb)
             accelerator.backward(loss_sum / denom * accelerator.num_processes)
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    names = sorted(sums)
+            if isinstance(v, tuple):
+                sums[k] = sums.get(k, 0.0) + float(v[0])
+                counts[k] = counts.get(k, 0.0) + float(v[1])
+            else:
+                sums[k] = sums.get(k, 0.0) + float(v)
+    names, own = sorted(sums), sorted(counts)
     if names:
+        values = [sums[k] for k in names] + [counts[k] for k in own]
         reduced = accelerator.reduce(
-            torch.tensor([sums[k] for k in names], device=accelerator.device, dtype=torch.float64),
-            "sum",
-        )
-        sums = dict(zip(names, reduced.tolist()))
-    return {k: v / denom for k, v in sums.items()}, total
+            torch.tensor(values, device=accelerator.device, dtype=torch.float64), "sum"
+        ).tolist()
+        sums = dict(zip(names, reduced))
+        counts = dict(zip(own, reduced[len(names):]))
+    return {k: (v / counts[k] if counts[k] else float("nan")) if k in counts else v / denom
+            for k, v in sums.items()}, total
 
 
 def global_sum(accelerator: Accelerator, value: float) -> float:

@@ -1,4 +1,4 @@
-"""Runs SFT and DPO on the tiny model, once per process of a (possibly) distributed launch.
+"""Runs SFT, DPO and KTO on the tiny model, once per process of a (possibly) distributed launch.
 
     torchrun --nproc_per_node 2 tests/dist_worker.py OUT.json --batch 4
     python tests/dist_worker.py OUT.json --batch 8      # the same global batch in one process
@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from posttrain.config import DemoTaskConfig, DPOConfig, SFTConfig, TinyModelConfig
+from posttrain.config import DemoTaskConfig, DPOConfig, KTOConfig, SFTConfig, TinyModelConfig
 from posttrain.data import demo
-from posttrain.data.preference import tokenize_preference_rows
+from posttrain.data.preference import tokenize_preference_rows, tokenize_unpaired_rows
 from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.models import build_tiny_model, build_tiny_tokenizer
-from posttrain.recipes import preference, sft
+from posttrain.recipes import kto, preference, sft
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
 STEPS = 5
-KEYS = ("loss", "grad_norm", "mean_token_accuracy", "rewards/margins", "eval_loss")
+KEYS = ("loss", "grad_norm", "mean_token_accuracy", "rewards/margins", "kl", "eval_loss")
 
 
 def _recorder(into: list):
@@ -81,6 +81,19 @@ def main() -> None:
                      pad_token_id=tokenizer.pad_token_id, log_metrics=_recorder(history),
                      accelerator=accelerator)
     out["dpo"], out["dpo_weights"] = history, _weights_digest(policy)
+
+    rows = {}
+    for split in ("train", "eval"):
+        rows[split], _ = tokenize_unpaired_rows(
+            demo.generate_kto(demo_cfg, 0, split), tokenizer, max_length=48)
+    policy = build_tiny_model(TINY, tokenizer)
+    policy.load_state_dict(model.state_dict())
+    history = []
+    # Two rows per process: z_ref must be the whole micro-batch's, not each shard's.
+    kto.train(policy, rows["train"], rows["eval"], KTOConfig(**common, learning_rate=3e-3),
+              pad_token_id=tokenizer.pad_token_id, log_metrics=_recorder(history),
+              accelerator=accelerator)
+    out["kto"], out["kto_weights"] = history, _weights_digest(policy)
 
     if accelerator.is_main_process:
         Path(args.out).write_text(json.dumps(out, indent=1))

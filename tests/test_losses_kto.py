@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from posttrain.losses.kto import kto_loss, mismatched_indices
+from posttrain.losses.kto import kl_estimate, kto_loss, mismatched_indices
 
 LN3 = math.log(3.0)
 
@@ -62,6 +62,38 @@ def test_kl_clamped_at_zero_and_detached():
     # desirable: dL/dr = -β σ'(ln 3) / B = -0.5 · 3/16 / 2 < 0 (pushed up); undesirable: > 0
     assert policy.grad[0].item() == pytest.approx(-0.5 * 3 / 16 / 2, abs=1e-7)
     assert policy.grad[1].item() == pytest.approx(0.5 * 3 / 16 / 2, abs=1e-7)
+
+
+def test_z_ref_is_one_mean_over_every_shard_of_the_batch():
+    """A batch of 4 split over two processes: shard A's KL pairs (2 ln 3, 0), shard B's
+    (ln 3, -3 ln 3). The batch estimate is max(0, (2 ln 3 + 0 + ln 3 - 3 ln 3)/4) = 0, whereas
+    the shards alone give ln 3 and 0 (clamped): a mean of per-shard estimates (ln 3 / 2) would be
+    wrong. The all-reduce is simulated by summing both shards' (total, count) pairs."""
+    a = torch.tensor([2 * LN3, 0.0]), torch.zeros(2)
+    b = torch.tensor([LN3, -3 * LN3]), torch.zeros(2)
+    other = {"a": b, "b": a}
+    assert kl_estimate(*a).item() == pytest.approx(LN3, abs=1e-6)
+    assert kl_estimate(*b).item() == 0.0
+
+    def all_reduce_from(shard: str):
+        return lambda sums: sums + torch.stack([
+            (other[shard][0] - other[shard][1]).sum(), torch.tensor(2.0)])
+
+    for shard, pairs in (("a", a), ("b", b)):
+        assert kl_estimate(*pairs, all_reduce_from(shard)).item() == 0.0
+    # Shifted up by 1 (no clamping): (3 ln 3 - 3 ln 3 + 4) / 4 = 1 on both shards.
+    up = [(x + 1, r) for x, r in (a, b)]
+    assert kl_estimate(*up[0], lambda s: s + torch.stack([(up[1][0]).sum(), torch.tensor(2.0)])
+                       ).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_given_z_ref_replaces_the_local_estimate():
+    """kto_loss(z_ref=...) uses it as is: z_ref = 0 with r = ln 3, β = 1 (desirable):
+    1 - σ(ln 3) = 1/4, although the local KL pairs alone would give z_ref = 5."""
+    loss, m = kto_loss(torch.tensor([LN3]), torch.zeros(1), torch.tensor([True]),
+                       torch.tensor([5.0]), torch.zeros(1), beta=1.0, z_ref=torch.tensor(0.0))
+    assert m["kl"].item() == 0.0
+    assert loss.item() == pytest.approx(0.25, abs=1e-6)
 
 
 def test_rewards_nan_when_a_side_is_absent():

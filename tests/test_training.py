@@ -4,6 +4,8 @@ warms up, `fit` logs and evaluates when configured, and reference runners pick t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -72,6 +74,27 @@ def test_accumulate_uneven_micro_batches_equal_one_big_batch(accelerator):
         mse = float((big(x).squeeze(-1) - y).pow(2).mean())
     assert metrics["sq"] == pytest.approx(mse, rel=1e-6)  # global per-item mean
     assert metrics["rows"] == pytest.approx(1.0)
+
+
+def test_accumulate_subset_means_count_their_own_items(accelerator):
+    """A (sum, count) metric is a mean over its own items: here the rows with y > 0. Micro-batch
+    one has y = (1, -1) -> (1.0, 1), micro-batch two y = (-2, -3, -4) -> none of them (0.0, 0):
+    the metric is 1.0 (not a NaN from the empty micro-batch, nor 1.0 * 2 / 5 per item). With
+    no such row anywhere it is NaN (undefined), never 0."""
+    net = _toy()
+
+    def loss_fn(mb):
+        err = (net(mb["x"]).squeeze(-1) - mb["y"]).pow(2)
+        positive = mb["y"] > 0
+        return err.sum(), {"pos_y": (float(mb["y"][positive].sum()), int(positive.sum()))}
+
+    x = torch.zeros(5, 3)
+    micro = [{"x": x[:2], "y": torch.tensor([1.0, -1.0])},
+             {"x": x[2:], "y": torch.tensor([-2.0, -3.0, -4.0])}]
+    metrics, _ = accumulate(accelerator, net, micro, lambda mb: len(mb["y"]), loss_fn)
+    assert metrics["pos_y"] == 1.0
+    metrics, _ = accumulate(accelerator, net, micro[1:], lambda mb: len(mb["y"]), loss_fn)
+    assert math.isnan(metrics["pos_y"])
 
 
 # --------------------------------------------------------------------------- endless_batches

@@ -11,6 +11,8 @@ Choices:
   batch mean over mismatched pairs, but every reference log-prob becomes precomputable, so the
   'precomputed' reference mode (default) needs no reference model during training.
 - The policy's KL-pair log-probs are computed without gradient: z_ref is detached anyway.
+- Across processes, z_ref is the mean over the whole micro-batch (every shard's mismatched pairs,
+  all-reduced), so 2 processes x 2 rows train exactly as 1 process x 4 rows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from accelerate import Accelerator
 from posttrain.config import KTOConfig
 from posttrain.data.preference import collate_unpaired
 from posttrain.logprobs import SelectedLogits, sequence_logps
-from posttrain.losses.kto import kto_loss
+from posttrain.losses.kto import kl_estimate, kto_loss
 from posttrain.training import (
     as_sums,
     build_optimizer,
@@ -125,20 +127,39 @@ def train(
     optimizer, scheduler = build_optimizer(params, config)
     net, optimizer, params = prepare(accelerator, net, optimizer, config)
 
-    def terms(batch: dict) -> tuple[torch.Tensor, dict]:
+    def across_processes(sums: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(sums, "sum")
+
+    def terms(batch: dict, global_batch: bool) -> tuple[torch.Tensor, dict]:
         policy_logps = _logps(net, batch)
         with torch.no_grad():
             kl_policy = _logps(net, batch, "kl_")
         ref, kl_ref = _reference_logps(reference, batch)
+        # Training micro-batches are sharded across processes: z_ref over all shards. Every
+        # process evaluates the whole held-out set, so there the local estimate is the global one.
+        spread = global_batch and accelerator.num_processes > 1
+        z_ref = kl_estimate(kl_policy, kl_ref, across_processes if spread else None)
         return kto_loss(
             policy_logps, ref, batch["labels"], kl_policy, kl_ref, beta=config.beta,
             desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
+            z_ref=z_ref,
         )
 
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, m = terms(batch)
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, m = terms(batch, global_batch=True)
         n = batch["input_ids"].shape[0]
+        # Rewards of desirable / undesirable rows are means over those rows alone: (sum, count)
+        # pairs, so a micro-batch or shard without one side adds nothing instead of a NaN.
+        desirable = int(batch["labels"].bool().sum())
+        for key, rows in (("rewards/chosen", desirable), ("rewards/rejected", n - desirable)):
+            m[key] = (float(m[key]) * rows if rows else 0.0, rows)
+        del m["rewards/margins"]  # derived after accumulation (with_margins)
         return as_sums(loss, m, n)
+
+    def with_margins(metrics: dict[str, float], step: int) -> None:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        if log_metrics is not None:
+            log_metrics(metrics, step)
 
     eval_batches = [
         collate(eval_examples[i : i + config.per_device_batch_size], pad_token_id)
@@ -149,7 +170,7 @@ def train(
         total, n_total = 0.0, 0
         for batch in eval_batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss, _ = terms(batch)
+            loss, _ = terms(batch, global_batch=False)
             n_total += batch["input_ids"].shape[0]
             total += float(loss) * batch["input_ids"].shape[0]
         return {"eval_loss": total / max(n_total, 1)}
@@ -162,5 +183,5 @@ def train(
     return fit(
         accelerator, net, optimizer, scheduler, params, batches, config, name="kto",
         count=lambda b: b["input_ids"].shape[0], loss_fn=loss_fn, evaluate=evaluate,
-        log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
+        log_metrics=with_margins, checkpoint_dir=checkpoint_dir,
     )
