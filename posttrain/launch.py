@@ -35,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from posttrain.config import LaunchConfig, PipelineConfig
-from posttrain.training import end_distributed
 
 CONFIG_FILE = "config.json"
 UPSTREAM_FILE = "upstream.json"
@@ -212,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = workdir / f".{MANIFEST_FILE}.tmp"
         tmp.write_text(json.dumps(manifest))
         tmp.replace(workdir / MANIFEST_FILE)
+    from posttrain.training import end_distributed  # torch: only in the launched process
+
     end_distributed()
 
 

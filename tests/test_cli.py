@@ -45,6 +45,18 @@ def _posttrain(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           check=False)
 
 
+def test_flow_modules_leave_the_ml_stack_to_the_stages_that_train():
+    """A fully cached rerun never trains, so importing the CLI and the flows must not pull in
+    torch, transformers or peft (seconds of start-up: benchmarks/RESULTS.md, orchestration).
+    A fresh interpreter, since this test process has them imported already."""
+    code = ("import json, sys; import pipelines.cli, pipelines.flows, tasks.common; "
+            "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', "
+            "'datasets') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 @pytest.mark.slow
 def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
     """`posttrain run conf/demo.yaml` (shortened) in a fresh folder with the default stores:

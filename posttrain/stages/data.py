@@ -20,7 +20,6 @@ from posttrain.data.loading import (
     split_rows,
     write_jsonl,
 )
-from posttrain.data.preference import pairs_to_unpaired
 from posttrain.data.validation import detect_format, validate_rows
 from posttrain.stages.common import dump, run_stage
 
@@ -118,6 +117,8 @@ def load_dataset(cfg: PipelineConfig, kind: str, src: DatasetSource):
 def _convert_pairs(train: list[dict], held: list[dict], seed: int):
     """KTO rows from preference pairs, shuffled so a batch rarely holds both halves of a pair."""
     import random
+
+    from posttrain.data.preference import pairs_to_unpaired  # imports torch
 
     out = []
     for i, rows in enumerate((train, held)):
