@@ -88,7 +88,12 @@ def test_report_tables_for_trl_rollout_and_orchestration():
                            "stages": [{"stage": "sft", "status": "cached", "seconds": 0.5,
                                        "body_s": None}]}},
     }
+    server = {**res[stage], "name": "orchestration prefect server", "prefect": "server",
+              "server_start_s": {"prefect": 9.0},
+              "cached": {**res[stage]["cached"], "wall_s": 2.0}}
+    res["orchestration prefect server"] = server
     rows = {r["ratio"]: r["value"] for r in ratios(res)}
+    assert rows["cached rerun wall time, embedded / prefect server"] == 2.5
     assert rows["ours / TRL, real tokens/s (dpo copy)"] == 2.0
     assert rows["ours / TRL, peak RSS (dpo copy)"] == 0.5
     assert rows["rollout no cache / KV cache, time (4 sequences x 8 new tokens)"] == 10.0
@@ -100,6 +105,7 @@ def test_report_tables_for_trl_rollout_and_orchestration():
     assert "Side by side with TRL" in text and "| dpo copy | 100 | 50 | 2.00 |" in text
     assert "| rollout no-cache | 4 | 32 | 10.00 |" in text
     assert "| sft | 3.00 | 2.00 | 1.00 | 0.50 |" in text
+    assert "Prefect server, MLflow sqlite; prefect server healthy after 9.0 s" in text
 
 
 def test_qwen_preset_plans_bf16_workers_with_the_real_shape():
