@@ -24,6 +24,20 @@ log = logging.getLogger(__name__)
 PREFIX = "step-"
 
 
+class GeneratorState:
+    """Lets accelerate checkpoint a torch.Generator (e.g. the sampling RNG of a rollout) like any
+    stateful object: `accelerator.register_for_checkpointing(GeneratorState(generator))`."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
 def save(accelerator: Accelerator, root: Path, step: int) -> Path:
     """Write the training state at `step` atomically; return the checkpoint folder."""
     root = Path(root)

@@ -178,3 +178,32 @@ def test_grpo_resumes_exactly(tmp_path):
                    checkpoint_dir=ckpt)
 
     _assert_resumed(train, tmp_path)
+
+
+def test_ppo_resumes_exactly(tmp_path):
+    """PPO killed after rollout batch 5 resumes from its step-4 checkpoint (policy, value model,
+    shared optimizer, scheduler, sampling RNG, prompt position) and logs the same losses as the
+    uninterrupted run; the reference stays the starting policy."""
+    from posttrain.config import PPOConfig
+    from posttrain.models import save_model
+    from posttrain.recipes import ppo
+    from posttrain.rewards import load_reward_model
+
+    tok = build_tiny_tokenizer()
+    save_model(build_tiny_model(TINY.model_copy(update={"seed": 1}), tok), tok, tmp_path / "rm")
+    prompts = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4)
+               for b in range(4)]
+    cfg = PPOConfig(max_steps=8, per_device_batch_size=4, num_mini_batches=2, num_ppo_epochs=2,
+                    learning_rate=3e-3, warmup_steps=3, max_length=32, max_completion_length=5,
+                    log_every=1, checkpoint_every=2)
+
+    def train(log, ckpt):
+        def as_loss(metrics, step):  # _curve records "loss"
+            log({**metrics, "loss": metrics["loss/policy_avg"] + metrics["loss/value_avg"]},
+                step)
+
+        ppo.train(build_tiny_model(TINY, tok), load_reward_model(tmp_path / "rm", new_head=True),
+                  load_reward_model(tmp_path / "rm", new_head=True), tok, prompts, cfg,
+                  log_metrics=as_loss, checkpoint_dir=ckpt)
+
+    _assert_resumed(train, tmp_path)

@@ -184,7 +184,7 @@ def train(
                               world_size=accelerator.num_processes, what="prompts")
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
-    accelerator.register_for_checkpointing(scheduler, _GeneratorState(generator))
+    accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(step // config.num_iterations):  # prompt batches already trained on
         next(batches)
@@ -218,19 +218,6 @@ def train(
                     step % config.num_iterations == 0:
                 checkpoints.save(accelerator, checkpoint_dir, step)
     return final
-
-
-class _GeneratorState:
-    """Lets accelerate checkpoint the sampling generator like any stateful object."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
 
 
 @torch.no_grad()

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from posttrain import checkpoints
 from posttrain.advantages import gae, whiten
 from posttrain.config import PPOConfig
 from posttrain.logprobs import SelectedLogits, position_ids_from_mask
@@ -117,8 +119,14 @@ def train(
     *,
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Train `policy` (and `value_model`) in place against the frozen `reward_model`."""
+    """Train `policy` (and `value_model`) in place against the frozen `reward_model`.
+
+    With `checkpoint_dir`, resumes from the newest valid checkpoint (policy and value weights,
+    the shared optimizer, scheduler, sampling RNG, prompt position); one is saved after every
+    `checkpoint_every` rollout batches.
+    """
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
@@ -138,8 +146,14 @@ def train(
                               world_size=accelerator.num_processes, what="prompts")
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
+    # The reference was copied above from the starting policy, before any restore: it stays
+    # the SFT model, as in the uninterrupted run.
+    accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
+    start = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
+    for _ in range(start):  # prompt batches already trained on
+        next(batches)
     with TrainingProgress("ppo", config.max_steps, enabled=accelerator.is_main_process) as bar:
-        for step in range(1, config.max_steps + 1):
+        for step in range(start + 1, config.max_steps + 1):
             t0 = time.perf_counter()
             batch = next(batches)
             rollout = generate(
@@ -159,6 +173,8 @@ def train(
                 log_metrics(metrics, step)
             bar.update(step, {"loss": metrics["loss/policy_avg"]})
             final.update(metrics)
+            if checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
+                checkpoints.save(accelerator, checkpoint_dir, step)
     return final
 
 

@@ -94,7 +94,9 @@ def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_
                 rm_dir = Path(reward_manifest["path"]) / "model"
                 final = ppo.train(policy, load_reward_model(rm_dir), load_reward_model(rm_dir),
                                   tokenizer, prompts, stage_cfg, log_metrics=logger,
-                                  accelerator=accelerator)
+                                  accelerator=accelerator,
+                                  checkpoint_dir=Path(cfg.artifacts_root) / method
+                                  / f"{key}.checkpoints")
             return policy, accelerator, final
 
         try:
