@@ -172,12 +172,15 @@ def _wait_final(client, flow_run_id, served: dict, timeout: float = 240):
 
 
 def _wait_for_run_of(client, deployment_id, served: dict, timeout: float = 90):
+    """The first run of the deployment that its schedule did not create: the retraining
+    deployment also has a cron schedule, and Prefect's scheduler service may have created its
+    next (future) runs before the event's run exists; waiting on one of those never ends."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
-            id=DeploymentFilterId(any_=[deployment_id])))
+        runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[deployment_id]))) if not r.auto_scheduled]
         if runs:
             return runs[0]
         time.sleep(1)
