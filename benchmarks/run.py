@@ -21,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
     p.add_argument("--label", default="",
                    help="suffix of the output files: RESULTS-<date>-<label>.md/.json")
+    p.add_argument("--mlflow", nargs="?", const="posttrain-benchmarks", default=None,
+                   metavar="EXPERIMENT",
+                   help="also log the report to MLflow (MLFLOW_TRACKING_URI, default "
+                        "sqlite:///mlflow.db): a parent run with the ratios, a child run per "
+                        "variant; experiment 'posttrain-benchmarks' unless named")
     p.add_argument("--trl", action="store_true",
                    help="also run SFT, RM, DPO, ORPO, KTO and GRPO through TRL's trainers, "
                         "interleaved with ours, and report ours/TRL ratios (needs trl: see "
@@ -248,9 +254,10 @@ def ratios(res: dict[str, dict]) -> list[dict]:
 
     rows = []
 
-    def add(what: str, value: float | None, how: str) -> None:
+    def add(what: str, value: float | None, how: str, better: str | None = "higher") -> None:
+        """`better`: the side of 1 that is a win ('higher', 'lower'), None where neither is."""
         if value is not None:
-            rows.append({"ratio": what, "value": value, "definition": how})
+            rows.append({"ratio": what, "value": value, "definition": how, "better": better})
 
     for label, pack, pad in (("synthetic spread", "sft packed", "sft padded"),
                              ("demo rows", "sft demo packed", "sft demo padded")):
@@ -259,7 +266,7 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             "median per-step non-pad tokens/s, packed over padded (>1: packing faster)")
         add(f"SFT packing / padding, training memory ({label})",
             _ratio(get(pack, "extra_mb"), get(pad, "extra_mb")),
-            "peak RSS minus RSS before train(), packed over padded")
+            "peak RSS minus RSS before train(), packed over padded", "lower")
     for method in ("dpo", "kto"):
         pre, copy = f"{method} precomputed", f"{method} copy"
         add(f"{method.upper()} precomputed / copy, steps/s",
@@ -288,11 +295,11 @@ def ratios(res: dict[str, dict]) -> list[dict]:
                 "step, data preparation and reference precompute included (>1: ours faster)")
             add(f"ours / TRL, peak RSS ({ours})",
                 _ratio(get(ours, "peak_rss_mb"), get(name, "peak_rss_mb")),
-                "peak resident memory of the worker process (<1: ours smaller)")
+                "peak resident memory of the worker process (<1: ours smaller)", "lower")
             add(f"ours / TRL, training memory ({ours})",
                 _ratio(get(ours, "extra_mb"), get(name, "extra_mb")),
                 "peak RSS minus RSS before train() / before the TRL trainer is built "
-                "(<1: ours smaller)")
+                "(<1: ours smaller)", "lower")
         if name.startswith("logps full "):
             tail = name.removeprefix("logps full ")
             for chunk in ("default", "4096", "256"):
@@ -316,7 +323,7 @@ def ratios(res: dict[str, dict]) -> list[dict]:
         add("rollout no cache / KV cache, positions encoded",
             _ratio(get("rollout no-cache", "positions_encoded"),
                    get("rollout kv-cache", "positions_encoded")),
-            "token positions through the decoder, the work the cache saves")
+            "token positions through the decoder, the work the cache saves", None)
     for name, orch in res.items():
         if orch.get("variant") != "orchestration" or "error" in orch:
             continue
@@ -325,11 +332,11 @@ def ratios(res: dict[str, dict]) -> list[dict]:
         add(f"{name}, cold run: flow seconds / stage-body seconds",
             _ratio(cold["flow_s"], body),
             "pipeline() call over the summed manifest 'seconds' of the stages that ran "
-            "(training, saving); >1 is what Prefect + MLflow add")
+            "(training, saving); >1 is what Prefect + MLflow add", None)
         add(f"{name}, cached rerun / cold run, wall time",
             _ratio(cached["wall_s"], cold["wall_s"]),
             "whole process (imports, Prefect start-up or connection, flow), fully cached over "
-            "cold")
+            "cold", "lower")
         base = res.get("orchestration")
         if name != "orchestration" and base and "error" not in base:
             add(f"cached rerun wall time, embedded / {name.removeprefix('orchestration ')}",
@@ -363,7 +370,7 @@ def _settings(o: dict) -> str:
             f"{o['repeat']} run(s) per variant.")
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, chart_file: str | None = None) -> str:
     cal = report["calibration"]
     lines = [
         f"# posttrain benchmarks, {report['date']}",
@@ -416,6 +423,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Ratios (same run, side by side)", "", "| ratio | value | definition |",
               "|---|---|---|"]
     lines += [f"| {r['ratio']} | {r['value']:.2f} | {r['definition']} |" for r in report["ratios"]]
+    if chart_file:
+        lines += ["", f"![ratios]({chart_file})"]
     return "\n".join(lines) + "\n"
 
 
@@ -570,7 +579,8 @@ def main(argv: list[str] | None = None) -> dict:
             r["matmul_fraction"] = r["flops_per_s"] / (calibration["gflops"] * 1e9)
     report = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs"
+                   + (f", GPU {start['device_name']}" if start.get("device") == "cuda" else ""),
         "torch": start.get("torch"), "threads": start.get("torch_threads"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None
                                                           else sys.argv[1:]),
@@ -578,15 +588,36 @@ def main(argv: list[str] | None = None) -> dict:
         "calibration": calibration, "results": results, "ratios": ratios(by_name),
         "runs": {v.name: v.runs for v in variants},
     }
-    text = markdown(report)
-    print(text)
-    if str(args.out) != "-":
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / "-".join(filter(None, ["RESULTS", report["date"], args.label]))
-        stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        print(f"wrote {stem}.md and .json", file=sys.stderr)
+    _publish(args, report, variants)
     return report
+
+
+def _publish(args, report: dict, variants: list[Variant]) -> None:
+    """Print the markdown; write it with the JSON and the ratio chart under --out (a temporary
+    folder with --out - when MLflow still needs the files); log all three with --mlflow."""
+    from benchmarks import publish
+
+    stem_name = "-".join(filter(None, ["RESULTS", report["date"], args.label]))
+    chart = publish.ratio_chart(report["ratios"], f"posttrain benchmarks {report['date']}: "
+                                                  "side-by-side ratios")
+    text = markdown(report, chart_file=f"{stem_name}.png" if chart is not None else None)
+    print(text)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out if str(args.out) != "-" else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / stem_name
+        files = [stem.with_suffix(".md"), stem.with_suffix(".json")]
+        files[0].write_text(text)
+        files[1].write_text(json.dumps(report, indent=2))
+        if chart is not None:
+            chart.savefig(stem.with_suffix(".png"), dpi=110)
+            files.append(stem.with_suffix(".png"))
+        if out == args.out:
+            print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+        if args.mlflow:
+            run_id = publish.log_to_mlflow(report, variants, files, args.mlflow)
+            print(f"logged to MLflow ({publish.tracking.tracking_uri()}): experiment "
+                  f"{args.mlflow!r}, run {run_id}", file=sys.stderr)
 
 
 def _summary(r: dict) -> str:

@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_1m": [load_before, os.getloadavg()[0] if load_before is not None else None],
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "device": str(_device()), "machine": platform.machine(),
+        "device_name": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                        else platform.processor() or platform.machine()),
     }
     print(json.dumps(result), flush=True)
     return result

@@ -140,3 +140,98 @@ def test_trl_table_marks_sampled_stages():
               "command": "test", "results": list(res.values()), "ratios": ratios(res),
               "calibration": {"gemm_size": 8, "gflops": 1.0, "start": 1.0, "end": 1.0}}
     assert "| sampled: 8,577 vs 8,578 |" in markdown(report)
+
+
+def _report_with_one_training_variant():
+    """A report as run.main builds it: one SFT variant (two repeats, the first with per-step
+    times), one failed variant, two ratios, calibration numbers."""
+    from benchmarks.run import Variant
+
+    ok = {"name": "sft padded", "variant": "sft", "tokens_per_s": 1200.0, "steps_per_s": 3.0,
+          "peak_rss_mb": 500.0, "work": {"grad_tokens": 96}, "packing": False,
+          "step_seconds": [0.5, 0.25, 0.125]}
+    variants = [Variant("sft padded", "sft", ["--variant", "sft", "--hidden", "16", "--packing"],
+                        runs=[ok, {**ok, "step_seconds": [9.0]}]),
+                Variant("trl sft padded", "sft", ["--variant", "sft"],
+                        runs=[{"error": "cannot import trl"}], module="benchmarks.trl_worker")]
+    report = {
+        "date": "2026-12-01", "machine": "test", "torch": "x", "threads": 1, "command": "test",
+        "options": {"label": "unit", "quick": "True"},
+        "calibration": {"gemm_size": 8, "gflops": 90.0, "start": 80.0, "end": 100.0},
+        "results": [{**ok, "repeats": 2}, {"name": "trl sft padded", "error": "cannot import trl"}],
+        "ratios": [
+            {"ratio": "ours / TRL, real tokens/s (sft padded)", "value": 2.5,
+             "definition": "d", "better": "higher"},
+            {"ratio": "log_softmax / token_logps(default, chunk 524), extra memory, V=32000 N=4096",
+             "value": 0.8, "definition": "d", "better": "lower"},
+        ],
+    }
+    return report, variants
+
+
+def test_ratio_chart_one_bar_per_ratio_coloured_by_its_better_side():
+    """Bars start at parity (1): 2.5 on the 'higher' side is green and reaches 2.5; 0.8 on the
+    'lower' side is green too; flipping 'better' turns both red."""
+    from matplotlib.colors import to_hex
+
+    from benchmarks.publish import ratio_chart
+
+    report, _ = _report_with_one_training_variant()
+    fig = ratio_chart(report["ratios"], "t")
+    bars = fig.axes[0].patches  # drawn bottom-up: the last ratio first
+    assert len(bars) == 2
+    assert [round(b.get_x() + b.get_width(), 6) for b in bars] == [0.8, 2.5]
+    assert {to_hex(b.get_facecolor()) for b in bars} == {"#55a868"}
+    flipped = [{**r, "better": {"higher": "lower", "lower": "higher"}[r["better"]]}
+               for r in report["ratios"]]
+    assert {to_hex(b.get_facecolor()) for b in ratio_chart(flipped, "t").axes[0].patches} \
+        == {"#c44e52"}
+    assert ratio_chart([], "t") is None
+
+
+def test_report_logged_to_mlflow_parent_ratios_children_variants(tmp_path):
+    """--mlflow: the parent run holds the ratios and calibration as metrics and the report files
+    as artifacts; each variant is a child with its worker flags as params, its medians as
+    metrics and the first successful repeat's per-step seconds as a curve; a failed variant's
+    child run is FAILED with the error."""
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    from benchmarks import publish
+
+    report, variants = _report_with_one_training_variant()
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# r\n")
+    run_id = publish.log_to_mlflow(report, variants, [md], experiment="bench-test")
+    c = publish.tracking.client()
+    parent = c.get_run(run_id)
+    m = parent.data.metrics
+    key = "ratio/log_softmax_token_logps_default_chunk_524_extra_memory_V_32000_N_4096"
+    assert m["ratio/ours_TRL_real_tokens_s_sft_padded"] == 2.5 and m[key] == 0.8
+    assert m["calibration/gflops_gflops"] == 90.0 and m["calibration/start_gflops"] == 80.0
+    assert all(validate_param_and_metric_name(k) for k in m)
+    assert parent.data.params["label"] == "unit" and parent.info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(run_id)} == {"RESULTS.md", "ratios.json"}
+
+    children = {r.info.run_name: r for r in c.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")}
+    sft = children["sft padded"]
+    assert sft.data.params["hidden"] == "16" and sft.data.params["packing"] == "true"
+    assert sft.data.metrics["tokens_per_s"] == 1200.0
+    assert sft.data.metrics["work.grad_tokens"] == 96.0
+    assert "packing" not in sft.data.metrics  # booleans are not metrics
+    curve = c.get_metric_history(sft.info.run_id, "step_seconds")
+    assert [(p.step, p.value) for p in sorted(curve, key=lambda p: p.step)] == \
+        [(0, 0.5), (1, 0.25), (2, 0.125)]
+    failed = children["trl sft padded"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["posttrain.failure"] == "cannot import trl"
+
+
+def test_numeric_leaves_flattens_orchestration_stages():
+    from benchmarks.publish import numeric_leaves
+
+    orch = {"cold": {"wall_s": 10.0, "phases": {"start": 1.5},
+                     "stages": [{"stage": "sft", "seconds": 3.0, "body_s": None}]},
+            "overrides": ["a=1"], "ok": True, "nan": float("nan")}
+    assert numeric_leaves(orch) == {"cold.wall_s": 10.0, "cold.phases.start": 1.5,
+                                    "cold.stages.sft.seconds": 3.0}
