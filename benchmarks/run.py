@@ -107,13 +107,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sft-batch", type=int, help="SFT examples per step (packing: same tokens)")
     g.add_argument("--pair-batch", type=int, help="pairs per step (RM, DPO, ORPO); KTO rows x2")
     g.add_argument("--new-tokens", type=int, help="GRPO/PPO new tokens per completion")
+    g.add_argument("--gemm-size", type=int,
+                   help="n of the calibration's n x n GEMM (default 1024; 8192 with --preset "
+                        "qwen0.5b)")
     g.add_argument("--rollout", default="32,64",
                    help="sequences,new tokens of the KV-cache comparison (greedy)")
     args = p.parse_args(argv)
     quick = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 4096, "steps": 12,
-             "warmup": 2, "sft_batch": 8, "pair_batch": 4, "repeat": 1, "new_tokens": 32}
+             "warmup": 2, "sft_batch": 8, "pair_batch": 4, "repeat": 1, "new_tokens": 32,
+             "gemm_size": 1024}
     full = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 2, "vocab": 32000, "steps": 30,
-            "warmup": 5, "sft_batch": 16, "pair_batch": 8, "repeat": 3, "new_tokens": 64}
+            "warmup": 5, "sft_batch": 16, "pair_batch": 8, "repeat": 3, "new_tokens": 64,
+            "gemm_size": 1024}
     defaults = {**(quick if args.quick else full), **PRESETS.get(args.preset, {})}
     defaults.setdefault("precision", "fp32")
     for key, value in defaults.items():
@@ -234,7 +239,9 @@ def median_result(runs: list[dict]) -> dict:
     out = dict(ok[0])
     for key, value in ok[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = statistics.median(r[key] for r in ok if key in r)
+            median = statistics.median(r[key] for r in ok if key in r)
+            # An even count of equal ints (32, 32) has the median 32.0: keep counts integers.
+            out[key] = int(median) if isinstance(value, int) and median == int(median) else median
     out["repeats"] = len(ok)
     return out
 
@@ -545,7 +552,7 @@ def _calibrate(args) -> dict:
     return run_worker("benchmarks.worker", ["--variant", "calibrate", "--threads",
                                             str(args.threads), "--seconds", "1", "--precision",
                                             args.precision, "--gemm-size",
-                                            str(getattr(args, "gemm_size", 1024))], args.timeout)
+                                            str(args.gemm_size)], args.timeout)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -122,6 +122,8 @@ def test_qwen_preset_plans_bf16_workers_with_the_real_shape():
     assert flag["--intermediate"] == "4864" and flag["--precision"] == "bf16"
     assert all("--precision" in a and "bf16" in a for a in variants.values())
     assert parse_args(["--quick"]).precision == "fp32"
+    assert parse_args(["--quick"]).gemm_size == 1024
+    assert parse_args(["--preset", "qwen0.5b", "--gemm-size", "256"]).gemm_size == 256
 
 
 def test_trl_table_marks_sampled_stages():
@@ -235,3 +237,13 @@ def test_numeric_leaves_flattens_orchestration_stages():
             "overrides": ["a=1"], "ok": True, "nan": float("nan")}
     assert numeric_leaves(orch) == {"cold.wall_s": 10.0, "cold.phases.start": 1.5,
                                     "cold.stages.sft.seconds": 3.0}
+
+
+def test_median_result_keeps_counts_integers():
+    """Two repeats of 32 sequences report 32, not 32.0; an even count of different ints still
+    gives the true median (2.5); errors are left out and counted as missing repeats."""
+    runs = [{"sequences": 32, "steps": 2, "seconds": 1.0}, {"sequences": 32, "steps": 3,
+            "seconds": 3.0}, {"error": "boom"}]
+    out = median_result(runs)
+    assert out["sequences"] == 32 and isinstance(out["sequences"], int)
+    assert out["steps"] == 2.5 and out["seconds"] == 2.0 and out["repeats"] == 2
