@@ -8,7 +8,8 @@ Every variant runs in its own process (`python -m benchmarks.worker ...`), so it
 its own; the variants being compared run back to back (interleaved with --repeat) and the matmul
 calibration runs at the start and the end, because a shared machine's speed drifts. Results are
 RATIOS of numbers measured in this run; absolute numbers only describe this machine at this
-moment. Writes RESULTS-<date>.md and RESULTS-<date>.json under --out and prints the markdown.
+moment. Writes RESULTS-<date>.md, .json and .png (a chart of the ratios) under --out, prints the
+markdown, and with --mlflow logs the whole report to MLflow (benchmarks/publish.py).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "sensitive to other processes on a shared machine; 0 = torch's default)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
     p.add_argument("--label", default="",
-                   help="suffix of the output files: RESULTS-<date>-<label>.md/.json")
+                   help="suffix of the output files: RESULTS-<date>-<label>.md/.json/.png")
     p.add_argument("--mlflow", nargs="?", const="posttrain-benchmarks", default=None,
                    metavar="EXPERIMENT",
                    help="also log the report to MLflow (MLFLOW_TRACKING_URI, default "
