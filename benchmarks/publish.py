@@ -117,7 +117,8 @@ def log_to_mlflow(report: dict, variants: list, files: list[Path],
               "posttrain.benchmark.date": report["date"]})
     try:
         cal = report["calibration"]
-        metrics = {f"calibration/{k}_gflops": cal[k] for k in ("gflops", "start", "end")
+        metrics = {f"calibration/{name}_gflops": cal[k]
+                   for name, k in (("median", "gflops"), ("start", "start"), ("end", "end"))
                    if isinstance(cal.get(k), (int, float))}
         metrics.update({f"ratio/{metric_key(r['ratio'])}": r["value"] for r in report["ratios"]})
         tracking.log_metrics(parent, metrics)

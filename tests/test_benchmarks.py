@@ -209,7 +209,7 @@ def test_report_logged_to_mlflow_parent_ratios_children_variants(tmp_path):
     m = parent.data.metrics
     key = "ratio/log_softmax_token_logps_default_chunk_524_extra_memory_V_32000_N_4096"
     assert m["ratio/ours_TRL_real_tokens_s_sft_padded"] == 2.5 and m[key] == 0.8
-    assert m["calibration/gflops_gflops"] == 90.0 and m["calibration/start_gflops"] == 80.0
+    assert m["calibration/median_gflops"] == 90.0 and m["calibration/start_gflops"] == 80.0
     assert all(validate_param_and_metric_name(k) for k in m)
     assert parent.data.params["label"] == "unit" and parent.info.status == "FINISHED"
     assert {a.path for a in c.list_artifacts(run_id)} == {"RESULTS.md", "ratios.json"}
