@@ -143,9 +143,9 @@ def _log_variant(experiment: str, parent: str, variant, result: dict) -> None:
     if "error" in result:
         tracking.end_run(run, "FAILED", reason=str(result["error"]))
         return
-    tracking.log_metrics(run, numeric_leaves(result))
-    first = next((r for r in variant.runs if "error" not in r), {})
     logger = tracking.MetricLogger(run)
+    logger(numeric_leaves(result), 0)
+    first = next((r for r in variant.runs if "error" not in r), {})
     for step, seconds in enumerate(first.get("step_seconds") or []):
         logger({"step_seconds": seconds}, step)
     logger.flush()

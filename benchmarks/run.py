@@ -610,6 +610,8 @@ def _publish(args, report: dict, variants: list[Variant]) -> None:
                                                   "side-by-side ratios")
     text = markdown(report, chart_file=f"{stem_name}.png" if chart is not None else None)
     print(text)
+    if str(args.out) == "-" and not args.mlflow:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out if str(args.out) != "-" else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
