@@ -39,20 +39,12 @@ OverridesArg = Annotated[
     typer.Argument(help="Field overrides as dotted.path=value, e.g. sft.max_steps=50."),
 ]
 
-_KEY_METRICS = {
-    "data": ("sft_train_rows", "preference_train_rows", "kto_train_rows", "dropped_rows"),
-    "sft": ("loss", "eval_loss", "mean_token_accuracy", "tokens_per_second"),
-    "reward": ("loss", "eval_accuracy", "eval_margin"),
-    "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"),
-    "orpo": ("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies"),
-    "kto": ("loss", "kl", "rewards/margins", "eval_loss"),
-    "grpo": ("reward", "reward_std", "eval_reward", "completions/mean_length"),
-    "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/value_avg"),
-}
 _COMPARISON = (
-    "checker_accuracy", "reward_score", "win_rate_vs_sft", "kl_to_sft", "eval_loss",
+    "checker_accuracy", "reward_score", "win_rate_vs_reference", "kl_to_reference", "eval_loss",
     "perplexity", "chosen_perplexity", "mean_completion_length", "eos_rate",
 )
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Print full tracebacks on the console too.")]
 
 
 def _load(config: str | None, overrides: list[str] | None):
@@ -65,18 +57,36 @@ def _load(config: str | None, overrides: list[str] | None):
     try:
         return load_pipeline_config(config, overrides)
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(str(e), style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
 
 
-def _run_flow(flow_fn, cfg) -> dict:
-    from posttrain.data.loading import DataError
+def _preflight(cfg, targets: list[str] | None = None):
+    """The plan, or every problem preflight finds and exit code 2, before anything trains."""
+    from posttrain.preflight import PreflightError, plan
 
     try:
+        return plan(cfg, targets)
+    except PreflightError as e:
+        console.print("[red]preflight found problems; nothing was trained:[/red]")
+        for problem in e.problems:
+            console.print(f"  - {problem}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _run_flow(flow_fn, cfg, verbose: bool) -> dict:
+    """Run a flow; a failure ends in one message (stage, cause, what to do) with the full
+    traceback in a log file (and on the console with --verbose)."""
+    from pipelines import errors
+
+    log = errors.capture(cfg.artifacts_root, verbose=verbose)
+    try:
         return flow_fn(cfg)
-    except DataError as e:
-        console.print(f"[red]data error:[/red] {e}")
+    except Exception as e:  # noqa: BLE001 - reported whole below, never swallowed
+        console.print(errors.explain(e, log), markup=False, highlight=False)
         raise typer.Exit(1) from None
+    finally:
+        errors.release(log)
 
 
 def _fmt(v) -> str:
@@ -90,16 +100,45 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def print_summary(result: dict) -> None:
+def print_plan(cfg, plan) -> None:
+    table = Table(title=f"posttrain plan: {cfg.name}", box=box.SIMPLE_HEAD)
+    for col in ("stage", "method", "from", "data", "uses", "status", "key"):
+        table.add_column(col, no_wrap=col != "data", overflow="fold")
+    for r in plan.rows:
+        status = "[cyan]cached[/cyan]" if r.status == "cached" else r.status
+        table.add_row(r.stage, r.method, r.start, r.data, r.uses, status,
+                      (r.key or "after upstream")[:14])
+    console.print(table)
+    if plan.formats:
+        console.print("data: " + ", ".join(f"{n} ({f})" for n, f in plan.formats.items()))
+    if plan.promotion:
+        p = plan.promotion
+        guards = ", ".join(f"{g['metric']} ({g['direction']}, tolerance {g['tolerance']})"
+                           for g in p["guards"]) or "none"
+        console.print(f"promotion: {p['metric']} ({p['direction']}); guards: {guards}")
+
+
+def print_summary(result: dict, cfg) -> None:
+    from posttrain.methods import method
+
     table = Table(title="posttrain run")
     for col in ("stage", "status", "time (s)", "key metrics"):
         table.add_column(col)
+    names = {s.name: method(s).key_metrics for s in cfg.stages}
+    names["data"] = tuple(f"{n}_train_rows" for n in cfg.data) + ("dropped_rows",)
     for row in result["stages"]:
-        names = _KEY_METRICS.get(row["stage"], ())
-        shown = ", ".join(f"{k}={_fmt(row['metrics'][k])}" for k in names if k in row["metrics"])
+        shown = ", ".join(f"{k}={_fmt(row['metrics'][k])}" for k in names.get(row["stage"], ())
+                          if k in row["metrics"])
         status = "[green]ran[/green]" if row["status"] == "ran" else "[cyan]cached[/cyan]"
         table.add_row(row["stage"], status, f"{row['seconds']:.1f}", shown)
     console.print(table)
+    console.print("[bold]outputs[/bold] (folder, MLflow run that produced it):")
+    for row in result["stages"]:
+        folder = row.get("path") or ""
+        if row["stage"] in names and row["stage"] != "data" and folder:
+            folder = str(Path(folder) / "model")
+        console.print(f"  {row['stage']}: {folder}  run {row.get('source_run_id') or '-'}",
+                      markup=False, highlight=False, soft_wrap=True)
     comparison = result.get("comparison") or {}
     if comparison:
         # One row per metric, one column per model: metric names stay whole, and seven models
@@ -141,39 +180,65 @@ def print_ui_hints(result: dict) -> None:
 
 
 @app.command()
-def run(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
-    """Run the whole pipeline (data, SFT, reward model, methods, evaluation) as a Prefect flow."""
+def plan(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Check everything that can be checked without training (config, model folder, every data
+    row, reward functions, batch sizes, evaluation and promotion metrics) and print the stage
+    graph: what each stage starts from, reads, and whether it is cached or will run."""
     cfg = _load(config, overrides)
+    print_plan(cfg, _preflight(cfg))
+    console.print("[green]preflight passed[/green]")
+
+
+@app.command()
+def run(config: ConfigArg = None, overrides: OverridesArg = None,
+        verbose: VerboseOpt = False) -> None:
+    """Run the whole pipeline (data, every stage in order, evaluation, promotion) as a Prefect
+    flow, after preflight. Without CONFIG: the built-in demo (conf/demo.yaml)."""
+    cfg = _load(config, overrides)
+    print_plan(cfg, _preflight(cfg))
     from pipelines.flows import pipeline
 
-    result = _run_flow(pipeline, cfg)
-    print_summary(result)
+    result = _run_flow(pipeline, cfg, verbose)
+    print_summary(result, cfg)
     print_ui_hints(result)
 
 
-def _stage_command(stage: str, help_text: str):
-    def command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+def _method_command(name: str, summary: str):
+    def command(config: ConfigArg = None, overrides: OverridesArg = None,
+                stage: Annotated[list[str] | None, typer.Option(
+                    "--stage", "-s", help="Run only this stage (repeatable); default: every "
+                    "stage of this method.")] = None,
+                verbose: VerboseOpt = False) -> None:
         cfg = _load(config, overrides)
+        targets = stage or [s.name for s in cfg.stages if s.method == name]
+        wrong = [t for t in targets if t not in {s.name for s in cfg.stages}
+                 or cfg.stage(t).method != name]
+        if not targets or wrong:
+            have = [s.name for s in cfg.stages if s.method == name]
+            console.print(f"[red]no {name} stage {'named ' + str(wrong) if wrong else ''} in "
+                          f"this config[/red] ({name} stages: {have or 'none'})")
+            raise typer.Exit(2)
+        print_plan(cfg, _preflight(cfg, targets))
         from pipelines.flows import stage_flow
 
-        result = _run_flow(lambda c: stage_flow(c, stage), cfg)
-        print_summary(result)
+        result = _run_flow(lambda c: stage_flow(c, targets), cfg, verbose)
+        print_summary(result, cfg)
         print_ui_hints(result)
 
-    command.__doc__ = help_text
+    command.__doc__ = (f"Run the {name} stages ({summary}) and the stages they start from or "
+                       "use (cached or run first), without evaluation.")
     return command
 
 
-for _stage, _help in (
-    ("sft", "Supervised fine-tuning (and the data preparation it needs) as a Prefect flow."),
-    ("rm", "Train the reward model from the SFT model (data and SFT cached or run first)."),
-    ("dpo", "DPO from the SFT model (data and SFT cached or run first)."),
-    ("orpo", "ORPO from the SFT model (data and SFT cached or run first)."),
-    ("kto", "KTO from the SFT model (data and SFT cached or run first)."),
-    ("grpo", "GRPO from the SFT model against the configured reward functions."),
-    ("ppo", "PPO from the SFT model against the reward model (trained first if needed)."),
-):
-    app.command(name=_stage)(_stage_command("reward" if _stage == "rm" else _stage, _help))
+def _register_method_commands() -> None:
+    from posttrain.methods import METHODS
+
+    for name, m in METHODS.items():
+        app.command(name=name)(_method_command(name, m.summary))
+    app.command(name="rm", hidden=True)(_method_command("reward", METHODS["reward"].summary))
+
+
+_register_method_commands()
 
 
 @app.command()

@@ -10,17 +10,15 @@ from prefect import flow
 from prefect.context import get_run_context
 
 from posttrain import artifacts, stages, tracking
-from posttrain.config import PipelineConfig
+from pipelines import errors
+from posttrain.config import PipelineConfig, load_pipeline_config
 from tasks import events
 from tasks.data import prepare_data_task
 from tasks.evaluate import evaluate_task
-from tasks.online import online_task
-from tasks.preference import method_task
 from tasks.promote import promote_task
-from tasks.reward import reward_task
-from tasks.sft import sft_task
+from tasks.train import train_task
 
-DEFAULT_CONFIG = PipelineConfig()  # the form the Prefect UI shows for a deployment
+DEFAULT_CONFIG = load_pipeline_config()  # the demo: what `posttrain run` runs without a config
 
 
 @dataclass
@@ -49,11 +47,15 @@ class PipelineRun:
         )
         return cls(cfg, run_id)
 
-    def stage(self, name: str, task, *args) -> dict:
+    def stage(self, name: str, task, *args, **kwargs) -> dict:
         """Run one stage task; record whether it ran or came from the cache, and how long."""
         started = time.time()
-        state = task(self.cfg)(self.cfg, *args, parent_run_id=self.run_id, return_state=True)
-        manifest = state.result()  # raises the stage's own error if it failed
+        state = task(self.cfg, *args, parent_run_id=self.run_id, return_state=True, **kwargs)
+        try:
+            manifest = state.result()  # raises the stage's own error if it failed
+        except Exception as error:
+            errors.note_stage(error, name)
+            raise
         prefect_cached = state.name == "Cached"
         if prefect_cached:
             # The task body did not run, so nothing logged a child run: do it here.
@@ -98,9 +100,10 @@ class PipelineRun:
 
 @flow(name="posttrain-pipeline", log_prints=True)
 def pipeline(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
-    """Prepare data, fine-tune (SFT), train the reward model, run each preference method from the
-    SFT model, evaluate everything side by side, promote the winner if the gate passes; every
-    stage cached and tracked."""
+    """Prepare the data, run the stages in their declared order (each from the model its `start`
+    names), evaluate the base model and every trained stage side by side, promote the winner if
+    the gate passes; every stage cached and tracked."""
+    cfg = served_config(cfg)
     run = PipelineRun.start(cfg, "pipeline")
     return _train_evaluate_promote(run, emit_events=cfg.retrain.emit_events)
 
@@ -110,6 +113,7 @@ def retrain(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
     """Retraining (scheduled, or triggered by a 'posttrain.dataset.updated' event): re-fingerprint
     the data sources, then the whole pipeline. Unchanged data finds every stage cached; changed
     data re-runs what depends on it, evaluates, and promotes only if the gate passes."""
+    cfg = served_config(cfg)
     run = PipelineRun.start(cfg, "retrain")
     fingerprints = events.current_fingerprints(cfg)
     tracking.client().set_tag(run.run_id, "posttrain.data_fingerprints",
@@ -118,52 +122,65 @@ def retrain(cfg: PipelineConfig = DEFAULT_CONFIG) -> dict:
     return _train_evaluate_promote(run, emit_events=False)
 
 
+def served_config(cfg: PipelineConfig) -> PipelineConfig:
+    """In a deployment's run, the fields the run was given merged onto the config the deployment
+    was served with. Prefect replaces a whole parameter (`cfg`) with the run's value and fills
+    what it lacks from the function's default, so a run given {"stages": [...]} alone would
+    otherwise silently train on the code's defaults. Outside a deployment: `cfg` as it is."""
+    from prefect.runtime import deployment
+
+    served = (deployment.parameters or {}).get("cfg") if deployment.id else None
+    if not served:
+        return cfg
+    from posttrain.config import merge, validate
+
+    given = cfg.model_dump(mode="json", exclude_unset=True)
+    return validate(PipelineConfig, merge(served, given), "deployment parameters + run")
+
+
 def _train_evaluate_promote(run: PipelineRun, *, emit_events: bool) -> dict:
     cfg = run.cfg
     try:
-        data = run.stage("data", prepare_data_task)
-        changed = events.note_fingerprints(cfg, emit=emit_events)
-        if changed:
-            print(f"data sources changed since the last run: {', '.join(changed)}")
-        sft = run.stage("sft", sft_task, data)
-        reward = run.stage("reward", reward_task, data, sft) if cfg.needs_reward_model else None
-        candidates = {"sft": sft}
-        for method in cfg.methods:
-            candidates[method] = _method_stage(run, method, data, sft, reward)
-        evaluation = run.stage("evaluate", evaluate_task, data, candidates, reward)
-        decision = None
-        if cfg.promotion.enabled:
-            decision = promote_task(cfg, evaluation.get("comparison", {}), candidates,
-                                    parent_run_id=run.run_id)
+        manifests = _train(run, None, emit_events=emit_events)
+        evaluation, decision = None, None
+        if cfg.evaluate.enabled:
+            reward = cfg.eval_reward
+            evaluation = run.stage("evaluate", evaluate_task(cfg), manifests["data"],
+                                   stages.candidates(cfg, manifests),
+                                   manifests[reward] if reward else None)
+            if cfg.promotion.enabled:
+                decision = promote_task(cfg, evaluation, stages.candidates(cfg, manifests),
+                                        manifests["data"], parent_run_id=run.run_id)
     except BaseException as e:
         run.fail(e)
         raise
     return run.finish(evaluation, decision)
 
 
-def _method_stage(run: PipelineRun, method: str, data: dict, sft: dict, reward: dict | None):
-    if method in stages.ONLINE_METHODS:
-        return run.stage(method, online_task(method), method, data, sft, reward)
-    return run.stage(method, method_task(method), method, data, sft)
-
-
-STAGES = ("sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo")
+def _train(run: PipelineRun, targets: list[str] | None, *, emit_events: bool) -> dict:
+    """Data, then every stage `targets` needs (all: None) in the declared order."""
+    cfg = run.cfg
+    manifests = {"data": run.stage("data", prepare_data_task(cfg))}
+    changed = events.note_fingerprints(cfg, emit=emit_events)
+    if changed:
+        print(f"data sources changed since the last run: {', '.join(changed)}")
+    for stage in stages.needed(cfg, targets):
+        inputs = stages.inputs_for(stage, manifests["data"], manifests)
+        manifests[stage.name] = run.stage(stage.name, train_task(cfg, stage.name), stage.name,
+                                          inputs["data"], inputs["start"], inputs["reward"])
+    return manifests
 
 
 @flow(name="posttrain-stage", log_prints=True)
-def stage_flow(cfg: PipelineConfig = DEFAULT_CONFIG, stage: str = "sft") -> dict:
-    """One stage (and the upstream stages it needs, usually cached), tracked like the pipeline."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
-    run = PipelineRun.start(cfg, stage)
+def stage_flow(cfg: PipelineConfig = DEFAULT_CONFIG, targets: list[str] | None = None) -> dict:
+    """The stages named in `targets` and every stage they start from or use (usually cached),
+    tracked like the pipeline; no evaluation."""
+    unknown = [t for t in targets or () if t not in {s.name for s in cfg.stages}]
+    if unknown:
+        raise ValueError(f"no stage named {unknown}; stages: {[s.name for s in cfg.stages]}")
+    run = PipelineRun.start(cfg, ",".join(targets or ["all"]))
     try:
-        data = run.stage("data", prepare_data_task)
-        sft = run.stage("sft", sft_task, data)
-        needs_rm = stage == "reward" or (
-            stage in stages.ONLINE_METHODS and stages.uses_reward_model(cfg, stage))
-        reward = run.stage("reward", reward_task, data, sft) if needs_rm else None
-        if stage not in ("sft", "reward"):
-            _method_stage(run, stage, data, sft, reward)
+        _train(run, targets, emit_events=False)
     except BaseException as e:
         run.fail(e)
         raise

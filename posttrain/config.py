@@ -7,9 +7,10 @@ message. The same models give the Prefect UI its parameter forms.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -45,14 +46,20 @@ class DemoTaskConfig(_Frozen):
     conversational: bool = Field(
         True, description="Emit chat messages (rendered by the chat template) instead of strings."
     )
+    seed: int = Field(0, description="Seed of the generator (which prompts, which mistakes).")
+
+
+DEMO_SOURCES = ("demo:sft", "demo:preference", "demo:kto", "demo:prompts")
 
 
 class DatasetSource(_Frozen):
-    """Where one dataset comes from."""
+    """One named dataset: where it comes from and how its rows are checked and split."""
 
     path: str = Field(
-        description="'demo' for the built-in synthetic task, a local .jsonl/.json/.parquet/.csv "
-        "file, or a Hugging Face hub dataset id."
+        description="A local .jsonl/.json/.parquet/.csv file, a Hugging Face hub dataset id, or "
+        "the built-in synthetic data: 'demo:sft' (prompt-completion), 'demo:preference' "
+        "(prompt/chosen/rejected), 'demo:kto' (prompt/completion/label) or 'demo:prompts' "
+        "(prompt-only)."
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     subset: str | None = Field(None, description="Hub dataset configuration name, if any.")
@@ -62,37 +69,11 @@ class DatasetSource(_Frozen):
         description="Separate held-out file or hub split name; when unset, eval_fraction of the "
         "rows is held out.",
     )
-
-
-class DataConfig(_Frozen):
-    """Data preparation: loading, validation and the train/eval split."""
-
-    sft: DatasetSource = Field(
-        DatasetSource(path="demo"), description="The supervised fine-tuning dataset."
-    )
-    preference: DatasetSource | None = Field(
-        None,
-        description="Preference pairs (prompt/chosen/rejected, or chosen/rejected with the prompt "
-        "as shared prefix) for the reward model, DPO and ORPO; null: no preference stages.",
-    )
-    kto: DatasetSource | None = Field(
-        None,
-        description="Unpaired data (prompt/completion/label) for KTO; null: KTO uses the "
-        "preference pairs converted (chosen -> True, rejected -> False).",
-    )
-    prompts: DatasetSource | None = Field(
-        None,
-        description="Prompt-only data (a `prompt` column plus any columns the reward functions "
-        "read) for GRPO and PPO; null: the prompts of the SFT dataset.",
-    )
-    demo: DemoTaskConfig = Field(
-        DemoTaskConfig(), description="Generator settings used when a source path is 'demo'."
-    )
     eval_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Share of rows held out when no eval_path is given."
     )
     max_rows: int | None = Field(
-        None, ge=1, description="Read at most this many rows per source (after shuffling)."
+        None, ge=1, description="Read at most this many rows (after shuffling)."
     )
     on_bad_rows: Literal["error", "drop"] = Field(
         "error",
@@ -103,9 +84,23 @@ class DataConfig(_Frozen):
         0.1,
         ge=0.0,
         le=1.0,
-        description="With on_bad_rows='drop', fail when more than this share of rows is dropped.",
+        description="With on_bad_rows='drop', fail when more than this share of rows is dropped "
+        "(also the share of pairs a preference stage may drop while tokenizing).",
     )
-    seed: int = Field(0, description="Seed of the demo generator and of the train/eval split.")
+    seed: int = Field(0, description="Seed of the train/eval split and of KTO's pair shuffle.")
+
+    @model_validator(mode="after")
+    def _demo_names_its_kind(self) -> DatasetSource:
+        if self.path == "demo" or (self.path.startswith("demo:")
+                                   and self.path not in DEMO_SOURCES):
+            raise ValueError(
+                f"path {self.path!r}: the built-in data is one of {', '.join(DEMO_SOURCES)}"
+            )
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.path in DEMO_SOURCES
 
 
 # -------------------------------------------------------------------------------------- model
@@ -237,8 +232,42 @@ class TrainingConfig(_Frozen):
     seed: int = Field(0, description="Seed of data order and dropout.")
 
 
-class SFTConfig(TrainingConfig):
+STAGE_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+RESERVED_NAMES = ("base", "data", "evaluate", "promote")
+
+
+class StageFields(_Frozen):
+    """What every stage of the graph declares besides its method's settings."""
+
+    name: str = Field(
+        pattern=STAGE_NAME,
+        description="Unique stage name (lowercase letters, digits, '-', '_'): the artifact "
+        "folder, the MLflow child run and the evaluation candidate are named after it.",
+    )
+    start: str = Field(
+        "base",
+        description="The model this stage starts from: 'base' (model.name_or_path) or the name "
+        "of an earlier stage.",
+    )
+    data: str | None = Field(
+        None, description="Name of the data source (a key of `data`) this stage trains on."
+    )
+    reward: str | None = Field(
+        None,
+        description="Name of the reward stage whose model scores completions (PPO always; GRPO "
+        "when reward_functions lists 'reward_model'); unset for the other methods.",
+    )
+
+    @property
+    def uses_reward_stage(self) -> bool:
+        """Whether this stage scores completions with the model of the stage in `reward`."""
+        return False
+
+
+class SFTConfig(StageFields, TrainingConfig):
     """Supervised fine-tuning."""
+
+    method: Literal["sft"] = Field("sft", description="The method; selects these settings.")
 
     packing: bool = Field(
         True,
@@ -260,9 +289,10 @@ _REFERENCE_DOC = (
 )
 
 
-class RewardConfig(TrainingConfig):
+class RewardConfig(StageFields, TrainingConfig):
     """Bradley-Terry reward model: a sequence classifier with one output."""
 
+    method: Literal["reward"] = Field("reward", description="The method; selects these settings.")
     learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
 
     center_rewards_coefficient: float | None = Field(
@@ -270,9 +300,10 @@ class RewardConfig(TrainingConfig):
     )
 
 
-class DPOConfig(TrainingConfig):
+class DPOConfig(StageFields, TrainingConfig):
     """Direct Preference Optimization and its loss variants."""
 
+    method: Literal["dpo"] = Field("dpo", description="The method; selects these settings.")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
 
     beta: float = Field(0.1, gt=0.0, description="Temperature beta of the implicit reward.")
@@ -296,9 +327,10 @@ class DPOConfig(TrainingConfig):
         return self
 
 
-class ORPOConfig(TrainingConfig):
+class ORPOConfig(StageFields, TrainingConfig):
     """Odds-Ratio Preference Optimization (no reference model)."""
 
+    method: Literal["orpo"] = Field("orpo", description="The method; selects these settings.")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
 
     beta: float = Field(
@@ -306,9 +338,10 @@ class ORPOConfig(TrainingConfig):
     )
 
 
-class KTOConfig(TrainingConfig):
+class KTOConfig(StageFields, TrainingConfig):
     """Kahneman-Tversky Optimization on unpaired desirable/undesirable completions."""
 
+    method: Literal["kto"] = Field("kto", description="The method; selects these settings.")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
 
     beta: float = Field(0.1, gt=0.0, description="Temperature beta of the implicit reward.")
@@ -340,9 +373,10 @@ class RolloutConfig(TrainingConfig):
     )
 
 
-class GRPOConfig(RolloutConfig):
+class GRPOConfig(StageFields, RolloutConfig):
     """Group Relative Policy Optimization. Batch sizes count completions, not prompts."""
 
+    method: Literal["grpo"] = Field("grpo", description="The method; selects these settings.")
     learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")
     num_generations: int = Field(
         8, ge=2, description="Completions sampled per prompt (the group size G)."
@@ -364,10 +398,15 @@ class GRPOConfig(RolloutConfig):
         1, ge=1, description="Optimizer passes over each generation batch (mu)."
     )
     reward_functions: dict[str, float] = Field(
-        {"posttrain.reward_functions:demo_checker": 1.0},
-        description="Reward functions by dotted path with their weights; the name "
-        "'reward_model' uses the trained reward model.",
+        {},
+        description="Reward functions by dotted path ('package.module:function', called as TRL "
+        "calls them: prompts=, completions=, every extra dataset column by name) with their "
+        "weights; the name 'reward_model' scores with the stage named in `reward`. At least one.",
     )
+
+    @property
+    def uses_reward_stage(self) -> bool:
+        return "reward_model" in self.reward_functions
 
     @model_validator(mode="after")
     def _groups_fit(self) -> GRPOConfig:
@@ -379,9 +418,10 @@ class GRPOConfig(RolloutConfig):
         return self
 
 
-class PPOConfig(RolloutConfig):
+class PPOConfig(StageFields, RolloutConfig):
     """PPO for RLHF: policy, frozen reference, frozen reward model, value model."""
 
+    method: Literal["ppo"] = Field("ppo", description="The method; selects these settings.")
     learning_rate: float = Field(3e-6, gt=0.0, description="Peak learning rate of AdamW.")
     num_ppo_epochs: int = Field(4, ge=1, description="Optimization epochs per rollout batch.")
     num_mini_batches: int = Field(1, ge=1, description="Mini-batches per PPO epoch.")
@@ -395,6 +435,10 @@ class PPOConfig(RolloutConfig):
         None, ge=0.0, description="Subtracted from the score of completions without EOS."
     )
 
+    @property
+    def uses_reward_stage(self) -> bool:
+        return True
+
     @model_validator(mode="after")
     def _minibatches_fit(self) -> PPOConfig:
         if self.per_device_batch_size % self.num_mini_batches:
@@ -406,27 +450,42 @@ class PPOConfig(RolloutConfig):
 
 
 class EvalConfig(_Frozen):
-    """The evaluation stage."""
+    """The evaluation stage: the base model and every trained stage on the same held-out rows."""
 
+    enabled: bool = Field(True, description="Evaluate (and then promote); false: train only.")
+    data: str | None = Field(
+        None,
+        description="Data source whose held-out rows give the prompts (and reference "
+        "completions, where the format has them); null: the first stage's source.",
+    )
+    reference: str = Field(
+        "base",
+        description="The model win rate and KL are measured against: 'base' or a stage name.",
+    )
+    reward: str | None = Field(
+        None,
+        description="Reward stage that scores every generation (reward_score, win rate); null: "
+        "the pipeline's reward stage when it has exactly one.",
+    )
     max_new_tokens: int = Field(16, ge=1, description="Generation budget per held-out prompt.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    max_length: int = Field(
+        128, ge=8, description="Longest held-out example (prompt + reference) for the loss."
+    )
     max_prompts: int | None = Field(
         None, ge=1, description="Evaluate at most this many held-out prompts; null: all."
     )
     num_samples: int = Field(
         12, ge=0, description="Sample generations shown in the table logged to MLflow."
     )
-    reward_model: bool = Field(
-        True,
-        description="Score generations with the reward model (trains the RM stage when "
-        "preference data is configured).",
-    )
 
 
 class MetricGuard(_Frozen):
     """A metric that may not get worse than the reference by more than a tolerance."""
 
-    metric: str = Field(description="Comparison metric name, e.g. 'eval_loss' or 'kl_to_sft'.")
+    metric: str = Field(
+        description="Comparison metric name, e.g. 'eval_loss' or 'kl_to_reference'."
+    )
     direction: Literal["max", "min"] = Field(
         description="'max': higher is better; 'min': lower is better."
     )
@@ -443,12 +502,16 @@ class PromotionConfig(_Frozen):
     """
 
     enabled: bool = Field(True, description="Run the gate after evaluation; false: never promote.")
-    metric: str = Field(
-        "checker_accuracy",
-        description="Primary comparison metric; the best candidate on it is the one considered.",
+    metric: str | None = Field(
+        None,
+        description="Primary comparison metric; the best candidate on it is the one considered. "
+        "null: the first of checker_accuracy, reward_score, eval_loss that this pipeline's "
+        "evaluation produces (`posttrain plan` shows which).",
     )
-    direction: Literal["max", "min"] = Field(
-        "max", description="'max': higher primary metric is better; 'min': lower is better."
+    direction: Literal["max", "min"] | None = Field(
+        None,
+        description="'max': higher primary metric is better; 'min': lower is better; null: the "
+        "metric's own (max for accuracies, scores and win rates; min for losses, perplexity, KL).",
     )
     min_margin: float = Field(
         0.0,
@@ -456,10 +519,11 @@ class PromotionConfig(_Frozen):
         description="The winner must beat the current champion's primary metric by at least this "
         "much (and by more than 0); without a champion, any candidate passing the guards wins.",
     )
-    guards: tuple[MetricGuard, ...] = Field(
-        (MetricGuard(metric="eval_loss", direction="min", tolerance=0.5),),
+    guards: tuple[MetricGuard, ...] | None = Field(
+        None,
         description="Metrics that may not regress beyond their tolerance against the champion "
-        "(or against the SFT model when there is no champion yet).",
+        "(or against evaluate.reference when there is no champion yet); null: eval_loss with a "
+        "tolerance of 0.5 when the evaluation has reference completions, else none.",
     )
     candidates: tuple[str, ...] | None = Field(
         None,
@@ -529,8 +593,15 @@ class TrackingConfig(_Frozen):
     )
 
 
+StageConfig = Annotated[
+    SFTConfig | RewardConfig | DPOConfig | ORPOConfig | KTOConfig | GRPOConfig | PPOConfig,
+    Field(discriminator="method"),
+]
+SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
 class PipelineConfig(_Frozen):
-    """A whole pipeline run: data, model, stages, tracking."""
+    """A whole pipeline: named data sources, a base model, an ordered list of stages."""
 
     name: str = Field("demo", description="Pipeline name, shown in Prefect and MLflow.")
     artifacts_root: str = Field(
@@ -543,18 +614,21 @@ class PipelineConfig(_Frozen):
         "Tiny models run fastest on 1 thread, and 1 thread degrades gracefully when the "
         "machine is shared (2 spinning threads on 2 busy cores can be 30x slower).",
     )
-    data: DataConfig = Field(DataConfig(), description="Data preparation.")
-    model: ModelConfig = Field(ModelConfig(), description="Base model.")
-    sft: SFTConfig = Field(SFTConfig(), description="Supervised fine-tuning stage.")
-    methods: tuple[Literal["dpo", "orpo", "kto", "grpo", "ppo"], ...] = Field(
-        (), description="Methods to run, each from the SFT model, e.g. [dpo, kto, grpo]."
+    data: dict[str, DatasetSource] = Field(
+        {},
+        description="Named data sources, e.g. {sft: {path: chat.jsonl}, preference: {path: "
+        "pairs.jsonl}}; a stage reads the one its `data` names, and nothing else is loaded.",
     )
-    reward: RewardConfig = Field(RewardConfig(), description="Reward-model stage.")
-    dpo: DPOConfig = Field(DPOConfig(), description="DPO stage.")
-    orpo: ORPOConfig = Field(ORPOConfig(), description="ORPO stage.")
-    kto: KTOConfig = Field(KTOConfig(), description="KTO stage.")
-    grpo: GRPOConfig = Field(GRPOConfig(), description="GRPO stage.")
-    ppo: PPOConfig = Field(PPOConfig(), description="PPO stage.")
+    demo: DemoTaskConfig = Field(
+        DemoTaskConfig(), description="Generator of the built-in data (sources 'demo:...')."
+    )
+    model: ModelConfig = Field(ModelConfig(), description="Base model (the stages' 'base').")
+    stages: tuple[StageConfig, ...] = Field(
+        (),
+        description="The stages in order; each names its method, what it starts from, its data "
+        "and its own settings, e.g. [{name: sft, method: sft, data: sft}, {name: dpo, method: "
+        "dpo, start: sft, data: preference, beta: 0.1}].",
+    )
     evaluate: EvalConfig = Field(EvalConfig(), description="Evaluation stage.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
     launch: LaunchConfig = Field(
@@ -567,53 +641,131 @@ class PipelineConfig(_Frozen):
         RetrainConfig(), description="Retraining schedule and event trigger."
     )
 
-
     @model_validator(mode="after")
-    def _stages_fit_together(self) -> PipelineConfig:
-        problems = []
-        offline = [m for m in self.methods if m in ("dpo", "orpo", "kto")]
-        if offline and self.data.preference is None and not (
-            offline == ["kto"] and self.data.kto is not None
-        ):
-            problems.append(f"methods {offline} need data.preference")
-        if "ppo" in self.methods and self.data.preference is None:
-            problems.append("ppo needs data.preference to train its reward model")
-        uses_rm = "reward_model" in self.grpo.reward_functions
-        if "grpo" in self.methods and uses_rm and self.data.preference is None:
-            problems.append("grpo.reward_functions uses reward_model, which needs data.preference")
-        if len(set(self.methods)) != len(self.methods):
-            problems.append(f"methods lists a method twice: {list(self.methods)}")
-        for name in ("dpo", "kto", "grpo", "ppo"):
-            if name in self.methods and getattr(self, name).reference == "adapter" \
-                    and self.model.lora is None:
-                problems.append(f"{name}.reference='adapter' needs model.lora")
+    def _graph_fits(self) -> PipelineConfig:
+        problems = [f"data.{n}: source names are letters, digits, '-' and '_'"
+                    for n in self.data if not re.fullmatch(SOURCE_NAME, n)]
+        seen: dict[str, StageConfig] = {}
+        for i, s in enumerate(self.stages):
+            problems += [f"stages.{s.name}.{p}" for p in _stage_problems(self, s, seen)]
+            seen[s.name] = s
+        problems += _evaluation_problems(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
+    def stage(self, name: str) -> StageConfig:
+        """The stage named `name`; KeyError listing the stages otherwise."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage named {name!r}; stages: {[s.name for s in self.stages]}")
+
     @property
-    def needs_reward_model(self) -> bool:
-        """The RM stage runs when evaluation scores with it or an online method trains on it."""
-        if self.data.preference is None:
-            return False
-        return (
-            self.evaluate.reward_model
-            or "ppo" in self.methods
-            or ("grpo" in self.methods and "reward_model" in self.grpo.reward_functions)
-        )
+    def eval_source(self) -> str | None:
+        """The data source evaluation reads: evaluate.data, else the first stage's source."""
+        if self.evaluate.data is not None:
+            return self.evaluate.data
+        return self.stages[0].data if self.stages else None
+
+    @property
+    def eval_reward(self) -> str | None:
+        """The reward stage evaluation scores with: evaluate.reward, or the only one."""
+        if self.evaluate.reward is not None:
+            return self.evaluate.reward
+        rewards = [s.name for s in self.stages if s.method == "reward"]
+        return rewards[0] if len(rewards) == 1 else None
+
+    @property
+    def used_sources(self) -> list[str]:
+        """The data sources some stage or the evaluation reads, in the config's order."""
+        used = {s.data for s in self.stages} | {self.eval_source}
+        return [n for n in self.data if n in used]
+
+
+def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
+    """What is wrong with stage `s` given the stages before it (`earlier`, by name)."""
+    out = []
+    if s.name in earlier:
+        out.append("name: another stage already has this name")
+    if s.name in RESERVED_NAMES:
+        out.append(f"name: {s.name!r} is reserved ({', '.join(RESERVED_NAMES)})")
+    if s.start != "base":
+        if s.start not in earlier:
+            out.append(f"start: {s.start!r} is neither 'base' nor an earlier stage "
+                       f"(earlier: {', '.join(earlier) or 'none'})")
+        elif earlier[s.start].method == "reward":
+            out.append(f"start: {s.start!r} is a reward model; start from a language model")
+    if s.data is None:
+        out.append(f"data: name the data source this {s.method} stage trains on "
+                   f"(sources: {', '.join(cfg.data) or 'none configured under `data`'})")
+    elif s.data not in cfg.data:
+        out.append(f"data: no data source named {s.data!r} "
+                   f"(sources: {', '.join(cfg.data) or 'none configured under `data`'})")
+    wants_reward = s.uses_reward_stage
+    if wants_reward and s.reward is None:
+        out.append("reward: name the reward stage that scores this stage's completions")
+    elif s.reward is not None and not wants_reward:
+        out.append("reward: only PPO, and GRPO with 'reward_model' in reward_functions, use a "
+                   "reward stage")
+    elif s.reward is not None and (s.reward not in earlier or earlier[s.reward].method != "reward"):
+        out.append(f"reward: {s.reward!r} is not an earlier reward stage")
+    if s.method == "grpo" and not s.reward_functions:
+        out.append("reward_functions: name at least one, e.g. {'my_pkg.rewards:accuracy': 1.0} "
+                   "or {reward_model: 1.0}")
+    if getattr(s, "reference", None) == "adapter" and cfg.model.lora is None:
+        out.append("reference: 'adapter' needs model.lora")
+    return out
+
+
+def _evaluation_problems(cfg: PipelineConfig) -> list[str]:
+    e, names = cfg.evaluate, {s.name: s for s in cfg.stages}
+    out = []
+    if e.data is not None and e.data not in cfg.data:
+        out.append(f"evaluate.data: no data source named {e.data!r}")
+    if e.reference != "base" and (e.reference not in names
+                                  or names[e.reference].method == "reward"):
+        out.append(f"evaluate.reference: {e.reference!r} is neither 'base' nor a language-model "
+                   "stage")
+    if e.reward is not None and (e.reward not in names or names[e.reward].method != "reward"):
+        out.append(f"evaluate.reward: {e.reward!r} is not a reward stage")
+    for c in cfg.promotion.candidates or ():
+        if c not in names or names[c].method == "reward":
+            out.append(f"promotion.candidates: {c!r} is not a language-model stage")
+    return out
 
 
 # ------------------------------------------------------------------------------ load/overrides
 
 
-def _format_validation_error(err: ValidationError, where: str) -> str:
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
+
+
+def _format_validation_error(err: ValidationError, where: str, values: dict) -> str:
     lines = [f"invalid configuration ({where}):"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if not e["loc"]:  # a whole-pipeline check: its message names the fields itself
+            lines += [f"  {line}" for line in e["msg"].removeprefix("Value error, ").splitlines()]
+            continue
+        field = _field_name(e["loc"], values)
         got = e.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {field}: {e['msg']}{shown}")
+        shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
+
+
+def _field_name(loc: tuple, values: dict) -> str:
+    """Dotted field path, with a stage's list index replaced by its name: stages.dpo.beta."""
+    parts = [str(p) for p in loc]
+    if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
+        stages = values.get("stages") or []
+        stage = stages[loc[1]] if loc[1] < len(stages) else None
+        name = stage.get("name") if isinstance(stage, dict) else None
+        rest = [str(p) for p in loc[2:]]
+        if rest and isinstance(stage, dict) and rest[0] == stage.get("method"):
+            rest = rest[1:]  # pydantic's union tag: the method, already known from the stage
+        parts = ["stages", name or f"[{loc[1]}]", *rest]
+    return ".".join(parts) or "<root>"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -632,24 +784,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Set dotted fields in a nested dict (a copy); unknown fields are caught by validation."""
-    out = _deep_copy(values)
+    """Set dotted fields in a nested dict (a copy); unknown fields are caught by validation.
+
+    A stage is addressed by its name: `stages.dpo.beta=0.5`.
+    """
+    out = copy.deepcopy(values)
     for text in overrides:
         parts, value = parse_override(text)
         node = out
         for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {p!r} is a value, not a section")
-            node = child
+            node = _child(node, p, text)
+        if isinstance(node, list):
+            raise ConfigError(f"override {text!r}: {parts[-2]!r} is a list of stages; name a "
+                              "stage and a field, e.g. stages.dpo.beta=0.5")
         node[parts[-1]] = value
     return out
 
 
-def _deep_copy(d: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+def _child(node: dict | list, part: str, text: str) -> dict | list:
+    if isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict) and item.get("name") == part:
+                return item
+        names = [i.get("name") for i in node if isinstance(i, dict)]
+        raise ConfigError(f"override {text!r}: no stage named {part!r} (stages: {names})")
+    child = node.get(part)
+    if child is None:
+        child = node[part] = {}
+    elif not isinstance(child, (dict, list)):
+        raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+    return child
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -669,16 +833,24 @@ def validate(model: type[BaseModel], values: dict, where: str = "config") -> Any
     try:
         return model.model_validate(values)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where)) from None
+        raise ConfigError(_format_validation_error(e, where, values)) from None
 
 
 def load_pipeline_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> PipelineConfig:
-    """Read a YAML file (or the defaults), apply `a.b=value` overrides, validate."""
-    values = read_yaml(path) if path else {}
-    values = apply_overrides(values, list(overrides))
-    where = str(path) if path else "defaults"
-    if overrides:
-        where += " + overrides"
+    """Read a YAML file (default: the demo, conf/demo.yaml), apply `a.b=value` overrides,
+    validate."""
+    path = DEMO_CONFIG if path is None else path
+    values = apply_overrides(read_yaml(path), list(overrides))
+    where = str(path) + (" + overrides" if overrides else "")
     return validate(PipelineConfig, values, where)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """`update` deep-merged onto `base` (a copy): mappings merge key by key, anything else
+    (values, lists such as `stages`) replaces."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,7 +1,11 @@
-"""The shared evaluation suite: held-out loss and perplexity, checker accuracy, completion
-length, reward-model score, perplexity on chosen preference responses, and a table of sample
-generations; plus the pairwise numbers against a reference model (the SFT model): win rate
-judged by the reward model and a KL estimate on the candidate's own completions.
+"""The shared evaluation suite: held-out loss and perplexity (over the rows that have a reference
+completion), checker accuracy, completion length, reward-model score, perplexity on chosen
+preference responses, and a table of sample generations; plus the pairwise numbers against a
+reference model (the SFT model): win rate judged by the reward model and a KL estimate on the
+candidate's own completions.
+
+Held-out rows come from `posttrain.data.formats.eval_rows`, so any data format can be evaluated:
+rows without a reference (prompt-only data) still get generation metrics.
 
 Generation is greedy and batched (left-padded, KV-cached through `model.generate`), so a score is
 a property of the model, not of sampling luck.
@@ -94,13 +98,6 @@ class Evaluation:
     scores: list[float | None] = field(default_factory=list)
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer, rows: list[dict], **kwargs
-                   ) -> tuple[dict[str, float], list[dict]]:
-    """Metrics and a sample table (see `evaluate_candidate` for the arguments)."""
-    result = evaluate_candidate(model, tokenizer, rows, **kwargs)
-    return result.metrics, result.samples
-
-
 def evaluate_candidate(
     model: torch.nn.Module,
     tokenizer,
@@ -114,18 +111,27 @@ def evaluate_candidate(
     reward_model: torch.nn.Module | None = None,
     preference_rows: list[dict] | None = None,
 ) -> Evaluation:
-    """Metrics, samples and per-prompt details for held-out prompt-completion rows.
+    """Metrics, samples and per-prompt details for held-out rows (`posttrain.data.formats.
+    eval_rows`): a `prompt` each and, where the data has one, a reference `completion`.
 
-    `checker(prompt, completion_text)` says whether a completion is correct; without one (data
-    with no verifiable answer) `checker_accuracy` is left out rather than guessed. With a
-    `reward_model`, every (prompt, completion) is scored: `reward_score` is the mean. With
-    held-out `preference_rows`, `chosen_perplexity` is the perplexity of the chosen responses.
+    `eval_loss` and `perplexity` are over the rows with a completion only, and absent (not NaN)
+    when none has one or none fits in max_length: a prompt-only dataset has no reference to
+    score, and a NaN would read as a diverged model. `checker(prompt, completion_text)` says
+    whether a completion is correct; without one (data with no verifiable answer)
+    `checker_accuracy` is left out rather than guessed. With a `reward_model`, every (prompt,
+    completion) is scored: `reward_score` is the mean. With held-out `preference_rows`,
+    `chosen_perplexity` is the perplexity of the chosen responses. A sample's "reference" is ""
+    for a row without a completion.
     """
     examples = [
         e
         for e in (
-            tokenize_sft_example(r, tokenizer, max_length=max_length, truncation="drop")
+            tokenize_sft_example(
+                {"prompt": r["prompt"], "completion": r["completion"]}, tokenizer,
+                max_length=max_length, truncation="drop",
+            )
             for r in rows
+            if r.get("completion") is not None
         )
         if e is not None
     ]
@@ -134,7 +140,6 @@ def evaluate_candidate(
         for i in range(0, len(examples), batch_size)
     ]
     device = next(model.parameters()).device
-    losses = evaluate_loss(SelectedLogits(model), batches, device) if batches else {}
     completions = generate(
         model,
         tokenizer,
@@ -142,12 +147,15 @@ def evaluate_candidate(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
-    metrics: dict[str, float] = {
-        "eval_loss": losses.get("eval_loss", math.nan),
-        "perplexity": losses.get("eval_perplexity", math.nan),
-        "mean_completion_length": sum(c["num_tokens"] for c in completions) / len(completions),
-        "eos_rate": sum(c["eos"] for c in completions) / len(completions),
-    }
+    metrics: dict[str, float] = {}
+    if batches:
+        losses = evaluate_loss(SelectedLogits(model), batches, device)
+        metrics["eval_loss"] = losses["eval_loss"]
+        metrics["perplexity"] = losses["eval_perplexity"]
+    metrics["mean_completion_length"] = (
+        sum(c["num_tokens"] for c in completions) / len(completions)
+    )
+    metrics["eos_rate"] = sum(c["eos"] for c in completions) / len(completions)
     scores: list[float | None] = [None] * len(rows)
     if reward_model is not None:
         scores = score_completions(reward_model, completions, tokenizer.pad_token_id, batch_size)
@@ -160,7 +168,7 @@ def evaluate_candidate(
         {
             "prompt": prompt_text(r["prompt"]),
             "completion": c["text"],
-            "reference": completion_text(r.get("completion", "")),
+            "reference": completion_text(r.get("completion") or ""),
             "correct": ok,
             "reward": score,
         }

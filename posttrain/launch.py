@@ -6,7 +6,7 @@ a folder under the artifacts root (shared storage on a cluster, so every process
 starts
 
     python -m accelerate.commands.launch [--config_file F | --multi_gpu ...] --num_processes N \\
-        -m posttrain.launch --stage sft --workdir DIR [--parent-run-id ID]
+        -m posttrain.launch --stage NAME --workdir DIR [--parent-run-id ID]
 
 passes every output line to a callback (the Prefect task logs them), and returns the manifest
 that rank 0 wrote. Each process runs the stage function of posttrain.stages; the recipes shard
@@ -55,20 +55,10 @@ class StageLaunchError(RuntimeError):
 
 def run_stage_by_name(cfg: PipelineConfig, stage: str, upstream: dict,
                       parent_run_id: str | None = None) -> dict:
-    """Run one stage function with its upstream manifests ({'data': ..., 'sft': ..., ...})."""
-    from posttrain import stages
+    """Run the training stage named `stage` with its upstream manifests (data, start, reward)."""
+    from posttrain.stages.graph import run_training_stage
 
-    kw = {"parent_run_id": parent_run_id}
-    if stage == "sft":
-        return stages.run_sft_stage(cfg, upstream["data"], **kw)
-    if stage == "reward":
-        return stages.run_reward_stage(cfg, upstream["data"], upstream["sft"], **kw)
-    if stage in stages.METHODS:
-        return stages.run_method_stage(cfg, stage, upstream["data"], upstream["sft"], **kw)
-    if stage in stages.ONLINE_METHODS:
-        return stages.run_online_stage(cfg, stage, upstream["data"], upstream["sft"],
-                                       upstream.get("reward"), **kw)
-    raise ValueError(f"stage {stage!r} cannot be launched as a process")
+    return run_training_stage(cfg, stage, upstream, parent_run_id=parent_run_id)
 
 
 # ------------------------------------------------------------------------------ the parent
@@ -192,7 +182,7 @@ def _terminate(signum, _frame):
 def main(argv: list[str] | None = None) -> None:
     """One process of a launched stage: run it, write the manifest (rank 0) or the error."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--stage", required=True, help="sft, reward, dpo, orpo, kto, grpo, ppo")
+    parser.add_argument("--stage", required=True, help="name of a training stage")
     parser.add_argument("--workdir", required=True, help="folder written by run_launched")
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run id")
     args = parser.parse_args(argv)

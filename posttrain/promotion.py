@@ -2,12 +2,13 @@
 
 `decide` is a pure function: comparison (stage -> metrics) + the current champion's metrics +
 `PromotionConfig` -> `Decision`. It fails closed: a missing or non-finite metric that the gate
-reads (on any candidate, on the champion, or on the SFT baseline the guards fall back to), or an
+reads (on any candidate, on the champion, or on the reference model the guards fall back to), or an
 empty comparison, promotes nothing. A candidate wins when it
 
 1. is the best eligible candidate on the primary metric (`cfg.metric`, `cfg.direction`),
 2. passes every guard: the metric does not regress against the reference (the champion, or the
-   SFT model when there is no champion yet) by more than the guard's tolerance, and
+   evaluation's reference model when there is no champion yet) by more than the guard's
+   tolerance, and
 3. beats the champion's primary metric by at least `cfg.min_margin` and by more than 0 (an
    unchanged re-run therefore never moves the alias).
 
@@ -24,9 +25,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain import tracking
-from posttrain.config import PromotionConfig
+from posttrain.config import ConfigError, MetricGuard, PipelineConfig, PromotionConfig
 
 BASE = "base"
+# Which way is better, for the metrics evaluation produces.
+DIRECTIONS = {"checker_accuracy": "max", "reward_score": "max", "win_rate_vs_reference": "max",
+              "eos_rate": "max", "eval_loss": "min", "perplexity": "min",
+              "chosen_perplexity": "min", "kl_to_reference": "min"}
+DEFAULT_METRICS = ("checker_accuracy", "reward_score", "eval_loss")
+DEFAULT_GUARD = MetricGuard(metric="eval_loss", direction="min", tolerance=0.5)
+
+
+def resolve(cfg: PipelineConfig, available: set[str]) -> PromotionConfig:
+    """The promotion settings with every null filled for this pipeline: the primary metric (the
+    first of DEFAULT_METRICS that evaluation produces), its direction, the guards. A metric the
+    evaluation will not produce is a ConfigError, found before anything trains."""
+    p = cfg.promotion
+    metric = p.metric or next((m for m in DEFAULT_METRICS if m in available), None)
+    if metric is None:
+        raise ConfigError(
+            f"promotion: none of {', '.join(DEFAULT_METRICS)} will exist for this pipeline (its "
+            f"evaluation gives {', '.join(sorted(available))}); set promotion.metric, or "
+            "promotion.enabled=false")
+    guards = p.guards if p.guards is not None else (
+        (DEFAULT_GUARD,) if DEFAULT_GUARD.metric in available else ())
+    problems = [f"promotion.{field}: {name!r} will not exist for this pipeline"
+                for field, name in [("metric", metric)] + [("guards", g.metric) for g in guards]
+                if name not in available]
+    direction = p.direction or DIRECTIONS.get(metric)
+    if direction is None:
+        problems.append(f"promotion.direction: say whether {metric!r} is better high ('max') or "
+                        "low ('min')")
+    if problems:
+        raise ConfigError("\n".join(problems) + "\n(evaluation gives: "
+                          + ", ".join(sorted(available)) + ")")
+    return p.model_copy(update={"metric": metric, "direction": direction, "guards": guards})
+
 METRICS_TAG = "posttrain.metrics"
 STAGE_TAG = "posttrain.stage"
 
@@ -60,8 +94,9 @@ def _missing(metrics: dict | None, names: list[str]) -> list[str]:
 
 
 def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
-           cfg: PromotionConfig) -> Decision:
-    """Choose the stage to promote, or none (see the module docstring)."""
+           cfg: PromotionConfig, reference_model: str = BASE) -> Decision:
+    """Choose the stage to promote, or none (see the module docstring). `cfg` is resolved
+    (`resolve`); without a champion the guards compare against `reference_model`."""
     if not cfg.enabled:
         return Decision(False, reasons=["promotion is disabled (promotion.enabled=false)"])
     if not comparison:
@@ -69,6 +104,8 @@ def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
     names = [cfg.metric] + [g.metric for g in cfg.guards]
     eligible = [s for s in comparison if s != BASE and (cfg.candidates is None
                                                         or s in cfg.candidates)]
+    if cfg.metric is None or cfg.direction is None or cfg.guards is None:
+        raise ValueError("decide() needs resolved promotion settings (promotion.resolve)")
     if not eligible:
         return Decision(False, reasons=["no eligible candidate among the evaluated stages"])
     problems = [f"{s}: missing or non-finite {', '.join(m)}"
@@ -77,9 +114,10 @@ def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
         problems.append(f"champion: missing or non-finite {', '.join(m)}")
     reference = champion_metrics
     if reference is None and cfg.guards:
-        reference = comparison.get("sft")
+        reference = comparison.get(reference_model)
         if reference is None or (m := _missing(reference, [g.metric for g in cfg.guards])):
-            problems.append("no champion and no complete SFT baseline for the guards")
+            problems.append("no champion and no complete reference model baseline for the "
+                            "guards")
     if problems:
         return Decision(False, reasons=["incomplete evaluation, nothing is promoted:", *problems],
                         champion=champion_metrics)

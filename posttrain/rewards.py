@@ -36,7 +36,7 @@ class RewardScorer(torch.nn.Module):
 
 def load_reward_model(
     path: str | Path, *, dtype: torch.dtype = torch.float32, new_head: bool = False,
-    seed: int = 0,
+    seed: int = 0, trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A one-output sequence classifier from a saved model directory (safetensors only).
 
@@ -44,7 +44,8 @@ def load_reward_model(
     score head is freshly initialized (transformers reports it as newly initialized).
     """
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=dtype, use_safetensors=True
+        str(path), num_labels=1, dtype=dtype, use_safetensors=True,
+        trust_remote_code=trust_remote_code,
     )
     if new_head:
         # A small head keeps initial rewards near 0, so the first losses sit near ln 2; seeded

@@ -154,7 +154,9 @@ def log_dataset(
         # A bare name such as 'demo' or a hub id matches several source kinds; MLflow picks one
         # and warns each time, which says nothing to a user.
         warnings.simplefilter("ignore", UserWarning)
-        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+        # "demo:sft" would read as a URI scheme MLflow has no resolver for.
+        ds = mlflow.data.from_pandas(df, source=source.replace(":", "-"), name=name,
+                                     digest=digest[:36])
     client().log_inputs(
         run_id,
         datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],

@@ -68,9 +68,26 @@ def is_transient(error: BaseException) -> bool:
     from posttrain.config import ConfigError
     from posttrain.data.loading import DataError
 
-    if isinstance(error, (ConfigError, DataError, ValueError, TypeError, KeyError)):
+    if isinstance(error, (ConfigError, DataError, ValueError, TypeError, KeyError, ImportError)):
+        return False
+    # A missing file or model, or a refused permission, will be just as missing next time.
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                          PermissionError)) or _is_not_found(error):
         return False
     return isinstance(error, (OSError, TimeoutError, ConnectionError))
+
+
+def _is_not_found(error: BaseException) -> bool:
+    """transformers and huggingface_hub report a model or file that does not exist as a plain
+    OSError (or their own subclasses of it); their messages say so."""
+    names = {t.__name__ for t in type(error).__mro__}
+    if names & {"RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError",
+                "GatedRepoError", "HFValidationError"}:
+        return True
+    text = str(error)
+    return isinstance(error, OSError) and any(s in text for s in (
+        "is not a local folder and is not a valid model identifier",
+        "does not appear to have a file named", "Repo id must be"))
 
 
 def retry_only_transient(_task, _task_run, state) -> bool:

@@ -9,19 +9,20 @@ import re
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from posttrain import promotion, tracking
+from posttrain import promotion, stages, tracking
 from posttrain.config import PipelineConfig
 
 
 @task(name="promote")
-def promote_task(cfg: PipelineConfig, comparison: dict[str, dict], candidates: dict[str, dict],
-                 parent_run_id: str | None = None) -> dict:
+def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, dict],
+                 data: dict, parent_run_id: str | None = None) -> dict:
     """Decide, register the winner (alias moved only when the gate passes), record the decision
     as a markdown artifact and as tags on the parent run."""
-    p = cfg.promotion
+    comparison = evaluation.get("comparison", {})
+    p = promotion.resolve(cfg, stages.available_metrics(cfg, data))
     name = promotion.registered_model_name(p, cfg.name)
     champion = promotion.champion_metrics(name, p.alias) if p.enabled else None
-    decision = promotion.decide(comparison, champion, p)
+    decision = promotion.decide(comparison, champion, p, reference_model=cfg.evaluate.reference)
     result = decision.to_dict() | {"registered_model": name, "version": None}
     if decision.promote:
         result["version"] = promotion.register_champion(

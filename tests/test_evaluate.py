@@ -1,4 +1,5 @@
-"""Evaluation suite helpers: win rate, KL estimate, completion log-probs, chosen perplexity."""
+"""Evaluation suite: win rate, KL estimate, completion log-probs, chosen perplexity, and
+held-out rows from any format (with or without a reference completion)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from posttrain import evaluate
 from posttrain.config import DemoTaskConfig, TinyModelConfig
 from posttrain.data import demo
+from posttrain.data.formats import eval_rows
+from posttrain.data.validation import LANGUAGE_MODELING, PROMPT_ONLY, UNPAIRED_PREFERENCE
 from posttrain.models import build_tiny_model, build_tiny_tokenizer
 
 
@@ -67,3 +70,51 @@ def test_evaluate_candidate_reports_chosen_perplexity(tiny):
     # Nothing fits in max_length: the metric is left out rather than guessed.
     short = evaluate.chosen_perplexity(model, tokenizer, pairs, max_length=3, batch_size=4)
     assert short is None
+
+
+def _evaluate(model, tokenizer, rows, **kw):
+    return evaluate.evaluate_candidate(model, tokenizer, rows, max_new_tokens=4, batch_size=4,
+                                       max_length=64, num_samples=3, **kw)
+
+
+def test_prompt_only_eval_has_no_loss_but_completion_metrics(tiny):
+    """gsm8k-style prompt-only rows have no reference: eval_loss and perplexity are absent
+    (not NaN), generation metrics are there, and samples' reference is ""."""
+    model, tokenizer = tiny
+    prompts = demo.generate_prompts(DemoTaskConfig(num_train=10, num_eval=5), 0, "eval")
+    rows = eval_rows(prompts, PROMPT_ONLY, "prompts_eval")
+    result = _evaluate(model, tokenizer, rows)
+    m = result.metrics
+    assert "eval_loss" not in m and "perplexity" not in m
+    assert m["mean_completion_length"] > 0 and 0.0 <= m["eos_rate"] <= 1.0
+    assert [s["reference"] for s in result.samples] == ["", "", ""]
+    assert len(result.completions) == len(rows)
+
+
+def test_messages_eval_scores_the_last_assistant_turn(tiny):
+    """Conversations (ultrachat-style `messages`) give a finite held-out loss over their last
+    assistant turn; the same as the prompt-completion rows they were built from."""
+    model, tokenizer = tiny
+    sft = demo.generate_sft(DemoTaskConfig(num_train=10, num_eval=6, conversational=True), 0,
+                            "eval")
+    conversations = [{"messages": r["prompt"] + r["completion"], "task": r["task"]} for r in sft]
+    rows = eval_rows(conversations, LANGUAGE_MODELING, "chat_eval")
+    result = _evaluate(model, tokenizer, rows)
+    assert math.isfinite(result.metrics["eval_loss"]) and result.metrics["perplexity"] > 1.0
+    assert result.metrics["eval_loss"] == pytest.approx(
+        _evaluate(model, tokenizer, sft).metrics["eval_loss"])
+    assert result.samples[0]["reference"] == sft[0]["completion"][0]["content"]
+
+
+def test_loss_is_over_the_rows_with_a_reference_only(tiny):
+    """KTO rows: only label-True completions are references, so the loss equals the loss of
+    those rows alone, while every prompt is generated for."""
+    model, tokenizer = tiny
+    kto = demo.generate_kto(DemoTaskConfig(num_train=10, num_eval=4), 0, "eval")
+    rows = eval_rows(kto, UNPAIRED_PREFERENCE, "kto_eval")
+    with_reference = [r for r in rows if "completion" in r]
+    assert 0 < len(with_reference) < len(rows)
+    mixed = _evaluate(model, tokenizer, rows)
+    alone = _evaluate(model, tokenizer, with_reference)
+    assert mixed.metrics["eval_loss"] == pytest.approx(alone.metrics["eval_loss"])
+    assert len(mixed.completions) == len(rows)

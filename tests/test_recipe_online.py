@@ -20,9 +20,11 @@ PROMPTS = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "task": "add"}
 
 
 def sevens(prompts, completions, **columns):
-    """Share of '7' characters: random completions differ in it, so groups have variance."""
+    """Share of '7' characters: random completions differ in it, so groups have variance.
+    The prompts are conversational, so each completion is [{"role": "assistant", ...}] (TRL)."""
     assert columns["task"] == ["add"] * len(prompts)  # extra dataset columns reach the function
-    return [c.count("7") / max(len(c), 1) for c in completions]
+    texts = [c[0]["content"] for c in completions]
+    return [t.count("7") / max(len(t), 1) for t in texts]
 
 
 def _grpo_cfg(**kw) -> GRPOConfig:

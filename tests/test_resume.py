@@ -169,8 +169,9 @@ def test_grpo_resumes_exactly(tmp_path):
                      learning_rate=3e-3, warmup_steps=3, max_length=32, max_completion_length=5,
                      eval_every=100, log_every=1, checkpoint_every=2)
 
-    def sevens(prompts, completions, **_):
-        return [c.count("7") / max(len(c), 1) for c in completions]
+    def sevens(prompts, completions, **_):  # conversational prompts: message-list completions
+        texts = [c[0]["content"] for c in completions]
+        return [t.count("7") / max(len(t), 1) for t in texts]
 
     def train(log, ckpt):
         grpo.train(build_tiny_model(TINY, tok), tok, prompts, prompts[:2], cfg,

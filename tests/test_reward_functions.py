@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from transformers import Qwen2ForSequenceClassification
 from posttrain.config import TinyModelConfig
 from posttrain.models import build_tiny_model, build_tiny_tokenizer
 from posttrain.reward_functions import (
+    as_completions,
+    check_reward_function,
     combine_rewards,
     demo_checker,
     load_reward_function,
@@ -45,6 +48,13 @@ def test_demo_checker_standard_and_conversational():
     prompts = ["3+4=", "3+4=", [{"role": "user", "content": "rev abcd"}], "sort 3120"]
     completions = [" 7", " 8", "dcba", "0123\n"]
     assert demo_checker(prompts, completions, task=["add"] * 4) == [1.0, 0.0, 1.0, 1.0]
+    # As GRPO calls it: keywords only, message-list completions for the conversational prompt.
+    completions = as_completions(prompts, completions)
+    assert completions[2] == [{"role": "assistant", "content": "dcba"}]
+    assert completions[0] == " 7"
+    assert demo_checker(prompts=prompts, completions=completions, task=["add"] * 4) == [
+        1.0, 0.0, 1.0, 1.0
+    ]
 
 
 def _fixed(values):
@@ -64,7 +74,7 @@ def test_combine_rewards_by_hand():
 
 
 def test_combine_rewards_passes_columns_and_defaults_weights_to_1():
-    def matches(prompts, completions, answer, **_):
+    def matches(completions, answer, **_):  # no `prompts`: only keyword arguments are passed
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
     total, per_fn = combine_rewards(
@@ -85,6 +95,95 @@ def test_combine_rewards_validates_outputs():
         combine_rewards({"texty": _fixed(["yes", 1, 1])}, {}, ["p"] * 3, ["c"] * 3)
     with pytest.raises(ValueError, match="unknown reward functions: \\['typo'\\]"):
         combine_rewards({"a": _fixed([1.0])}, {"typo": 1.0}, ["p"], ["c"])
+    with pytest.raises(ValueError, match="columns \\['completions'\\] clash"):
+        combine_rewards({"a": _fixed([1.0])}, {}, ["p"], ["c"], {"completions": ["x"]})
+
+
+# A reward module as TRL users write it (TRL's docs: `def accuracy(completions, solution,
+# **kwargs)`): it names the column it needs and takes the rest through **kwargs.
+_USER_MODULE = textwrap.dedent('''
+    def accuracy(completions, solution, **kwargs):
+        return [1.0 if c[0]["content"] == s else 0.0 for c, s in zip(completions, solution)]
+
+
+    def accuracy_text(completions, solution, **kwargs):
+        return [1.0 if c.strip() == s else 0.0 for c, s in zip(completions, solution)]
+
+
+    def length_bonus(prompts, completions, **kwargs):
+        return [None if kwargs["task"][i] == "skip" else 0.5 for i in range(len(prompts))]
+
+
+    def positional(x):
+        return [0.0]
+
+
+    def strict(prompts, completions, solution):
+        return [0.0] * len(prompts)
+''')
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards_xyz.py").write_text(_USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards_xyz"
+
+
+def test_trl_style_function_with_conversational_prompts(user_rewards):
+    """accuracy = (1, 0, 1); length_bonus = (0.5, 0.5, None) weight 2 -> (1, 1, 0);
+    total = (2, 1, 1)."""
+    prompts = [[{"role": "user", "content": q}] for q in ("2+2?", "3+3?", "1+1?")]
+    completions = [[{"role": "assistant", "content": a}] for a in ("4", "7", "2")]
+    columns = {"solution": ["4", "6", "2"], "task": ["math", "math", "skip"]}
+    fns = {"accuracy": load_reward_function(f"{user_rewards}:accuracy"),
+           "length_bonus": load_reward_function(f"{user_rewards}:length_bonus")}
+    total, per_fn = combine_rewards(fns, {"length_bonus": 2.0}, prompts, completions, columns)
+    assert total.tolist() == [2.0, 1.0, 1.0]
+    assert per_fn["accuracy"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_trl_style_function_with_string_prompts(user_rewards):
+    """" 4" and "6\n" match after strip, "7" does not: (1, 0, 1)."""
+    fn = load_reward_function(f"{user_rewards}.accuracy_text")
+    total, _ = combine_rewards({"acc": fn}, {}, ["2+2=", "3+4=", "3+3="], [" 4", "7", "6\n"],
+                               {"solution": ["4", "6", "6"]})
+    assert total.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_check_reward_function_accepts_the_documented_call(user_rewards):
+    check_reward_function(f"{user_rewards}:accuracy", ["solution"])
+    check_reward_function(f"{user_rewards}:accuracy", ["solution", "task", "level"])
+    check_reward_function(f"{user_rewards}:length_bonus", [])
+    check_reward_function(f"{user_rewards}:strict", ["solution"])
+    check_reward_function("posttrain.reward_functions:demo_checker", ["task"])
+
+
+def test_check_reward_function_names_a_missing_column(user_rewards):
+    path = f"{user_rewards}:accuracy"
+    with pytest.raises(ValueError) as info:
+        check_reward_function(path, [])
+    message = str(info.value)
+    assert repr(path) in message
+    assert "'solution'" in message
+    assert "columns available: []" in message
+    assert "fn(prompts=..., completions=..., **columns)" in message
+
+
+def test_check_reward_function_refuses_other_signatures(user_rewards):
+    with pytest.raises(ValueError) as info:
+        check_reward_function(f"{user_rewards}:positional", ["solution"])
+    message = str(info.value)
+    assert "requires parameter(s) 'x'" in message
+    assert "does not accept 'completions', 'prompts', 'solution'" in message
+    assert "columns available: ['solution']" in message
+    # No **kwargs: a column it does not name is refused.
+    with pytest.raises(ValueError, match="does not accept 'task'"):
+        check_reward_function(f"{user_rewards}:strict", ["solution", "task"])
+    with pytest.raises(ValueError, match="clash"):
+        check_reward_function(f"{user_rewards}:accuracy", ["solution", "prompts"])
+    with pytest.raises(ValueError, match="cannot import module"):
+        check_reward_function("no_such_module_xyz:f", [])
 
 
 def test_reward_model_function_scores_prompt_plus_completion_with_eos():
@@ -109,3 +208,7 @@ def test_reward_model_function_scores_prompt_plus_completion_with_eos():
     with torch.no_grad():
         alone = [scorer(torch.tensor([ids]), torch.ones(1, len(ids))).item() for ids in by_hand]
     assert scores == pytest.approx(alone, abs=1e-5)
+    # As GRPO passes them (keywords, an assistant message list after a conversational prompt):
+    # tokenized through the chat template as the RM was trained, the same ids here.
+    as_called = fn(prompts=prompts, completions=as_completions(prompts, completions))
+    assert as_called == pytest.approx(alone, abs=1e-5)

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from posttrain.data.formats import shared_messages as _shared_messages
+from posttrain.data.formats import split_implicit as _split_raw
 from posttrain.data.loading import DataError
 from posttrain.data.tokenize import TRUNCATION_MODES, _eos_id, _split_ids, _text_ids
 
@@ -417,16 +419,6 @@ def pairs_to_unpaired(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _split_raw(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        k = _shared_messages(chosen, rejected)
-        return chosen[:k], chosen[k:], rejected[k:]
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        n = len(os.path.commonprefix([chosen, rejected]))
-        return chosen[:n], chosen[n:], rejected[n:]
-    return None, chosen, rejected  # malformed: tokenize_unpaired_rows reports it
-
-
 # ---------------------------------------------------------------------------------- collate
 
 
@@ -575,11 +567,3 @@ def _which_empty(chosen: Any, rejected: Any) -> str:
     return (
         "chosen and rejected" if both else ("chosen" if _is_empty_response(chosen) else "rejected")
     )
-
-
-def _shared_messages(a: list, b: list) -> int:
-    """How many leading messages two conversations share."""
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    return k

@@ -35,7 +35,7 @@ from posttrain.logprobs import SelectedLogits
 from posttrain.losses.grpo import grpo_loss
 from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
-from posttrain.reward_functions import combine_rewards
+from posttrain.reward_functions import as_completions, combine_rewards
 from posttrain.rollout import Rollout, completion_logps, generate
 from posttrain.training import (
     NonFiniteGuard,
@@ -49,6 +49,9 @@ from posttrain.training import (
 
 MetricFn = Callable[[dict[str, float], int], None]
 RewardFns = dict[str, Callable]
+# Row keys that are not dataset columns for reward functions: the prompt (passed as `prompts`)
+# and what prepare_prompts adds.
+INTERNAL_COLUMNS = ("prompt", "prompt_ids")
 
 
 def prepare_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
@@ -69,11 +72,16 @@ def decode_completions(rollout: Rollout, tokenizer) -> list[str]:
 
 
 def score_rollout(rows, rollout, tokenizer, reward_fns: RewardFns, weights, group: int):
-    """Total reward per completion (N,) and the per-function rewards, for rows repeated G times."""
+    """Total reward per completion (N,) and the per-function rewards, for rows repeated G times.
+
+    Reward functions are called as TRL calls them (posttrain/reward_functions.py): keyword
+    arguments `prompts`, `completions` (assistant message lists for conversational prompts) and
+    every dataset column but `prompt` and the internal `prompt_ids`, by its name.
+    """
     prompts = [r["prompt"] for r in rows for _ in range(group)]
-    extra = [k for k in rows[0] if k not in ("prompt", "prompt_ids")]
-    columns = {k: [r[k] for r in rows for _ in range(group)] for k in extra}
-    completions = decode_completions(rollout, tokenizer)
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in INTERNAL_COLUMNS]
+    columns = {k: [r.get(k) for r in rows for _ in range(group)] for k in extra}
+    completions = as_completions(prompts, decode_completions(rollout, tokenizer))
     return combine_rewards(reward_fns, weights, prompts, completions, columns)
 
 

@@ -8,6 +8,7 @@ Every rank returns the manifest rank 0 wrote.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -169,15 +170,105 @@ def record_oom_backoff(out: artifacts.StageOutput, run_id: str):
     return record
 
 
-def load_policy(cfg: PipelineConfig, model_dir: Path):
-    """The policy a training stage starts from: a saved model, with the configured gradient
-    checkpointing and LoRA adapters applied."""
-    from posttrain.models import apply_lora, load_trained
+# ------------------------------------------------------------------------- the stage graph
+#
+# A training stage gets its upstream manifests as `inputs`: {"data": the data stage's manifest,
+# "start": the manifest of the stage it starts from (None: the base model), "reward": the reward
+# stage's manifest (None when it uses none)}.
+
+SETTINGS_EXCLUDED = ("name", "start", "data", "reward")
+
+
+def settings(stage) -> dict:
+    """A stage's own settings: its method's config without the graph fields."""
+    return {k: v for k, v in dump(stage).items() if k not in SETTINGS_EXCLUDED}
+
+
+def base_fingerprint(model_cfg) -> str:
+    """What identifies the base model's weights: the built-in model's config, a local folder's
+    contents (small files whole; weight files by size and their first and last MiB, enough to
+    tell two checkpoints apart without reading gigabytes), or a hub id with its revision."""
+    if model_cfg.name_or_path == "tiny":
+        return artifacts.hash_json(["tiny", dump(model_cfg.tiny)])
+    folder = Path(model_cfg.name_or_path)
+    if not folder.is_dir():
+        return artifacts.hash_json(["hub", model_cfg.name_or_path, model_cfg.revision])
+    parts = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        if size <= 8 << 20:
+            parts.append([str(path.relative_to(folder)), artifacts.sha256_file(path)])
+            continue
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+            f.seek(-(1 << 20), os.SEEK_END)
+            tail = f.read()
+        parts.append([str(path.relative_to(folder)), size, hashlib.sha256(head + tail).hexdigest()])
+    return artifacts.hash_json(parts)
+
+
+def model_params(cfg: PipelineConfig) -> dict:
+    """The model settings a training stage's result depends on, the base model by content."""
+    return {**dump(cfg.model), "name_or_path": base_fingerprint(cfg.model)}
+
+
+def source_of(cfg: PipelineConfig, stage, data_manifest: dict) -> dict:
+    """The prepared data source a stage reads: its manifest entry (rows, format, fingerprint)."""
+    entry = data_manifest["datasets"][stage.data]
+    return {**entry, "name": stage.data, "dir": data_manifest.get("path")}
+
+
+def training_key(cfg: PipelineConfig, stage, inputs: dict) -> str:
+    """The content key of a training stage: its method and settings, the model it starts from
+    (the base model's content, or the digest of the start stage), the reward stage it uses, the
+    content of its data source, the launch shape and the code version. The stage's name is not
+    in it: renaming a stage is not a new result."""
+    src = source_of(cfg, stage, inputs["data"])
+    source_cfg = cfg.data[stage.data]
+    upstream = {"start": digest(inputs["start"]) if inputs.get("start") else "base"}
+    if inputs.get("reward") is not None:
+        upstream["reward"] = digest(inputs["reward"])
+    config = {"settings": settings(stage), "model": model_params(cfg),
+              "launch": launch_params(cfg),
+              "data": {"format": src["format"], "seed": source_cfg.seed,
+                       "max_drop_fraction": source_cfg.max_drop_fraction}}
+    return artifacts.stage_key(stage.method, config, upstream=upstream,
+                               data_fingerprint=src["fingerprint"])
+
+
+def start_dir(inputs: dict) -> Path | None:
+    """The model folder a stage starts from; None for the base model."""
+    start = inputs.get("start")
+    return Path(start["path"]) / "model" if start else None
+
+
+def start_tokenizer(cfg: PipelineConfig, inputs: dict):
+    """The tokenizer of the model the stage starts from."""
+    from posttrain.models import load_tokenizer
+
+    return load_tokenizer(cfg.model, path=start_dir(inputs))
+
+
+def load_policy(cfg: PipelineConfig, inputs: dict):
+    """The policy a training stage starts from (the base model or an earlier stage's), with the
+    configured gradient checkpointing and LoRA adapters applied."""
+    from posttrain.models import apply_lora, load_causal_lm
     from posttrain.training import enable_gradient_checkpointing
 
-    policy = load_trained(model_dir, dtype=cfg.model.dtype,
-                          attn_implementation=cfg.model.attn_implementation)
+    policy = load_causal_lm(cfg.model, path=start_dir(inputs))
     enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
     if cfg.model.lora is not None:
         policy = apply_lora(policy, cfg.model.lora)
     return policy
+
+
+def checkpoint_dir(cfg: PipelineConfig, stage, key: str) -> Path:
+    return Path(cfg.artifacts_root) / stage.name / f"{key}.checkpoints"
+
+
+def run_params(cfg: PipelineConfig, stage) -> dict:
+    """The MLflow params of a training stage's run: its settings under their own names (so the
+    run comparison lines up `learning_rate` across stages), its graph fields and the model."""
+    return {**settings(stage), "start": stage.start, "data": stage.data, "reward": stage.reward,
+            "model": cfg.model.name_or_path,
+            "lora": dump(cfg.model.lora) if cfg.model.lora else None}

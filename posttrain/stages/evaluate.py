@@ -1,4 +1,4 @@
-"""Evaluation stage: the base model and every candidate on the same held-out prompts."""
+"""Evaluation stage: the base model and every trained stage on the same held-out prompts."""
 
 from __future__ import annotations
 
@@ -9,38 +9,72 @@ from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data import demo
 from posttrain.data.loading import read_jsonl
-from posttrain.stages.common import digest, dump, run_stage
+from posttrain.data.validation import (
+    LANGUAGE_MODELING,
+    PREFERENCE,
+    PREFERENCE_IMPLICIT,
+    PROMPT_COMPLETION,
+    UNPAIRED_PREFERENCE,
+)
+from posttrain.stages.common import digest, dump, model_params, run_stage
+
+BASE = "base"
+# Formats whose held-out rows carry a reference completion (held-out loss and perplexity).
+WITH_REFERENCE = (PROMPT_COMPLETION, LANGUAGE_MODELING, PREFERENCE, PREFERENCE_IMPLICIT,
+                  UNPAIRED_PREFERENCE)
+
+
+def evaluation_metrics(cfg: PipelineConfig, formats: dict[str, str], checker: bool) -> set[str]:
+    """The comparison metrics this pipeline's evaluation produces for every model, given the
+    format of each data source it reads (by name) and whether the held-out source has a
+    checker. Preflight and the promotion defaults read this; `_evaluate_all` produces them."""
+    out = {"mean_completion_length", "eos_rate", "kl_to_reference"}
+    if formats[cfg.eval_source] in WITH_REFERENCE:
+        out |= {"eval_loss", "perplexity"}
+    if checker:
+        out.add("checker_accuracy")
+    if cfg.eval_reward is not None:
+        out |= {"reward_score", "win_rate_vs_reference"}
+    if any(fmt in (PREFERENCE, PREFERENCE_IMPLICIT) for fmt in formats.values()):
+        out.add("chosen_perplexity")
+    return out
 
 
 def eval_stage_key(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
                    reward_manifest: dict | None = None) -> str:
-    upstream = {"data": digest(data_manifest), **{n: digest(m) for n, m in candidates.items()}}
+    datasets = data_manifest["datasets"]
+    upstream = {n: digest(m) for n, m in candidates.items()}
     if reward_manifest is not None:
         upstream["reward"] = digest(reward_manifest)
+    data = {n: datasets[n]["fingerprint"] for n in _read_sources(cfg, data_manifest)}
     return artifacts.stage_key(
-        "evaluate",
-        {"evaluate": dump(cfg.evaluate), "model": dump(cfg.model), "max_length": cfg.sft.max_length},
-        upstream=upstream,
+        "evaluate", {"evaluate": dump(cfg.evaluate), "model": model_params(cfg),
+                     "eval_source": cfg.eval_source},
+        upstream=upstream, data_fingerprint=artifacts.hash_json(data),
     )
 
 
-def _checker(data_manifest: dict):
-    if data_manifest.get("checker") == "demo":
-        return lambda prompt, completion: demo.check(demo.prompt_text(prompt), completion)
-    return None
+def _read_sources(cfg: PipelineConfig, data_manifest: dict) -> list[str]:
+    """The eval source, and the first preference source (for chosen_perplexity)."""
+    out = [cfg.eval_source]
+    pairs = _preference_source(data_manifest)
+    return out + ([pairs] if pairs and pairs not in out else [])
 
 
-REFERENCE = "sft"  # win rate and KL are measured against the SFT model
+def _preference_source(data_manifest: dict) -> str | None:
+    return next((n for n, d in data_manifest["datasets"].items()
+                 if d["format"] in (PREFERENCE, PREFERENCE_IMPLICIT)), None)
 
 
 def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
                    reward_manifest: dict | None = None, *,
                    parent_run_id: str | None = None) -> dict:
-    """Held-out loss, checker accuracy, reward-model score, win rate and KL against SFT,
-    perplexity on chosen responses, completion length and samples for the base model and each
-    candidate, on the same held-out prompts; the comparison goes into the manifest."""
+    """Held-out loss, checker accuracy, reward-model score, win rate and KL against the
+    reference model, perplexity on chosen responses, completion length and samples for the base
+    model and each candidate, on the same held-out prompts; the comparison goes into the
+    manifest."""
     key = eval_stage_key(cfg, data_manifest, candidates, reward_manifest)
-    params = {"evaluate": dump(cfg.evaluate), "candidates": sorted(candidates)}
+    params = {**dump(cfg.evaluate), "data": cfg.eval_source, "candidates": list(candidates)}
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest)
@@ -52,66 +86,84 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
         _log_on_stage_runs(comparison, candidates)
         (out.dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
         out.meta["comparison"] = comparison
+        out.meta["reference"] = cfg.evaluate.reference
         return {f"{n}/{k}": v for n, m in comparison.items() for k, v in m.items()}
 
     return run_stage(cfg, "evaluate", key, params, body, parent_run_id=parent_run_id)
 
 
+def _checker(data_manifest: dict, source: str):
+    if data_manifest["datasets"][source].get("checker") == "demo":
+        return lambda prompt, completion: demo.check(demo.prompt_text(prompt), completion)
+    return None
+
+
+def _held_out(cfg: PipelineConfig, data_manifest: dict, source: str) -> list[dict]:
+    from posttrain.data.formats import eval_rows
+
+    name = f"{source}_eval.jsonl"
+    rows = eval_rows(read_jsonl(Path(data_manifest["path"]) / name),
+                     data_manifest["datasets"][source]["format"], name)
+    return rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts else rows
+
+
 def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
                   reward_manifest: dict | None) -> dict:
-    """Every model's Evaluation, with `win_rate_vs_sft` and `kl_to_sft` added when SFT is among
-    the candidates. SFT goes last so that, while it is loaded, it scores everyone's completions
-    (one model in memory at a time)."""
+    """Every model's Evaluation, with `win_rate_vs_reference` and `kl_to_reference` added. The
+    reference goes last so that, while it is loaded, it scores everyone's completions (one
+    model in memory at a time)."""
     from posttrain.evaluate import completion_logps, evaluate_candidate
-    from posttrain.models import load_causal_lm, load_tokenizer, load_trained
+    from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.rewards import load_reward_model
 
-    data_dir = Path(data_manifest["path"])
-    rows = read_jsonl(data_dir / "sft_eval.jsonl")
-    rows = rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts else rows
-    pref_path = data_dir / "preference_eval.jsonl"
-    pref_rows = read_jsonl(pref_path) if pref_path.is_file() else None
-    if pref_rows and cfg.evaluate.max_prompts:
-        pref_rows = pref_rows[: cfg.evaluate.max_prompts]
+    rows = _held_out(cfg, data_manifest, cfg.eval_source)
+    pairs = _preference_source(data_manifest)
+    pref_rows = None
+    if pairs is not None:
+        pref_rows = read_jsonl(Path(data_manifest["path"]) / f"{pairs}_eval.jsonl")
+        pref_rows = pref_rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts \
+            else pref_rows
     tokenizer = load_tokenizer(cfg.model)
     scorer = None
     if reward_manifest is not None:
         scorer = load_reward_model(Path(reward_manifest["path"]) / "model").eval()
-    loaders = {"base": lambda: load_causal_lm(cfg.model)}
+    loaders = {BASE: lambda: load_causal_lm(cfg.model)}
     for name, m in candidates.items():
-        loaders[name] = lambda m=m: load_trained(Path(m["path"]) / "model")
-    order = [n for n in loaders if n != REFERENCE] + ([REFERENCE] if REFERENCE in loaders else [])
+        loaders[name] = lambda m=m: load_causal_lm(cfg.model, path=Path(m["path"]) / "model")
+    reference = cfg.evaluate.reference
+    order = [n for n in loaders if n != reference] + [reference]
     pad, bs = tokenizer.pad_token_id, cfg.evaluate.batch_size
     results, own_logps, ref_logps = {}, {}, {}
     for name in order:
         model = loaders[name]()
         results[name] = evaluate_candidate(
             model, tokenizer, rows, max_new_tokens=cfg.evaluate.max_new_tokens,
-            batch_size=bs, max_length=cfg.sft.max_length, num_samples=cfg.evaluate.num_samples,
-            checker=_checker(data_manifest), reward_model=scorer, preference_rows=pref_rows,
+            batch_size=bs, max_length=cfg.evaluate.max_length,
+            num_samples=cfg.evaluate.num_samples,
+            checker=_checker(data_manifest, cfg.eval_source), reward_model=scorer,
+            preference_rows=pref_rows,
         )
-        if name != REFERENCE:
+        if name != reference:
             own_logps[name] = completion_logps(model, results[name].completions, pad, bs)
         else:
             ref_logps = {n: completion_logps(model, results[n].completions, pad, bs)
                          for n in own_logps}
         del model
-    if REFERENCE in results:
-        _add_pairwise(results, own_logps, ref_logps)
-    return {name: results[name] for name in loaders}  # base, sft, methods: the config's order
+    _add_pairwise(results, reference, own_logps, ref_logps)
+    return {name: results[name] for name in loaders}  # base, then the stages in config order
 
 
-def _add_pairwise(results: dict, own_logps: dict, ref_logps: dict) -> None:
+def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dict) -> None:
     from posttrain.evaluate import kl_estimate, win_rate
 
-    ref = results[REFERENCE]
+    ref = results[reference]
     for name, r in results.items():
-        if name == REFERENCE:
-            r.metrics["kl_to_sft"] = 0.0
+        if name == reference:
+            r.metrics["kl_to_reference"] = 0.0
         else:
-            r.metrics["kl_to_sft"] = kl_estimate(own_logps[name], ref_logps[name])
+            r.metrics["kl_to_reference"] = kl_estimate(own_logps[name], ref_logps[name])
         if any(s is not None for s in r.scores):
-            r.metrics["win_rate_vs_sft"] = win_rate(r.scores, ref.scores)
+            r.metrics["win_rate_vs_reference"] = win_rate(r.scores, ref.scores)
 
 
 def _log_on_stage_runs(comparison: dict[str, dict], candidates: dict[str, dict]) -> None:
@@ -121,3 +173,10 @@ def _log_on_stage_runs(comparison: dict[str, dict], candidates: dict[str, dict])
         run_id = manifest.get("mlflow_run_id")
         if run_id and name in comparison:
             tracking.log_metrics(run_id, {f"heldout/{k}": v for k, v in comparison[name].items()})
+
+
+def available_metrics(cfg: PipelineConfig, data_manifest: dict) -> set[str]:
+    """`evaluation_metrics` for the sources as the data stage prepared them."""
+    datasets = data_manifest["datasets"]
+    return evaluation_metrics(cfg, {n: d["format"] for n, d in datasets.items()},
+                              datasets[cfg.eval_source].get("checker") is not None)

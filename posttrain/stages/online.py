@@ -1,114 +1,99 @@
-"""Online stages: GRPO (reward functions, optionally the reward model) and PPO (reward model)."""
+"""Online stages: GRPO (reward functions, optionally a reward stage's model) and PPO (a reward
+stage's model), each from the model its `start` names, on the prompts of its data source."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from posttrain import artifacts, tracking
-from posttrain.config import PipelineConfig
+from posttrain.config import GRPOConfig, PipelineConfig, PPOConfig
 from posttrain.data.loading import read_jsonl
 from posttrain.stages.common import (
-    digest,
-    dump,
-    launch_params,
+    checkpoint_dir,
     load_policy,
     record_oom_backoff,
+    run_params,
     run_stage,
     save_trained,
+    source_of,
+    start_tokenizer,
+    training_key,
 )
 
-ONLINE_METHODS = ("grpo", "ppo")
+
+def reward_function_name(path: str) -> str:
+    """The name a reward function is logged under: its last dotted component."""
+    return path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
 
 
-def _params(cfg: PipelineConfig, method: str) -> dict:
-    return {method: dump(getattr(cfg, method)), "lora": dump(cfg.model)["lora"],
-            "dtype": cfg.model.dtype, "launch": launch_params(cfg)}
-
-
-def online_stage_key(cfg: PipelineConfig, method: str, data_manifest: dict, sft_manifest: dict,
-                     reward_manifest: dict | None = None) -> str:
-    upstream = {"data": digest(data_manifest), "sft": digest(sft_manifest)}
-    if reward_manifest is not None:
-        upstream["reward"] = digest(reward_manifest)
-    return artifacts.stage_key(method, _params(cfg, method), upstream=upstream)
-
-
-def uses_reward_model(cfg: PipelineConfig, method: str) -> bool:
-    return method == "ppo" or "reward_model" in cfg.grpo.reward_functions
-
-
-def _reward_functions(cfg: PipelineConfig, reward_manifest: dict | None, tokenizer):
-    """{name: function} and {name: weight} from grpo.reward_functions."""
+def _reward_functions(stage: GRPOConfig, reward_manifest: dict | None, tokenizer):
+    """{name: function} and {name: weight} from the stage's reward_functions."""
     from posttrain.reward_functions import load_reward_function, reward_model_function
     from posttrain.rewards import load_reward_model
 
     fns, weights = {}, {}
-    for path, weight in cfg.grpo.reward_functions.items():
+    for path, weight in stage.reward_functions.items():
+        name = reward_function_name(path)
         if path == "reward_model":
-            if reward_manifest is None:
-                raise ValueError("grpo.reward_functions uses reward_model but no RM stage ran")
             model = load_reward_model(Path(reward_manifest["path"]) / "model")
-            fns[path] = reward_model_function(model, tokenizer, tokenizer.pad_token_id)
+            fns[name] = reward_model_function(model, tokenizer, tokenizer.pad_token_id)
         else:
-            name = path.replace(":", ".").rsplit(".", 1)[-1]
             fns[name] = load_reward_function(path)
-            path = name
-        weights[path] = weight
+        weights[name] = weight
     return fns, weights
 
 
-def run_online_stage(cfg: PipelineConfig, method: str, data_manifest: dict, sft_manifest: dict,
-                     reward_manifest: dict | None = None, *,
+def prompts(cfg: PipelineConfig, stage, data_manifest: dict, split: str) -> list[dict]:
+    """Prompt rows (prompt plus the extra columns reward functions read) of the stage's source,
+    whatever its format."""
+    from posttrain.data.formats import prompt_rows
+
+    src = source_of(cfg, stage, data_manifest)
+    name = f"{stage.data}_{split}.jsonl"
+    return prompt_rows(read_jsonl(Path(src["dir"]) / name), src["format"], name)
+
+
+def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | PPOConfig, inputs: dict, *,
                      parent_run_id: str | None = None) -> dict:
-    """Train the SFT model further with GRPO or PPO on the prepared prompts."""
-    if method not in ONLINE_METHODS:
-        raise ValueError(f"unknown online method {method!r}; choose from {ONLINE_METHODS}")
-    if uses_reward_model(cfg, method) and reward_manifest is None:
-        raise ValueError(f"{method} needs the reward-model stage's artifact")
-    key = online_stage_key(cfg, method, data_manifest, sft_manifest, reward_manifest)
+    """Train the start model further with GRPO or PPO on the prompts of the stage's source."""
+    key = training_key(cfg, stage, inputs)
+    reward_manifest = inputs.get("reward")
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.models import load_trained_tokenizer
         from posttrain.recipes import grpo, ppo
         from posttrain.rewards import load_reward_model
         from posttrain.training import make_accelerator, with_oom_backoff
 
-        sft_dir = Path(sft_manifest["path"]) / "model"
-        data_dir = Path(data_manifest["path"])
-        tokenizer = load_trained_tokenizer(sft_dir)
-        prompts = read_jsonl(data_dir / "prompts_train.jsonl")
+        tokenizer = start_tokenizer(cfg, inputs)
+        train = prompts(cfg, stage, inputs["data"], "train")
         logger = tracking.MetricLogger(run_id)
 
-        def attempt(stage_cfg):  # from scratch each time: a failed try may have moved weights
-            policy = load_policy(cfg, sft_dir)
+        def attempt(s):  # from scratch each time: a failed try may have moved weights
+            policy = load_policy(cfg, inputs)
             accelerator = make_accelerator(cfg.model.mixed_precision)
-            if method == "grpo":
-                fns, weights = _reward_functions(cfg, reward_manifest, tokenizer)
-                final = grpo.train(policy, tokenizer, prompts,
-                                   read_jsonl(data_dir / "prompts_eval.jsonl"), stage_cfg,
-                                   reward_fns=fns, weights=weights, log_metrics=logger,
-                                   accelerator=accelerator,
-                                   checkpoint_dir=Path(cfg.artifacts_root) / method
-                                   / f"{key}.checkpoints")
+            kw = {"log_metrics": logger, "accelerator": accelerator,
+                  "checkpoint_dir": checkpoint_dir(cfg, s, key)}
+            if s.method == "grpo":
+                fns, weights = _reward_functions(s, reward_manifest, tokenizer)
+                held = prompts(cfg, stage, inputs["data"], "eval")
+                final = grpo.train(policy, tokenizer, train, held, s, reward_fns=fns,
+                                   weights=weights, **kw)
             else:
                 rm_dir = Path(reward_manifest["path"]) / "model"
                 final = ppo.train(policy, load_reward_model(rm_dir), load_reward_model(rm_dir),
-                                  tokenizer, prompts, stage_cfg, log_metrics=logger,
-                                  accelerator=accelerator,
-                                  checkpoint_dir=Path(cfg.artifacts_root) / method
-                                  / f"{key}.checkpoints")
+                                  tokenizer, train, s, **kw)
             return policy, accelerator, final
 
         try:
-            if method == "grpo":  # its micro-batches can shrink; PPO's batch IS the rollout
+            if stage.method == "grpo":  # its micro-batches can shrink; PPO's batch IS the rollout
                 policy, accelerator, final = with_oom_backoff(
-                    attempt, cfg.grpo, record_oom_backoff(out, run_id))
+                    attempt, stage, record_oom_backoff(out, run_id))
             else:
-                policy, accelerator, final = attempt(cfg.ppo)
+                policy, accelerator, final = attempt(stage)
         finally:
             logger.flush()
         save_trained(accelerator, policy, tokenizer, out.dir / "model")
-        return {**final, "train_prompts": len(prompts)}
+        return {**final, "train_prompts": len(train)}
 
-    return run_stage(cfg, method, key, _params(cfg, method), body, parent_run_id=parent_run_id,
-                     data_parallel=True)
+    return run_stage(cfg, stage.name, key, run_params(cfg, stage), body,
+                     parent_run_id=parent_run_id, data_parallel=True)

@@ -1,51 +1,63 @@
-"""Reward-model stage: the SFT model's body with a fresh one-output head, trained on pairs."""
+"""Reward-model stage: the start model's body with a fresh one-output head, trained on pairs."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from posttrain import artifacts, tracking
-from posttrain.config import PipelineConfig
+from posttrain.config import PipelineConfig, RewardConfig
 from posttrain.data.loading import read_jsonl
 from posttrain.stages.common import (
-    digest,
-    dump,
-    launch_params,
+    checkpoint_dir,
     record_oom_backoff,
+    run_params,
     run_stage,
     save_trained,
+    start_dir,
+    start_tokenizer,
+    training_key,
 )
 
 
-def reward_stage_key(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dict) -> str:
-    return artifacts.stage_key(
-        "reward", {"reward": dump(cfg.reward), "dtype": cfg.model.dtype,
-                   "max_drop_fraction": cfg.data.max_drop_fraction,
-                   "launch": launch_params(cfg)},
-        upstream={"data": digest(data_manifest), "sft": digest(sft_manifest)},
-    )
-
-
-def tokenize_pairs(cfg: PipelineConfig, data_dir: Path, split: str, tokenizer, stage_cfg):
-    """Tokenized preference pairs; bad pairs counted, and an error above the allowed share."""
+def tokenize_pairs(data_dir: Path, source: str, split: str, tokenizer, *, max_length: int,
+                   truncation: str, max_bad_fraction: float):
+    """Tokenized preference pairs of `<source>_<split>.jsonl`; bad pairs counted, and an error
+    above the allowed share."""
     from posttrain.data.preference import tokenize_preference_rows
 
-    name = f"preference_{split}.jsonl"
+    name = f"{source}_{split}.jsonl"
     return tokenize_preference_rows(
-        read_jsonl(data_dir / name), tokenizer, max_length=stage_cfg.max_length,
-        truncation=stage_cfg.truncation, source=name,
-        max_bad_fraction=cfg.data.max_drop_fraction,
+        read_jsonl(data_dir / name), tokenizer, max_length=max_length, truncation=truncation,
+        source=name, max_bad_fraction=max_bad_fraction,
     )
 
 
-def run_reward_stage(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dict, *,
+@contextmanager
+def _body_folder(cfg: PipelineConfig, inputs: dict):
+    """A folder (or hub id) holding the causal LM whose body the reward model reuses. The
+    built-in base model exists only as a config, so it is saved to a temporary folder first."""
+    folder = start_dir(inputs)
+    if folder is not None:
+        yield str(folder)
+    elif cfg.model.name_or_path != "tiny":
+        yield cfg.model.name_or_path
+    else:
+        from posttrain.models import build_tiny_tokenizer, load_causal_lm, save_model
+
+        with tempfile.TemporaryDirectory(prefix="posttrain-base-") as tmp:
+            save_model(load_causal_lm(cfg.model), build_tiny_tokenizer(), tmp)
+            yield tmp
+
+
+def run_reward_stage(cfg: PipelineConfig, stage: RewardConfig, inputs: dict, *,
                      parent_run_id: str | None = None) -> dict:
-    """Train a Bradley-Terry reward model starting from the SFT model."""
-    key = reward_stage_key(cfg, data_manifest, sft_manifest)
+    """Train a Bradley-Terry reward model starting from the stage's start model."""
+    key = training_key(cfg, stage, inputs)
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.models import load_trained_tokenizer
         from posttrain.recipes import reward
         from posttrain.rewards import load_reward_model
         from posttrain.training import (
@@ -54,32 +66,34 @@ def run_reward_stage(cfg: PipelineConfig, data_manifest: dict, sft_manifest: dic
             with_oom_backoff,
         )
 
-        sft_dir = Path(sft_manifest["path"]) / "model"
-        data_dir = Path(data_manifest["path"])
-        tokenizer = load_trained_tokenizer(sft_dir)
-        train, report = tokenize_pairs(cfg, data_dir, "train", tokenizer, cfg.reward)
-        held, _ = tokenize_pairs(cfg, data_dir, "eval", tokenizer, cfg.reward)
+        data_dir = Path(inputs["data"]["path"])
+        tokenizer = start_tokenizer(cfg, inputs)
+        opts = {"max_length": stage.max_length, "truncation": stage.truncation,
+                "max_bad_fraction": cfg.data[stage.data].max_drop_fraction}
+        train, report = tokenize_pairs(data_dir, stage.data, "train", tokenizer, **opts)
+        held, _ = tokenize_pairs(data_dir, stage.data, "eval", tokenizer, **opts)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
 
         def attempt(s):  # from scratch each time: a failed attempt may have moved the weights
-            model = load_reward_model(sft_dir, new_head=True, seed=s.seed)
+            with _body_folder(cfg, inputs) as folder:
+                model = load_reward_model(folder, new_head=True, seed=s.seed,
+                                          trust_remote_code=cfg.model.trust_remote_code)
             model.config.pad_token_id = tokenizer.pad_token_id
             enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
             accelerator = make_accelerator(cfg.model.mixed_precision)
             final = reward.train(
                 model, train, held, s, pad_token_id=tokenizer.pad_token_id, log_metrics=logger,
-                accelerator=accelerator,
-                checkpoint_dir=Path(cfg.artifacts_root) / "reward" / f"{key}.checkpoints")
+                accelerator=accelerator, checkpoint_dir=checkpoint_dir(cfg, stage, key))
             return model, accelerator, final
 
         try:
             model, accelerator, final = with_oom_backoff(
-                attempt, cfg.reward, record_oom_backoff(out, run_id))
+                attempt, stage, record_oom_backoff(out, run_id))
         finally:
             logger.flush()
         save_trained(accelerator, model, tokenizer, out.dir / "model")
         return {**final, "train_pairs": len(train), "dropped_pairs": sum(report["dropped"].values())}
 
-    return run_stage(cfg, "reward", key, {"reward": dump(cfg.reward)}, body,
+    return run_stage(cfg, stage.name, key, run_params(cfg, stage), body,
                      parent_run_id=parent_run_id, data_parallel=True)

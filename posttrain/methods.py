@@ -1,0 +1,113 @@
+"""The table of methods: what each method is, reads and needs. Everything that must know a
+method's traits (flows, tasks, the stage runner, the launcher, preflight, the CLI) reads them
+here instead of testing the method's name.
+
+The stage functions are named by dotted path and imported on use, so reading the table (a CLI
+starting, a Prefect flow importing) does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from posttrain.config import (
+    DPOConfig,
+    GRPOConfig,
+    KTOConfig,
+    ORPOConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+)
+from posttrain.data.validation import (
+    LANGUAGE_MODELING,
+    PREFERENCE,
+    PREFERENCE_IMPLICIT,
+    PROMPT_COMPLETION,
+    PROMPT_ONLY,
+    UNPAIRED_PREFERENCE,
+)
+
+PAIRS = (PREFERENCE, PREFERENCE_IMPLICIT)
+# Any format with a prompt: online methods sample their own completions.
+PROMPTS = (PROMPT_ONLY, PROMPT_COMPLETION, PREFERENCE, PREFERENCE_IMPLICIT, UNPAIRED_PREFERENCE,
+           LANGUAGE_MODELING)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One post-training method.
+
+    formats: the data formats its `data` source may be in (KTO converts pairs, the online methods
+    take the prompts of any format with prompts); reference: it compares against a frozen copy
+    of the model it starts from (always, or only when the stage says so, see `uses_reference`);
+    reward_model: it scores with a reward stage (see `uses_reward_stage`); generates: it samples
+    completions while training; produces: what its artifact holds ('policy' or 'reward_model').
+    """
+
+    name: str
+    config: type
+    formats: tuple[str, ...]
+    run: str  # "module:function" of posttrain.stages: (cfg, stage, inputs, parent_run_id=)
+    summary: str
+    reference: bool = False
+    generates: bool = False
+    produces: str = "policy"
+    key_metrics: tuple[str, ...] = ()
+
+    def runner(self) -> Callable[..., dict]:
+        module, _, fn = self.run.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sft", SFTConfig, (LANGUAGE_MODELING, PROMPT_COMPLETION),
+           "posttrain.stages.sft:run_sft_stage", "supervised fine-tuning",
+           key_metrics=("loss", "eval_loss", "mean_token_accuracy", "tokens_per_second")),
+    Method("reward", RewardConfig, PAIRS, "posttrain.stages.reward:run_reward_stage",
+           "Bradley-Terry reward model", produces="reward_model",
+           key_metrics=("loss", "eval_accuracy", "eval_margin")),
+    Method("dpo", DPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+           "direct preference optimization", reference=True,
+           key_metrics=("loss", "rewards/accuracies", "rewards/margins",
+                        "eval_rewards/accuracies")),
+    Method("orpo", ORPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+           "odds-ratio preference optimization (no reference)",
+           key_metrics=("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies")),
+    Method("kto", KTOConfig, (UNPAIRED_PREFERENCE, *PAIRS),
+           "posttrain.stages.preference:run_method_stage",
+           "Kahneman-Tversky optimization (pairs are split into desirable/undesirable)",
+           reference=True, key_metrics=("loss", "kl", "rewards/margins", "eval_loss")),
+    Method("grpo", GRPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
+           "group relative policy optimization", reference=True, generates=True,
+           key_metrics=("reward", "reward_std", "eval_reward", "completions/mean_length")),
+    Method("ppo", PPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
+           "PPO against a reward stage", reference=True, generates=True,
+           key_metrics=("objective/scores", "objective/kl", "objective/rlhf_reward",
+                        "loss/value_avg")),
+)}
+
+
+def method(stage) -> Method:
+    """The table row of a stage config (or a method name)."""
+    return METHODS[stage if isinstance(stage, str) else stage.method]
+
+
+def uses_reward_stage(stage) -> bool:
+    """Whether the stage scores completions with a reward stage's model."""
+    return stage.uses_reward_stage
+
+
+def uses_reference(stage) -> bool:
+    """Whether the stage loads a frozen reference: always for DPO, KTO and PPO, for GRPO only
+    with a KL term (beta > 0)."""
+    if not method(stage).reference:
+        return False
+    return stage.method != "grpo" or stage.beta > 0
+
+
+def is_policy(stage) -> bool:
+    """A stage whose artifact is a language model (an evaluation and promotion candidate)."""
+    return method(stage).produces == "policy"

@@ -1,0 +1,301 @@
+"""Preflight: everything that can be checked without training, checked before anything trains.
+
+`plan(cfg)` loads and validates every data source the stages read (the same code as the data
+stage), checks the base model, the reward functions, the batch sizes against the data, and the
+metrics evaluation and promotion will read; it returns the graph with each stage's key and
+whether it is cached, or raises PreflightError listing every problem found. `posttrain plan`
+prints it; `posttrain run` and the stage commands run it first, so a mistake costs seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain import artifacts
+from posttrain.config import ConfigError, PipelineConfig
+from posttrain.data.loading import DataError, fingerprint_rows
+from posttrain.methods import method, uses_reward_stage
+
+# Counting batches needs the stage's tokenization. A sample of this many rows is tokenized
+# first; only when the estimate from it comes within 2x of one batch is the whole source
+# tokenized, so a big dataset costs a second here and a small one is counted exactly.
+_SAMPLE = 256
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+class PreflightError(ValueError):
+    """Problems found before training; the message lists every one of them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("preflight found problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class PlanRow:
+    stage: str
+    method: str
+    start: str
+    data: str
+    uses: str
+    status: str  # "cached", "will run"
+    key: str | None
+
+
+@dataclass
+class Plan:
+    rows: list[PlanRow] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+    promotion: dict | None = None
+    available_metrics: set[str] = field(default_factory=set)
+
+
+def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
+    """Check `cfg` (for the stages `targets` needs; None: the whole pipeline) and return its
+    plan; PreflightError with every problem otherwise."""
+    from posttrain.stages.data import load_dataset, sources
+    from posttrain.stages.graph import needed
+
+    problems = check_model(cfg)
+    datasets: dict[str, dict] = {}
+    rows: dict[str, tuple[list, list]] = {}
+    for name, src in sources(cfg).items():
+        try:
+            train, held, fmt, _ = load_dataset(cfg, name, src)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        rows[name] = (train, held)
+        datasets[name] = {"format": fmt, "fingerprint": fingerprint_rows(train + held),
+                          "checker": "demo" if src.is_demo else None}
+    stages = needed(cfg, targets)
+    if problems:  # the model or the data is unusable: the checks below would only add noise
+        raise PreflightError(problems)
+    problems += _check_stages(cfg, stages, datasets, rows)
+    result = Plan(formats={n: d["format"] for n, d in datasets.items()})
+    if targets is None and cfg.evaluate.enabled:
+        problems += _check_evaluation(cfg, datasets, rows, result)
+    if problems:
+        raise PreflightError(problems)
+    result.rows = _graph(cfg, stages, datasets, evaluate=targets is None and cfg.evaluate.enabled)
+    return result
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def check_model(cfg: PipelineConfig) -> list[str]:
+    """The base model is the built-in one, a local folder with safetensors weights, or a
+    well-formed hub id."""
+    name = cfg.model.name_or_path
+    if name == "tiny":
+        return []
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return _check_model_folder(folder)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or folder.exists()
+    if looks_local or not _HUB_ID.match(name):
+        return [f"model.name_or_path: {name} is not a local model folder (it does not exist) "
+                "and not a hub id ('org/name'); give the folder that holds config.json and "
+                "*.safetensors, or a hub id"]
+    return []
+
+
+def _check_model_folder(folder: Path) -> list[str]:
+    if not (folder / "config.json").is_file():
+        return [f"model.name_or_path: {folder} has no config.json; it is not a transformers "
+                "model folder"]
+    if any(folder.glob("*.safetensors")):
+        return []
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt"))
+    if pickles:
+        return [f"model.name_or_path: {folder} holds only pickle weights ({', '.join(pickles)}); "
+                "posttrain refuses pickle files (loading them can run arbitrary code). Convert "
+                "once, if you trust the files: python -c \"from transformers import "
+                "AutoModelForCausalLM as M, AutoTokenizer as T; d='" + str(folder) + "'; "
+                "M.from_pretrained(d, use_safetensors=False).save_pretrained(d + '-safetensors'); "
+                "T.from_pretrained(d).save_pretrained(d + '-safetensors')\" and point "
+                "model.name_or_path at the new folder"]
+    return [f"model.name_or_path: {folder} has no weights (*.safetensors)"]
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _check_stages(cfg: PipelineConfig, stages: list, datasets: dict, rows: dict) -> list[str]:
+    tokenizer = None
+    problems = []
+    for stage in stages:
+        fmt = datasets[stage.data]["format"]
+        train, held = rows[stage.data]
+        where = f"stages.{stage.name}"
+        if method(stage).generates:
+            problems += _check_online(cfg, stage, fmt, train, where)
+            continue
+        if tokenizer is None:
+            from posttrain.models import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model)
+        problems += _check_counts(cfg, stage, fmt, train, held, tokenizer, where)
+    return problems
+
+
+def _need(cfg: PipelineConfig, stage) -> int:
+    return stage.per_device_batch_size * cfg.launch.num_processes
+
+
+def _check_counts(cfg, stage, fmt, train, held, tokenizer, where) -> list[str]:
+    """Whether the stage's tokenized training data fills one batch (and KTO's held-out split
+    forms its mismatched pairs), counted by the stage's own tokenization."""
+    need = _need(cfg, stage)
+    units, what = _units(cfg, stage, fmt, train[:_SAMPLE], tokenizer)
+    if len(train) > _SAMPLE and units * len(train) / _SAMPLE < 2 * need:
+        units, what = _units(cfg, stage, fmt, train, tokenizer)
+    elif len(train) > _SAMPLE:
+        units = int(units * len(train) / _SAMPLE)  # an estimate, and far above one batch
+    out = []
+    if units < need:
+        out.append(
+            f"{where}: {units} {what} from data.{stage.data} cannot fill one batch of "
+            f"{stage.per_device_batch_size} per process x {cfg.launch.num_processes} "
+            f"process(es); lower per_device_batch_size to {max(units, 1)} or less, or give "
+            "more data")
+    if stage.method == "kto" and held:
+        held_units, _ = _units(cfg, stage, fmt, held[:_SAMPLE], tokenizer)
+        if held_units < 2:
+            out.append(f"{where}: KTO's held-out split of data.{stage.data} has {held_units} "
+                       "example(s); its KL estimate needs at least 2 (raise eval_fraction or "
+                       "give an eval_path)")
+    return out
+
+
+def _units(cfg, stage, fmt, rows, tokenizer) -> tuple[int, str]:
+    from posttrain.data.packing import pack_bfd
+    from posttrain.data.preference import (
+        pairs_to_unpaired,
+        tokenize_preference_rows,
+        tokenize_unpaired_rows,
+    )
+    from posttrain.data.tokenize import tokenize_sft_rows
+    from posttrain.data.validation import UNPAIRED_PREFERENCE
+
+    opts = {"max_length": stage.max_length, "truncation": stage.truncation, "source": stage.data}
+    try:
+        if stage.method == "sft":
+            examples, _ = tokenize_sft_rows(rows, tokenizer,
+                                            completion_only_loss=stage.completion_only_loss,
+                                            **opts)
+            if stage.packing:
+                lengths = [len(e["input_ids"]) for e in examples]
+                return len(pack_bfd(lengths, stage.max_length)) if lengths else 0, "packed rows"
+            return len(examples), "examples"
+        bad = cfg.data[stage.data].max_drop_fraction
+        if stage.method == "kto":
+            unpaired = rows if fmt == UNPAIRED_PREFERENCE else pairs_to_unpaired(rows)
+            examples, _ = tokenize_unpaired_rows(unpaired, tokenizer, max_bad_fraction=bad,
+                                                 **opts)
+            return len(examples), "examples"
+        pairs, _ = tokenize_preference_rows(rows, tokenizer, max_bad_fraction=bad, **opts)
+        return len(pairs), "pairs"
+    except DataError:
+        return 0, "usable rows (too many were dropped in tokenization)"
+
+
+def _check_online(cfg, stage, fmt, train, where) -> list[str]:
+    from posttrain.data.formats import prompt_rows
+
+    out = []
+    try:
+        prompts = prompt_rows(train, fmt, f"data.{stage.data}")
+    except DataError as e:
+        return [f"{where}: {e}"]
+    per_prompt = stage.num_generations if stage.method == "grpo" else 1
+    need = _need(cfg, stage) // per_prompt
+    if len(prompts) < need:
+        out.append(f"{where}: {len(prompts)} prompts in data.{stage.data} cannot fill one "
+                   f"batch of {need} prompts; lower per_device_batch_size or give more data")
+    if stage.method == "grpo":
+        from posttrain.reward_functions import check_reward_function
+
+        columns = sorted({k for r in prompts[:100] for k in r if k != "prompt"})
+        for path in stage.reward_functions:
+            if path == "reward_model":
+                continue
+            try:
+                check_reward_function(path, columns)
+            except ValueError as e:
+                out.append(f"{where}.reward_functions: {e}")
+    if uses_reward_stage(stage) and stage.reward is None:
+        out.append(f"{where}.reward: this stage needs a reward stage")
+    return out
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: Plan) -> list[str]:
+    from posttrain.data.formats import eval_rows
+    from posttrain.promotion import resolve
+    from posttrain.stages.evaluate import evaluation_metrics
+
+    source = cfg.eval_source
+    if source is None:
+        return ["evaluate.data: no stage and no evaluate.data: name the data source whose "
+                "held-out prompts evaluation uses"]
+    fmt = datasets[source]["format"]
+    try:
+        eval_rows(rows[source][1][:10], fmt, f"data.{source}")
+    except DataError as e:
+        return [f"evaluate.data: {e}"]
+    if not rows[source][1]:
+        return [f"evaluate.data: data.{source} has no held-out rows"]
+    result.available_metrics = evaluation_metrics(
+        cfg, {n: d["format"] for n, d in datasets.items()},
+        datasets[source]["checker"] is not None)
+    if not cfg.promotion.enabled:
+        return []
+    try:
+        resolved = resolve(cfg, result.available_metrics)
+    except ConfigError as e:
+        return str(e).splitlines()
+    result.promotion = {"metric": resolved.metric, "direction": resolved.direction,
+                        "guards": [g.model_dump() for g in resolved.guards]}
+    return []
+
+
+# ------------------------------------------------------------------------------------ graph
+
+
+def _graph(cfg: PipelineConfig, stages: list, datasets: dict, *, evaluate: bool) -> list[PlanRow]:
+    """Each stage's key and whether its artifact exists. A stage downstream of one that will
+    run gets its key only once that stage has run (the key holds the upstream digest)."""
+    from posttrain.stages.common import training_key
+    from posttrain.stages.data import data_stage_key
+
+    data_key = data_stage_key(cfg)
+    out = [PlanRow("data", "-", "-", ", ".join(datasets), "-",
+                   _status(cfg, "data", data_key), data_key)]
+    data = {"datasets": datasets}
+    known: dict[str, dict | None] = {}
+    for s in stages:
+        inputs = {"data": data, "start": known.get(s.start), "reward": known.get(s.reward)}
+        blocked = (s.start != "base" and inputs["start"] is None) or (
+            s.reward is not None and inputs["reward"] is None)
+        key = None if blocked else training_key(cfg, s, inputs)
+        manifest = artifacts.load_manifest(cfg.artifacts_root, s.name, key, full=False) \
+            if key else None
+        known[s.name] = manifest
+        out.append(PlanRow(s.name, s.method, s.start, s.data, s.reward or "-",
+                           "cached" if manifest else "will run", key))
+    if evaluate:
+        out.append(PlanRow("evaluate", "-", "-", cfg.eval_source, cfg.eval_reward or "-",
+                           "will run", None))
+    return out
+
+
+def _status(cfg: PipelineConfig, stage: str, key: str) -> str:
+    found = artifacts.load_manifest(cfg.artifacts_root, stage, key, full=False)
+    return "cached" if found else "will run"
