@@ -242,7 +242,8 @@ class StageFields(_Frozen):
     name: str = Field(
         pattern=STAGE_NAME,
         description="Unique stage name (lowercase letters, digits, '-', '_'): the artifact "
-        "folder, the MLflow child run and the evaluation candidate are named after it.",
+        "folder, the MLflow child run and the evaluation candidate are named after it. "
+        "Default: the method's name.",
     )
     start: str = Field(
         "base",
@@ -257,6 +258,13 @@ class StageFields(_Frozen):
         description="Name of the reward stage whose model scores completions (PPO always; GRPO "
         "when reward_functions lists 'reward_model'); unset for the other methods.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_after_method(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("name") is None and "method" in cls.model_fields:
+            values = {**values, "name": values.get("method") or cls.model_fields["method"].default}
+        return values
 
     @property
     def uses_reward_stage(self) -> bool:

@@ -53,23 +53,42 @@ def prefect_server():
         yield
 
 
-def tiny_pipeline_values(tmp_path, **sections) -> dict:
-    """A pipeline config small enough for a test: tiny model, few steps, few prompts."""
+# Small settings for a test stage: a few steps of a tiny model on few rows.
+SMALL = {"max_steps": 3, "per_device_batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 1,
+         "max_length": 48, "eval_every": 100, "log_every": 1}
+SFT_STAGE = {"name": "sft", "method": "sft", "data": "sft", **SMALL, "max_steps": 6,
+             "learning_rate": 3e-3, "eval_every": 3}
+# The data source each method reads in tests, by default.
+TEST_DATA = {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference",
+             "kto": "preference", "grpo": "prompts", "ppo": "prompts"}
+ONLINE_SMALL = {"max_steps": 2, "max_completion_length": 4}
+
+
+def stage(method: str, name: str | None = None, *, start: str = "sft", **settings) -> dict:
+    """A test stage of `method` (named after it), from the SFT stage, on its usual source."""
+    values = {"name": name or method, "method": method, "start": start,
+              "data": TEST_DATA[method], **SMALL}
+    if method == "grpo":
+        values.update(ONLINE_SMALL, per_device_batch_size=8, num_generations=4,
+                      reward_functions={"posttrain.reward_functions:demo_checker": 1.0})
+    if method == "ppo":
+        values.update(ONLINE_SMALL, reward="reward")
+    return {**values, **settings}
+
+
+def tiny_pipeline_values(tmp_path, stages: list[dict] | None = None, **sections) -> dict:
+    """A pipeline config small enough for a test: tiny model, few steps, few prompts. `stages`
+    defaults to one SFT stage; data sources 'sft', 'preference' and 'prompts' read the demo."""
     values = {
         "name": "test",
         "artifacts_root": str(tmp_path / "artifacts"),
-        "data": {"demo": {"num_train": 300, "num_eval": 24}},
+        "data": {"sft": {"path": "demo:sft"}, "preference": {"path": "demo:preference"},
+                 "prompts": {"path": "demo:prompts"}},
+        "demo": {"num_train": 300, "num_eval": 24},
         "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64}},
-        "sft": {
-            "max_steps": 6,
-            "per_device_batch_size": 4,
-            "learning_rate": 3e-3,
-            "warmup_steps": 1,
-            "max_length": 48,
-            "eval_every": 3,
-            "log_every": 1,
-        },
-        "evaluate": {"max_new_tokens": 6, "batch_size": 24, "num_samples": 4},
+        "stages": [SFT_STAGE] if stages is None else stages,
+        "evaluate": {"max_new_tokens": 6, "batch_size": 24, "num_samples": 4, "max_length": 48,
+                     "data": "sft"},
         "tracking": {"experiment": f"test-{tmp_path.name}"},
     }
     for name, update in sections.items():
