@@ -36,9 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = [
-    "sft.max_steps=10", "sft.eval_every=5", "data.demo.num_train=200", "data.demo.num_eval=20",
-    "reward.max_steps=3", "dpo.max_steps=3", "orpo.max_steps=3", "kto.max_steps=3",
-    "grpo.max_steps=2", "ppo.max_steps=2", "evaluate.max_prompts=20",
+    "stages.sft.max_steps=10", "stages.sft.eval_every=5", "demo.num_train=200",
+    "demo.num_eval=20", "stages.reward.max_steps=3", "stages.dpo.max_steps=3",
+    "stages.orpo.max_steps=3", "stages.kto.max_steps=3", "stages.grpo.max_steps=2",
+    "stages.ppo.max_steps=2", "evaluate.max_prompts=20",
 ]
 
 

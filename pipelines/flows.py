@@ -127,13 +127,17 @@ def served_config(cfg: PipelineConfig) -> PipelineConfig:
     was served with. Prefect replaces a whole parameter (`cfg`) with the run's value and fills
     what it lacks from the function's default, so a run given {"stages": [...]} alone would
     otherwise silently train on the code's defaults. Outside a deployment: `cfg` as it is."""
+    from prefect.client.orchestration import get_client
     from prefect.runtime import deployment
 
-    served = (deployment.parameters or {}).get("cfg") if deployment.id else None
-    if not served:
-        return cfg
     from posttrain.config import merge, validate
 
+    served = None
+    if deployment.id:  # the deployment's own parameters (runtime's are the run's, merged)
+        with get_client(sync_client=True) as client:
+            served = (client.read_deployment(deployment.id).parameters or {}).get("cfg")
+    if not served:
+        return cfg.check("flow parameters")
     given = cfg.model_dump(mode="json", exclude_unset=True)
     return validate(PipelineConfig, merge(served, given), "deployment parameters + run")
 
@@ -175,6 +179,7 @@ def _train(run: PipelineRun, targets: list[str] | None, *, emit_events: bool) ->
 def stage_flow(cfg: PipelineConfig = DEFAULT_CONFIG, targets: list[str] | None = None) -> dict:
     """The stages named in `targets` and every stage they start from or use (usually cached),
     tracked like the pipeline; no evaluation."""
+    cfg = cfg.check("flow parameters")
     unknown = [t for t in targets or () if t not in {s.name for s in cfg.stages}]
     if unknown:
         raise ValueError(f"no stage named {unknown}; stages: {[s.name for s in cfg.stages]}")

@@ -649,17 +649,26 @@ class PipelineConfig(_Frozen):
         RetrainConfig(), description="Retraining schedule and event trigger."
     )
 
-    @model_validator(mode="after")
-    def _graph_fits(self) -> PipelineConfig:
+    # The graph is checked apart from field validation (`check`, called by `validate` and the
+    # flows): a deployment run given only some sections (say, a new `stages` list) is valid
+    # field by field but refers to sources that only the served config has, until the flow
+    # merges the two.
+    def graph_problems(self) -> list[str]:
+        """What is wrong with how the stages, data sources and evaluation refer to each other."""
         problems = [f"data.{n}: source names are letters, digits, '-' and '_'"
                     for n in self.data if not re.fullmatch(SOURCE_NAME, n)]
         seen: dict[str, StageConfig] = {}
-        for i, s in enumerate(self.stages):
+        for s in self.stages:
             problems += [f"stages.{s.name}.{p}" for p in _stage_problems(self, s, seen)]
             seen[s.name] = s
-        problems += _evaluation_problems(self)
+        return problems + _evaluation_problems(self)
+
+    def check(self, where: str = "config") -> PipelineConfig:
+        """`self`, or a ConfigError listing every graph problem."""
+        problems = self.graph_problems()
         if problems:
-            raise ValueError("\n".join(problems))
+            raise ConfigError("\n".join([f"invalid configuration ({where}):"]
+                                        + [f"  {p}" for p in problems]))
         return self
 
     def stage(self, name: str) -> StageConfig:
@@ -752,9 +761,6 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
 def _format_validation_error(err: ValidationError, where: str, values: dict) -> str:
     lines = [f"invalid configuration ({where}):"]
     for e in err.errors():
-        if not e["loc"]:  # a whole-pipeline check: its message names the fields itself
-            lines += [f"  {line}" for line in e["msg"].removeprefix("Value error, ").splitlines()]
-            continue
         field = _field_name(e["loc"], values)
         got = e.get("input")
         shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
@@ -838,10 +844,13 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def validate(model: type[BaseModel], values: dict, where: str = "config") -> Any:
+    """`values` as a `model`, or a ConfigError naming every bad field (and, for a pipeline,
+    every problem of its graph)."""
     try:
-        return model.model_validate(values)
+        validated = model.model_validate(values)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, where, values)) from None
+    return validated.check(where) if isinstance(validated, PipelineConfig) else validated
 
 
 def load_pipeline_config(

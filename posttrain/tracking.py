@@ -48,12 +48,17 @@ def experiment_id(name: str) -> str:
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {'sft.learning_rate': '0.001', ...} (MLflow params are flat strings)."""
+    """Nested config -> {'model.dtype': 'float32', ...} (MLflow params are flat strings). A list
+    of named mappings (the stages) is keyed by name: 'stages.dpo.beta'."""
     out: dict[str, str] = {}
     for k, v in values.items():
         name = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, name + "."))
+        elif isinstance(v, (list, tuple)) and v and all(
+                isinstance(i, dict) and "name" in i for i in v):
+            for item in v:
+                out.update(flatten(item, f"{name}.{item['name']}."))
         else:
             out[name] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
     return out

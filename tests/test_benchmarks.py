@@ -80,7 +80,7 @@ def test_report_tables_for_trl_rollout_and_orchestration():
                              "sequences": 4, "max_new_tokens": 8, "new_tokens": 32,
                              "new_tokens_per_s": 3.2, "positions_encoded": 400,
                              "peak_rss_mb": 1.0, "same_tokens_fraction": 1.0},
-        stage: {"name": stage, "variant": stage, "overrides": ["sft.max_steps=1"],
+        stage: {"name": stage, "variant": stage, "overrides": ["stages.sft.max_steps=1"],
                 "cold": {"wall_s": 10.0, "import_s": 1.0, "flow_s": 8.0, "phases": {"start": 1.0},
                          "stages": [{"stage": "sft", "status": "ran", "seconds": 3.0,
                                      "body_s": 2.0}]},

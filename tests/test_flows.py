@@ -10,7 +10,7 @@ from posttrain import tracking
 from posttrain.config import PipelineConfig, validate
 from posttrain.data import demo
 from posttrain.data.loading import write_jsonl
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -47,9 +47,9 @@ def test_unchanged_rerun_trains_nothing_and_logs_cache_hits(tmp_path, monkeypatc
     assert set(first_children) == {"data", "sft", "evaluate"}
     sft_run = first_children["sft"]
     assert sft_run.info.status == "FINISHED"
-    assert "sft.learning_rate" in sft_run.data.params
+    assert "learning_rate" in sft_run.data.params  # no stage prefix: runs compare side by side
     history = tracking.client().get_metric_history(sft_run.info.run_id, "loss")
-    assert [m.step for m in history] == list(range(1, cfg.sft.max_steps + 1))
+    assert [m.step for m in history] == list(range(1, cfg.stage("sft").max_steps + 1))
     assert first_children["data"].inputs.dataset_inputs  # the dataset is logged as an input
 
     weights = next((tmp_path / "artifacts" / "sft").glob("*/model/model.safetensors"))
@@ -68,17 +68,17 @@ def test_changing_an_sft_field_reruns_sft_and_evaluation_only(tmp_path):
     from pipelines.flows import pipeline
 
     pipeline(_cfg(tmp_path))
-    changed = pipeline(_cfg(tmp_path, sft={"learning_rate": 1e-3}))
+    changed = pipeline(_cfg(tmp_path, stages=[{**SFT_STAGE, "learning_rate": 1e-3}]))
     assert _status(changed) == {"data": "cached", "sft": "ran", "evaluate": "ran"}
 
 
 def test_changing_one_data_row_reruns_everything_downstream(tmp_path):
     from pipelines.flows import pipeline
 
-    rows = demo.generate_sft(_cfg(tmp_path).data.demo, 0, "train")[:200]
+    rows = demo.generate_sft(_cfg(tmp_path).demo, 0, "train")[:200]
     path = tmp_path / "sft.jsonl"
     write_jsonl(rows, path)
-    cfg = _cfg(tmp_path, data={"sft": {"path": str(path)}, "eval_fraction": 0.1})
+    cfg = _cfg(tmp_path, data={"sft": {"path": str(path), "eval_fraction": 0.1}})
     first = pipeline(cfg)
     assert _status(first) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
     assert _status(pipeline(cfg))["data"] == "cached"
@@ -92,28 +92,19 @@ def test_changing_one_data_row_reruns_everything_downstream(tmp_path):
 def test_sft_flow_runs_data_and_sft(tmp_path):
     from pipelines.flows import stage_flow
 
-    result = stage_flow(_cfg(tmp_path), "sft")
+    result = stage_flow(_cfg(tmp_path), ["sft"])
     assert [r["stage"] for r in result["stages"]] == ["data", "sft"]
     assert (tmp_path / "artifacts" / "sft").exists()
 
 
-def _pref_sections(**dpo):
-    small = {"max_steps": 3, "per_device_batch_size": 4, "warmup_steps": 0, "max_length": 48,
-             "eval_every": 3, "log_every": 1}
-    return {
-        "data": {"preference": {"path": "demo"}},
-        "methods": ["dpo", "orpo", "kto"],
-        "reward": small,
-        "dpo": {**small, **dpo},
-        "orpo": small,
-        "kto": small,
-    }
+def _pref_stages(**dpo) -> list[dict]:
+    return [SFT_STAGE, stage("reward"), stage("dpo", **dpo), stage("orpo"), stage("kto")]
 
 
 def test_preference_methods_are_independent_cached_stages(tmp_path):
     from pipelines.flows import pipeline
 
-    values = tiny_pipeline_values(tmp_path, **_pref_sections())
+    values = tiny_pipeline_values(tmp_path, _pref_stages())
     first = pipeline(validate(PipelineConfig, values))
     assert _status(first) == {s: "ran" for s in
                               ("data", "sft", "reward", "dpo", "orpo", "kto", "evaluate")}
@@ -125,7 +116,7 @@ def test_preference_methods_are_independent_cached_stages(tmp_path):
     assert "eval_accuracy" in children["reward"].data.metrics
 
     changed = pipeline(validate(PipelineConfig, tiny_pipeline_values(
-        tmp_path, **_pref_sections(beta=0.3))))
+        tmp_path, _pref_stages(beta=0.3))))
     assert _status(changed) == {
         "data": "cached", "sft": "cached", "reward": "cached", "dpo": "ran", "orpo": "cached",
         "kto": "cached", "evaluate": "ran",
@@ -135,24 +126,18 @@ def test_preference_methods_are_independent_cached_stages(tmp_path):
 def test_stage_flow_runs_one_method_with_its_upstream(tmp_path):
     from pipelines.flows import stage_flow
 
-    values = tiny_pipeline_values(tmp_path, **_pref_sections())
-    result = stage_flow(validate(PipelineConfig, values), "orpo")
+    values = tiny_pipeline_values(tmp_path, _pref_stages())
+    result = stage_flow(validate(PipelineConfig, values), ["orpo"])
     assert [r["stage"] for r in result["stages"]] == ["data", "sft", "orpo"]
 
 
 def test_online_methods_run_as_cached_stages_with_curves_in_mlflow(tmp_path):
     from pipelines.flows import pipeline
 
-    online = {"max_steps": 2, "warmup_steps": 0, "max_length": 40, "max_completion_length": 4,
-              "log_every": 1}
-    values = tiny_pipeline_values(
-        tmp_path,
-        data={"preference": {"path": "demo"}, "prompts": {"path": "demo"}},
-        methods=["grpo", "ppo"],
-        reward={"max_steps": 2, "per_device_batch_size": 4, "warmup_steps": 0, "max_length": 48},
-        grpo={**online, "per_device_batch_size": 8, "num_generations": 4},
-        ppo={**online, "per_device_batch_size": 4},
-    )
+    online = {"warmup_steps": 0, "max_length": 40}
+    values = tiny_pipeline_values(tmp_path, [
+        SFT_STAGE, stage("reward", max_steps=2, warmup_steps=0),
+        stage("grpo", **online), stage("ppo", **online)])
     cfg = validate(PipelineConfig, values)
     first = pipeline(cfg)
     assert _status(first) == {s: "ran" for s in ("data", "sft", "reward", "grpo", "ppo",
@@ -178,22 +163,23 @@ def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path)
     from pipelines.flows import pipeline
     from posttrain import promotion
 
-    sections = _pref_sections()
-    sections["methods"] = ["dpo"]
     name = f"reg-{tmp_path.name}"
-    values = tiny_pipeline_values(tmp_path, **sections, promotion={
-        "registered_model": name, "metric": "reward_score", "guards": []})
+    values = tiny_pipeline_values(
+        tmp_path, [SFT_STAGE, stage("reward"), stage("dpo")],
+        evaluate={"reference": "sft"},
+        promotion={"registered_model": name, "metric": "reward_score", "guards": []})
     cfg = validate(PipelineConfig, values)
     first = pipeline(cfg)
     comparison = first["comparison"]
     assert list(comparison) == ["base", "sft", "dpo"]
     for metrics in comparison.values():
-        assert {"checker_accuracy", "reward_score", "win_rate_vs_sft", "kl_to_sft",
+        assert {"checker_accuracy", "reward_score", "win_rate_vs_reference", "kl_to_reference",
                 "chosen_perplexity", "perplexity", "mean_completion_length"} <= set(metrics)
-    assert comparison["sft"]["win_rate_vs_sft"] == 0.5 and comparison["sft"]["kl_to_sft"] == 0.0
+    assert comparison["sft"]["win_rate_vs_reference"] == 0.5
+    assert comparison["sft"]["kl_to_reference"] == 0.0
     assert {"comparison.json", "comparison.png"} <= _artifact_paths(first["mlflow_run_id"])
     children = _children(first["mlflow_run_id"])
-    assert "heldout/win_rate_vs_sft" in tracking.client().get_run(
+    assert "heldout/win_rate_vs_reference" in tracking.client().get_run(
         children["dpo"].info.run_id).data.metrics
 
     decision = first["promotion"]
@@ -233,10 +219,10 @@ def test_retrain_caches_unchanged_data_and_reruns_changed_data(tmp_path, monkeyp
 
     emitted = []
     monkeypatch.setattr(events, "emit_dataset_updated", lambda *a, **k: emitted.append((a, k)))
-    rows = demo.generate_sft(_cfg(tmp_path).data.demo, 0, "train")[:120]
+    rows = demo.generate_sft(_cfg(tmp_path).demo, 0, "train")[:120]
     path = tmp_path / "sft.jsonl"
     write_jsonl(rows, path)
-    cfg = _cfg(tmp_path, data={"sft": {"path": str(path)}, "eval_fraction": 0.1},
+    cfg = _cfg(tmp_path, data={"sft": {"path": str(path), "eval_fraction": 0.1}},
                promotion={"registered_model": f"reg-{tmp_path.name}"})
     pipeline(cfg)
     assert emitted == []  # a first run has nothing to compare with

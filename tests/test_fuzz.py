@@ -73,9 +73,16 @@ def test_random_file_bytes_load_or_fail_with_the_file_named(tmp_path, blob, suff
 
 
 config_values = st.dictionaries(
-    st.sampled_from(["name", "sft", "data", "model", "methods", "dpo", "evaluate", "bogus"]),
+    st.sampled_from(["name", "data", "demo", "model", "stages", "evaluate", "promotion",
+                     "bogus"]),
     values, max_size=4,
 )
+
+
+def _lines_name_fields(message: str) -> None:
+    assert message.startswith("invalid configuration (fuzz.yaml)"), message
+    lines = message.split("\n")[1:]  # one "  field.path: reason" line per problem
+    assert lines and all(line.startswith("  ") and ": " in line for line in lines), message
 
 
 @FAST
@@ -84,14 +91,60 @@ def test_random_configs_validate_or_name_the_field(raw):
     try:
         validate(PipelineConfig, raw, "fuzz.yaml")
     except ConfigError as e:
-        message = str(e)
-        assert message.startswith("invalid configuration (fuzz.yaml)")
-        lines = message.split("\n")[1:]  # one "  field.path: reason" line per problem
-        assert lines and all(line.startswith("  ") and ": " in line for line in lines), message
+        _lines_name_fields(str(e))
+
+
+# Stage graphs built from a few names: some fit, most refer to what does not exist (yet).
+names = st.sampled_from(["sft", "dpo", "reward", "ppo", "grpo", "base", "x"])
+graph_stages = st.lists(
+    st.fixed_dictionaries(
+        {"method": st.sampled_from(["sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo"])},
+        optional={"name": names, "start": names, "data": st.sampled_from(["sft", "pairs", "nope"]),
+                  "reward": names, "beta": st.sampled_from([0.1, -1.0, "x"]),
+                  "reward_functions": st.sampled_from([{}, {"reward_model": 1.0},
+                                                       {"m:f": 1.0}])}),
+    max_size=5,
+)
+graph_sections = st.fixed_dictionaries({}, optional={
+    "evaluate": st.fixed_dictionaries({}, optional={"reference": names, "reward": names,
+                                                    "data": st.sampled_from(["sft", "nope"])}),
+    "promotion": st.fixed_dictionaries({}, optional={"candidates": st.lists(names, max_size=2)}),
+})
 
 
 @FAST
-@given(st.text(max_size=30))
+@given(graph_stages, graph_sections)
+def test_random_stage_graphs_validate_or_name_the_stage_and_field(stages, sections):
+    raw = {"data": {"sft": {"path": "demo:sft"}, "pairs": {"path": "demo:preference"}},
+           "stages": stages, **sections}
+    try:
+        cfg = validate(PipelineConfig, raw, "fuzz.yaml")
+    except ConfigError as e:
+        _lines_name_fields(str(e))
+        for line in str(e).split("\n")[1:]:
+            field = line.strip().split(":")[0]
+            assert field.split(".")[0] in ("stages", "evaluate", "promotion", "data"), line
+    else:  # what validates is a graph: unique names, each start and reward an earlier stage
+        seen: dict[str, str] = {}
+        for s in cfg.stages:
+            assert s.name not in seen and s.data in cfg.data
+            assert s.start == "base" or seen.get(s.start) not in (None, "reward")
+            assert s.reward is None or seen.get(s.reward) == "reward"
+            seen[s.name] = s.method
+
+
+overrides = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda prefix, rest: prefix + rest,
+              st.sampled_from(["stages.", "stages.dpo.", "stages.nope.", "stages.sft.name=",
+                               "data.", "data.preference.", "data.sft.path=", "evaluate.",
+                               "promotion.", "model."]),
+              st.text(max_size=20)),
+)
+
+
+@FAST
+@given(overrides)
 def test_random_overrides_apply_or_fail_cleanly(text):
     try:
         load_pipeline_config(None, [text])
@@ -106,6 +159,7 @@ def test_malformed_data_file_leaves_no_partial_artifact(tmp_path):
     path.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n{not json\n")
     cfg = validate(PipelineConfig, {"artifacts_root": str(tmp_path / "a"),
                                     "data": {"sft": {"path": str(path)}},
+                                    "stages": [{"method": "sft", "data": "sft"}],
                                     "tracking": {"experiment": "fuzz"}})
     with pytest.raises(DataError, match=r"broken\.jsonl.*line 2"):
         stages.run_data_stage(cfg)

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from posttrain import stages, tracking
-from posttrain.config import PipelineConfig, SFTConfig, TinyModelConfig, validate
+from posttrain.config import DemoTaskConfig, PipelineConfig, SFTConfig, TinyModelConfig, validate
 from posttrain.data import demo
 from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.models import build_tiny_model, build_tiny_tokenizer
 from posttrain.recipes import sft
 from posttrain.training import NonFiniteError, NonFiniteGuard
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, tiny_pipeline_values
 
 
 def test_guard_skips_then_fails_after_n_in_a_row():
@@ -46,7 +46,7 @@ def _nan_on(calls: set[int]):
 
 def test_a_nan_step_is_skipped_and_changes_nothing(monkeypatch):
     tok = build_tiny_tokenizer()
-    rows = demo.generate_sft(validate(PipelineConfig, {}).data.demo, 0, "train")[:64]
+    rows = demo.generate_sft(DemoTaskConfig(), 0, "train")[:64]
     examples, _ = tokenize_sft_rows(rows, tok, max_length=48)
     model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64), tok)
     snapshots = []
@@ -68,10 +68,11 @@ def test_a_nan_step_is_skipped_and_changes_nothing(monkeypatch):
 
 def test_a_diverged_stage_fails_saves_nothing_and_marks_mlflow(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "sft_loss", _nan_on(set(range(1, 10_000))))
-    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path, sft={"max_nonfinite_steps": 2}))
+    cfg = validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path, stages=[{**SFT_STAGE, "max_nonfinite_steps": 2}]))
     data = stages.run_data_stage(cfg)
     with pytest.raises(NonFiniteError):
-        stages.run_sft_stage(cfg, data)
+        stages.run_training_stage(cfg, "sft", stages.inputs_for(cfg.stage("sft"), data, {}))
     assert not list((tmp_path / "artifacts").glob("sft/*/manifest.json"))  # nothing saved
     c = tracking.client()
     exp = c.get_experiment_by_name(cfg.tracking.experiment)

@@ -55,7 +55,7 @@ def test_sft_stage_backs_off_after_an_oom_and_records_it(tmp_path, monkeypatch):
     from posttrain import stages, tracking
     from posttrain.config import PipelineConfig, validate
     from posttrain.recipes import sft
-    from tests.conftest import tiny_pipeline_values
+    from tests.conftest import SFT_STAGE, tiny_pipeline_values
 
     real = sft.train
     sizes = []
@@ -67,8 +67,10 @@ def test_sft_stage_backs_off_after_an_oom_and_records_it(tmp_path, monkeypatch):
         return real(model, train, held, cfg, **kw)
 
     monkeypatch.setattr(sft, "train", small_gpu)
-    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path, sft={"per_device_batch_size": 8}))
-    manifest = stages.run_sft_stage(cfg, stages.run_data_stage(cfg))
+    cfg = validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path, stages=[{**SFT_STAGE, "per_device_batch_size": 8}]))
+    data = stages.run_data_stage(cfg)
+    manifest = stages.run_training_stage(cfg, "sft", stages.inputs_for(cfg.stage("sft"), data, {}))
     assert sizes == [(8, 1), (4, 2), (2, 4)]
     assert manifest["oom_backoff"][-1] == {"per_device_batch_size": [4, 2], "grad_accum": [2, 4]}
     run = tracking.client().get_run(manifest["mlflow_run_id"])

@@ -8,13 +8,22 @@ import math
 import pytest
 
 from posttrain import promotion, tracking
-from posttrain.config import MetricGuard, PromotionConfig
+from posttrain.config import ConfigError, MetricGuard, PipelineConfig, PromotionConfig
 
 GUARD = MetricGuard(metric="eval_loss", direction="min", tolerance=0.1)
+# The evaluation's reference model in these comparisons (evaluate.reference): the guards compare
+# against it when there is no champion yet.
+REF = "sft"
 
 
 def _cfg(**kw) -> PromotionConfig:
-    return PromotionConfig(**{"metric": "checker_accuracy", "guards": (GUARD,), **kw})
+    """Resolved settings, as promotion.resolve gives them to decide()."""
+    return PromotionConfig(**{"metric": "checker_accuracy", "direction": "max",
+                              "guards": (GUARD,), **kw})
+
+
+def _decide(comparison, champion, cfg, reference_model=REF):
+    return promotion.decide(comparison, champion, cfg, reference_model=reference_model)
 
 
 def _m(acc: float, loss: float = 0.5) -> dict:
@@ -27,37 +36,37 @@ COMPARISON = {"base": _m(0.99, 9.0), "sft": _m(0.70), "dpo": _m(0.85, 0.45), "kt
 def test_without_champion_the_best_candidate_passing_guards_wins():
     # kto (0.90) is best; its loss regresses 0.05 against SFT's 0.5, within the 0.1 tolerance.
     # base (0.99) is never a candidate.
-    d = promotion.decide(COMPARISON, None, _cfg())
+    d = _decide(COMPARISON, None, _cfg())
     assert d.promote and d.winner == "kto"
 
 
 def test_a_guard_regression_beyond_tolerance_disqualifies_a_candidate():
     comparison = {**COMPARISON, "kto": _m(0.90, 0.65)}  # loss +0.15 > 0.1
-    d = promotion.decide(comparison, None, _cfg())
+    d = _decide(comparison, None, _cfg())
     assert d.winner == "dpo"
     kto = next(r for r in d.rows if r["stage"] == "kto")
     assert kto["failed_guards"] and "eval_loss" in kto["failed_guards"][0]
 
 
 def test_every_candidate_failing_a_guard_promotes_nothing():
-    d = promotion.decide(COMPARISON, _m(0.5, 0.1), _cfg())  # every loss regresses > 0.1
+    d = _decide(COMPARISON, _m(0.5, 0.1), _cfg())  # every loss regresses > 0.1
     assert not d.promote and d.winner is None
 
 
 def test_the_winner_must_beat_the_champion_by_the_margin():
     champion = _m(0.88, 0.5)
-    assert promotion.decide(COMPARISON, champion, _cfg(min_margin=0.01)).winner == "kto"
-    d = promotion.decide(COMPARISON, champion, _cfg(min_margin=0.05))  # 0.90 - 0.88 < 0.05
+    assert _decide(COMPARISON, champion, _cfg(min_margin=0.01)).winner == "kto"
+    d = _decide(COMPARISON, champion, _cfg(min_margin=0.05))  # 0.90 - 0.88 < 0.05
     assert not d.promote and "margin" in d.reasons[0]
 
 
 def test_equal_to_champion_is_not_promoted_even_with_zero_margin():
-    assert not promotion.decide(COMPARISON, _m(0.90, 0.55), _cfg(min_margin=0.0)).promote
+    assert not _decide(COMPARISON, _m(0.90, 0.55), _cfg(min_margin=0.0)).promote
 
 
 def test_direction_min_prefers_lower_values():
     cfg = _cfg(metric="eval_loss", direction="min", guards=())
-    assert promotion.decide(COMPARISON, None, cfg).winner == "dpo"
+    assert _decide(COMPARISON, None, cfg).winner == "dpo"
 
 
 @pytest.mark.parametrize(
@@ -70,22 +79,22 @@ def test_direction_min_prefers_lower_values():
         ({**COMPARISON, "dpo": _m(math.nan)}, None, "dpo: missing"),  # NaN counts as missing
         (COMPARISON, {"eval_loss": 0.1}, "champion: missing"),
         (COMPARISON, {}, "champion: missing"),  # a champion without stored metrics
-        ({"base": _m(0.1), "dpo": _m(0.9)}, None, "no complete SFT baseline"),
+        ({"base": _m(0.1), "dpo": _m(0.9)}, None, "no complete reference model baseline"),
         ({"base": _m(0.1)}, None, "no eligible candidate"),
     ],
 )
 def test_fail_closed(comparison, champion, why):
-    d = promotion.decide(comparison, champion, _cfg())
+    d = _decide(comparison, champion, _cfg())
     assert not d.promote and d.winner is None
     assert why in " ".join(d.reasons)
 
 
 def test_disabled_promotes_nothing():
-    assert not promotion.decide(COMPARISON, None, _cfg(enabled=False)).promote
+    assert not _decide(COMPARISON, None, _cfg(enabled=False)).promote
 
 
 def test_candidates_restrict_who_may_win():
-    assert promotion.decide(COMPARISON, None, _cfg(candidates=("dpo",))).winner == "dpo"
+    assert _decide(COMPARISON, None, _cfg(candidates=("dpo",))).winner == "dpo"
 
 
 def test_register_champion_moves_the_alias_and_keeps_old_versions(tmp_path):
@@ -109,3 +118,149 @@ def test_register_champion_moves_the_alias_and_keeps_old_versions(tmp_path):
     first = tracking.client().get_model_version(name, v1)
     assert first.source.endswith("stage/model") and first.run_id == run_id
     assert champion.source.startswith("file://")  # no run: the local artifact folder
+
+
+# ------------------------------------------------------------------- the reference model
+
+
+def test_without_champion_the_guards_compare_against_the_reference_model():
+    # kto's loss 0.65 regresses 0.15 against sft (0.5), beyond the 0.1 tolerance, but improves
+    # on base (9.0): which model the guards read decides the winner.
+    comparison = {**COMPARISON, "kto": _m(0.90, 0.65)}
+    assert _decide(comparison, None, _cfg(), reference_model="sft").winner == "dpo"
+    assert _decide(comparison, None, _cfg(), reference_model="base").winner == "kto"
+    assert promotion.decide(comparison, None, _cfg()).winner == "kto"  # default: base
+    # any stage can be the reference: against dpo (0.45) sft regresses 0.05 (within the
+    # tolerance) and kto 0.2 (beyond it)
+    d = _decide(comparison, None, _cfg(), reference_model="dpo")
+    assert d.winner == "dpo"
+    assert {r["stage"] for r in d.rows if r["failed_guards"]} == {"kto"}
+
+
+def test_a_champion_not_the_reference_model_is_what_the_guards_read():
+    # With a champion the reference model is irrelevant: every loss regresses > 0.1 against 0.1.
+    for ref in ("sft", "base", "dpo"):
+        assert not _decide(COMPARISON, _m(0.5, 0.1), _cfg(), reference_model=ref).promote
+
+
+@pytest.mark.parametrize("reference_model", ["base", "sft", "ppo"])
+def test_a_missing_reference_model_fails_closed(reference_model):
+    comparison = {k: v for k, v in COMPARISON.items() if k != reference_model}
+    d = _decide(comparison, None, _cfg(), reference_model=reference_model)
+    assert not d.promote and d.winner is None
+    assert "no complete reference model baseline" in " ".join(d.reasons)
+    # without guards there is nothing to compare against, and nothing is missing
+    assert _decide(comparison, None, _cfg(guards=()), reference_model=reference_model).promote
+
+
+def test_an_incomplete_reference_model_fails_closed():
+    comparison = {**COMPARISON, "sft": {"checker_accuracy": 0.7, "eval_loss": math.inf}}
+    d = _decide(comparison, None, _cfg(candidates=("dpo", "kto")))
+    assert not d.promote and "no complete reference model baseline" in " ".join(d.reasons)
+
+
+def test_decide_needs_resolved_settings():
+    with pytest.raises(ValueError, match="needs resolved promotion settings"):
+        promotion.decide(COMPARISON, None, _cfg(direction=None))
+    with pytest.raises(ValueError, match="needs resolved promotion settings"):
+        promotion.decide(COMPARISON, None, _cfg(metric=None))
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="library bug: decide() builds its metric list from cfg.guards before "
+                          "checking that the settings are resolved, so guards=None raises "
+                          "TypeError instead of the ValueError")
+def test_decide_refuses_unresolved_guards_with_the_same_message():
+    with pytest.raises(ValueError, match="needs resolved promotion settings"):
+        promotion.decide(COMPARISON, None, PromotionConfig())
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def _pipeline(**promotion_settings) -> PipelineConfig:
+    return PipelineConfig(promotion=promotion_settings)
+
+
+ALL = {"checker_accuracy", "reward_score", "win_rate_vs_reference", "eval_loss", "perplexity",
+       "kl_to_reference", "eos_rate", "mean_completion_length"}
+
+
+@pytest.mark.parametrize(
+    ("available", "metric", "direction"),
+    [
+        (ALL, "checker_accuracy", "max"),
+        (ALL - {"checker_accuracy"}, "reward_score", "max"),
+        ({"eval_loss", "perplexity", "kl_to_reference", "eos_rate"}, "eval_loss", "min"),
+    ],
+)
+def test_resolve_picks_the_first_default_metric_available(available, metric, direction):
+    p = promotion.resolve(_pipeline(), available)
+    assert (p.metric, p.direction) == (metric, direction)
+    assert p.guards == (promotion.DEFAULT_GUARD,)
+    assert p.guards[0].metric == "eval_loss" and p.guards[0].tolerance == 0.5
+    # resolved settings are what decide() takes
+    comparison = {"base": {metric: 0.0, "eval_loss": 1.0}, "dpo": {metric: 1.0, "eval_loss": 1.0}}
+    assert promotion.decide(comparison, None, p).promote
+
+
+def test_resolve_adds_no_default_guard_without_eval_loss():
+    p = promotion.resolve(_pipeline(), {"reward_score", "kl_to_reference", "eos_rate"})
+    assert (p.metric, p.direction, p.guards) == ("reward_score", "max", ())
+
+
+def test_resolve_keeps_explicit_settings():
+    guard = MetricGuard(metric="kl_to_reference", direction="min", tolerance=2.0)
+    p = promotion.resolve(_pipeline(metric="eos_rate", direction="min", guards=[guard],
+                                    min_margin=0.1, candidates=None), ALL)
+    assert (p.metric, p.direction, p.guards, p.min_margin) == ("eos_rate", "min", (guard,), 0.1)
+    assert promotion.resolve(_pipeline(guards=[]), ALL).guards == ()  # no guards, on purpose
+    p = promotion.resolve(_pipeline(metric="perplexity"), ALL)
+    assert (p.metric, p.direction) == ("perplexity", "min")  # the metric's own direction
+
+
+def test_resolve_without_any_default_metric_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"none of checker_accuracy, reward_score, eval_loss "
+                                          r"will exist.*gives eos_rate, kl_to_reference"):
+        promotion.resolve(_pipeline(), {"kl_to_reference", "eos_rate"})
+
+
+def test_resolve_refuses_an_explicit_metric_that_will_not_exist():
+    with pytest.raises(ConfigError) as e:
+        promotion.resolve(_pipeline(metric="reward_score"),
+                          {"checker_accuracy", "eval_loss", "eos_rate"})
+    msg = str(e.value)
+    assert "promotion.metric: 'reward_score' will not exist for this pipeline" in msg
+    assert "(evaluation gives: checker_accuracy, eos_rate, eval_loss)" in msg
+
+
+def test_resolve_refuses_a_guard_on_a_metric_that_will_not_exist():
+    guard = MetricGuard(metric="win_rate_vs_reference", direction="max")
+    with pytest.raises(ConfigError) as e:
+        promotion.resolve(_pipeline(guards=[guard]), {"checker_accuracy", "eval_loss"})
+    msg = str(e.value)
+    assert "promotion.guards: 'win_rate_vs_reference' will not exist" in msg
+    assert "checker_accuracy, eval_loss" in msg
+    assert "promotion.metric" not in msg  # the default metric itself is fine
+
+
+def test_resolve_needs_a_direction_for_an_unknown_metric():
+    with pytest.raises(ConfigError, match=r"promotion\.direction: say whether 'my_score' is "
+                                          r"better high \('max'\) or low \('min'\)"):
+        promotion.resolve(_pipeline(metric="my_score"), ALL | {"my_score"})
+    p = promotion.resolve(_pipeline(metric="my_score", direction="max"), ALL | {"my_score"})
+    assert (p.metric, p.direction) == ("my_score", "max")
+
+
+def test_every_metric_evaluation_produces_has_a_direction():
+    from posttrain.stages.evaluate import evaluation_metrics
+
+    cfg = PipelineConfig.model_validate({
+        "data": {"sft": {"path": "demo:sft"}, "preference": {"path": "demo:preference"}},
+        "stages": [{"method": "sft", "data": "sft"},
+                   {"method": "reward", "start": "sft", "data": "preference"}],
+    })
+    produced = evaluation_metrics(cfg, {"sft": "prompt_completion",
+                                        "preference": "preference"}, True)
+    assert produced - {"mean_completion_length"} <= set(promotion.DIRECTIONS)
+    assert promotion.resolve(cfg, produced).metric == "checker_accuracy"

@@ -197,6 +197,6 @@ def test_batch_of_one_is_refused_by_the_stage_config():
 
 
 def test_batch_of_one_is_refused_by_the_pipeline_config():
-    with pytest.raises(ConfigError, match=r"kto") as err:
-        load_pipeline_config(None, ["kto.per_device_batch_size=1"])
+    with pytest.raises(ConfigError, match=r"stages\.kto") as err:
+        load_pipeline_config(None, ["stages.kto.per_device_batch_size=1"])
     assert "per_device_batch_size" in str(err.value)

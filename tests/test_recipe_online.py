@@ -87,8 +87,8 @@ def test_grpo_normalizations_run(tokenizer, loss_type):
 def test_grpo_batch_must_hold_whole_groups():
     with pytest.raises(ValueError, match="multiple of num_generations"):
         GRPOConfig(per_device_batch_size=12, num_generations=8)
-    with pytest.raises(C.ConfigError, match="grpo"):
-        C.load_pipeline_config(None, ["grpo.per_device_batch_size=10"])
+    with pytest.raises(C.ConfigError, match=r"stages\.grpo: .*multiple of num_generations"):
+        C.load_pipeline_config(None, ["stages.grpo.per_device_batch_size=10"])
 
 
 def test_ppo_updates_policy_and_value_and_keeps_the_reward_model_frozen(tokenizer, tmp_path):

@@ -93,9 +93,10 @@ def test_recipe_runs_without_prefect(tmp_path, monkeypatch):
     from posttrain.models import load_trained
 
     monkeypatch.chdir(tmp_path)
-    sft.main(["--config", str(ROOT / "conf/demo.yaml"), "sft.max_steps=3", "sft.warmup_steps=0",
-              "sft.eval_every=3", "data.demo.num_train=200", "data.demo.num_eval=20",
-              f"artifacts_root={tmp_path / 'a'}", "tracking.experiment=recipe-main"])
+    sft.main(["--config", str(ROOT / "conf/demo.yaml"), "stages.sft.max_steps=3",
+              "stages.sft.warmup_steps=0", "stages.sft.eval_every=3", "demo.num_train=200",
+              "demo.num_eval=20", f"artifacts_root={tmp_path / 'a'}",
+              "tracking.experiment=recipe-main"])
     weights = list((tmp_path / "a" / "sft").glob("*/model/model.safetensors"))
     assert len(weights) == 1
     assert load_trained(weights[0].parent).config.vocab_size == 103

@@ -15,13 +15,20 @@ from pathlib import Path
 import pytest
 
 from posttrain import checkpoints, stages, tracking
-from posttrain.config import DPOConfig, PipelineConfig, SFTConfig, TinyModelConfig, validate
+from posttrain.config import (
+    DemoTaskConfig,
+    DPOConfig,
+    PipelineConfig,
+    SFTConfig,
+    TinyModelConfig,
+    validate,
+)
 from posttrain.data import demo
 from posttrain.data.preference import tokenize_preference_rows
 from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.models import build_tiny_model, build_tiny_tokenizer
 from posttrain.recipes import preference, sft
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, tiny_pipeline_values
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64)
 
@@ -62,7 +69,7 @@ def _assert_resumed(train, tmp_path):
 
 def test_sft_resumes_exactly(tmp_path):
     tok = build_tiny_tokenizer()
-    rows = demo.generate_sft(validate(PipelineConfig, {}).data.demo, 0, "train")[:200]
+    rows = demo.generate_sft(DemoTaskConfig(), 0, "train")[:200]
     examples, _ = tokenize_sft_rows(rows, tok, max_length=48)
     cfg = SFTConfig(max_steps=8, per_device_batch_size=4, learning_rate=3e-3, warmup_steps=3,
                     max_length=48, eval_every=100, log_every=1, checkpoint_every=2)
@@ -76,7 +83,7 @@ def test_sft_resumes_exactly(tmp_path):
 
 def test_dpo_resumes_exactly(tmp_path):
     tok = build_tiny_tokenizer()
-    rows = demo.generate_preference(validate(PipelineConfig, {}).data.demo, 0, "train")[:100]
+    rows = demo.generate_preference(DemoTaskConfig(), 0, "train")[:100]
     pairs, _ = tokenize_preference_rows(rows, tok, max_length=48)
     cfg = DPOConfig(max_steps=8, per_device_batch_size=4, learning_rate=1e-3, warmup_steps=3,
                     max_length=48, eval_every=100, log_every=1, checkpoint_every=2)
@@ -90,7 +97,7 @@ def test_dpo_resumes_exactly(tmp_path):
 
 def test_half_written_and_corrupted_checkpoints_are_not_used(tmp_path, caplog):
     tok = build_tiny_tokenizer()
-    rows = demo.generate_sft(validate(PipelineConfig, {}).data.demo, 0, "train")[:100]
+    rows = demo.generate_sft(DemoTaskConfig(), 0, "train")[:100]
     examples, _ = tokenize_sft_rows(rows, tok, max_length=48)
     cfg = SFTConfig(max_steps=4, per_device_batch_size=4, warmup_steps=0, max_length=48,
                     eval_every=100, checkpoint_every=2)
@@ -116,8 +123,14 @@ from posttrain import stages
 from posttrain.config import PipelineConfig, validate
 cfg = validate(PipelineConfig, json.loads(sys.argv[1]))
 data = stages.run_data_stage(cfg)
-stages.run_sft_stage(cfg, data)
+stages.run_training_stage(cfg, "sft", stages.inputs_for(cfg.stage("sft"), data, {}))
 """
+
+
+def _run_sft(cfg: PipelineConfig) -> dict:
+    """The data stage, then the pipeline's SFT stage (named 'sft', from the base model)."""
+    data = stages.run_data_stage(cfg)
+    return stages.run_training_stage(cfg, "sft", stages.inputs_for(cfg.stage("sft"), data, {}))
 
 
 def _loss_history(experiment: str) -> list[dict[int, float]]:
@@ -132,7 +145,7 @@ def _loss_history(experiment: str) -> list[dict[int, float]]:
 def test_sft_stage_killed_with_sigkill_resumes_on_the_next_run(tmp_path):
     sft_cfg = {"max_steps": 300, "checkpoint_every": 25, "log_every": 1, "eval_every": 1000,
                "warmup_steps": 5}
-    killed_values = tiny_pipeline_values(tmp_path / "k", sft=sft_cfg)
+    killed_values = tiny_pipeline_values(tmp_path / "k", stages=[{**SFT_STAGE, **sft_cfg}])
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(killed_values)],
                              env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     ckpt_root = tmp_path / "k" / "artifacts" / "sft"
@@ -145,14 +158,15 @@ def test_sft_stage_killed_with_sigkill_resumes_on_the_next_run(tmp_path):
     assert not list(ckpt_root.glob("*/manifest.json"))  # no artifact from the killed run
 
     cfg = validate(PipelineConfig, killed_values)
-    manifest = stages.run_sft_stage(cfg, stages.run_data_stage(cfg))
+    manifest = _run_sft(cfg)
     assert not manifest["cached"]
     _killed, resumed = _loss_history(cfg.tracking.experiment)
     start = min(resumed)
     assert start > 50 and start % 25 == 1  # resumed after a checkpoint, not from scratch
 
-    clean = validate(PipelineConfig, tiny_pipeline_values(tmp_path / "c", sft=sft_cfg))
-    stages.run_sft_stage(clean, stages.run_data_stage(clean))
+    clean = validate(PipelineConfig, tiny_pipeline_values(tmp_path / "c",
+                                                        stages=[{**SFT_STAGE, **sft_cfg}]))
+    _run_sft(clean)
     (full,) = _loss_history(clean.tracking.experiment)
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-4), step

@@ -21,10 +21,39 @@ from tests.conftest import tiny_pipeline_values
         (ConfigError("invalid configuration"), False),
         (ValueError("bad value"), False),
         (RuntimeError("a bug"), False),
+        (OSError("disk"), True),
+        (ConnectionResetError(104, "Connection reset by peer"), True),
+        # what is missing or refused now will be missing or refused on a second try
+        (FileNotFoundError(2, "No such file or directory", "data.jsonl"), False),
+        (IsADirectoryError(21, "Is a directory"), False),
+        (PermissionError(13, "Permission denied"), False),
+        (ImportError("No module named 'my_rewards'"), False),
+        (ModuleNotFoundError("No module named 'my_rewards'"), False),
+        (KeyError("sft"), False),
+        (TypeError("reward() got an unexpected keyword argument"), False),
+        # transformers reports a model that does not exist as a plain OSError
+        (OSError("nope/model is not a local folder and is not a valid model identifier listed "
+                 "on 'https://huggingface.co/models'"), False),
+        (OSError("org/model does not appear to have a file named config.json"), False),
+        # huggingface_hub's not-found errors are OSError subclasses, recognised by class name
+        (type("RepositoryNotFoundError", (OSError,), {})("404 Client Error"), False),
+        (type("GatedRepoError", (OSError,), {})("403 Client Error"), False),
     ],
 )
 def test_only_io_errors_are_transient(error, transient):
     assert is_transient(error) is transient
+
+
+def test_config_and_data_errors_are_not_transient_even_as_io_subclasses():
+    # A DataError or ConfigError is never retried, whatever it also inherits from.
+    class UnreadableData(DataError, OSError):
+        pass
+
+    class BadSetting(ConfigError, ConnectionError):
+        pass
+
+    assert not is_transient(UnreadableData("data.jsonl: not valid JSON"))
+    assert not is_transient(BadSetting("invalid configuration"))
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -52,8 +81,9 @@ def test_transient_failure_is_retried_and_a_data_error_is_not(tmp_path, monkeypa
 
     calls.clear()
     monkeypatch.setattr(data_stage, "load_dataset", broken)
+    # another split seed: a new data key, so the data stage runs (and loads) again
     cfg2 = validate(PipelineConfig, tiny_pipeline_values(
-        tmp_path, data={"seed": 1}, promotion={"enabled": False}))
+        tmp_path, data={"sft": {"path": "demo:sft", "seed": 1}}, promotion={"enabled": False}))
     with pytest.raises(DataError, match="row 1"):
         pipeline(cfg2)
     assert len(calls) == 1  # not retried

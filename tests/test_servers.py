@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from posttrain.config import PipelineConfig, read_yaml, validate
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -122,7 +122,7 @@ def servers(tmp_path_factory):
 def served(servers):
     """`posttrain serve` for a tiny pipeline, in a background process; yields its config."""
     tmp = servers["tmp"]
-    values = tiny_pipeline_values(tmp, name="srv", data={"preference": None},
+    values = tiny_pipeline_values(tmp, name="srv",
                                   promotion={"registered_model": "srv-model", "guards": []},
                                   retrain={"cron": "0 3 * * 1"})
     values["tracking"] = {"experiment": "srv"}
@@ -223,32 +223,45 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         assert retrain.schedules[0].schedule.cron == "0 3 * * 1"
         assert dep.enforce_parameter_schema
 
-        # The server validates parameters against the schema generated from PipelineConfig.
+        # The server validates parameters against the schema generated from PipelineConfig,
+        # stage list included.
         with pytest.raises(PrefectHTTPStatusError):
-            client.create_flow_run_from_deployment(
-                dep.id, parameters={"cfg": {"sft": {"learning_rate": "fast"}}})
+            client.create_flow_run_from_deployment(dep.id, parameters={"cfg": {"stages": [
+                {"name": "sft", "method": "sft", "data": "sft", "learning_rate": "fast"}]}})
+        with pytest.raises(PrefectHTTPStatusError):
+            client.create_flow_run_from_deployment(dep.id, parameters={"cfg": {"stages": [
+                {"name": "x", "method": "no-such-method", "data": "sft"}]}})
 
-        custom = {**served["values"], "sft": {**served["values"]["sft"], "max_steps": 4}}
-        run = client.create_flow_run_from_deployment(dep.id, parameters={"cfg": custom})
+        # A three-stage chain, and nothing else: the rest comes from the served config (its
+        # artifacts root, tiny model, data sources, experiment), not the code's defaults.
+        chain = [SFT_STAGE, stage("dpo", beta=0.3), stage("grpo", start="dpo")]
+        run = client.create_flow_run_from_deployment(dep.id,
+                                                     parameters={"cfg": {"stages": chain}})
         run = _wait_final(client, run.id, served)
         assert run.state.is_completed(), run.state
 
-        parent = _parent_of(run.id)
-        assert parent.data.params["sft.max_steps"] == "4"  # the custom value was used
+        parent = _parent_of(run.id)  # in the served config's experiment ("srv")
+        assert parent.data.params["stages.dpo.beta"] == "0.3"  # the custom value was used
+        assert parent.data.params["stages.grpo.start"] == "dpo"
+        assert parent.data.params["artifacts_root"] == served["values"]["artifacts_root"]
+        assert parent.data.params["model.tiny.hidden_size"] == "32"  # served, not the default 64
         assert parent.info.status == "FINISHED"
         children = _mlflow_children(parent.info.run_id)
-        assert set(children) == {"data", "sft", "evaluate"}
+        assert set(children) == {"data", "sft", "dpo", "grpo", "evaluate"}
+        assert all(c.info.status == "FINISHED" for c in children.values())
         artifacts = {a.path for a in tracking.client().list_artifacts(parent.info.run_id)}
         assert {"comparison.json", "comparison.png"} <= artifacts
         champion = promotion.champion_version("srv-model")
         assert champion is not None and champion.aliases == ["champion"]
-        assert champion.tags[promotion.STAGE_TAG] == "sft"
+        assert champion.tags[promotion.STAGE_TAG] == parent.data.tags["posttrain.promoted_stage"]
+        assert champion.tags[promotion.STAGE_TAG] in {"sft", "dpo", "grpo"}
         assert parent.data.tags["posttrain.promoted_version"] == str(champion.version)
         assert any(a.type == "markdown" and "Promotion decision" in str(a.data)
                    for a in client.read_artifacts())
 
         # A `dataset updated` event (emitted by the CLI) triggers the retraining deployment. It
-        # runs the served config (default parameters): same data, so the data stage is cached.
+        # runs the served config (default parameters): the same SFT stage on the same data, so
+        # SFT comes from the cache.
         emitted = subprocess.run(
             [str(BIN / "posttrain"), "emit-dataset-updated", str(served["config"])],
             env=servers["env"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
@@ -257,4 +270,5 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         triggered = _wait_final(client, _wait_for_run_of(client, retrain.id, served).id, served)
         assert triggered.state.is_completed(), triggered.state
         retrain_children = _mlflow_children(_parent_of(triggered.id).info.run_id)
-        assert retrain_children["data"].data.tags.get(tracking.CACHE_HIT_TAG) == "true"
+        assert set(retrain_children) == {"data", "sft", "evaluate"}
+        assert retrain_children["sft"].data.tags.get(tracking.CACHE_HIT_TAG) == "true"

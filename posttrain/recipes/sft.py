@@ -162,17 +162,21 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from posttrain.config import load_pipeline_config
-    from posttrain.stages import run_data_stage, run_sft_stage
+    from posttrain.stages import run_all
     from posttrain.training import end_distributed
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", default=None, help="pipeline YAML (default: built-in demo)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=50")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides, e.g. stages.sft.max_steps=50")
     args = parser.parse_args(argv)
     cfg = load_pipeline_config(args.config, args.overrides)
-    data = run_data_stage(cfg)
-    sft = run_sft_stage(cfg, data)
-    print(f"SFT artifact: {sft['path']}")
+    targets = [s.name for s in cfg.stages if s.method == "sft"]
+    if not targets:
+        parser.error("the config has no sft stage")
+    manifests = run_all(cfg, targets, evaluate=False)
+    for name in targets:
+        print(f"SFT artifact ({name}): {manifests[name]['path']}")
     end_distributed()
 
 
