@@ -16,7 +16,7 @@ from pathlib import Path
 from posttrain import artifacts
 from posttrain.config import ConfigError, PipelineConfig
 from posttrain.data.loading import DataError, fingerprint_rows
-from posttrain.methods import method, uses_reward_stage
+from posttrain.methods import is_policy, method, uses_reward_stage
 
 # Counting batches needs the stage's tokenization. A sample of this many rows is tokenized
 # first; only when the estimate from it comes within 2x of one batch is the whole source
@@ -291,8 +291,17 @@ def _graph(cfg: PipelineConfig, stages: list, datasets: dict, *, evaluate: bool)
         out.append(PlanRow(s.name, s.method, s.start, s.data, s.reward or "-",
                            "cached" if manifest else "will run", key))
     if evaluate:
-        out.append(PlanRow("evaluate", "-", "-", cfg.eval_source, cfg.eval_reward or "-",
-                           "will run", None))
+        from posttrain.stages.evaluate import eval_stage_key
+        from posttrain.stages.graph import candidates
+
+        names = [s.name for s in stages if is_policy(s)]
+        reward = cfg.eval_reward
+        key = None
+        if all(known.get(n) for n in names) and (reward is None or known.get(reward)):
+            key = eval_stage_key(cfg, data, candidates(cfg, known),
+                                 known[reward] if reward else None)
+        out.append(PlanRow("evaluate", "-", "-", cfg.eval_source, reward or "-",
+                           _status(cfg, "evaluate", key) if key else "will run", key))
     return out
 
 

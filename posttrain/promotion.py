@@ -49,7 +49,8 @@ def resolve(cfg: PipelineConfig, available: set[str]) -> PromotionConfig:
             "promotion.enabled=false")
     guards = p.guards if p.guards is not None else (
         (DEFAULT_GUARD,) if DEFAULT_GUARD.metric in available else ())
-    problems = [f"promotion.{field}: {name!r} will not exist for this pipeline"
+    gives = "evaluation gives " + ", ".join(sorted(available))
+    problems = [f"promotion.{field}: {name!r} will not exist for this pipeline ({gives})"
                 for field, name in [("metric", metric)] + [("guards", g.metric) for g in guards]
                 if name not in available]
     direction = p.direction or DIRECTIONS.get(metric)
@@ -57,8 +58,7 @@ def resolve(cfg: PipelineConfig, available: set[str]) -> PromotionConfig:
         problems.append(f"promotion.direction: say whether {metric!r} is better high ('max') or "
                         "low ('min')")
     if problems:
-        raise ConfigError("\n".join(problems) + "\n(evaluation gives: "
-                          + ", ".join(sorted(available)) + ")")
+        raise ConfigError("\n".join(problems))
     return p.model_copy(update={"metric": metric, "direction": direction, "guards": guards})
 
 METRICS_TAG = "posttrain.metrics"

@@ -25,9 +25,10 @@ def test_help_lists_the_commands():
 
 def test_invalid_config_fails_before_any_work_naming_the_field(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["run", str(ROOT / "conf/demo.yaml"), "sft.max_steps=zero"])
+    result = runner.invoke(app, ["run", str(ROOT / "conf/demo.yaml"),
+                                 "stages.sft.max_steps=zero"])
     assert result.exit_code == 2
-    assert "sft.max_steps" in result.output
+    assert "stages.sft.max_steps" in result.output
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -62,9 +63,10 @@ def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
     """`posttrain run conf/demo.yaml` (shortened) in a fresh folder with the default stores:
     embedded Prefect and sqlite:///mlflow.db in the working directory."""
     overrides = [
-        "sft.max_steps=30", "sft.eval_every=15", "data.demo.num_train=500",
-        "data.demo.num_eval=40", "reward.max_steps=5", "dpo.max_steps=5", "orpo.max_steps=5",
-        "kto.max_steps=5", "grpo.max_steps=3", "ppo.max_steps=3",
+        "stages.sft.max_steps=30", "stages.sft.eval_every=15", "demo.num_train=500",
+        "demo.num_eval=40", "stages.reward.max_steps=5", "stages.dpo.max_steps=5",
+        "stages.orpo.max_steps=5", "stages.kto.max_steps=5", "stages.grpo.max_steps=3",
+        "stages.ppo.max_steps=3",
     ]
     env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
@@ -77,8 +79,12 @@ def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
         if env_uri is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
     stages = ("data", "sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo", "evaluate")
+    first_run, second_run = (p.stdout.split("posttrain run", 1)[1] for p in (first, second))
     for stage in stages:
-        assert f"│ {stage}" in first.stdout
-    assert first.stdout.count(" ran ") == len(stages), first.stdout
-    assert second.stdout.count(" cached ") == len(stages), second.stdout
+        assert f"│ {stage}" in first_run
+    assert first_run.count(" ran ") == len(stages), first.stdout
+    assert second_run.count(" cached ") == len(stages), second.stdout
+    # The plan printed before the second run already knew that everything was cached.
+    plan = second.stdout.split("posttrain plan", 1)[1].split("promotion:", 1)[0]
+    assert plan.count("cached") == len(stages), plan
     assert "checker_accuracy" in first.stdout and "make ui" in first.stdout

@@ -56,7 +56,14 @@ def test_every_field_of_every_config_has_a_description():
     assert missing == []
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "qwen0.5b-lora.yaml"])
+SHIPPED = sorted(str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml"))
+
+
+def test_the_shipped_configs_are_found():
+    assert {"demo.yaml", "qwen0.5b-lora.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name):
     cfg = C.load_pipeline_config(ROOT / "conf" / name)
     assert isinstance(cfg, C.PipelineConfig)
@@ -237,8 +244,8 @@ REWARD = stage("reward", start="sft")
         ([SFT_STAGE, stage("ppo"), REWARD], {},
          "stages.ppo.reward: 'reward' is not an earlier reward stage"),
         ([SFT_STAGE, REWARD, stage("dpo", reward="reward")], {},
-         "stages.dpo.reward: only PPO, and GRPO with 'reward_model' in reward_functions, use a "
-         "reward stage"),
+         ("stages.dpo.reward: only PPO, and GRPO with 'reward_model' in reward_functions, "
+          "use a reward stage")),
         ([SFT_STAGE, REWARD, stage("grpo", reward="reward")], {},
          "stages.grpo.reward: only PPO, and GRPO with 'reward_model' in reward_functions"),
         ([SFT_STAGE, stage("grpo", reward_functions={})], {},

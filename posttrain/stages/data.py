@@ -93,11 +93,6 @@ def _raw(cfg: PipelineConfig, name: str, src: DatasetSource) -> list[tuple[str, 
     return [(src.path, rows)]
 
 
-def readers(cfg: PipelineConfig, name: str) -> list[str]:
-    """'stage (method)' for every stage that reads source `name`."""
-    return [f"{s.name} ({s.method})" for s in cfg.stages if s.data == name]
-
-
 def load_dataset(cfg: PipelineConfig, name: str, src: DatasetSource):
     """Validated train and eval rows of one source, its format, and a report of what was
     dropped. A format that a stage reading the source cannot take is a DataError naming them."""
@@ -109,10 +104,11 @@ def load_dataset(cfg: PipelineConfig, name: str, src: DatasetSource):
             raise DataError(f"data.{name} ({label}): no rows")
         fmt = detect_format(rows, label)
         if allowed is not None and fmt not in allowed:
+            refusing = [f"{s.name} ({s.method}) takes {' or '.join(method(s).formats)}"
+                        for s in cfg.stages if s.data == name and fmt not in method(s).formats]
             raise DataError(
-                f"data.{name} ({label}): rows are in the {fmt} format, which "
-                f"{', '.join(readers(cfg, name))} cannot train on; it takes "
-                f"{' or '.join(allowed)} (see ALGORITHMS.md, 'Data formats')")
+                f"data.{name} ({label}): rows are in the {fmt} format, but stage "
+                f"{'; stage '.join(refusing)} (see ALGORITHMS.md, 'Data formats')")
         good, rep = validate_rows(
             rows, fmt, source=label, on_bad_rows=src.on_bad_rows,
             max_drop_fraction=src.max_drop_fraction,

@@ -47,7 +47,8 @@ def run_training_stage(cfg: PipelineConfig, name: str, inputs: dict, *,
 def candidates(cfg: PipelineConfig, manifests: dict[str, dict]) -> dict[str, dict]:
     """The trained language models evaluation compares (reward models score, they are not
     candidates), in the config's order."""
-    return {s.name: manifests[s.name] for s in cfg.stages if is_policy(s) and s.name in manifests}
+    return {s.name: manifests[s.name] for s in cfg.stages
+            if is_policy(s) and manifests.get(s.name) is not None}
 
 
 def run_all(cfg: PipelineConfig, targets: list[str] | None = None, *,

@@ -1,0 +1,169 @@
+"""The recipes in conf/ and conf/examples/: they validate, their paths can be overridden from the
+command line, `posttrain plan` passes on them, and the chain example runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import load_pipeline_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "conf" / "examples").glob("*.yaml"))
+CONFIGS = [ROOT / "conf" / "demo.yaml", ROOT / "conf" / "qwen0.5b-lora.yaml", *EXAMPLES]
+# The built-in data, small: enough rows for every example's batches, a fast preflight.
+SMALL_DEMO = ["demo.num_train=300", "demo.num_eval=40"]
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(ROOT / "conf"))
+
+
+def _posttrain(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_the_examples_are_there():
+    assert {p.name for p in EXAMPLES} >= {
+        "dpo-from-instruct.yaml", "chain-sft-dpo-grpo.yaml", "dpo-betas.yaml"}
+    assert not (ROOT / "conf" / "examples" / "demo.yaml").exists()  # the demo is conf/demo.yaml
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def test_config_validates(path):
+    cfg = load_pipeline_config(path)
+    assert cfg.stages, "a recipe declares at least one stage"
+    for stage in cfg.stages:
+        assert stage.data in cfg.data
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=_id)
+def test_example_sources_have_the_usual_names(path):
+    cfg = load_pipeline_config(path)
+    assert set(cfg.data) <= {"sft", "preference", "prompts", "kto"}
+    assert all(src.is_demo for src in cfg.data.values())  # they run offline as they are
+    assert cfg.model.name_or_path == "tiny"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def test_model_and_data_paths_override_from_the_command_line(path, tmp_path):
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    sources = list(load_pipeline_config(path).data)
+    files = {name: tmp_path / f"{name}.jsonl" for name in sources}
+    for file in files.values():
+        file.write_text('{"prompt": "p", "completion": "c"}\n')
+    overrides = [f"model.name_or_path={model_dir}",
+                 *(f"data.{name}.path={file}" for name, file in files.items())]
+    cfg = load_pipeline_config(path, overrides)
+    assert cfg.model.name_or_path == str(model_dir)
+    for name, file in files.items():
+        assert cfg.data[name].path == str(file)
+    # Only the path changed: the source keeps its other settings.
+    before = load_pipeline_config(path)
+    for name in sources:
+        assert cfg.data[name].model_dump(exclude={"path"}) == \
+            before.data[name].model_dump(exclude={"path"})
+    assert [s.model_dump() for s in cfg.stages] == [s.model_dump() for s in before.stages]
+
+
+def test_dpo_from_instruct_is_one_dpo_stage_from_the_base_model():
+    cfg = load_pipeline_config(ROOT / "conf/examples/dpo-from-instruct.yaml")
+    assert [(s.name, s.method, s.start, s.data) for s in cfg.stages] == [
+        ("dpo", "dpo", "base", "preference")]
+    assert cfg.data["preference"].path == "demo:preference"
+    assert (cfg.eval_source, cfg.evaluate.reference) == ("preference", "base")
+
+
+def test_chain_example_starts_each_method_from_the_one_before():
+    cfg = load_pipeline_config(ROOT / "conf/examples/chain-sft-dpo-grpo.yaml")
+    assert [(s.name, s.method, s.start, s.data) for s in cfg.stages] == [
+        ("sft", "sft", "base", "sft"), ("dpo", "dpo", "sft", "preference"),
+        ("grpo", "grpo", "dpo", "prompts")]
+    assert cfg.stage("grpo").reward_functions == {"posttrain.reward_functions:demo_checker": 1.0}
+    assert cfg.evaluate.reference == "sft"
+
+
+def test_dpo_betas_example_trains_two_betas_from_one_sft():
+    cfg = load_pipeline_config(ROOT / "conf/examples/dpo-betas.yaml")
+    dpo = {s.name: s for s in cfg.stages if s.method == "dpo"}
+    assert set(dpo) == {"dpo-b01", "dpo-b05"}
+    assert (dpo["dpo-b01"].beta, dpo["dpo-b05"].beta) == (0.1, 0.5)
+    assert all(s.start == "sft" for s in dpo.values())
+    # Only beta differs between the two.
+    assert dpo["dpo-b01"].model_dump(exclude={"name", "beta"}) == \
+        dpo["dpo-b05"].model_dump(exclude={"name", "beta"})
+    # A stage name with a dash is addressable by an override.
+    cfg = load_pipeline_config(ROOT / "conf/examples/dpo-betas.yaml", ["stages.dpo-b05.beta=1.0"])
+    assert cfg.stage("dpo-b05").beta == 1.0
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=_id)
+def test_preflight_passes_on_every_example(path, tmp_path):
+    """In-process preflight (what `posttrain plan` runs) on each example's built-in data."""
+    from posttrain.preflight import plan
+
+    cfg = load_pipeline_config(path, [*SMALL_DEMO, f"artifacts_root={tmp_path / 'artifacts'}"])
+    result = plan(cfg)
+    assert [r.stage for r in result.rows] == ["data", *(s.name for s in cfg.stages), "evaluate"]
+    assert result.promotion["metric"] == "checker_accuracy"
+
+
+def test_posttrain_plan_on_dpo_from_instruct(tmp_path):
+    result = _posttrain(["plan", str(ROOT / "conf/examples/dpo-from-instruct.yaml"),
+                         f"artifacts_root={tmp_path / 'artifacts'}", *SMALL_DEMO], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "posttrain plan: dpo-from-instruct" in out and "preflight passed" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.strip().split(" ", 1)[0] in ("data", "dpo", "evaluate")}
+    assert rows["data"][1:4] == ["-", "-", "preference"]
+    assert rows["dpo"][1:4] == ["dpo", "base", "preference"]
+    assert "will run" in " ".join(rows["dpo"])
+    assert rows["evaluate"][3] == "preference"
+    assert not (tmp_path / "artifacts" / "dpo").exists()  # a plan trains nothing
+
+
+@pytest.mark.slow
+def test_chain_example_runs_end_to_end(tmp_path):
+    """`posttrain run conf/examples/chain-sft-dpo-grpo.yaml`, shortened: every stage and the
+    evaluation finish, and the evaluation compares base, sft, dpo and grpo."""
+    overrides = [
+        *SMALL_DEMO, f"artifacts_root={tmp_path / 'artifacts'}",
+        "stages.sft.max_steps=30", "stages.sft.eval_every=15",
+        "stages.dpo.max_steps=5", "stages.dpo.per_device_batch_size=8",
+        "stages.grpo.max_steps=3", "stages.grpo.per_device_batch_size=16",
+        "stages.grpo.eval_every=100", "evaluate.max_prompts=16",
+    ]
+    result = _posttrain(["run", str(ROOT / "conf/examples/chain-sft-dpo-grpo.yaml"),
+                         *overrides], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout.split("posttrain run", 1)[1]
+    for stage in ("data", "sft", "dpo", "grpo", "evaluate"):
+        assert f"│ {stage}" in out, out
+    table = out.split("evaluation (held-out)", 1)[1]
+    assert table.split()[:5] == ["metric", "base", "sft", "dpo", "grpo"], table
+    assert "checker_accuracy" in table and "kl_to_reference" in table
+
+    evaluation = next((tmp_path / "artifacts" / "evaluate").glob("*/comparison.json"))
+    assert list(json.loads(evaluation.read_text())) == ["base", "sft", "dpo", "grpo"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("posttrain-chain")
+    runs = client.search_runs([experiment.experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert {"data", "sft", "dpo", "grpo", "evaluate"} <= names, names
+    assert {r.info.run_name: r.info.status for r in runs} == {
+        r.info.run_name: "FINISHED" for r in runs}
