@@ -775,6 +775,7 @@ def _field_name(loc: tuple, values: dict) -> str:
         stages = values.get("stages") or []
         stage = stages[loc[1]] if loc[1] < len(stages) else None
         name = stage.get("name") if isinstance(stage, dict) else None
+        name = name if isinstance(name, str) else None
         rest = [str(p) for p in loc[2:]]
         if rest and isinstance(stage, dict) and rest[0] == stage.get("method"):
             rest = rest[1:]  # pydantic's union tag: the method, already known from the stage
@@ -821,6 +822,9 @@ def _child(node: dict | list, part: str, text: str) -> dict | list:
             if isinstance(item, dict) and item.get("name") == part:
                 return item
         names = [i.get("name") for i in node if isinstance(i, dict)]
+        if not names:
+            raise ConfigError(f"override {text!r}: {part!r} indexes a list of values; set the "
+                              "whole list instead, e.g. demo.tasks=[add,sort]")
         raise ConfigError(f"override {text!r}: no stage named {part!r} (stages: {names})")
     child = node.get(part)
     if child is None:

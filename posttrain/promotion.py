@@ -101,11 +101,11 @@ def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
         return Decision(False, reasons=["promotion is disabled (promotion.enabled=false)"])
     if not comparison:
         return Decision(False, reasons=["no evaluation results: nothing is promoted"])
+    if cfg.metric is None or cfg.direction is None or cfg.guards is None:
+        raise ValueError("decide() needs resolved promotion settings (promotion.resolve)")
     names = [cfg.metric] + [g.metric for g in cfg.guards]
     eligible = [s for s in comparison if s != BASE and (cfg.candidates is None
                                                         or s in cfg.candidates)]
-    if cfg.metric is None or cfg.direction is None or cfg.guards is None:
-        raise ValueError("decide() needs resolved promotion settings (promotion.resolve)")
     if not eligible:
         return Decision(False, reasons=["no eligible candidate among the evaluated stages"])
     problems = [f"{s}: missing or non-finite {', '.join(m)}"

@@ -12,17 +12,17 @@ from posttrain import artifacts, stages
 from posttrain.config import PipelineConfig, validate
 from posttrain.data import demo
 from posttrain.data.loading import write_jsonl
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
 
 SMALL = {"max_steps": 2, "per_device_batch_size": 4, "warmup_steps": 0, "max_length": 48,
          "eval_every": 2}
 ALL = ("data", "sft", "dpo", "evaluate")
 
 
-def _cfg(tmp_path, path, **overrides) -> PipelineConfig:
+def _cfg(tmp_path, path, dpo: dict | None = None, **overrides) -> PipelineConfig:
     values = tiny_pipeline_values(
-        tmp_path, data={"sft": {"path": str(path)}, "preference": {"path": "demo"}},
-        methods=["dpo"], dpo=SMALL, evaluate={"reward_model": False, "max_prompts": 8},
+        tmp_path, [SFT_STAGE, stage("dpo", **{**SMALL, **(dpo or {})})],
+        data={"sft": {"path": str(path)}}, evaluate={"max_prompts": 8},
     )
     for dotted, value in overrides.items():
         section, field = dotted.split(".")
@@ -32,16 +32,12 @@ def _cfg(tmp_path, path, **overrides) -> PipelineConfig:
 
 def _run(cfg: PipelineConfig) -> set[str]:
     """The stages that actually ran (were not found in the cache)."""
-    data = stages.run_data_stage(cfg)
-    sft = stages.run_sft_stage(cfg, data)
-    dpo = stages.run_method_stage(cfg, "dpo", data, sft)
-    ev = stages.run_eval_stage(cfg, data, {"sft": sft, "dpo": dpo})
-    return {name for name, m in zip(ALL, (data, sft, dpo, ev)) if not m["cached"]}
+    return {name for name, m in stages.run_all(cfg).items() if not m["cached"]}
 
 
 @pytest.fixture()
 def baseline(tmp_path):
-    rows = demo.generate_sft(validate(PipelineConfig, {}).data.demo, 0, "train")[:120]
+    rows = demo.generate_sft(validate(PipelineConfig, {}).demo, 0, "train")[:120]
     path = tmp_path / "sft.jsonl"
     write_jsonl(rows, path)
     assert _run(_cfg(tmp_path, path)) == set(ALL)
@@ -75,7 +71,20 @@ def test_base_model_revision_reruns_everything_but_data(baseline):
 @pytest.mark.slow
 def test_one_stage_field_reruns_that_stage_and_evaluation(baseline):
     tmp_path, path, _ = baseline
-    assert _run(_cfg(tmp_path, path, **{"dpo.beta": 0.3})) == {"dpo", "evaluate"}
+    assert _run(_cfg(tmp_path, path, dpo={"beta": 0.3})) == {"dpo", "evaluate"}
+
+
+@pytest.mark.slow
+def test_renaming_a_stage_is_not_a_new_result(baseline):
+    """The key holds what a stage computes, not its name: the renamed DPO stage finds the
+    same key (in its own folder, so it trains once there) and evaluation re-runs."""
+    tmp_path, path, _ = baseline
+    values = _cfg(tmp_path, path).model_dump(mode="json")
+    before = stages.run_all(validate(PipelineConfig, values))["dpo"]["key"]
+    values["stages"][1]["name"] = "dpo-renamed"
+    renamed = stages.run_all(validate(PipelineConfig, values))
+    assert renamed["dpo-renamed"]["key"] == before
+    assert renamed["sft"]["cached"]
 
 
 @pytest.mark.slow

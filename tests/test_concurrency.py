@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from posttrain.config import PipelineConfig, validate
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, tiny_pipeline_values
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -25,7 +25,7 @@ def test_two_concurrent_runs_train_each_stage_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sft, "train", counting)
     cfg = validate(PipelineConfig, tiny_pipeline_values(
-        tmp_path, sft={"max_steps": 30}, promotion={"enabled": False}))
+        tmp_path, [{**SFT_STAGE, "max_steps": 30}], promotion={"enabled": False}))
     results, errors = [], []
 
     def trigger():

@@ -332,9 +332,6 @@ def test_bad_stage_and_source_names_are_refused(tmp_path):
     assert "data.bad name: source names are letters, digits" in _invalid(values)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="library bug: config._field_name joins a stage's `name` as given, so a "
-                          "non-string name (5, a list) raises TypeError instead of ConfigError")
 @pytest.mark.parametrize("name", [5, ["a"]])
 def test_a_stage_name_of_the_wrong_type_is_a_config_error(name):
     msg = _invalid({"stages": [{"name": name, "method": "sft", "max_steps": -1}]})

@@ -17,15 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_methods_beat_sft_and_the_reward_model_ranks_pairs(tmp_path):
     cfg = load_pipeline_config(ROOT / "conf" / "demo.yaml",
                                [f"artifacts_root={tmp_path}", "tracking.experiment=demo-quality"])
-    data = stages.run_data_stage(cfg)
-    sft = stages.run_sft_stage(cfg, data)
-    reward = stages.run_reward_stage(cfg, data, sft)
-    candidates = {"sft": sft}
-    for method in ("dpo", "orpo", "kto"):
-        candidates[method] = stages.run_method_stage(cfg, method, data, sft)
-    for method in ("grpo", "ppo"):
-        candidates[method] = stages.run_online_stage(cfg, method, data, sft, reward)
-    comparison = stages.run_eval_stage(cfg, data, candidates, reward)["comparison"]
+    manifests = stages.run_all(cfg)
+    reward = manifests["reward"]
+    comparison = manifests["evaluate"]["comparison"]
     acc = {name: m["checker_accuracy"] for name, m in comparison.items()}
 
     assert reward["metrics"]["eval_accuracy"] > 0.75  # held-out pairs, chance is 0.5

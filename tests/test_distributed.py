@@ -29,7 +29,7 @@ from posttrain.training import (
     resolve_gradient_checkpointing,
     resolve_mixed_precision,
 )
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -71,8 +71,8 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
 # ------------------------------------------------------------------------- launched stages
 
 
-def _launched_cfg(tmp_path, **sections) -> PipelineConfig:
-    values = tiny_pipeline_values(tmp_path, cpu_threads=1, launch={"num_processes": 2},
+def _launched_cfg(tmp_path, stages=None, **sections) -> PipelineConfig:
+    values = tiny_pipeline_values(tmp_path, stages, cpu_threads=1, launch={"num_processes": 2},
                                   **sections)
     return validate(PipelineConfig, values)
 
@@ -95,7 +95,7 @@ def test_sft_stage_runs_as_two_processes_from_its_task(tmp_path):
     from pipelines.flows import stage_flow
 
     cfg = _launched_cfg(tmp_path)
-    result = stage_flow(cfg, "sft")
+    result = stage_flow(cfg, ["sft"])
     assert [(r["stage"], r["status"]) for r in result["stages"]] == [("data", "ran"),
                                                                       ("sft", "ran")]
     sft_dirs = [p for p in (tmp_path / "artifacts" / "sft").iterdir() if p.is_dir()]
@@ -114,13 +114,13 @@ def test_sft_stage_runs_as_two_processes_from_its_task(tmp_path):
     assert len(sft_runs) == 1  # rank 0 alone records
     assert sft_runs[0].data.tags["posttrain.num_processes"] == "2"
     history = c.get_metric_history(sft_runs[0].info.run_id, "loss")
-    assert [m.step for m in history] == list(range(1, cfg.sft.max_steps + 1))
+    assert [m.step for m in history] == list(range(1, cfg.stage("sft").max_steps + 1))
 
     logged = _flow_run_logs(parent.data.tags["prefect.flow_run_id"])
     assert "accelerate.commands.launch" in logged and "--num_processes 2" in logged
     assert "Writing model shards" in logged  # the processes' own output, streamed
 
-    again = stage_flow(cfg, "sft")  # cached: no launch at all
+    again = stage_flow(cfg, ["sft"])  # cached: no launch at all
     assert [r["status"] for r in again["stages"]] == ["cached", "cached"]
 
 
@@ -131,9 +131,9 @@ def test_a_failing_launched_stage_reaches_the_flow_with_its_own_message(tmp_path
     flow's exception says so (not just 'child process failed')."""
     from pipelines.flows import stage_flow
 
-    cfg = _launched_cfg(tmp_path, sft={"max_length": 8})
+    cfg = _launched_cfg(tmp_path, stages=[{**SFT_STAGE, "max_length": 8}])
     with pytest.raises(launch.StageLaunchError) as info:
-        stage_flow(cfg, "sft")
+        stage_flow(cfg, ["sft"])
     message = str(info.value)
     assert "DataError" in message and "no row fits in max_length=8" in message
     assert "ChildFailedError" not in message
@@ -151,8 +151,9 @@ def test_recipe_entry_point_runs_under_torchrun(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "posttrain.recipes.sft", "--config", str(ROOT / "conf" / "demo.yaml"),
-           "sft.max_steps=3", "sft.eval_every=3", "sft.warmup_steps=1", "data.demo.num_train=300",
-           "data.demo.num_eval=20", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+           "stages.sft.max_steps=3", "stages.sft.eval_every=3", "stages.sft.warmup_steps=1",
+           "demo.num_train=300", "demo.num_eval=20", "model.tiny.hidden_size=32",
+           "model.tiny.intermediate_size=64",
            "cpu_threads=1", "tracking.experiment=torchrun"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
@@ -216,30 +217,34 @@ def test_stage_error_falls_back_on_the_last_exception_line(tmp_path):
 
 def test_unknown_stage_cannot_be_launched(tmp_path):
     cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path))
-    with pytest.raises(ValueError, match="cannot be launched"):
+    with pytest.raises(KeyError, match="no stage named 'evaluate'"):
         launch.run_stage_by_name(cfg, "evaluate", {})
 
 
 def test_the_launch_shapes_the_training_stage_keys(tmp_path):
     """Two processes double the global batch: another result, another key. An accelerate config
     file counts by its contents."""
-    data = {"digest": "d" * 64}
-    base = validate(PipelineConfig, tiny_pipeline_values(tmp_path))
-    two = validate(PipelineConfig, tiny_pipeline_values(tmp_path, launch={"num_processes": 2}))
-    assert stages.sft_stage_key(base, data) != stages.sft_stage_key(two, data)
-    sft = {"digest": "e" * 64}
-    assert stages.method_stage_key(base, "dpo", data, sft) != stages.method_stage_key(
-        two, "dpo", data, sft)
+    data = {"digest": "d" * 64, "datasets": {
+        "sft": {"format": "prompt_completion", "fingerprint": "f" * 64},
+        "preference": {"format": "preference", "fingerprint": "g" * 64}}}
+    sft_inputs = {"data": data, "start": None, "reward": None}
+    dpo_inputs = {**sft_inputs, "start": {"digest": "e" * 64}}
+    chain = [SFT_STAGE, stage("dpo")]
+    base = validate(PipelineConfig, tiny_pipeline_values(tmp_path, chain))
+    two = validate(PipelineConfig, tiny_pipeline_values(tmp_path, chain,
+                                                        launch={"num_processes": 2}))
+    assert stages.stage_key(base, "sft", sft_inputs) != stages.stage_key(two, "sft", sft_inputs)
+    assert stages.stage_key(base, "dpo", dpo_inputs) != stages.stage_key(two, "dpo", dpo_inputs)
     conf = tmp_path / "acc.yaml"
     conf.write_text("distributed_type: MULTI_GPU\n")
     with_file = validate(PipelineConfig, tiny_pipeline_values(
         tmp_path, launch={"accelerate_config": str(conf)}))
-    key = stages.sft_stage_key(with_file, data)
+    key = stages.stage_key(with_file, "sft", sft_inputs)
     conf.write_text("distributed_type: FSDP\n")
-    assert stages.sft_stage_key(with_file, data) != key
+    assert stages.stage_key(with_file, "sft", sft_inputs) != key
     conf.unlink()
     with pytest.raises(FileNotFoundError, match="accelerate_config"):
-        stages.sft_stage_key(with_file, data)
+        stages.stage_key(with_file, "sft", sft_inputs)
 
 
 # ------------------------------------------------------------------------------ GPU switches
@@ -288,12 +293,8 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
 def test_grpo_stage_runs_as_two_processes(tmp_path):
     from pipelines.flows import stage_flow
 
-    cfg = _launched_cfg(
-        tmp_path, data={"prompts": {"path": "demo"}}, methods=["grpo"],
-        grpo={"max_steps": 2, "per_device_batch_size": 8, "num_generations": 4,
-              "warmup_steps": 0, "max_length": 40, "max_completion_length": 4, "log_every": 1},
-    )
-    result = stage_flow(cfg, "grpo")
+    cfg = _launched_cfg(tmp_path, [SFT_STAGE, stage("grpo", warmup_steps=0, max_length=40)])
+    result = stage_flow(cfg, ["grpo"])
     assert [(r["stage"], r["status"]) for r in result["stages"]][-1] == ("grpo", "ran")
     grpo_dir = next(p for p in (tmp_path / "artifacts" / "grpo").iterdir()
                     if (p / "manifest.json").is_file())

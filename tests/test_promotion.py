@@ -166,10 +166,6 @@ def test_decide_needs_resolved_settings():
         promotion.decide(COMPARISON, None, _cfg(metric=None))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="library bug: decide() builds its metric list from cfg.guards before "
-                          "checking that the settings are resolved, so guards=None raises "
-                          "TypeError instead of the ValueError")
 def test_decide_refuses_unresolved_guards_with_the_same_message():
     with pytest.raises(ValueError, match="needs resolved promotion settings"):
         promotion.decide(COMPARISON, None, PromotionConfig())

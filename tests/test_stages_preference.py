@@ -11,22 +11,21 @@ from posttrain import stages, tracking
 from posttrain.config import PipelineConfig, validate
 from posttrain.data import demo
 from posttrain.data.loading import DataError, split_rows, write_jsonl
-from tests.conftest import tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
 
 SMALL = {"max_steps": 2, "per_device_batch_size": 4, "warmup_steps": 0, "max_length": 48,
          "eval_every": 2}
 
 
 def _pairs(n: int) -> list[dict]:
-    rows = demo.generate_preference(validate(PipelineConfig, {}).data.demo, 0, "train")[:n]
+    rows = demo.generate_preference(validate(PipelineConfig, {}).demo, 0, "train")[:n]
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
 
 
-def _cfg(tmp_path, path, **data):
+def _cfg(tmp_path, path, **source):
     values = tiny_pipeline_values(
-        tmp_path,
-        data={"preference": {"path": str(path)}, "on_bad_rows": "drop", **data},
-        methods=["dpo"], reward=SMALL, dpo=SMALL,
+        tmp_path, [SFT_STAGE, stage("dpo", **SMALL)],
+        data={"preference": {"path": str(path), "on_bad_rows": "drop", **source}},
     )
     return validate(PipelineConfig, values)
 
@@ -78,9 +77,7 @@ def test_over_length_pairs_are_counted_by_the_training_stage(tmp_path):
     rows[i] = {**rows[i], "chosen": [{"role": "assistant", "content": "9" * 80}]}
     write_jsonl(rows, path)
     cfg = _cfg(tmp_path, path)
-    data = stages.run_data_stage(cfg)
-    sft = stages.run_sft_stage(cfg, data)
-    dpo = stages.run_method_stage(cfg, "dpo", data, sft)
+    dpo = stages.run_all(cfg, ["dpo"])["dpo"]
     report = json.loads((tmp_path / "artifacts" / "dpo" / dpo["key"] / "tokenization.json")
                         .read_text())
     assert report["dropped"] == {"over-length": 1}
