@@ -40,7 +40,7 @@ class Capture:
 def capture(artifacts_root: str, *, verbose: bool) -> Capture:
     """Log everything Prefect logs (tracebacks included) to `<artifacts_root>/logs/<time>.log`
     and, unless `verbose`, keep tracebacks off the console."""
-    import prefect.logging  # noqa: F401 - configures Prefect's handlers, which are filtered here
+    import prefect.logging
 
     folder = Path(artifacts_root) / "logs"
     folder.mkdir(parents=True, exist_ok=True)

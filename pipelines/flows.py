@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from prefect import flow
 from prefect.context import get_run_context
 
-from posttrain import artifacts, stages, tracking
 from pipelines import errors
+from posttrain import artifacts, stages, tracking
 from posttrain.config import PipelineConfig, load_pipeline_config
 from tasks import events
 from tasks.data import prepare_data_task

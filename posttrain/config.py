@@ -271,6 +271,11 @@ class StageFields(_Frozen):
         """Whether this stage scores completions with the model of the stage in `reward`."""
         return False
 
+    @property
+    def trains_reward_model(self) -> bool:
+        """Whether this stage's artifact is a reward model (a scorer, not a language model)."""
+        return False
+
 
 class SFTConfig(StageFields, TrainingConfig):
     """Supervised fine-tuning."""
@@ -301,6 +306,11 @@ class RewardConfig(StageFields, TrainingConfig):
     """Bradley-Terry reward model: a sequence classifier with one output."""
 
     method: Literal["reward"] = Field("reward", description="The method; selects these settings.")
+
+    @property
+    def trains_reward_model(self) -> bool:
+        return True
+
     learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
 
     center_rewards_coefficient: float | None = Field(
@@ -690,7 +700,7 @@ class PipelineConfig(_Frozen):
         """The reward stage evaluation scores with: evaluate.reward, or the only one."""
         if self.evaluate.reward is not None:
             return self.evaluate.reward
-        rewards = [s.name for s in self.stages if s.method == "reward"]
+        rewards = [s.name for s in self.stages if s.trains_reward_model]
         return rewards[0] if len(rewards) == 1 else None
 
     @property
@@ -711,7 +721,7 @@ def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
         if s.start not in earlier:
             out.append(f"start: {s.start!r} is neither 'base' nor an earlier stage "
                        f"(earlier: {', '.join(earlier) or 'none'})")
-        elif earlier[s.start].method == "reward":
+        elif earlier[s.start].trains_reward_model:
             out.append(f"start: {s.start!r} is a reward model; start from a language model")
     if s.data is None:
         out.append(f"data: name the data source this {s.method} stage trains on "
@@ -725,9 +735,10 @@ def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
     elif s.reward is not None and not wants_reward:
         out.append("reward: only PPO, and GRPO with 'reward_model' in reward_functions, use a "
                    "reward stage")
-    elif s.reward is not None and (s.reward not in earlier or earlier[s.reward].method != "reward"):
+    elif s.reward is not None and (s.reward not in earlier
+                                   or not earlier[s.reward].trains_reward_model):
         out.append(f"reward: {s.reward!r} is not an earlier reward stage")
-    if s.method == "grpo" and not s.reward_functions:
+    if getattr(s, "reward_functions", None) == {}:
         out.append("reward_functions: name at least one, e.g. {'my_pkg.rewards:accuracy': 1.0} "
                    "or {reward_model: 1.0}")
     if getattr(s, "reference", None) == "adapter" and cfg.model.lora is None:
@@ -741,13 +752,13 @@ def _evaluation_problems(cfg: PipelineConfig) -> list[str]:
     if e.data is not None and e.data not in cfg.data:
         out.append(f"evaluate.data: no data source named {e.data!r}")
     if e.reference != "base" and (e.reference not in names
-                                  or names[e.reference].method == "reward"):
+                                  or names[e.reference].trains_reward_model):
         out.append(f"evaluate.reference: {e.reference!r} is neither 'base' nor a language-model "
                    "stage")
-    if e.reward is not None and (e.reward not in names or names[e.reward].method != "reward"):
+    if e.reward is not None and (e.reward not in names or not names[e.reward].trains_reward_model):
         out.append(f"evaluate.reward: {e.reward!r} is not a reward stage")
     for c in cfg.promotion.candidates or ():
-        if c not in names or names[c].method == "reward":
+        if c not in names or names[c].trains_reward_model:
             out.append(f"promotion.candidates: {c!r} is not a language-model stage")
     return out
 

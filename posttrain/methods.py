@@ -44,7 +44,10 @@ class Method:
     take the prompts of any format with prompts); reference: it compares against a frozen copy
     of the model it starts from (always, or only when the stage says so, see `uses_reference`);
     reward_model: it scores with a reward stage (see `uses_reward_stage`); generates: it samples
-    completions while training; produces: what its artifact holds ('policy' or 'reward_model').
+    completions while training; produces: what its artifact holds ('policy' or 'reward_model');
+    unit: what one row of its batch is ('examples': SFT rows, packed rows with packing; 'pairs';
+    'unpaired': KTO's examples, which also form mismatched pairs; 'completions': GRPO,
+    num_generations per prompt; 'prompts': PPO).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Method:
     reference: bool = False
     generates: bool = False
     produces: str = "policy"
+    unit: str = "examples"
     key_metrics: tuple[str, ...] = ()
 
     def runner(self) -> Callable[..., dict]:
@@ -67,24 +71,26 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "posttrain.stages.sft:run_sft_stage", "supervised fine-tuning",
            key_metrics=("loss", "eval_loss", "mean_token_accuracy", "tokens_per_second")),
     Method("reward", RewardConfig, PAIRS, "posttrain.stages.reward:run_reward_stage",
-           "Bradley-Terry reward model", produces="reward_model",
+           "Bradley-Terry reward model", produces="reward_model", unit="pairs",
            key_metrics=("loss", "eval_accuracy", "eval_margin")),
     Method("dpo", DPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
-           "direct preference optimization", reference=True,
+           "direct preference optimization", reference=True, unit="pairs",
            key_metrics=("loss", "rewards/accuracies", "rewards/margins",
                         "eval_rewards/accuracies")),
     Method("orpo", ORPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
-           "odds-ratio preference optimization (no reference)",
+           "odds-ratio preference optimization (no reference)", unit="pairs",
            key_metrics=("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies")),
     Method("kto", KTOConfig, (UNPAIRED_PREFERENCE, *PAIRS),
            "posttrain.stages.preference:run_method_stage",
            "Kahneman-Tversky optimization (pairs are split into desirable/undesirable)",
-           reference=True, key_metrics=("loss", "kl", "rewards/margins", "eval_loss")),
+           reference=True, unit="unpaired",
+           key_metrics=("loss", "kl", "rewards/margins", "eval_loss")),
     Method("grpo", GRPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
            "group relative policy optimization", reference=True, generates=True,
+           unit="completions",
            key_metrics=("reward", "reward_std", "eval_reward", "completions/mean_length")),
     Method("ppo", PPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
-           "PPO against a reward stage", reference=True, generates=True,
+           "PPO against a reward stage", reference=True, generates=True, unit="prompts",
            key_metrics=("objective/scores", "objective/kl", "objective/rlhf_reward",
                         "loss/value_avg")),
 )}

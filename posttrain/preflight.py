@@ -16,7 +16,7 @@ from pathlib import Path
 from posttrain import artifacts
 from posttrain.config import ConfigError, PipelineConfig
 from posttrain.data.loading import DataError, fingerprint_rows
-from posttrain.methods import is_policy, method, uses_reward_stage
+from posttrain.methods import is_policy, method
 
 # Counting batches needs the stage's tokenization. A sample of this many rows is tokenized
 # first; only when the estimate from it comes within 2x of one batch is the whole source
@@ -97,16 +97,16 @@ def check_model(cfg: PipelineConfig) -> list[str]:
         return _check_model_folder(folder)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or folder.exists()
     if looks_local or not _HUB_ID.match(name):
-        return [f"model.name_or_path: {name} is not a local model folder (it does not exist) "
-                "and not a hub id ('org/name'); give the folder that holds config.json and "
-                "*.safetensors, or a hub id"]
+        return [(f"model.name_or_path: {name} is not a local model folder (it does not exist) "
+                 "and not a hub id ('org/name'); give the folder that holds config.json and "
+                 "*.safetensors, or a hub id")]
     return []
 
 
 def _check_model_folder(folder: Path) -> list[str]:
     if not (folder / "config.json").is_file():
-        return [f"model.name_or_path: {folder} has no config.json; it is not a transformers "
-                "model folder"]
+        return [(f"model.name_or_path: {folder} has no config.json; it is not a transformers "
+                 "model folder")]
     if any(folder.glob("*.safetensors")):
         return []
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
@@ -163,7 +163,7 @@ def _check_counts(cfg, stage, fmt, train, held, tokenizer, where) -> list[str]:
             f"{stage.per_device_batch_size} per process x {cfg.launch.num_processes} "
             f"process(es); lower per_device_batch_size to {max(units, 1)} or less, or give "
             "more data")
-    if stage.method == "kto" and held:
+    if method(stage).unit == "unpaired" and held:
         held_units, _ = _units(cfg, stage, fmt, held[:_SAMPLE], tokenizer)
         if held_units < 2:
             out.append(f"{where}: KTO's held-out split of data.{stage.data} has {held_units} "
@@ -184,7 +184,8 @@ def _units(cfg, stage, fmt, rows, tokenizer) -> tuple[int, str]:
 
     opts = {"max_length": stage.max_length, "truncation": stage.truncation, "source": stage.data}
     try:
-        if stage.method == "sft":
+        unit = method(stage).unit
+        if unit == "examples":
             examples, _ = tokenize_sft_rows(rows, tokenizer,
                                             completion_only_loss=stage.completion_only_loss,
                                             **opts)
@@ -193,7 +194,7 @@ def _units(cfg, stage, fmt, rows, tokenizer) -> tuple[int, str]:
                 return len(pack_bfd(lengths, stage.max_length)) if lengths else 0, "packed rows"
             return len(examples), "examples"
         bad = cfg.data[stage.data].max_drop_fraction
-        if stage.method == "kto":
+        if unit == "unpaired":
             unpaired = rows if fmt == UNPAIRED_PREFERENCE else pairs_to_unpaired(rows)
             examples, _ = tokenize_unpaired_rows(unpaired, tokenizer, max_bad_fraction=bad,
                                                  **opts)
@@ -212,12 +213,12 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
         prompts = prompt_rows(train, fmt, f"data.{stage.data}")
     except DataError as e:
         return [f"{where}: {e}"]
-    per_prompt = stage.num_generations if stage.method == "grpo" else 1
+    per_prompt = stage.num_generations if method(stage).unit == "completions" else 1
     need = _need(cfg, stage) // per_prompt
     if len(prompts) < need:
         out.append(f"{where}: {len(prompts)} prompts in data.{stage.data} cannot fill one "
                    f"batch of {need} prompts; lower per_device_batch_size or give more data")
-    if stage.method == "grpo":
+    if hasattr(stage, "reward_functions"):
         from posttrain.reward_functions import check_reward_function
 
         columns = sorted({k for r in prompts[:100] for k in r if k != "prompt"})
@@ -228,8 +229,6 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
                 check_reward_function(path, columns)
             except ValueError as e:
                 out.append(f"{where}.reward_functions: {e}")
-    if uses_reward_stage(stage) and stage.reward is None:
-        out.append(f"{where}.reward: this stage needs a reward stage")
     return out
 
 
@@ -243,8 +242,8 @@ def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: P
 
     source = cfg.eval_source
     if source is None:
-        return ["evaluate.data: no stage and no evaluate.data: name the data source whose "
-                "held-out prompts evaluation uses"]
+        return [("evaluate.data: no stage and no evaluate.data: name the data source whose "
+                 "held-out prompts evaluation uses")]
     fmt = datasets[source]["format"]
     try:
         eval_rows(rows[source][1][:10], fmt, f"data.{source}")

@@ -38,8 +38,9 @@ def test_env_prints_versions_and_tracking():
     assert "torch" in result.output and "MLflow tracking" in result.output
 
 
-def _posttrain(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
+def _posttrain(args: list[str], cwd: Path, extra_env: dict | None = None
+               ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", **(extra_env or {})}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "pipelines.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
@@ -88,3 +89,47 @@ def test_posttrain_run_demo_end_to_end_then_fully_cached(tmp_path):
     plan = second.stdout.split("posttrain plan", 1)[1].split("promotion:", 1)[0]
     assert plan.count("cached") == len(stages), plan
     assert "checker_accuracy" in first.stdout and "make ui" in first.stdout
+
+
+JUDGE = "def boom(completions, **kwargs):\n    raise RuntimeError('the judge is down')\n"
+
+
+@pytest.mark.slow
+def test_a_failing_stage_ends_in_one_message_and_a_log_with_the_traceback(tmp_path):
+    """A reward function that raises mid-training: one closing message naming the stage, the
+    cause and what to do; the traceback in the log file it names (on the console only with
+    --verbose); the stage's MLflow run FAILED, not RUNNING."""
+    import re
+
+    import yaml
+
+    from posttrain import tracking
+    from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
+
+    (tmp_path / "judge.py").write_text(JUDGE)
+    values = tiny_pipeline_values(
+        tmp_path, [SFT_STAGE, stage("grpo", reward_functions={"judge:boom": 1.0})])
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(values))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    extra = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "MLFLOW_TRACKING_URI": uri}
+    quiet = _posttrain(["grpo", str(config)], tmp_path, extra)
+    assert quiet.returncode == 1, quiet.stdout + quiet.stderr
+    assert "stage 'grpo' failed: RuntimeError: the judge is down" in quiet.stdout
+    assert "what to do:" in quiet.stdout
+    assert "Traceback" not in quiet.stdout + quiet.stderr
+    log = Path(re.search(r"full traceback: (\S+)", quiet.stdout).group(1))
+    assert "Traceback (most recent call last)" in log.read_text()
+    assert "the judge is down" in log.read_text()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(values["tracking"]["experiment"])
+                               .experiment_id])
+    grpo = [r for r in runs if r.data.tags.get(tracking.STAGE_TAG) == "grpo"]
+    assert grpo and all(r.info.status == "FAILED" for r in grpo)
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+    verbose = _posttrain(["grpo", str(config), "--verbose"], tmp_path, extra)
+    assert verbose.returncode == 1
+    assert "Traceback (most recent call last)" in verbose.stdout + verbose.stderr

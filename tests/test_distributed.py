@@ -158,8 +158,8 @@ def test_recipe_entry_point_runs_under_torchrun(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for stage in ("data", "sft"):
-        assert len(list((tmp_path / "artifacts" / stage).iterdir())) == 1, stage
+    for name in ("data", "sft"):
+        assert len(list((tmp_path / "artifacts" / name).iterdir())) == 1, name
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])

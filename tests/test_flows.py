@@ -58,9 +58,9 @@ def test_unchanged_rerun_trains_nothing_and_logs_cache_hits(tmp_path, monkeypatc
     second = pipeline(cfg)
     assert _status(second) == {"data": "cached", "sft": "cached", "evaluate": "cached"}
     assert weights.stat().st_mtime_ns == mtime
-    for stage, run in _children(second["mlflow_run_id"]).items():
+    for name, run in _children(second["mlflow_run_id"]).items():
         assert run.data.tags[tracking.CACHE_HIT_TAG] == "true"
-        assert run.data.tags[tracking.SOURCE_RUN_TAG] == first_children[stage].info.run_id
+        assert run.data.tags[tracking.SOURCE_RUN_TAG] == first_children[name].info.run_id
     assert second["comparison"] == first["comparison"]
 
 

@@ -15,7 +15,6 @@ from posttrain.stages.common import (
     run_params,
     run_stage,
     save_trained,
-    settings,
     start_tokenizer,
     training_key,
 )
