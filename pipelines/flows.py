@@ -11,14 +11,16 @@ from prefect.context import get_run_context
 
 from pipelines import errors
 from posttrain import artifacts, stages, tracking
-from posttrain.config import PipelineConfig, load_pipeline_config
+from posttrain.config import DEMO_CONFIG, PipelineConfig, load_pipeline_config
 from tasks import events
 from tasks.data import prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.promote import promote_task
 from tasks.train import train_task
 
-DEFAULT_CONFIG = load_pipeline_config()  # the demo: what `posttrain run` runs without a config
+# The parameter form's default: the demo, what `posttrain run` runs without a config (an
+# installation without conf/ shows an empty pipeline instead).
+DEFAULT_CONFIG = load_pipeline_config() if DEMO_CONFIG.is_file() else PipelineConfig()
 
 
 @dataclass

@@ -227,7 +227,7 @@ def test_resolve_refuses_an_explicit_metric_that_will_not_exist():
                           {"checker_accuracy", "eval_loss", "eos_rate"})
     msg = str(e.value)
     assert "promotion.metric: 'reward_score' will not exist for this pipeline" in msg
-    assert "(evaluation gives: checker_accuracy, eos_rate, eval_loss)" in msg
+    assert "(evaluation gives checker_accuracy, eos_rate, eval_loss)" in msg
 
 
 def test_resolve_refuses_a_guard_on_a_metric_that_will_not_exist():
