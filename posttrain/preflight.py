@@ -58,7 +58,10 @@ def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
     from posttrain.stages.data import load_dataset, sources
     from posttrain.stages.graph import needed
 
-    problems = check_model(cfg)
+    problems = check_model(cfg) + check_launch(cfg)
+    tokenizer = None
+    if not problems and cfg.stages:
+        tokenizer, problems = _tokenizer(cfg)
     datasets: dict[str, dict] = {}
     rows: dict[str, tuple[list, list]] = {}
     for name, src in sources(cfg).items():
@@ -73,7 +76,7 @@ def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
     stages = needed(cfg, targets)
     if problems:  # the model or the data is unusable: the checks below would only add noise
         raise PreflightError(problems)
-    problems += _check_stages(cfg, stages, datasets, rows)
+    problems += _check_stages(cfg, stages, datasets, rows, tokenizer)
     result = Plan(formats={n: d["format"] for n, d in datasets.items()})
     if targets is None and cfg.evaluate.enabled:
         problems += _check_evaluation(cfg, datasets, rows, result)
@@ -103,6 +106,29 @@ def check_model(cfg: PipelineConfig) -> list[str]:
     return []
 
 
+def check_launch(cfg: PipelineConfig) -> list[str]:
+    path = cfg.launch.accelerate_config
+    if path is not None and not Path(path).is_file():
+        return [f"launch.accelerate_config: {path} does not exist (see infra/accelerate/ for "
+                "DDP, FSDP and DeepSpeed configs)"]
+    return []
+
+
+def _tokenizer(cfg: PipelineConfig):
+    """(the base model's tokenizer, []) or (None, [why it cannot be loaded]): a hub id that does
+    not exist, or that cannot be fetched offline, is found here rather than by the first stage."""
+    from posttrain.models import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.model), []
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, [f"model.name_or_path: cannot load the tokenizer of "
+                      f"{cfg.model.name_or_path}: {first} (check the id and revision, network "
+                      "access to the hub or HF_HUB_OFFLINE with a filled cache, or give a "
+                      "local folder)"]
+
+
 def _check_model_folder(folder: Path) -> list[str]:
     if not (folder / "config.json").is_file():
         return [(f"model.name_or_path: {folder} has no config.json; it is not a transformers "
@@ -125,8 +151,8 @@ def _check_model_folder(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------------ stages
 
 
-def _check_stages(cfg: PipelineConfig, stages: list, datasets: dict, rows: dict) -> list[str]:
-    tokenizer = None
+def _check_stages(cfg: PipelineConfig, stages: list, datasets: dict, rows: dict,
+                  tokenizer) -> list[str]:
     problems = []
     for stage in stages:
         fmt = datasets[stage.data]["format"]
@@ -135,10 +161,6 @@ def _check_stages(cfg: PipelineConfig, stages: list, datasets: dict, rows: dict)
         if method(stage).generates:
             problems += _check_online(cfg, stage, fmt, train, where)
             continue
-        if tokenizer is None:
-            from posttrain.models import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.model)
         problems += _check_counts(cfg, stage, fmt, train, held, tokenizer, where)
     return problems
 

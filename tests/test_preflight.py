@@ -152,3 +152,16 @@ def test_commands_fail_in_seconds_before_any_training(tmp_path, command):
     assert "nothing was trained" in out.stdout
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
     assert seconds < 60, seconds
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_a_problem_not_a_traceback(tmp_path, monkeypatch):
+    """Offline (or a typo in the id): the tokenizer cannot be fetched, and preflight says so."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = _one(_problems(tmp_path, model={"name_or_path": "no-such-org/no-such-model"}),
+                   "model.name_or_path", "cannot load the tokenizer", "no-such-org/no-such-model")
+    assert "HF_HUB_OFFLINE" in message
+
+
+def test_a_missing_accelerate_config(tmp_path):
+    _one(_problems(tmp_path, launch={"accelerate_config": str(tmp_path / "nope.yaml")}),
+         "launch.accelerate_config", "does not exist")
