@@ -65,6 +65,7 @@ def _status(result: dict) -> dict[str, str]:
 # --------------------------------------------------------------------- no SFT, user's model
 
 
+@pytest.mark.slow
 def test_dpo_straight_from_a_users_chat_model_starts_at_ln2(tmp_path, chat_model):
     """DPO from `base` on a local chat model with ultrafeedback-style pairs: no SFT step runs
     before it, nothing but the named source is loaded, and at the first step policy =
@@ -96,6 +97,7 @@ def test_dpo_straight_from_a_users_chat_model_starts_at_ln2(tmp_path, chat_model
 # ---------------------------------------------------------------- chains and their caching
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_a_chain_caches_along_the_graph(tmp_path):
     """sft -> dpo -> grpo: changing dpo's beta re-runs dpo, grpo and evaluation and nothing
@@ -163,6 +165,7 @@ def accuracy(completions, solution, **kwargs):
 '''
 
 
+@pytest.mark.slow
 def test_grpo_calls_a_reward_function_written_for_trl(tmp_path, chat_model, monkeypatch):
     """`def accuracy(completions, solution, **kwargs)` from a module on the path, on
     gsm8k-style rows (a conversational prompt and a `solution` column)."""
@@ -195,6 +198,7 @@ def test_grpo_calls_a_reward_function_written_for_trl(tmp_path, chat_model, monk
 # -------------------------------------------------- messages data through evaluation/promotion
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_a_messages_pipeline_evaluates_and_promotes_on_held_out_loss(tmp_path, chat_model):
     """SFT on ultrachat-style `messages` rows: evaluation takes the conversation up to the

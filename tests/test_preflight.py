@@ -138,6 +138,7 @@ def _posttrain(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess,
     return out, time.time() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "dpo", "plan"])
 def test_commands_fail_in_seconds_before_any_training(tmp_path, command):
     """A model folder that does not exist: `posttrain run`, a stage command and `plan` exit 2
