@@ -36,6 +36,15 @@ class PipelineRun:
         ctx = get_run_context()
         flow_run_id = str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else ""
         config = cfg.model_dump(mode="json")
+        try:  # parent runs of this pipeline (and their children) a kill -9 left RUNNING
+            closed = tracking.close_orphaned_runs(
+                cfg.tracking.experiment, {"posttrain.pipeline": cfg.name},
+                closer=f"the next run of pipeline {cfg.name!r}")
+            if closed:
+                print(f"marked {len(closed)} MLflow run(s) left RUNNING by a killed run of "
+                      f"{cfg.name} as KILLED: {', '.join(closed)}")
+        except Exception as e:  # noqa: BLE001 - a cleanup must never stop the pipeline
+            print(f"could not check for runs left RUNNING: {type(e).__name__}: {e}")
         run_id = tracking.start_run(
             cfg.tracking.experiment,
             f"{cfg.name}:{flow_name}",

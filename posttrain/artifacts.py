@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -157,10 +158,13 @@ def write_stage(root: str | Path, stage: str, key: str) -> Iterator[StageOutput]
     folder renamed to `<root>/<stage>/<key>`. On error the temporary folder is removed and the
     error propagates, so no reader ever sees a partial artifact. If another writer finished the
     same key first, its artifact is kept and ours discarded (the key says they are equivalent).
+    The temporary folder's name records its writer (tmp_name); those of killed writers are
+    removed here, a live concurrent writer's never.
     """
     final = stage_dir(root, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    remove_dead_tmp(final.parent)
+    tmp = final.parent / tmp_name(key)
     tmp.mkdir()
     out = StageOutput(dir=tmp)
     try:
@@ -187,3 +191,111 @@ def write_stage(root: str | Path, stage: str, key: str) -> Iterator[StageOutput]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------- owners of locks, runs, tmp
+#
+# What names a process across a crash: its host, PID and start time (a PID reused by a later
+# process has another start time). A lock, an MLflow run or a temporary folder records its owner;
+# whoever finds one whose owner is on this host and gone may take it over or clean it up.
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22; psutil's
+    create time in milliseconds where there is no /proc); None when there is no such process.
+    A zombie (killed, not yet reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        stat = None
+    if stat is not None:
+        fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
+        if fields[0] in ("Z", "X"):  # field 3, the state: zombie or dead
+            return None
+        return int(fields[19])  # field 22
+    try:
+        import psutil
+    except ImportError:
+        return None if not _pid_exists(pid) else -1  # -1: alive, start time unknown
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return int(proc.create_time() * 1000)
+    except psutil.Error:
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def current_owner() -> dict:
+    """This process as an owner: {"host", "pid", "start_time"}."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start_time": process_start_time(pid)}
+
+
+def owner_alive(owner: dict) -> bool | None:
+    """Whether `owner` (as current_owner() wrote it) still runs: True or False on this host,
+    None on another host (nothing here can tell)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(owner["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    started = process_start_time(pid)
+    if started is None:
+        return False
+    recorded = owner.get("start_time")
+    if recorded in (None, "", "None") or started == -1:
+        return True  # the PID runs and nothing says it is another process
+    return int(recorded) == started
+
+
+def _host_tag(host: str) -> str:
+    return hashlib.sha256(host.encode()).hexdigest()[:8]
+
+
+def tmp_name(prefix: str) -> str:
+    """A temporary folder's name, `.tmp-<prefix>-<random>.<host>.<pid>.<start time>`: it says
+    who writes it, so that a later run removes it only when that writer is gone."""
+    me = current_owner()
+    return (f".tmp-{prefix}-{uuid.uuid4().hex[:8]}.{_host_tag(me['host'])}.{me['pid']}."
+            f"{me['start_time']}")
+
+
+def tmp_writer_gone(name: str) -> bool:
+    """Whether the writer of temporary folder `name` (a tmp_name()) is known to be gone: on this
+    host and not running. Folders of another host, or without an owner in their name, stay."""
+    parts = name.rsplit(".", 3)
+    if len(parts) != 4 or parts[1] != _host_tag(socket.gethostname()):
+        return False
+    try:
+        pid = int(parts[2])
+    except ValueError:
+        return False
+    return owner_alive({"host": socket.gethostname(), "pid": pid, "start_time": parts[3]}) is False
+
+
+def remove_dead_tmp(folder: str | Path) -> list[Path]:
+    """Remove the `.tmp-*` folders under `folder` (not below) whose writer is gone (a run killed
+    while writing); a live writer's folder is never touched. Returns the folders removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(".tmp-*"):
+        if path.is_dir() and tmp_writer_gone(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -42,9 +41,10 @@ def save(accelerator: Accelerator, root: Path, step: int) -> Path:
     """Write the training state at `step` atomically; return the checkpoint folder."""
     root = Path(root)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}-{uuid.uuid4().hex[:8]}"
+    tmp = root / artifacts.tmp_name(f"{PREFIX}{step:06d}")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
+        artifacts.remove_dead_tmp(root)  # half-written checkpoints of a killed run
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
@@ -87,10 +87,18 @@ def restore(accelerator: Accelerator, root: Path | None) -> int:
     (0 when there is none)."""
     if root is None:
         return 0
+    if accelerator.is_main_process:
+        artifacts.remove_dead_tmp(root)
     found = latest_valid(root)
     if found is None:
         return 0
     folder, step = found
     accelerator.load_state(str(folder))
+    if accelerator.is_main_process:
+        # On the console of `posttrain run` (a print in a task goes to its log and the console).
+        root = Path(root)
+        print(f"resuming stage {root.parent.name} "
+              f"({root.parent / root.name.removesuffix('.checkpoints')}) from step {step} "
+              f"(checkpoint {folder})", flush=True)
     log.info("resumed from %s (step %d)", folder, step)
     return step

@@ -21,6 +21,9 @@ CACHE_HIT_TAG = "posttrain.cache_hit"
 SOURCE_RUN_TAG = "posttrain.source_run_id"
 STAGE_TAG = "posttrain.stage"
 KEY_TAG = "posttrain.key"
+# The process that opened a run: a later run closes it (KILLED) when that process is gone.
+OWNER_TAGS = {"host": "posttrain.owner.host", "pid": "posttrain.owner.pid",
+              "start_time": "posttrain.owner.start_time"}
 
 
 def tracking_uri() -> str:
@@ -81,7 +84,7 @@ def start_run(
 ) -> str:
     """Create a run (a child when `parent_run_id` is given) and return its id."""
     c = client()
-    all_tags = dict(tags or {})
+    all_tags = {**owner_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(experiment), run_name=name, tags=all_tags)
@@ -98,6 +101,53 @@ def end_run(run_id: str, status: str = "FINISHED", reason: str | None = None) ->
     if reason:
         c.set_tag(run_id, "posttrain.failure", reason[:5000])
     c.set_terminated(run_id, status=status)
+
+
+def owner_tags() -> dict[str, str]:
+    """This process (host, PID, start time) as the owner tags of a run it opens."""
+    from posttrain.artifacts import current_owner
+
+    return {OWNER_TAGS[k]: str(v) for k, v in current_owner().items()}
+
+
+def close_orphaned_runs(experiment: str, tags: dict[str, str], *, closer: str) -> list[str]:
+    """Mark KILLED, with the reason, every RUNNING run of `experiment` carrying `tags` whose
+    owner process is gone (on this host: no such PID, or a PID reused by a later process), and
+    the RUNNING children of each. `closer` says who closes them. Returns the run ids closed.
+
+    A process killed with SIGKILL cannot close its runs; the next run of the same stage or
+    pipeline does. Runs of live processes, of another host, or without owner tags stay."""
+    from posttrain.artifacts import owner_alive
+
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+
+    def running(filters: dict[str, str]):
+        if any("'" in v for v in filters.values()):
+            return []
+        where = " and ".join(["attributes.status = 'RUNNING'",
+                              *(f"tags.`{k}` = '{v}'" for k, v in filters.items())])
+        return c.search_runs([exp.experiment_id], where, max_results=1000)
+
+    closed = []
+    for run in running(tags):
+        if run.info.run_id in closed:
+            continue
+        owner = {k: run.data.tags.get(tag) for k, tag in OWNER_TAGS.items()}
+        if owner["pid"] is None or owner_alive(owner) is not False:
+            continue
+        reason = (f"killed: its process (PID {owner['pid']} on {owner['host']}) ended without "
+                  f"closing the run; closed by {closer} (PID {os.getpid()})")
+        for child in running({"mlflow.parentRunId": run.info.run_id}):
+            child_owner = {k: child.data.tags.get(tag) for k, tag in OWNER_TAGS.items()}
+            if child_owner["pid"] is not None and owner_alive(child_owner) is False:
+                end_run(child.info.run_id, "KILLED", reason=reason)
+                closed.append(child.info.run_id)
+        end_run(run.info.run_id, "KILLED", reason=reason)
+        closed.append(run.info.run_id)
+    return closed
 
 
 class MetricLogger:

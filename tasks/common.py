@@ -3,7 +3,8 @@
 The Prefect cache key IS the stage's content key (posttrain.artifacts.stage_key), so Prefect's
 cache and the artifact folder agree. Results (manifests) and cache records live under the
 artifacts root, as JSON. SERIALIZABLE isolation with a file lock makes a second concurrent trigger
-of the same stage wait for the first and then hit its cache instead of training twice.
+of the same stage wait for the first and then hit its cache instead of training twice. The lock
+names its owner process (tasks.locks): one left by a killed run is taken over, not waited on.
 
 A training stage runs in the task's own process, or, when the config's `launch` section asks for
 it (several processes, or an accelerate config file), as `accelerate launch` processes whose
@@ -17,10 +18,10 @@ from pathlib import Path
 
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 
 from posttrain import artifacts, launch
 from posttrain.config import PipelineConfig
+from tasks.locks import OwnedLockManager
 
 
 def cache_record_dir(artifacts_root: str | Path) -> Path:
@@ -47,7 +48,7 @@ def with_stage_cache(task: Task, stage: str, artifacts_root: str, key_fn: Callab
     root = Path(artifacts_root).resolve() / ".prefect"
     policy = CacheKeyFnPolicy(cache_key_fn=_cache_key_fn(stage, key_fn)).configure(
         key_storage=root / "cache",
-        lock_manager=FileSystemLockManager(root / "locks"),
+        lock_manager=OwnedLockManager(root / "locks", stage),
         isolation_level="SERIALIZABLE",
     )
     return task.with_options(

@@ -11,6 +11,7 @@ from posttrain.config import PipelineConfig, validate
 from tests.conftest import SFT_STAGE, tiny_pipeline_values
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_two_concurrent_runs_train_each_stage_once(tmp_path, monkeypatch):
     from pipelines.flows import pipeline

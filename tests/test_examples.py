@@ -119,6 +119,7 @@ def test_preflight_passes_on_every_example(path, tmp_path):
     assert result.promotion["metric"] == "checker_accuracy"
 
 
+@pytest.mark.slow
 def test_posttrain_plan_on_dpo_from_instruct(tmp_path):
     result = _posttrain(["plan", str(ROOT / "conf/examples/dpo-from-instruct.yaml"),
                          f"artifacts_root={tmp_path / 'artifacts'}", *SMALL_DEMO], tmp_path)

@@ -72,6 +72,7 @@ def test_changing_an_sft_field_reruns_sft_and_evaluation_only(tmp_path):
     assert _status(changed) == {"data": "cached", "sft": "ran", "evaluate": "ran"}
 
 
+@pytest.mark.slow
 def test_changing_one_data_row_reruns_everything_downstream(tmp_path):
     from pipelines.flows import pipeline
 
@@ -101,6 +102,7 @@ def _pref_stages(**dpo) -> list[dict]:
     return [SFT_STAGE, stage("reward"), stage("dpo", **dpo), stage("orpo"), stage("kto")]
 
 
+@pytest.mark.slow
 def test_preference_methods_are_independent_cached_stages(tmp_path):
     from pipelines.flows import pipeline
 
@@ -131,6 +133,7 @@ def test_stage_flow_runs_one_method_with_its_upstream(tmp_path):
     assert [r["stage"] for r in result["stages"]] == ["data", "sft", "orpo"]
 
 
+@pytest.mark.slow
 def test_online_methods_run_as_cached_stages_with_curves_in_mlflow(tmp_path):
     from pipelines.flows import pipeline
 
@@ -159,6 +162,7 @@ def _artifact_paths(run_id: str) -> set[str]:
     return {a.path for a in c.list_artifacts(run_id)}
 
 
+@pytest.mark.slow
 def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path):
     from pipelines.flows import pipeline
     from posttrain import promotion
@@ -213,6 +217,7 @@ def test_failed_evaluation_promotes_nothing(tmp_path, monkeypatch):
     assert promotion.champion_version(name) is None
 
 
+@pytest.mark.slow
 def test_retrain_caches_unchanged_data_and_reruns_changed_data(tmp_path, monkeypatch):
     from pipelines.flows import pipeline, retrain
     from tasks import events

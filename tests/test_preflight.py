@@ -157,7 +157,9 @@ def test_commands_fail_in_seconds_before_any_training(tmp_path, command):
 
 def test_a_hub_id_that_cannot_be_loaded_is_a_problem_not_a_traceback(tmp_path, monkeypatch):
     """Offline (or a typo in the id): the tokenizer cannot be fetched, and preflight says so."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     message = _one(_problems(tmp_path, model={"name_or_path": "no-such-org/no-such-model"}),
                    "model.name_or_path", "cannot load the tokenizer", "no-such-org/no-such-model")
     assert "HF_HUB_OFFLINE" in message

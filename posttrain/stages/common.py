@@ -84,6 +84,8 @@ def run_stage(
 
         torch.set_num_threads(cfg.cpu_threads)
     main = is_main_process()
+    if main:
+        _clean_up_after_killed_runs(cfg, stage)
     existing = _from_main(artifacts.load_manifest(cfg.artifacts_root, stage, key) if main else None)
     if existing is not None:
         if main:
@@ -102,6 +104,24 @@ def run_stage(
             shutil.rmtree(scratch, ignore_errors=True)
         return {**_from_main(None), "cached": False}
     return {**_from_main(_produce(cfg, stage, key, params, body, run_id)), "cached": False}
+
+
+def _clean_up_after_killed_runs(cfg: PipelineConfig, stage: str) -> None:
+    """What a run of this stage killed with SIGKILL left: its MLflow runs still RUNNING (marked
+    KILLED with the reason) and its half-written `.tmp-*` artifact folders (removed). Only
+    leftovers whose owner process is gone are touched; a live concurrent run's stay."""
+    for path in artifacts.remove_dead_tmp(Path(cfg.artifacts_root) / stage):
+        print(f"removed {path}, left by a run of stage {stage} that was killed")
+    try:
+        closed = tracking.close_orphaned_runs(
+            cfg.tracking.experiment, {tracking.STAGE_TAG: stage},
+            closer=f"the next run of stage {stage!r}")
+    except Exception as e:  # noqa: BLE001 - a cleanup must never stop the stage
+        print(f"could not check for runs of stage {stage} left RUNNING: {type(e).__name__}: {e}")
+        return
+    if closed:
+        print(f"marked {len(closed)} MLflow run(s) of stage {stage} left RUNNING by a killed "
+              f"process as KILLED: {', '.join(closed)}")
 
 
 def _start_run(cfg: PipelineConfig, stage: str, key: str, params: dict,
