@@ -43,7 +43,8 @@ class Method:
     formats: the data formats its `data` source may be in (KTO converts pairs, the online methods
     take the prompts of any format with prompts); reference: it compares against a frozen copy
     of the model it starts from (always, or only when the stage says so, see `uses_reference`);
-    reward_model: it scores with a reward stage (see `uses_reward_stage`); generates: it samples
+    (a stage scores with a reward stage when its config's `uses_reward_stage` says so: PPO
+    always, GRPO with 'reward_model' among its reward functions); generates: it samples
     completions while training; produces: what its artifact holds ('policy' or 'reward_model');
     unit: what one row of its batch is ('examples': SFT rows, packed rows with packing; 'pairs';
     'unpaired': KTO's examples, which also form mismatched pairs; 'completions': GRPO,
@@ -99,11 +100,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 def method(stage) -> Method:
     """The table row of a stage config (or a method name)."""
     return METHODS[stage if isinstance(stage, str) else stage.method]
-
-
-def uses_reward_stage(stage) -> bool:
-    """Whether the stage scores completions with a reward stage's model."""
-    return stage.uses_reward_stage
 
 
 def uses_reference(stage) -> bool:

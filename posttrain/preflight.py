@@ -16,7 +16,7 @@ from pathlib import Path
 from posttrain import artifacts
 from posttrain.config import ConfigError, PipelineConfig
 from posttrain.data.loading import DataError, fingerprint_rows
-from posttrain.methods import is_policy, method
+from posttrain.methods import is_policy, method, uses_reference
 
 # Counting batches needs the stage's tokenization. A sample of this many rows is tokenized
 # first; only when the estimate from it comes within 2x of one batch is the whole source
@@ -309,7 +309,8 @@ def _graph(cfg: PipelineConfig, stages: list, datasets: dict, *, evaluate: bool)
         manifest = artifacts.load_manifest(cfg.artifacts_root, s.name, key, full=False) \
             if key else None
         known[s.name] = manifest
-        out.append(PlanRow(s.name, s.method, s.start, s.data, s.reward or "-",
+        uses = [n for n in (s.reward, "reference" if uses_reference(s) else None) if n]
+        out.append(PlanRow(s.name, s.method, s.start, s.data, ", ".join(uses) or "-",
                            "cached" if manifest else "will run", key))
     if evaluate:
         from posttrain.stages.evaluate import eval_stage_key

@@ -139,7 +139,7 @@ def test_posttrain_sft_killed_with_sigkill_resumes_and_leaves_nothing_running(tm
     from posttrain import stages
     from posttrain.config import PipelineConfig, validate
 
-    sft = {**SFT_STAGE, "max_steps": 40, "checkpoint_every": 2, "eval_every": 1000}
+    sft = {**SFT_STAGE, "max_steps": 16, "checkpoint_every": 2, "eval_every": 1000}
     values = tiny_pipeline_values(tmp_path / "k", [sft],
                                   tracking={"experiment": f"crash-{tmp_path.name}-k"})
     config = tmp_path / "k.yaml"
@@ -190,6 +190,6 @@ def test_posttrain_sft_killed_with_sigkill_resumes_and_leaves_nothing_running(tm
     # The losses after the resume are the uninterrupted run's.
     reference.result(timeout=120)
     ((_, _, full),) = _losses(clean.tracking.experiment)
-    assert min(resumed) == step + 1 and max(resumed) == 40
+    assert min(resumed) == step + 1 and max(resumed) == 16
     for s, loss in resumed.items():
         assert loss == pytest.approx(full[s], abs=1e-4), s

@@ -119,6 +119,7 @@ def test_the_plan_shows_the_graph_and_what_is_cached(tmp_path):
         ("data", "-", "will run"), ("sft", "base", "will run"), ("dpo", "sft", "will run"),
         ("evaluate", "-", "will run")]
     assert before.rows[2].key is None  # it depends on the SFT artifact, not trained yet
+    assert (before.rows[1].uses, before.rows[2].uses) == ("-", "reference")  # DPO's needs
     manifests = stage_fns.run_all(cfg, ["sft"])
     after = preflight.plan(cfg)
     assert [r.status for r in after.rows][:3] == ["cached", "cached", "will run"]
