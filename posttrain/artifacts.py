@@ -238,16 +238,28 @@ def _pid_exists(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace ('' where there is none to read): two containers with one
+    host name (docker --network host) number their processes apart."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def current_owner() -> dict:
-    """This process as an owner: {"host", "pid", "start_time"}."""
+    """This process as an owner: {"host", "pid", "start_time", "pid_namespace"}."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start_time": process_start_time(pid)}
+    return {"host": socket.gethostname(), "pid": pid, "start_time": process_start_time(pid),
+            "pid_namespace": _pid_namespace()}
 
 
 def owner_alive(owner: dict) -> bool | None:
     """Whether `owner` (as current_owner() wrote it) still runs: True or False on this host,
-    None on another host (nothing here can tell)."""
+    None on another host or in another PID namespace (nothing here can tell)."""
     if owner.get("host") != socket.gethostname():
+        return None
+    if owner.get("pid_namespace") and owner["pid_namespace"] != _pid_namespace():
         return None
     try:
         pid = int(owner["pid"])
@@ -263,7 +275,8 @@ def owner_alive(owner: dict) -> bool | None:
 
 
 def _host_tag(host: str) -> str:
-    return hashlib.sha256(host.encode()).hexdigest()[:8]
+    """A short name of the host and PID namespace, safe in a folder name."""
+    return hashlib.sha256(f"{host} {_pid_namespace()}".encode()).hexdigest()[:8]
 
 
 def tmp_name(prefix: str) -> str:
@@ -284,7 +297,8 @@ def tmp_writer_gone(name: str) -> bool:
         pid = int(parts[2])
     except ValueError:
         return False
-    return owner_alive({"host": socket.gethostname(), "pid": pid, "start_time": parts[3]}) is False
+    owner = {"host": socket.gethostname(), "pid": pid, "start_time": parts[3]}
+    return owner_alive(owner) is False
 
 
 def remove_dead_tmp(folder: str | Path) -> list[Path]:

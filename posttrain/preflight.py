@@ -109,8 +109,8 @@ def check_model(cfg: PipelineConfig) -> list[str]:
 def check_launch(cfg: PipelineConfig) -> list[str]:
     path = cfg.launch.accelerate_config
     if path is not None and not Path(path).is_file():
-        return [f"launch.accelerate_config: {path} does not exist (see infra/accelerate/ for "
-                "DDP, FSDP and DeepSpeed configs)"]
+        return [(f"launch.accelerate_config: {path} does not exist (see infra/accelerate/ for "
+                 "DDP, FSDP and DeepSpeed configs)")]
     return []
 
 
@@ -123,10 +123,10 @@ def _tokenizer(cfg: PipelineConfig):
         return load_tokenizer(cfg.model), []
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, [f"model.name_or_path: cannot load the tokenizer of "
-                      f"{cfg.model.name_or_path}: {first} (check the id and revision, network "
-                      "access to the hub or HF_HUB_OFFLINE with a filled cache, or give a "
-                      "local folder)"]
+        why = (f"model.name_or_path: cannot load the tokenizer of {cfg.model.name_or_path}: "
+               f"{first} (check the id and revision, network access to the hub or "
+               "HF_HUB_OFFLINE with a filled cache, or give a local folder)")
+        return None, [why]
 
 
 def _check_model_folder(folder: Path) -> list[str]:

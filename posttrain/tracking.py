@@ -23,7 +23,8 @@ STAGE_TAG = "posttrain.stage"
 KEY_TAG = "posttrain.key"
 # The process that opened a run: a later run closes it (KILLED) when that process is gone.
 OWNER_TAGS = {"host": "posttrain.owner.host", "pid": "posttrain.owner.pid",
-              "start_time": "posttrain.owner.start_time"}
+              "start_time": "posttrain.owner.start_time",
+              "pid_namespace": "posttrain.owner.pid_namespace"}
 
 
 def tracking_uri() -> str:

@@ -168,8 +168,9 @@ class OwnedLockManager(FileSystemLockManager):
                               stage, path)
         elif artifacts.owner_alive(owner) is None:
             _logger().warning("waiting for the lock of stage %s held by PID %s on %s, another "
-                              "host (it cannot be checked from here; if that run is gone, delete "
-                              "%s)", stage, owner.get("pid"), owner.get("host"), path)
+                              "host or container (it cannot be checked from here; if that run "
+                              "is gone, delete %s)", stage, owner.get("pid"), owner.get("host"),
+                              path)
         else:
             _logger().info("waiting for stage %s: PID %s on %s is running it",
                            stage, owner.get("pid"), owner.get("host"))

@@ -32,9 +32,9 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _write_lock(path: Path, pid: int, start_time, host: str | None = None) -> None:
+def _write_lock(path: Path, pid: int, start_time, host: str | None = None, **more) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    owner = {"host": host or socket.gethostname(), "pid": pid, "start_time": start_time}
+    owner = {"host": host or socket.gethostname(), "pid": pid, "start_time": start_time, **more}
     path.write_text(json.dumps({"holder": "someone", "expiration": None, "owner": owner}))
 
 
@@ -85,6 +85,10 @@ def test_a_dead_owners_lock_is_taken_over_a_live_ones_is_not(tmp_path, lock_mess
         assert not OwnedLockManager(tmp_path / "locks", "sft").acquire_lock(
             "k", "me", acquire_timeout=0.3)
         assert "on elsewhere.example, another host" in lock_messages[-1]
+        # A dead PID of another container with this host name: not ours to judge either.
+        _write_lock(path, dead, 123, pid_namespace="pid:[1]")
+        assert not OwnedLockManager(tmp_path / "locks", "sft").acquire_lock(
+            "k", "me", acquire_timeout=0.3)
     finally:
         sleeper.kill()
         sleeper.wait()
