@@ -97,8 +97,8 @@ JUDGE = "def boom(completions, **kwargs):\n    raise RuntimeError('the judge is 
 @pytest.mark.slow
 def test_a_failing_stage_ends_in_one_message_and_a_log_with_the_traceback(tmp_path):
     """A reward function that raises mid-training: one closing message naming the stage, the
-    cause and what to do; the traceback in the log file it names (on the console only with
-    --verbose); the stage's MLflow run FAILED, not RUNNING."""
+    cause and what to do; the traceback in the log file it names, not on the console; the
+    stage's MLflow run FAILED, not RUNNING. (--verbose: test_verbose_keeps_tracebacks.)"""
     import re
 
     import yaml
@@ -130,6 +130,39 @@ def test_a_failing_stage_ends_in_one_message_and_a_log_with_the_traceback(tmp_pa
     assert grpo and all(r.info.status == "FAILED" for r in grpo)
     assert all(r.info.status != "RUNNING" for r in runs)
 
-    verbose = _posttrain(["grpo", str(config), "--verbose"], tmp_path, extra)
-    assert verbose.returncode == 1
-    assert "Traceback (most recent call last)" in verbose.stdout + verbose.stderr
+
+
+def test_verbose_keeps_tracebacks_on_the_console_and_quiet_moves_them_to_the_log(tmp_path):
+    """errors.capture: without --verbose, Prefect's console handlers lose the traceback of a
+    record (the log file keeps it); with --verbose they keep it."""
+    import logging
+
+    import prefect.logging  # noqa: F401 - its handlers are what capture() filters
+
+    from pipelines import errors
+
+    def console_text(verbose: bool) -> tuple[str, str]:
+        handler = logging.StreamHandler()  # stands for Prefect's console handler
+        logging.getLogger("prefect").addHandler(handler)
+        cap = errors.capture(str(tmp_path / "artifacts"), verbose=verbose)
+        record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1,
+                                   "Task run failed", None, None)
+        try:
+            raise RuntimeError("the judge is down")
+        except RuntimeError:
+            import sys as _sys
+
+            record.exc_info = _sys.exc_info()
+        cap.handler.handle(record)  # the log file sees the record whole ...
+        shown = all(f.filter(record) for f in handler.filters)  # ... then the console
+        text = logging.Formatter().format(record) if shown else ""
+        errors.release(cap)
+        logging.getLogger("prefect").removeHandler(handler)
+        assert not handler.filters  # released: the console is as it was
+        return text, cap.path.read_text()
+
+    quiet, log = console_text(verbose=False)
+    assert "Task run failed" in quiet and "Traceback" not in quiet
+    assert "Traceback" in log and "the judge is down" in log
+    loud, _ = console_text(verbose=True)
+    assert "Traceback" in loud

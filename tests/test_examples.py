@@ -3,7 +3,6 @@ command line, `posttrain plan` passes on them, and the chain example runs end to
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -137,34 +136,26 @@ def test_posttrain_plan_on_dpo_from_instruct(tmp_path):
 
 @pytest.mark.slow
 def test_chain_example_runs_end_to_end(tmp_path):
-    """`posttrain run conf/examples/chain-sft-dpo-grpo.yaml`, shortened: every stage and the
-    evaluation finish, and the evaluation compares base, sft, dpo and grpo."""
+    """conf/examples/chain-sft-dpo-grpo.yaml, shortened, run through the library's graph
+    runner (the command line's path is tests/test_cli.py's): every stage and the evaluation
+    finish, and the evaluation compares base, sft, dpo and grpo."""
+    from posttrain import stages, tracking
+
     overrides = [
         *SMALL_DEMO, f"artifacts_root={tmp_path / 'artifacts'}",
         "stages.sft.max_steps=30", "stages.sft.eval_every=15",
         "stages.dpo.max_steps=5", "stages.dpo.per_device_batch_size=8",
         "stages.grpo.max_steps=3", "stages.grpo.per_device_batch_size=16",
         "stages.grpo.eval_every=100", "evaluate.max_prompts=16",
+        f"tracking.experiment=chain-{tmp_path.name}",
     ]
-    result = _posttrain(["run", str(ROOT / "conf/examples/chain-sft-dpo-grpo.yaml"),
-                         *overrides], tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout.split("posttrain run", 1)[1]
-    for stage in ("data", "sft", "dpo", "grpo", "evaluate"):
-        assert f"│ {stage}" in out, out
-    table = out.split("evaluation (held-out)", 1)[1]
-    assert table.split()[:5] == ["metric", "base", "sft", "dpo", "grpo"], table
-    assert "checker_accuracy" in table and "kl_to_reference" in table
-
-    evaluation = next((tmp_path / "artifacts" / "evaluate").glob("*/comparison.json"))
-    assert list(json.loads(evaluation.read_text())) == ["base", "sft", "dpo", "grpo"]
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("posttrain-chain")
-    runs = client.search_runs([experiment.experiment_id])
-    names = {r.info.run_name for r in runs}
-    assert {"data", "sft", "dpo", "grpo", "evaluate"} <= names, names
-    assert {r.info.run_name: r.info.status for r in runs} == {
-        r.info.run_name: "FINISHED" for r in runs}
+    cfg = load_pipeline_config(ROOT / "conf/examples/chain-sft-dpo-grpo.yaml", overrides)
+    manifests = stages.run_all(cfg)
+    comparison = manifests["evaluate"]["comparison"]
+    assert list(comparison) == ["base", "sft", "dpo", "grpo"]
+    assert {"checker_accuracy", "kl_to_reference"} <= set(comparison["grpo"])
+    client = tracking.client()
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment)
+                               .experiment_id])
+    assert {r.info.run_name for r in runs} == {"data", "sft", "dpo", "grpo", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -140,9 +140,9 @@ def _posttrain(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["run", "dpo", "plan"])
+@pytest.mark.parametrize("command", ["run", "dpo"])
 def test_commands_fail_in_seconds_before_any_training(tmp_path, command):
-    """A model folder that does not exist: `posttrain run`, a stage command and `plan` exit 2
+    """A model folder that does not exist: `posttrain run` and a stage command exit 2
     with the message, start no Prefect server, log no MLflow run and write no artifact."""
     missing = tmp_path / "no-such-model"
     out, seconds = _posttrain([command, str(ROOT / "conf/demo.yaml"),
