@@ -21,19 +21,17 @@ from posttrain.config import (
     RewardConfig,
     SFTConfig,
 )
+from posttrain.data.formats import PROMPT_FORMATS
 from posttrain.data.validation import (
     LANGUAGE_MODELING,
     PREFERENCE,
     PREFERENCE_IMPLICIT,
     PROMPT_COMPLETION,
-    PROMPT_ONLY,
     UNPAIRED_PREFERENCE,
 )
 
 PAIRS = (PREFERENCE, PREFERENCE_IMPLICIT)
-# Any format with a prompt: online methods sample their own completions.
-PROMPTS = (PROMPT_ONLY, PROMPT_COMPLETION, PREFERENCE, PREFERENCE_IMPLICIT, UNPAIRED_PREFERENCE,
-           LANGUAGE_MODELING)
+PROMPTS = PROMPT_FORMATS  # online methods sample their own completions from any prompt
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,19 @@ def tiny_pipeline_values(tmp_path, stages: list[dict] | None = None, **sections)
         else:
             values[name] = update
     return values
+
+
+def stage_runs(parent_run_id: str) -> dict:
+    """The MLflow child runs of a pipeline's parent run, by stage name."""
+    from posttrain import tracking
+
+    c = tracking.client()
+    parent = c.get_run(parent_run_id)
+    runs = c.search_runs([parent.info.experiment_id],
+                         f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
+
+
+def statuses(result: dict) -> dict[str, str]:
+    """{stage: 'ran' | 'cached'} from a flow's result."""
+    return {r["stage"]: r["status"] for r in result["stages"]}

@@ -10,26 +10,13 @@ from posttrain import tracking
 from posttrain.config import PipelineConfig, validate
 from posttrain.data import demo
 from posttrain.data.loading import write_jsonl
-from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, stage_runs, statuses, tiny_pipeline_values
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def _cfg(tmp_path, **sections) -> PipelineConfig:
     return validate(PipelineConfig, tiny_pipeline_values(tmp_path, **sections))
-
-
-def _status(result: dict) -> dict[str, str]:
-    return {r["stage"]: r["status"] for r in result["stages"]}
-
-
-def _children(parent_run_id: str) -> dict[str, object]:
-    c = tracking.client()
-    parent = c.get_run(parent_run_id)
-    runs = c.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
-    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
 
 
 def _no_training(*args, **kwargs):
@@ -42,8 +29,8 @@ def test_unchanged_rerun_trains_nothing_and_logs_cache_hits(tmp_path, monkeypatc
 
     cfg = _cfg(tmp_path)
     first = pipeline(cfg)
-    assert _status(first) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
-    first_children = _children(first["mlflow_run_id"])
+    assert statuses(first) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+    first_children = stage_runs(first["mlflow_run_id"])
     assert set(first_children) == {"data", "sft", "evaluate"}
     sft_run = first_children["sft"]
     assert sft_run.info.status == "FINISHED"
@@ -56,9 +43,9 @@ def test_unchanged_rerun_trains_nothing_and_logs_cache_hits(tmp_path, monkeypatc
     mtime = weights.stat().st_mtime_ns
     monkeypatch.setattr(sft, "train", _no_training)
     second = pipeline(cfg)
-    assert _status(second) == {"data": "cached", "sft": "cached", "evaluate": "cached"}
+    assert statuses(second) == {"data": "cached", "sft": "cached", "evaluate": "cached"}
     assert weights.stat().st_mtime_ns == mtime
-    for name, run in _children(second["mlflow_run_id"]).items():
+    for name, run in stage_runs(second["mlflow_run_id"]).items():
         assert run.data.tags[tracking.CACHE_HIT_TAG] == "true"
         assert run.data.tags[tracking.SOURCE_RUN_TAG] == first_children[name].info.run_id
     assert second["comparison"] == first["comparison"]
@@ -69,7 +56,7 @@ def test_changing_an_sft_field_reruns_sft_and_evaluation_only(tmp_path):
 
     pipeline(_cfg(tmp_path))
     changed = pipeline(_cfg(tmp_path, stages=[{**SFT_STAGE, "learning_rate": 1e-3}]))
-    assert _status(changed) == {"data": "cached", "sft": "ran", "evaluate": "ran"}
+    assert statuses(changed) == {"data": "cached", "sft": "ran", "evaluate": "ran"}
 
 
 @pytest.mark.slow
@@ -81,13 +68,13 @@ def test_changing_one_data_row_reruns_everything_downstream(tmp_path):
     write_jsonl(rows, path)
     cfg = _cfg(tmp_path, data={"sft": {"path": str(path), "eval_fraction": 0.1}})
     first = pipeline(cfg)
-    assert _status(first) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
-    assert _status(pipeline(cfg))["data"] == "cached"
+    assert statuses(first) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+    assert statuses(pipeline(cfg))["data"] == "cached"
 
     rows[7] = {**rows[7], "completion": json.loads(json.dumps(rows[7]["completion"]))}
     rows[7]["completion"][0]["content"] += "0"
     write_jsonl(rows, path)
-    assert _status(pipeline(cfg)) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+    assert statuses(pipeline(cfg)) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
 
 
 def test_sft_flow_runs_data_and_sft(tmp_path):
@@ -108,18 +95,18 @@ def test_preference_methods_are_independent_cached_stages(tmp_path):
 
     values = tiny_pipeline_values(tmp_path, _pref_stages())
     first = pipeline(validate(PipelineConfig, values))
-    assert _status(first) == {s: "ran" for s in
+    assert statuses(first) == {s: "ran" for s in
                               ("data", "sft", "reward", "dpo", "orpo", "kto", "evaluate")}
     assert set(first["comparison"]) == {"base", "sft", "dpo", "orpo", "kto"}
     assert all("reward_score" in m for m in first["comparison"].values())
-    children = _children(first["mlflow_run_id"])
+    children = stage_runs(first["mlflow_run_id"])
     assert {"reward", "dpo", "orpo", "kto"} <= set(children)
     assert "rewards/margins" in children["dpo"].data.metrics
     assert "eval_accuracy" in children["reward"].data.metrics
 
     changed = pipeline(validate(PipelineConfig, tiny_pipeline_values(
         tmp_path, _pref_stages(beta=0.3))))
-    assert _status(changed) == {
+    assert statuses(changed) == {
         "data": "cached", "sft": "cached", "reward": "cached", "dpo": "ran", "orpo": "cached",
         "kto": "cached", "evaluate": "ran",
     }
@@ -143,15 +130,15 @@ def test_online_methods_run_as_cached_stages_with_curves_in_mlflow(tmp_path):
         stage("grpo", **online), stage("ppo", **online)])
     cfg = validate(PipelineConfig, values)
     first = pipeline(cfg)
-    assert _status(first) == {s: "ran" for s in ("data", "sft", "reward", "grpo", "ppo",
+    assert statuses(first) == {s: "ran" for s in ("data", "sft", "reward", "grpo", "ppo",
                                                  "evaluate")}
     assert {"grpo", "ppo"} <= set(first["comparison"])
-    children = _children(first["mlflow_run_id"])
+    children = stage_runs(first["mlflow_run_id"])
     c = tracking.client()
     assert [m.step for m in c.get_metric_history(children["grpo"].info.run_id, "reward")] == [1, 2]
     assert len(c.get_metric_history(children["ppo"].info.run_id, "objective/kl")) == 2
     second = pipeline(cfg)
-    assert set(_status(second).values()) == {"cached"}
+    assert set(statuses(second).values()) == {"cached"}
 
 
 # ------------------------------------------------------- evaluation, promotion, retraining
@@ -182,7 +169,7 @@ def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path)
     assert comparison["sft"]["win_rate_vs_reference"] == 0.5
     assert comparison["sft"]["kl_to_reference"] == 0.0
     assert {"comparison.json", "comparison.png"} <= _artifact_paths(first["mlflow_run_id"])
-    children = _children(first["mlflow_run_id"])
+    children = stage_runs(first["mlflow_run_id"])
     assert "heldout/win_rate_vs_reference" in tracking.client().get_run(
         children["dpo"].info.run_id).data.metrics
 
@@ -233,18 +220,18 @@ def test_retrain_caches_unchanged_data_and_reruns_changed_data(tmp_path, monkeyp
     assert emitted == []  # a first run has nothing to compare with
 
     unchanged = retrain(cfg)
-    assert set(_status(unchanged).values()) == {"cached"}
+    assert set(statuses(unchanged).values()) == {"cached"}
     assert not unchanged["promotion"]["promote"]
 
     write_jsonl(rows[:-1], path)
     changed = pipeline(cfg)  # data preparation notices the new fingerprint and emits the event
-    assert _status(changed)["data"] == "ran"
+    assert statuses(changed)["data"] == "ran"
     assert len(emitted) == 1 and emitted[0][0][0] == cfg.name
     assert emitted[0][0][1]["changed"] == ["sft"]
 
     write_jsonl(rows[:-2], path)
     again = retrain(cfg)  # the retraining flow itself never emits (it is the retraining)
-    assert _status(again) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
+    assert statuses(again) == {"data": "ran", "sft": "ran", "evaluate": "ran"}
     assert len(emitted) == 1
     parent = tracking.client().get_run(again["mlflow_run_id"])
     assert "sft" in json.loads(parent.data.tags["posttrain.data_fingerprints"])

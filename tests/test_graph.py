@@ -13,7 +13,7 @@ from posttrain import stages, tracking
 from posttrain.config import PipelineConfig, validate
 from posttrain.data.loading import write_jsonl
 from tests._chat_model import build_chat_model
-from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, stage_runs, statuses, tiny_pipeline_values
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
              "Translate 'good morning' to Spanish.", "Explain photosynthesis briefly.",
@@ -48,18 +48,6 @@ def _ultrachat_rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     return build_chat_model(tmp_path_factory.mktemp("chat") / "model")
-
-
-def _children(parent_run_id: str) -> dict:
-    c = tracking.client()
-    parent = c.get_run(parent_run_id)
-    runs = c.search_runs([parent.info.experiment_id],
-                         f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
-
-
-def _status(result: dict) -> dict[str, str]:
-    return {r["stage"]: r["status"] for r in result["stages"]}
 
 
 # --------------------------------------------------------------------- no SFT, user's model
@@ -110,21 +98,21 @@ def test_a_chain_caches_along_the_graph(tmp_path):
             tmp_path, chain, evaluate={"reference": "sft"}, promotion={"enabled": False}))
 
     first = pipeline(cfg(0.1))
-    assert set(_status(first).values()) == {"ran"}
+    assert set(statuses(first).values()) == {"ran"}
     assert list(first["comparison"]) == ["base", "sft", "dpo", "grpo"]
-    children = _children(first["mlflow_run_id"])
+    children = stage_runs(first["mlflow_run_id"])
     assert children["grpo"].data.params["start"] == "dpo"
 
     changed = pipeline(cfg(0.3))
-    assert _status(changed) == {"data": "cached", "sft": "cached", "dpo": "ran", "grpo": "ran",
+    assert statuses(changed) == {"data": "cached", "sft": "cached", "dpo": "ran", "grpo": "ran",
                                 "evaluate": "ran"}
     dpo_b05 = stage("dpo", "dpo-b05", beta=0.5)
     added = pipeline(cfg(0.3, [dpo_b05]))
-    assert _status(added) == {"data": "cached", "sft": "cached", "dpo": "cached",
+    assert statuses(added) == {"data": "cached", "sft": "cached", "dpo": "cached",
                               "grpo": "cached", "dpo-b05": "ran", "evaluate": "ran"}
     assert list(added["comparison"]) == ["base", "sft", "dpo", "grpo", "dpo-b05"]
     # Each DPO stage has its own folder, child run and settings.
-    runs = _children(added["mlflow_run_id"])
+    runs = stage_runs(added["mlflow_run_id"])
     assert runs["dpo-b05"].data.params["beta"] == "0.5"
     assert (tmp_path / "artifacts" / "dpo-b05").is_dir()
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from posttrain.config import PipelineConfig, read_yaml, validate
-from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
+from tests.conftest import SFT_STAGE, stage, stage_runs, tiny_pipeline_values
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -188,16 +188,6 @@ def _wait_for_run_of(client, deployment_id, served: dict, timeout: float = 90):
                        + served["log"].read_text()[-3000:])
 
 
-def _mlflow_children(parent_run_id: str) -> dict:
-    from posttrain import tracking
-
-    c = tracking.client()
-    parent = c.get_run(parent_run_id)
-    runs = c.search_runs([parent.info.experiment_id],
-                         f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
-
-
 def _parent_of(flow_run_id):
     from posttrain import tracking
 
@@ -246,7 +236,7 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         assert parent.data.params["artifacts_root"] == served["values"]["artifacts_root"]
         assert parent.data.params["model.tiny.hidden_size"] == "32"  # served, not the default 64
         assert parent.info.status == "FINISHED"
-        children = _mlflow_children(parent.info.run_id)
+        children = stage_runs(parent.info.run_id)
         assert set(children) == {"data", "sft", "dpo", "grpo", "evaluate"}
         assert all(c.info.status == "FINISHED" for c in children.values())
         artifacts = {a.path for a in tracking.client().list_artifacts(parent.info.run_id)}
@@ -269,6 +259,6 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         assert emitted.returncode == 0, emitted.stdout + emitted.stderr
         triggered = _wait_final(client, _wait_for_run_of(client, retrain.id, served).id, served)
         assert triggered.state.is_completed(), triggered.state
-        retrain_children = _mlflow_children(_parent_of(triggered.id).info.run_id)
+        retrain_children = stage_runs(_parent_of(triggered.id).info.run_id)
         assert set(retrain_children) == {"data", "sft", "evaluate"}
         assert retrain_children["sft"].data.tags.get(tracking.CACHE_HIT_TAG) == "true"

@@ -49,15 +49,9 @@ from posttrain.data.validation import (
     UNPAIRED_PREFERENCE,
 )
 
-# Formats whose rows give a prompt (all but language modeling `text` rows).
-PROMPT_FORMATS = (
-    PROMPT_ONLY,
-    PROMPT_COMPLETION,
-    UNPAIRED_PREFERENCE,
-    PREFERENCE,
-    PREFERENCE_IMPLICIT,
-    f"{LANGUAGE_MODELING} with `messages`",
-)
+# Formats whose rows give a prompt (language modeling only with `messages`, not `text`).
+PROMPT_FORMATS = (PROMPT_ONLY, PROMPT_COMPLETION, UNPAIRED_PREFERENCE, PREFERENCE,
+                  PREFERENCE_IMPLICIT, LANGUAGE_MODELING)
 # Each format's own columns; all others are extra columns, kept by name. (Language-modeling
 # rows give prompts only through `messages`.)
 _FORMAT_FIELDS = {**FORMAT_COLUMNS, LANGUAGE_MODELING: ("messages",)}
@@ -183,7 +177,7 @@ def _split_conversation(row: dict, source: str, where: str) -> tuple[list, list]
         kind = "`text`" if "text" in row else f"columns {sorted(row)}"
         raise DataError(
             f"{source}: language-modeling rows with {kind} have no prompt to generate from; "
-            f"prompts come from these formats: {', '.join(PROMPT_FORMATS)}"
+            f"prompts come from these formats: {', '.join(PROMPT_FORMATS)} (with `messages`)"
         )
     messages = row["messages"]
     if not isinstance(messages, list):

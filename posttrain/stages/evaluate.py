@@ -16,6 +16,7 @@ from posttrain.data.validation import (
     PROMPT_COMPLETION,
     UNPAIRED_PREFERENCE,
 )
+from posttrain.methods import PAIRS
 from posttrain.stages.common import digest, dump, model_params, run_stage
 
 BASE = "base"
@@ -35,7 +36,7 @@ def evaluation_metrics(cfg: PipelineConfig, formats: dict[str, str], checker: bo
         out.add("checker_accuracy")
     if cfg.eval_reward is not None:
         out |= {"reward_score", "win_rate_vs_reference"}
-    if any(fmt in (PREFERENCE, PREFERENCE_IMPLICIT) for fmt in formats.values()):
+    if any(fmt in PAIRS for fmt in formats.values()):
         out.add("chosen_perplexity")
     return out
 
@@ -63,7 +64,7 @@ def _read_sources(cfg: PipelineConfig, data_manifest: dict) -> list[str]:
 
 def _preference_source(data_manifest: dict) -> str | None:
     return next((n for n, d in data_manifest["datasets"].items()
-                 if d["format"] in (PREFERENCE, PREFERENCE_IMPLICIT)), None)
+                 if d["format"] in PAIRS), None)
 
 
 def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
