@@ -37,6 +37,16 @@ def client():
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or for a local store on the UI
+    that `make ui` starts over it (127.0.0.1, MLFLOW_UI_PORT, default 5000)."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        uri = f"http://127.0.0.1:{os.environ.get('MLFLOW_UI_PORT') or 5000}"
+    experiment = client().get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
 def experiment_id(name: str) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
@@ -152,10 +162,16 @@ def close_orphaned_runs(experiment: str, tags: dict[str, str], *, closer: str) -
 
 
 class MetricLogger:
-    """Buffers per-step metrics and sends them in batches (one SQLite write per few hundred)."""
+    """Buffers per-step metrics and sends them in batches (one SQLite write per few hundred).
 
-    def __init__(self, run_id: str | None, flush_every: int = 500, flush_seconds: float = 10.0):
+    With `echo` (the default), each call also reports the step's metrics as one line through
+    posttrain.progress (the `posttrain.progress` logger, which a Prefect task sends to its run's
+    logs): the training loops call it every `log_every` steps and after each evaluation."""
+
+    def __init__(self, run_id: str | None, flush_every: int = 500, flush_seconds: float = 10.0,
+                 echo: bool = True):
         self.run_id = run_id
+        self.echo = echo
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds  # a killed run loses at most this much of its curve
         self._last_flush = time.monotonic()
@@ -167,6 +183,10 @@ class MetricLogger:
 
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self.history.append((step, clean))
+        if self.echo:
+            from posttrain import progress
+
+            progress.report_metrics(step, clean)
         if self.run_id is None:
             return
         now = int(time.time() * 1000)
@@ -188,7 +208,7 @@ class MetricLogger:
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    logger = MetricLogger(run_id)
+    logger = MetricLogger(run_id, echo=False)
     logger(metrics, step)
     logger.flush()
 
@@ -290,25 +310,55 @@ def log_comparison(run_id: str, comparison: dict[str, dict[str, float]],
         c.log_figure(run_id, comparison_chart(comparison), chart_file)
 
 
-def comparison_chart(comparison: dict[str, dict[str, float]]):
-    """A matplotlib Figure (Agg backend, no display needed): metric by stage."""
+def comparison_chart(comparison: dict[str, dict[str, float]], base: str = "base"):
+    """A matplotlib Figure (Agg backend, no display needed): one panel per metric, a bar per
+    model with its value written on it.
+
+    Each panel has its own y axis, scaled to the trained models: the untrained `base` model is
+    often far off (perplexity 100 against 2, say) and would flatten their differences. Its bar
+    is still drawn (grey), cut at the axis' edge and hatched when it lies beyond, with its true
+    value on it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = list(comparison)
+    models = list(comparison)
     metrics = sorted({k for m in comparison.values() for k in m})
     cols = min(3, max(1, len(metrics)))
     nrows = max(1, math.ceil(len(metrics) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        values = [comparison[s].get(metric, math.nan) for s in stages]
-        ax.bar(stages, [v if _is_number(v) else 0.0 for v in values], color="#4c72b0")
-        ax.set_title(metric, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        _metric_panel(ax, metric, models, [comparison[m].get(metric) for m in models], base)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
     plt.close(fig)  # the Figure still renders when saved; pyplot just forgets it
     return fig
+
+
+def _metric_panel(ax, metric: str, models: list[str], values: list, base: str) -> None:
+    numbers = [float(v) if _is_number(v) else math.nan for v in values]
+    trained = [v for m, v in zip(models, numbers) if m != base and not math.isnan(v)]
+    lo, hi = _axis_limits(trained or numbers)
+    heights = [0.0 if math.isnan(v) else min(max(v, lo), hi) for v in numbers]
+    bars = ax.bar(models, heights, color=["#999999" if m == base else "#4c72b0" for m in models])
+    labels = []
+    for bar, v, h in zip(bars, numbers, heights):
+        cut = not math.isnan(v) and h != v
+        if cut:  # beyond the axis: drawn to its edge, hatched, its true value written on it
+            bar.set_hatch("//")
+            bar.set_edgecolor("black")
+        labels.append("n/a" if math.isnan(v) else f"{v:.3g}" + (" (cut)" if cut else ""))
+    ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+    ax.set_ylim(lo, hi)
+    ax.set_title(metric, fontsize=10)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+
+
+def _axis_limits(values: list[float]) -> tuple[float, float]:
+    """A bar axis for `values` that includes zero, with room beyond the bars for their labels."""
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
+    lo, hi = min(0.0, *finite), max(0.0, *finite)
+    span = (hi - lo) or 1.0
+    return (lo - 0.25 * span if lo < 0 else 0.0), (hi + 0.25 * span if hi > 0 or lo == 0 else 0.0)

@@ -1,12 +1,18 @@
-"""Evaluation task: the base model and every candidate stage on the same held-out prompts."""
+"""Evaluation task: the base model and every candidate stage on the same held-out prompts.
+
+In the Prefect UI its run logs one line of held-out metrics per model, and links to its MLflow
+run and output folder (samples, comparison.json)."""
 
 from __future__ import annotations
 
-from prefect import task
+from pathlib import Path
 
-from posttrain import stages
+from prefect import get_run_logger, task
+
+from posttrain import progress, stages
 from posttrain.config import PipelineConfig
 from tasks.common import with_stage_cache
+from tasks.train import link_stage, send_progress_to_prefect
 
 
 @task(name="evaluate")
@@ -17,7 +23,13 @@ def _evaluate(
     reward: dict | None = None,
     parent_run_id: str | None = None,
 ) -> dict:
-    return stages.run_eval_stage(cfg, data, candidates, reward, parent_run_id=parent_run_id)
+    send_progress_to_prefect()
+    manifest = stages.run_eval_stage(cfg, data, candidates, reward, parent_run_id=parent_run_id)
+    logger = get_run_logger()
+    for name, metrics in manifest.get("comparison", {}).items():
+        logger.info(f"held-out {name}: {progress.metrics_text(metrics)}")
+    link_stage(cfg.name, "evaluate", manifest, Path(manifest["path"]))
+    return manifest
 
 
 def evaluate_task(cfg: PipelineConfig):

@@ -1,5 +1,6 @@
-"""Promotion task: the gate (posttrain.promotion.decide), the registry alias, and a Prefect
-markdown artifact recording the decision with the comparison table."""
+"""Promotion task: the gate (posttrain.promotion.decide), the registry alias, and Prefect
+artifacts on the flow run recording the decision: a markdown report and a table (one row per
+model, its held-out metrics and its part in the decision)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import re
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from posttrain import promotion, stages, tracking
 from posttrain.config import PipelineConfig
@@ -39,7 +40,36 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
         key=_artifact_key(f"{cfg.name}-promotion"),
         description=f"Promotion decision for {name}",
     )
+    create_table_artifact(
+        table=decision_table(result, comparison, p.metric),
+        key=_artifact_key(f"{cfg.name}-comparison"),
+        description=decision_markdown(result, {}, p.metric).split("## Comparison")[0],
+    )
     return result
+
+
+def decision_table(result: dict, comparison: dict[str, dict], primary: str) -> list[dict]:
+    """One row per model (the registry's champion last): its held-out metrics, the primary
+    first, and `decision` saying which model was promoted or best."""
+    metrics = sorted({k for m in comparison.values() for k in m}, key=lambda k: (k != primary, k))
+    winner = result.get("winner")
+    rows = []
+    for model, m in comparison.items():
+        part = ""
+        if model == winner:
+            part = "promoted" if result["promote"] else "best, not promoted"
+        rows.append({"model": model, "decision": part,
+                     **{k: _number(m.get(k)) for k in metrics}})
+    if result.get("champion"):
+        rows.append({"model": "champion (registry)",
+                     "decision": "replaced" if result["promote"] else "kept",
+                     **{k: _number(result["champion"].get(k)) for k in metrics}})
+    return rows
+
+
+def _number(v):
+    """A metric for the table: None where missing or not finite (JSON has no NaN)."""
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def decision_markdown(result: dict, comparison: dict[str, dict], primary: str) -> str:

@@ -1,11 +1,22 @@
 """Training-stage task: one task per stage of the graph, named after the stage in the Prefect UI,
-cached on the stage's content key."""
+cached on the stage's content key.
+
+What the Prefect UI shows of a stage: its training progress in the task run's logs (the library
+reports a metric line every `log_every` steps on the `posttrain.progress` logger, sent to the run
+by `send_progress_to_prefect`), and link artifacts to the stage's MLflow run and model folder.
+"""
 
 from __future__ import annotations
 
-from prefect import task
+import logging
+import re
+from pathlib import Path
 
-from posttrain import stages
+from prefect import task
+from prefect.artifacts import create_link_artifact
+from prefect.logging.handlers import APILogHandler
+
+from posttrain import progress, stages, tracking
 from posttrain.config import PipelineConfig
 from tasks.common import run_training_stage, with_stage_cache
 
@@ -13,8 +24,11 @@ from tasks.common import run_training_stage, with_stage_cache
 @task
 def _train(cfg: PipelineConfig, stage: str, data: dict, start: dict | None = None,
            reward: dict | None = None, parent_run_id: str | None = None) -> dict:
+    send_progress_to_prefect()
     upstream = {"data": data, "start": start, "reward": reward}
-    return run_training_stage(cfg, stage, upstream, parent_run_id)
+    manifest = run_training_stage(cfg, stage, upstream, parent_run_id)
+    link_stage(cfg.name, stage, manifest, Path(manifest["path"]) / "model")
+    return manifest
 
 
 def train_task(cfg: PipelineConfig, stage: str):
@@ -24,3 +38,50 @@ def train_task(cfg: PipelineConfig, stage: str):
         lambda p: stages.stage_key(p["cfg"], p["stage"], {
             "data": p["data"], "start": p.get("start"), "reward": p.get("reward")}),
     )
+
+
+class _RunLogs(APILogHandler):
+    """Prefect's API log handler for the library's progress logger: a record goes to the flow or
+    task run current in the thread that logs it (so stages training at the same time keep
+    their own lines), and outside any run nowhere (no warning)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
+            super().emit(record)
+
+
+def send_progress_to_prefect() -> None:
+    """Send the `posttrain.progress` lines (metrics every `log_every` steps, evaluation results)
+    to the current Prefect run's logs; they stay off the console, which has the progress bar.
+    Idempotent: installs the handler once per process."""
+    logger = progress.logger
+    if not any(isinstance(h, _RunLogs) for h in logger.handlers):
+        logger.addHandler(_RunLogs())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def link_stage(pipeline: str, stage: str, manifest: dict, folder: Path) -> None:
+    """Link artifacts of a stage: its MLflow run (the one that produced it, when cached) and
+    its output folder."""
+    run_id = manifest.get("mlflow_run_id")
+    where = "cached, produced by" if manifest.get("cached") else "produced by"
+    if run_id:
+        create_link_artifact(
+            link=tracking.run_url(run_id), link_text=f"MLflow run of {stage}",
+            key=artifact_key(f"{pipeline}-{stage}-mlflow-run"),
+            description=f"Stage `{stage}` ({where} MLflow run `{run_id}`): params, metrics "
+                        "per step, datasets and artifacts.",
+        )
+    create_link_artifact(
+        link=folder.resolve().as_uri(), link_text=str(folder),
+        key=artifact_key(f"{pipeline}-{stage}-folder"),
+        description=f"Output folder of stage `{stage}` (key `{manifest.get('key', '')}`).",
+    )
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "posttrain"

@@ -101,7 +101,7 @@ def test_a_chain_caches_along_the_graph(tmp_path):
     assert set(statuses(first).values()) == {"ran"}
     assert list(first["comparison"]) == ["base", "sft", "dpo", "grpo"]
     children = stage_runs(first["mlflow_run_id"])
-    assert children["grpo"].data.params["start"] == "dpo"
+    assert children["grpo"].data.params["starts_from"] == "dpo"
 
     changed = pipeline(cfg(0.3))
     assert statuses(changed) == {"data": "cached", "sft": "cached", "dpo": "ran", "grpo": "ran",

@@ -287,8 +287,9 @@ def checkpoint_dir(cfg: PipelineConfig, stage, key: str) -> Path:
 
 
 def run_params(cfg: PipelineConfig, stage) -> dict:
-    """The MLflow params of a training stage's run: its settings under their own names (so the
-    run comparison lines up `learning_rate` across stages), its graph fields and the model."""
-    return {**settings(stage), "start": stage.start, "data": stage.data, "reward": stage.reward,
-            "model": cfg.model.name_or_path,
+    """The MLflow params of a training stage's run: its settings under their own names, the
+    same for every stage (`learning_rate`, `beta`, `max_steps`, `method`), so that MLflow's run
+    comparison lines them up; what it starts from, its data and reward stage; and the model."""
+    return {**settings(stage), "starts_from": stage.start, "data": stage.data,
+            "reward": stage.reward, "model": cfg.model.name_or_path,
             "lora": dump(cfg.model.lora) if cfg.model.lora else None}

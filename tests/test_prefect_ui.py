@@ -1,0 +1,146 @@
+"""What the Prefect UI shows: the parameter form's schema, and a flow run's logs and artifacts
+read back through the Prefect API of a real (temporary) server."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import PipelineConfig, validate
+from tests.conftest import SFT_STAGE, tiny_pipeline_values
+
+
+def _walk(schema, path=""):
+    """Every (path, sub-schema) of a JSON schema."""
+    if isinstance(schema, dict):
+        yield path, schema
+        for k, v in schema.items():
+            yield from _walk(v, f"{path}/{k}")
+    elif isinstance(schema, list):
+        for i, v in enumerate(schema):
+            yield from _walk(v, f"{path}/{i}")
+
+
+def _form_schema() -> dict:
+    """The parameter schema Prefect derives for the pipeline flow (what its UI form renders)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from pipelines.flows import pipeline
+
+    return parameter_schema(pipeline.fn).model_dump_for_openapi()
+
+
+def test_parameter_form_has_no_const_but_each_stage_method():
+    """The UI shows a `const` as "cannot be changed": only a stage's `method`, which picks the
+    stage's alternative, may be one. `gradient_checkpointing` (true, false or 'auto') and
+    `target_modules` (a list or 'all-linear') offer their word as a choice."""
+    schema = _form_schema()
+    consts = [p for p, s in _walk(schema) if "const" in s]
+    assert consts and all(p.endswith("/properties/method") for p in consts), consts
+    model = schema["definitions"]["ModelConfig"]["properties"]["gradient_checkpointing"]
+    assert model["anyOf"] == [{"type": "boolean"}, {"type": "string", "enum": ["auto"]}]
+    lora = schema["definitions"]["LoraConfig"]["properties"]["target_modules"]
+    assert {"type": "string", "enum": ["all-linear"]} in lora["anyOf"]
+    # Every value the form offers still validates, and nothing else does.
+    for value in (True, False, "auto"):
+        cfg = validate(PipelineConfig, {"model": {"gradient_checkpointing": value}})
+        assert cfg.model.gradient_checkpointing == value
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        validate(PipelineConfig, {"model": {"gradient_checkpointing": "sometimes"}})
+
+
+def test_parameter_form_groups_fields_by_stage():
+    """Each stage of the list is one of the methods' forms (`anyOf`: the UI's form renders it,
+    not `oneOf`, which it shows as raw JSON), and the server-side check the deployment enforces
+    (jsonschema against the same schema) accepts a valid stage list and refuses a bad one."""
+    import jsonschema
+
+    schema = _form_schema()
+    assert not [p for p, s in _walk(schema) if "oneOf" in s]
+    items = schema["definitions"]["PipelineConfig"]["properties"]["stages"]["items"]
+    refs = [a["$ref"].rsplit("/", 1)[1] for a in items["anyOf"]]
+    assert refs == ["SFTConfig", "RewardConfig", "DPOConfig", "ORPOConfig", "KTOConfig",
+                    "GRPOConfig", "PPOConfig"]
+    check = jsonschema.Draft202012Validator(schema)
+    good = {"cfg": {"stages": [SFT_STAGE, {"name": "dpo", "method": "dpo", "start": "sft",
+                                           "data": "preference", "beta": 0.2}]}}
+    assert not list(check.iter_errors(good))
+    bad = {"cfg": {"stages": [{"name": "x", "method": "dpo", "data": "p", "beta": "high"}]}}
+    assert list(check.iter_errors(bad))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
+    """A tiny pipeline (SFT, 6 steps, a metric line every 2 steps), read back through the
+    Prefect API: the SFT task run's logs hold its metric lines (steps 2, 4, 6; the evaluation
+    at step 3 and 6 adds eval_loss), the evaluate task run's one line per model; each stage
+    links its MLflow run and folder; the flow run has the comparison table with the decision."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+    )
+
+    from pipelines.flows import pipeline
+    from posttrain import tracking
+
+    values = tiny_pipeline_values(tmp_path, [{**SFT_STAGE, "log_every": 2}], name="ui")
+    result = pipeline(validate(PipelineConfig, values))
+    flow_run_id = tracking.client().get_run(result["mlflow_run_id"]).data.tags[
+        "prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_run_id])))
+        by_name = {t.name.rsplit("-", 1)[0]: t for t in tasks}
+        assert {"sft", "evaluate", "promote"} <= set(by_name)
+
+        def lines(task_name: str, want: int) -> list[str]:
+            deadline = time.time() + 20  # logs reach the server in batches, in the background
+            while True:
+                logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(
+                    any_=[by_name[task_name].id])))
+                found = [log.message for log in logs if log.name == "posttrain.progress"
+                         or log.message.startswith("held-out")]
+                if len(found) >= want or time.time() > deadline:
+                    return found
+                time.sleep(0.5)
+
+        sft = lines("sft", 4)
+        steps = [line.split(":")[0] for line in sft]
+        assert steps == ["step 2", "step 3", "step 4", "step 6"], sft  # log_every 2, eval at 3
+        assert all(" loss=" in line or line.startswith("step 3") for line in sft)
+        assert "eval_loss=" in sft[1] and "eval_loss=" in sft[3] and "learning_rate=" in sft[0]
+        held = lines("evaluate", 2)
+        assert [line.split(":")[0] for line in held] == ["held-out base", "held-out sft"]
+        assert "checker_accuracy=" in held[0]
+
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        by_key = {a.key: a for a in artifacts}
+        # A link artifact is stored (and shown) as markdown: [text](link).
+        run_link = by_key["ui-sft-mlflow-run"].data
+        sft_run = result["stages"][1]["source_run_id"]
+        assert re.fullmatch(rf"\[MLflow run of sft\]\(http://\S+/#/experiments/\d+/runs/"
+                            rf"{sft_run}\)", run_link), run_link
+        folder = Path(result["stages"][1]["path"]) / "model"
+        assert by_key["ui-sft-folder"].data == f"[{folder}]({folder.resolve().as_uri()})"
+        assert "MLflow run of evaluate" in by_key["ui-evaluate-mlflow-run"].data
+        table = by_key["ui-comparison"]
+        assert table.type == "table"
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        assert [r["model"] for r in rows] == ["base", "sft"]
+        winner = result["promotion"]["winner"]
+        assert {r["model"]: r["decision"] for r in rows}[winner] in {"promoted",
+                                                                     "best, not promoted"}
+        assert rows[1]["checker_accuracy"] == pytest.approx(
+            result["comparison"]["sft"]["checker_accuracy"])
+        assert by_key["ui-promotion"].type == "markdown"  # the report is still there
