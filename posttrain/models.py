@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -31,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2Tokenizer,
 )
 
 from posttrain.config import LoraConfig, ModelConfig, TinyModelConfig
@@ -58,27 +58,42 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------- tokenizers
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+def _byte_symbols(text: str) -> str:
+    """`text` as byte-level BPE writes it: each UTF-8 byte as one printable symbol (GPT-2's
+    table: " " is "Ġ", "\\n" is "Ċ", printable ASCII stays itself)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in text.encode())
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     """A character-level tokenizer with chat special tokens, built offline.
 
     One id per character keeps the demo tasks trivially tokenizable (digits are never merged), and
-    `decode` gives back the exact text. Special tokens are added tokens, which the tokenizer
-    matches before pre-tokenization, so "<|end|>" in text is one id, not seven characters.
-    Encoding adds no special tokens (there is no post-processor): the chat template and the
-    tokenization code decide where they go.
+    `decode` gives back the exact text. Special tokens are added tokens, matched before
+    pre-tokenization, so "<|end|>" in text is one id, not seven characters. Encoding adds no
+    special tokens: the chat template and the tokenization code decide where they go.
+
+    It is a `Qwen2Tokenizer` (byte-level BPE) whose vocabulary holds one symbol per character
+    and no merges: the tiny model is a Qwen2 model, and transformers' AutoTokenizer builds a
+    Qwen2Tokenizer for every folder whose config.json says model_type "qwen2", whatever
+    tokenizer_class the folder declares. Being that class already, the saved folder loads with
+    plain `AutoTokenizer.from_pretrained` (and tokenizer.json with the `tokenizers` library) to
+    the very ids training used. The ids are those of the earlier word-level tokenizer: specials
+    0-5, then TINY_CHARS in order. Characters outside TINY_CHARS have no id and are left out
+    (byte-level BPE without byte fallback, as Qwen2Tokenizer builds it); the demo data is ASCII.
     """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + TINY_CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    # "[\s\S]", not ".": Oniguruma's "." does not match "\n", and the unmatched run "\n\n" would
-    # become one <unk> piece.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in TINY_CHARS:
+        vocab[_byte_symbols(char)] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=UNK_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
+        bos_token=None,
         extra_special_tokens=list(ROLE_TOKENS),
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
@@ -126,8 +141,9 @@ def load_trained_tokenizer(
 
     transformers 5's AutoTokenizer ignores a generic `tokenizer_class` when the config.json next
     to it has model_type "qwen2" and builds Qwen2Tokenizer, whose hard-coded byte-level BPE
-    pre-tokenizer silently breaks the tiny character tokenizer (spaces vanish). Files that declare
-    the generic class are therefore loaded as written; everything else goes through AutoTokenizer.
+    pre-tokenizer silently breaks a word-level tokenizer (spaces vanish). The pipeline's own
+    folders load with AutoTokenizer (the tiny tokenizer is a Qwen2Tokenizer); files that declare
+    the generic class (older stage folders, other tools' folders) are loaded as written.
     """
     path = Path(path)
     config_file = path / "tokenizer_config.json"

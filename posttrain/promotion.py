@@ -12,9 +12,10 @@ empty comparison, promotes nothing. A candidate wins when it
 3. beats the champion's primary metric by at least `cfg.min_margin` and by more than 0 (an
    unchanged re-run therefore never moves the alias).
 
-`register_champion` registers the winner's model folder (logged under `stage/model` on the run
-that trained it) as a new version, stores its metrics as version tags for the next comparison,
-and moves the alias (`champion`); earlier versions stay.
+`register_champion` registers the winner as a new version: an MLflow model with the
+`transformers` flavor (chat signature, tokenizer and chat template inside, the model card as the
+version's description) logged on the run that trained it; it stores its metrics as version tags
+for the next comparison and moves the alias (`champion`); earlier versions stay.
 """
 
 from __future__ import annotations
@@ -180,21 +181,85 @@ def champion_metrics(name: str, alias: str = "champion") -> dict | None:
     return json.loads((version.tags or {}).get(METRICS_TAG, "{}"))
 
 
-def model_source(manifest: dict) -> tuple[str, str | None]:
-    """(source URI, run id) of a stage's model: its folder as logged on the run that trained it,
-    or the local artifact folder when the model was too large to copy into MLflow."""
-    run_id = manifest.get("mlflow_run_id")
-    c = tracking.client()
-    if run_id and c.list_artifacts(run_id, "stage/model"):
-        return f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/stage/model", run_id
-    return Path(manifest["path"], "model").resolve().as_uri(), run_id
+MODEL_ARTIFACT = "registered_model"  # where a version's MLflow model is logged on its run
+ADAPTER_DIR = "adapter"  # the LoRA adapter, inside the MLflow model, next to the merged weights
+
+
+def _pip_requirements() -> list[str]:
+    """What loading the model needs, pinned to the versions that saved it (local version labels
+    such as torch's '+cpu' dropped). Given explicitly: MLflow's inference imports every
+    module torch can use and fails on the absent ones."""
+    from importlib import metadata
+
+    out = []
+    for package in ("mlflow", "transformers", "torch", "tokenizers", "safetensors",
+                    "accelerate"):
+        try:
+            out.append(f"{package}=={metadata.version(package).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_mlflow_model(model_dir: str | Path, path: str | Path, *, name: str,
+                      card: str | None = None, extra_files: dict[str, str] | None = None,
+                      adapter_dir: str | Path | None = None) -> Path:
+    """Save the Hugging Face model folder `model_dir` (merged weights, tokenizer, chat
+    template) as an MLflow model at `path`: the `transformers` flavor, pipeline task
+    text-generation served as the `llm/v1/chat` inference task (its chat signature: messages
+    in, a chat completion out), an input example of chat messages, the tokenizer and its chat
+    template inside, `card` as the model card. The model's recorded name is `name`, never a
+    machine path, and nothing is fetched from a hub (no model card or license look-up).
+    `extra_files` (relative name -> text) and `adapter_dir` (copied under `adapter/`) are added
+    next to MLmodel."""
+    import shutil
+    from unittest import mock
+
+    import huggingface_hub
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import load_trained_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto",
+                                                 use_safetensors=True)
+    tokenizer = load_trained_tokenizer(model_dir)
+    model.name_or_path = model.config._name_or_path = name  # MLmodel's source_model_name and
+    # the served "model" field
+    example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
+    model_card = huggingface_hub.ModelCard(card) if card else None
+    path = Path(path)
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+        mlflow.transformers.save_model(
+            {"model": model, "tokenizer": tokenizer}, str(path), task="llm/v1/chat",
+            input_example=example, model_card=model_card, pip_requirements=_pip_requirements(),
+            # greedy, as the evaluation decodes: transformers' text-generation pipeline samples
+            # (temperature 0.7) unless told otherwise
+            model_config={"do_sample": False}, metadata={"posttrain.name": name})
+    (path / "LICENSE.txt").unlink(missing_ok=True)  # MLflow's hub-license placeholder text
+    for rel, text in (extra_files or {}).items():
+        (path / rel).write_text(text)
+    if adapter_dir is not None and Path(adapter_dir).is_dir():
+        shutil.copytree(adapter_dir, path / ADAPTER_DIR)
+    return path
 
 
 def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
-                      alias: str = "champion", tags: dict[str, str] | None = None) -> str:
+                      alias: str = "champion", tags: dict[str, str] | None = None,
+                      experiment: str | None = None) -> str:
     """Register `stage`'s model as a new version of `name`, move `alias` to it, return the
-    version number. Earlier versions and their tags stay."""
+    version number. Earlier versions and their tags stay.
+
+    The version is an MLflow model (`save_mlflow_model`) of the stage's merged model, logged
+    under `registered_model/` on the run that trained the stage (a run of its own in
+    `experiment` when the manifest has none), with the model card (`posttrain.export`) as its
+    description and its lineage as `posttrain_lineage.json`; a LoRA stage's adapter comes
+    along under `adapter/`."""
+    import tempfile
+
     from mlflow.exceptions import MlflowException
+
+    from posttrain import export
 
     c = tracking.client()
     try:
@@ -202,8 +267,25 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    source, run_id = model_source(manifest)
     clean = {k: v for k, v in metrics.items() if _finite(v)}
+    info = export.lineage(manifest, heldout=clean)
+    card = export.model_card(info, name=name)
+    run_id = manifest.get("mlflow_run_id")
+    own_run = not run_id
+    if own_run:
+        run_id = tracking.start_run(experiment or name, f"register {name} ({stage})",
+                                    tags={STAGE_TAG: stage})
+    model_dir = Path(manifest["path"], "model")
+    with tempfile.TemporaryDirectory(prefix="posttrain-register-") as tmp:
+        local = save_mlflow_model(
+            model_dir, Path(tmp) / MODEL_ARTIFACT, name=name, card=card,
+            extra_files={export.LINEAGE_FILE: json.dumps(info, indent=2, default=str),
+                         export.CARD_FILE: card},
+            adapter_dir=model_dir / ADAPTER_DIR)
+        c.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
+    if own_run:
+        tracking.end_run(run_id)
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
     version_tags = {
         STAGE_TAG: stage,
         tracking.KEY_TAG: manifest.get("key", ""),
@@ -212,6 +294,6 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
         **(tags or {}),
     }
     version = c.create_model_version(name, source, run_id=run_id, tags=version_tags,
-                                     description=f"{stage} stage, artifact {manifest.get('path')}")
+                                     description=card)
     c.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

@@ -97,27 +97,36 @@ def test_candidates_restrict_who_may_win():
     assert _decide(COMPARISON, None, _cfg(candidates=("dpo",))).winner == "dpo"
 
 
+@pytest.mark.slow
 def test_register_champion_moves_the_alias_and_keeps_old_versions(tmp_path):
+    from posttrain import models
+    from posttrain.config import TinyModelConfig
+
     folder = tmp_path / "sft" / "k1"
-    (folder / "model").mkdir(parents=True)
-    (folder / "model" / "config.json").write_text("{}")
+    tokenizer = models.build_tiny_tokenizer()
+    tiny = TinyModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+                           num_attention_heads=2, num_key_value_heads=1)
+    models.save_model(models.build_tiny_model(tiny, tokenizer), tokenizer, folder / "model")
     run_id = tracking.start_run("test-promotion", "sft")
-    tracking.log_folder(run_id, folder, max_mb=10)
     tracking.end_run(run_id)
-    manifest = {"path": str(folder), "mlflow_run_id": run_id, "key": "k1"}
+    manifest = {"path": str(folder), "mlflow_run_id": run_id, "key": "k1", "stage": "sft"}
     name = f"test-promotion-{tmp_path.name}"
 
     assert promotion.champion_metrics(name) is None
     v1 = promotion.register_champion(name, "sft", manifest, _m(0.7))
     assert promotion.champion_metrics(name) == _m(0.7)
-    v2 = promotion.register_champion(name, "dpo", {**manifest, "mlflow_run_id": None}, _m(0.8))
+    v2 = promotion.register_champion(name, "dpo", {**manifest, "mlflow_run_id": None}, _m(0.8),
+                                     experiment="test-promotion")
     assert v2 != v1
     champion = promotion.champion_version(name)
     assert str(champion.version) == v2 and champion.tags[promotion.STAGE_TAG] == "dpo"
     assert json.loads(champion.tags[promotion.METRICS_TAG]) == _m(0.8)
     first = tracking.client().get_model_version(name, v1)
-    assert first.source.endswith("stage/model") and first.run_id == run_id
-    assert champion.source.startswith("file://")  # no run: the local artifact folder
+    # the version is an MLflow model logged on the run that trained the stage
+    assert first.source.endswith(promotion.MODEL_ARTIFACT) and first.run_id == run_id
+    assert champion.run_id != run_id  # no run: a run of its own holds the model
+    assert champion.source.endswith(promotion.MODEL_ARTIFACT)
+    assert "checker_accuracy | 0.8" in champion.description  # the model card
 
 
 # ------------------------------------------------------------------- the reference model
