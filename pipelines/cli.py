@@ -274,6 +274,27 @@ def emit_dataset_updated(config: ConfigArg = None, overrides: OverridesArg = Non
                   + (f" (event {event.id})" if event is not None else ""))
 
 
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(
+        help="A stage artifact folder (<artifacts_root>/<stage>/<key>) or a registered version "
+             "(models:/<name>@<alias>, models:/<name>/<version>).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write (new, or empty).")],
+) -> None:
+    """Write a self-contained Hugging Face model folder: merged safetensors weights, tokenizer
+    and chat template, generation_config.json, and a README model card with metrics, data
+    fingerprints and lineage."""
+    from posttrain.export import ExportError
+    from posttrain.export import export as export_model
+
+    try:
+        out = export_model(source, out_dir)
+    except ExportError as e:
+        console.print(f"[red]export failed:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"exported {source} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+
+
 def _require_server(command: str) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         console.print(f"[red]{command} needs a Prefect server:[/red] set PREFECT_API_URL, e.g. "
