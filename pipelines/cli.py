@@ -6,6 +6,7 @@ named, not after a server has started.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -95,9 +96,51 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _short(v) -> str:
-    """Three significant digits: enough to compare models, narrow enough for seven columns."""
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+def _short(v, digits: int = 3) -> str:
+    """`digits` significant digits, as narrow as that goes: a large value whole (7822.5 ->
+    7822, not 7.82e+03), a tiny one with a short exponent where that is narrower (0.0009876 ->
+    9.88e-4)."""
+    if not isinstance(v, float) or not math.isfinite(v):
+        return str(v)
+    if abs(v) >= 10 ** (digits - 1):
+        return f"{v:.0f}"
+    text = f"{v:.{digits}g}"
+    if v and abs(v) < 0.01:
+        mantissa, exponent = f"{v:.{digits - 1}e}".split("e")
+        short = f"{mantissa}e{int(exponent)}"
+        if len(short) < len(text) or "e" in text:
+            text = short
+    return text
+
+
+def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
+    """The held-out comparison, one row per metric and one column per model, as tables that fit
+    `width` columns without cutting a cell: four significant digits if they fit, else three,
+    else two; still too wide, the models are split over several tables (three digits)."""
+    metrics = [m for m in _COMPARISON if any(m in c for c in comparison.values())]
+    models = list(comparison)
+
+    def table(names: list[str], digits: int, title: str | None) -> Table:
+        t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+        t.add_column("metric", no_wrap=True)
+        for name in names:
+            t.add_column(name, justify="right", no_wrap=True)
+        for metric in metrics:
+            t.add_row(metric, *(_short(comparison[n].get(metric, ""), digits) for n in names))
+        return t
+
+    def fits(t: Table) -> bool:
+        return console.measure(t, options=console.options.update(width=10**4)).maximum <= width
+
+    title = "evaluation (held-out)"
+    for digits in (4, 3, 2):
+        if fits(whole := table(models, digits, title)):
+            return [whole]
+    per = len(models)
+    while per > 1 and not fits(table(models[:per], 3, title)):
+        per -= 1
+    return [table(models[i:i + per], 3, title if i == 0 else None)
+            for i in range(0, len(models), per)]
 
 
 def print_plan(cfg, plan) -> None:
@@ -123,7 +166,8 @@ def print_summary(result: dict, cfg) -> None:
 
     table = Table(title="posttrain run")
     for col in ("stage", "status", "time (s)", "key metrics"):
-        table.add_column(col)
+        # A metric too long for a narrow terminal folds onto the next line, never cut.
+        table.add_column(col, overflow="fold")
     names = {s.name: method(s).key_metrics for s in cfg.stages}
     names["data"] = tuple(f"{n}_train_rows" for n in cfg.data) + ("dropped_rows",)
     for row in result["stages"]:
@@ -141,16 +185,9 @@ def print_summary(result: dict, cfg) -> None:
                       markup=False, highlight=False, soft_wrap=True)
     comparison = result.get("comparison") or {}
     if comparison:
-        # One row per metric, one column per model: metric names stay whole, and seven models
-        # still fit an 80-column terminal.
-        cmp = Table(title="evaluation (held-out)", box=box.SIMPLE_HEAD)
-        cmp.add_column("metric", no_wrap=True)
-        for name in comparison:
-            cmp.add_column(name, justify="right", min_width=5)
-        for metric in _COMPARISON:
-            if any(metric in m for m in comparison.values()):
-                cmp.add_row(metric, *(_short(m.get(metric, "")) for m in comparison.values()))
-        console.print(cmp)
+        # One row per metric, one column per model: metric names and numbers stay whole.
+        for table in _comparison_tables(comparison, console.width):
+            console.print(table)
     print_promotion(result.get("promotion"))
 
 

@@ -166,3 +166,89 @@ def test_verbose_keeps_tracebacks_on_the_console_and_quiet_moves_them_to_the_log
     assert "Traceback" in log and "the judge is down" in log
     loud, _ = console_text(verbose=True)
     assert "Traceback" in loud
+
+
+# ------------------------------------------------------------------- the comparison table
+
+SEVEN = {  # what a seven-model evaluation looks like: signs, tiny and large values
+    "base": {"checker_accuracy": 0.0, "reward_score": -3.21456, "kl_to_reference": 61.93,
+             "eval_loss": 4.60312, "perplexity": 102.3712, "mean_completion_length": 6.0},
+    "sft": {"checker_accuracy": 0.4583, "reward_score": -0.21345, "kl_to_reference": 0.06234,
+            "eval_loss": 0.93411, "perplexity": 2.54491, "mean_completion_length": 4.125},
+    "dpo": {"checker_accuracy": 0.5417, "reward_score": 0.01234, "kl_to_reference": 0.13378,
+            "eval_loss": 0.95544, "perplexity": 2.59986, "mean_completion_length": 4.0417},
+    "dpo-b05": {"checker_accuracy": 0.5, "reward_score": -0.00071, "kl_to_reference": 0.25011,
+                "eval_loss": 0.97012, "perplexity": 2.63822, "mean_completion_length": 3.9583},
+    "orpo": {"checker_accuracy": 0.375, "reward_score": -1.23456, "kl_to_reference": 1.52344,
+             "eval_loss": 1.12345, "perplexity": 3.07543, "mean_completion_length": 5.2917},
+    "kto": {"checker_accuracy": 0.4167, "reward_score": 0.33333, "kl_to_reference": 0.0009876,
+            "eval_loss": 0.99876, "perplexity": 2.71498, "mean_completion_length": 4.5},
+    "grpo": {"checker_accuracy": 0.6667, "reward_score": 1.98765, "kl_to_reference": 12.3456,
+             "eval_loss": 1.05432, "perplexity": 2.87012, "mean_completion_length": 3.0},
+}
+
+
+def _printed_comparison(monkeypatch, comparison: dict, width: int = 80) -> str:
+    from rich.console import Console
+
+    from pipelines import cli
+    from posttrain.config import PipelineConfig
+
+    console = Console(width=width, record=True, color_system=None)
+    monkeypatch.setattr(cli, "console", console)
+    cli.print_summary({"stages": [], "comparison": comparison}, PipelineConfig())
+    return console.export_text()
+
+
+def _cells(text: str, metric: str) -> list[str]:
+    """The cells of a metric's row (rows may continue on the next lines of a split table)."""
+    return [line.split()[1:] for line in text.splitlines() if line.split()[:1] == [metric]]
+
+
+def _whole(cell: str, value: float) -> bool:
+    """`cell` is `value` rounded to the digits it shows (-0.213 for -0.21345, 9.88e-4 for
+    0.0009876, 102 for 102.37): within half a unit of its last digit."""
+    from decimal import Decimal
+
+    return abs(float(cell) - value) <= 0.5 * 10.0 ** Decimal(cell).as_tuple().exponent + 1e-12
+
+
+def test_comparison_table_never_truncates_a_number(monkeypatch):
+    """Seven models at 80 columns: every line fits, no cell is cut (no ellipsis), and every
+    number is whole, with three significant digits: one table."""
+    text = _printed_comparison(monkeypatch, SEVEN)
+    assert "\u2026" not in text and max(len(line) for line in text.splitlines()) <= 80, text
+    assert text.count("evaluation (held-out)") == 1
+    models = list(SEVEN)
+    for metric in ("checker_accuracy", "reward_score", "kl_to_reference", "eval_loss",
+                   "perplexity", "mean_completion_length"):
+        (shown,) = _cells(text, metric)
+        assert len(shown) == len(models), (metric, text)
+        for model, cell in zip(models, shown):
+            value = SEVEN[model][metric]
+            assert _whole(cell, value), (model, metric, cell, value)
+    assert _cells(text, "reward_score")[0][:2] == ["-3.21", "-0.213"]
+    assert _cells(text, "kl_to_reference")[0][5] == "9.88e-4"
+
+
+def test_comparison_table_splits_models_it_cannot_fit(monkeypatch):
+    """Ten models cannot fit 80 columns even at two digits: the models go over two tables, each
+    within 80 columns, every number whole with three digits."""
+    ten = {**SEVEN, **{f"{name}-2": m for name, m in list(SEVEN.items())[1:4]}}
+    text = _printed_comparison(monkeypatch, ten)
+    assert "\u2026" not in text and max(len(line) for line in text.splitlines()) <= 80, text
+    rows = _cells(text, "reward_score")
+    assert len(rows) == 2 and sum(len(r) for r in rows) == 10
+    cells = [c for r in rows for c in r]
+    assert all(_whole(c, ten[m]["reward_score"]) for c, m in zip(cells, ten))
+    assert cells[1] == "-0.213"
+
+
+def test_comparison_table_keeps_digits_it_has_room_for(monkeypatch):
+    """Two models leave room for four significant digits; a value of 7822.5 prints whole (7822
+    and not 7.82e+03), a tiny one keeps its digits (0.0009876 -> 9.876e-4)."""
+    two = {"base": {"eval_loss": 4.60312, "perplexity": 7822.5},
+           "sft": {"eval_loss": 0.93411, "perplexity": 0.0009876}}
+    text = _printed_comparison(monkeypatch, two)
+    assert _cells(text, "eval_loss") == [["4.603", "0.9341"]]
+    assert _cells(text, "perplexity") == [["7822", "9.876e-4"]]
