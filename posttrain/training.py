@@ -137,6 +137,49 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig):
     return optimizer, scheduler
 
 
+def global_batches(n: int, batch_size: int, *, seed: int, world_size: int = 1
+                   ) -> Iterator[list[int]]:
+    """The unit indices of every global micro-batch, forever: epoch e shuffles range(n) with
+    random.Random(seed + e) and cuts it into batch_size x world_size blocks (process r takes the
+    r-th batch_size slice of each); the ragged tail of an epoch is dropped. `endless_batches`
+    and `rows_used` both read this, so what is precomputed is what is trained on."""
+    size = batch_size * world_size
+    epoch = 0
+    while True:
+        order = list(range(n))
+        random.Random(seed + epoch).shuffle(order)
+        for b in range(n // size):
+            yield order[b * size : (b + 1) * size]
+        epoch += 1
+
+
+def rows_used(n: int, batch_size: int, num_batches: int, *, seed: int,
+              world_size: int = 1) -> list[int]:
+    """Sorted indices of the units in the first `num_batches` micro-batches of every process
+    (`endless_batches` with the same arguments): the rows a run of num_batches = max_steps x
+    grad_accum micro-batches trains on, across epochs. The same list on every process."""
+    seen: set[int] = set()
+    batches = global_batches(n, batch_size, seed=seed, world_size=world_size)
+    for _ in range(num_batches):
+        if len(seen) == n:
+            break
+        seen.update(next(batches))
+    return sorted(seen)
+
+
+def precompute_used(units: list, compute: Callable[[list], list], *, batch_size: int,
+                    num_batches: int, seed: int, world_size: int = 1) -> list:
+    """`units` with `compute(rows)` (one output per row, e.g. the row plus its reference
+    log-probs) in place of each unit the first `num_batches` micro-batches of every process
+    will hold (`rows_used`); the other units are left as they are and no batch of the run holds
+    one. Every process computes the same rows, so sharded models run the same forwards."""
+    used = rows_used(len(units), batch_size, num_batches, seed=seed, world_size=world_size)
+    out = list(units)
+    for i, unit in zip(used, compute([units[i] for i in used]), strict=True):
+        out[i] = unit
+    return out
+
+
 def endless_batches(
     units: list,
     batch_size: int,
@@ -150,7 +193,7 @@ def endless_batches(
     """Micro-batches forever, reshuffled each epoch; process `rank` takes every world_size-th.
 
     The ragged tail of an epoch is dropped so that every micro-batch has `batch_size` units and
-    every process the same number of batches.
+    every process the same number of batches (`global_batches`).
     """
     if len(units) < batch_size * world_size:  # checked now, not at the first next()
         raise ValueError(
@@ -159,20 +202,42 @@ def endless_batches(
         )
 
     def forever() -> Iterator[Batch]:
-        epoch = 0
-        while True:
-            order = list(range(len(units)))
-            random.Random(seed + epoch).shuffle(order)
-            for b in range(len(order) // (batch_size * world_size)):
-                start = (b * world_size + rank) * batch_size
-                yield collate([units[i] for i in order[start : start + batch_size]])
-            epoch += 1
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        for block in global_batches(len(units), batch_size, seed=seed, world_size=world_size):
+            yield collate([units[i] for i in block[mine]])
 
     return forever()
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def place(module: torch.nn.Module, accelerator: Accelerator, *,
+          frozen: bool = False) -> torch.nn.Module:
+    """Put a model the run uses besides the prepared (trained) one on the accelerator's device:
+    the one placement for reference copies, reward models, evaluation candidates. `frozen`:
+    eval mode, no gradients. The dtype stays the one the model was loaded in; under mixed
+    precision its forwards run inside `accelerator.autocast()`, as the prepared policy's do, so
+    a frozen copy of the policy computes exactly what the policy computes."""
+    module = module.to(accelerator.device)
+    if frozen:
+        module.eval().requires_grad_(False)
+    return module
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off in `model`, in training mode too (RL: the log-probs of the sampling policy,
+    of the update and of π_old must come from one distribution). Dropout modules get p = 0,
+    and float `*dropout` attributes (attention dropout, which transformers' attention reads
+    from the module while training) become 0. The saved config is left alone."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(m, name, 0.0)
+    return model
 
 
 LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -361,12 +426,16 @@ def fit(
     return final
 
 
-def reference_runner(mode: str, policy: torch.nn.Module) -> Callable[[Callable], Any] | None:
+def reference_runner(mode: str, policy: torch.nn.Module,
+                     accelerator: Accelerator | None = None) -> Callable[[Callable], Any] | None:
     """How to run the reference model: None for 'precomputed' (the caller precomputes with the
-    starting policy); otherwise `run(fn)` = fn(reference) in eval mode without gradients.
+    starting policy); otherwise `run(fn)` = fn(reference) in eval mode without gradients, inside
+    the accelerator's autocast.
 
-    'copy' freezes a deep copy of the starting policy now; 'adapter' runs the policy (a peft
-    model) with its adapter disabled, so no second model is held in memory.
+    'copy' freezes a deep copy of the starting policy now (call it before `accelerator.prepare`,
+    which may shard the policy) and places it on the accelerator's device; 'adapter' runs the
+    policy (a peft model) with its adapter disabled, so no second model is held in memory.
+    Without an accelerator the copy stays where the policy is.
     """
     import copy
 
@@ -374,18 +443,21 @@ def reference_runner(mode: str, policy: torch.nn.Module) -> Callable[[Callable],
         return None
     if mode == "copy":
         ref, context = copy.deepcopy(policy).eval().requires_grad_(False), nullcontext
+        if accelerator is not None:
+            ref = place(ref, accelerator, frozen=True)
     elif mode == "adapter":
         if not hasattr(policy, "disable_adapter"):
             raise ValueError("reference='adapter' needs a LoRA (peft) policy; set model.lora")
         ref, context = policy, policy.disable_adapter
     else:
         raise ValueError(f"unknown reference mode {mode!r}")
+    precision = accelerator.autocast if accelerator is not None else nullcontext
 
     @torch.no_grad()
     def run(fn: Callable[[torch.nn.Module], Any]) -> Any:
         was_training = ref.training
         ref.eval()
-        with context():
+        with context(), precision():
             out = fn(ref)
         ref.train(was_training)
         return out

@@ -8,8 +8,12 @@ Choices and departures:
 - Batch sizes count completions: a micro-batch of `per_device_batch_size` holds
   per_device_batch_size / G whole groups, and one generation batch feeds `grad_accum`
   micro-batches and `num_iterations` optimizer steps (μ of the paper).
-- π_old is the policy that sampled: its per-token log-probs are recorded during generation (equal
-  to a forward pass over the sequences, tested), so no extra forward is spent on them.
+- π_old is the policy that sampled, but its log-probs are not the ones recorded while sampling
+  (eval mode, outside the training forward's autocast: in bf16 they differ from the training
+  forward by ~1e-2): on the first pass over a generation batch π_old is the detached log-prob of
+  the training forward itself, so the ratio is exactly 1 on-policy (as in TRL), and those
+  detached values are π_old of the later passes (μ > 1), with no extra forward. Dropout is off
+  in the policy during the whole run (policy, π_old and sampling are one distribution).
 - Loss normalizations `grpo` (the paper), `bnpo`, `dr_grpo` (Liu et al., 2025) and `dapo` (Yu et
   al., 2025) per ALGORITHMS.md; the clip can be asymmetric (ε_high, DAPO's clip-higher).
 - With β = 0 (default) no reference model is loaded at all.
@@ -40,6 +44,7 @@ from posttrain.rollout import Rollout, completion_logps, generate
 from posttrain.training import (
     NonFiniteGuard,
     build_optimizer,
+    disable_dropout,
     endless_batches,
     global_sum,
     make_accelerator,
@@ -120,14 +125,19 @@ def reference_logps(reference, rollout: Rollout, temperature: float) -> torch.Te
         rollout.completion_mask, temperature=temperature))
 
 
-def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps, config,
-              accelerator, guard: NonFiniteGuard) -> dict[str, float]:
-    """One optimizer step over the generation batch split into `grad_accum` micro-batches."""
+def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps, old_logps,
+              config, accelerator, guard: NonFiniteGuard) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimizer step over the generation batch split into `grad_accum` micro-batches.
+
+    `old_logps` (N, C): π_old, or None on the first pass over the batch, where π_old is the
+    detached log-prob of this very forward (ratio exactly 1). Returns the metrics and π_old.
+    """
     n = rollout.completion_ids.shape[0]
     size = config.per_device_batch_size
     num_items = global_sum(accelerator, float(rollout.completion_mask.sum()))
     sums: dict[str, float] = {}
     chunks = list(range(0, n, size))
+    olds = []
     for i, start in enumerate(chunks):
         sl = slice(start, start + size)
         sync = accelerator.no_sync(net) if i < len(chunks) - 1 else nullcontext()
@@ -136,8 +146,9 @@ def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps,
                 net, rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.completion_ids[sl],
                 rollout.completion_mask[sl], temperature=config.temperature,
             )
+            olds.append(logps.detach() if old_logps is None else old_logps[sl])
             loss, m = grpo_loss(
-                logps, rollout.logps[sl], advantages[sl], rollout.completion_mask[sl],
+                logps, olds[-1], advantages[sl], rollout.completion_mask[sl],
                 epsilon=config.epsilon, epsilon_high=config.epsilon_high, beta=config.beta,
                 ref_logps=None if ref_logps is None else ref_logps[sl],
                 loss_type=config.loss_type, max_completion_length=config.max_completion_length,
@@ -153,7 +164,7 @@ def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps,
                                        config.max_grad_norm, guard, sums["loss"])
     sums["skipped_steps"] = guard.skipped
     sums["learning_rate"] = scheduler.get_last_lr()[0]
-    return sums
+    return sums, torch.cat(olds)
 
 
 def train(
@@ -180,12 +191,15 @@ def train(
     G = config.num_generations
     max_prompt = config.max_length - config.max_completion_length
     rows = prepare_prompts(prompts, tokenizer, max_prompt)
-    held = prepare_prompts(eval_prompts, tokenizer, max_prompt)[:64]
-    reference = reference_runner(config.reference, policy) if config.beta > 0 else None
+    held = prepare_prompts(eval_prompts, tokenizer, max_prompt)[: config.max_eval_rows]
+    disable_dropout(policy)  # before the reference copy: the reference runs in eval mode anyway
+    reference = reference_runner(config.reference, policy, accelerator) if config.beta > 0 \
+        else None
     net = SelectedLogits(policy)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
     net, optimizer = accelerator.prepare(net, optimizer)
+    net.train()  # a loaded model comes in eval mode (dropout is off either way)
     per_generation = config.per_device_batch_size * config.grad_accum // G  # prompts
     batches = endless_batches(rows, per_generation, list, seed=config.seed,
                               rank=accelerator.process_index,
@@ -200,21 +214,25 @@ def train(
         while step < config.max_steps:
             t0 = time.perf_counter()
             batch = next(batches)
-            rollout = _sample(policy, batch, config, tokenizer, generator)
-            total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G)
+            with accelerator.autocast():  # sampling and reward models in training's precision
+                rollout = _sample(policy, batch, config, tokenizer, generator)
+                total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G)
             advantages = group_advantages(total, G, scale=config.scale_rewards)  # (N,)
             ref_logps = reference_logps(reference, rollout, config.temperature)
             sampled = rollout_metrics(total, per_fn, rollout, G)
+            old_logps = None  # the first pass sets π_old
             for _ in range(config.num_iterations):
                 if step >= config.max_steps:
                     break
                 step += 1
-                metrics = {**sampled, **_optimize(net, optimizer, scheduler, params, rollout,
-                                                  advantages, ref_logps, config, accelerator,
-                                                  guard)}
-                metrics["seconds_per_step"] = time.perf_counter() - t0
+                optimized, old_logps = _optimize(net, optimizer, scheduler, params, rollout,
+                                                 advantages, ref_logps, old_logps, config,
+                                                 accelerator, guard)
+                metrics = {**sampled, **optimized, "seconds_per_step": time.perf_counter() - t0}
                 if held and (step % config.eval_every == 0 or step == config.max_steps):
-                    metrics.update(_evaluate(policy, held, config, tokenizer, reward_fns, weights))
+                    with accelerator.autocast():
+                        metrics.update(_evaluate(policy, held, config, tokenizer, reward_fns,
+                                                 weights))
                 due = step % config.log_every == 0 or step == config.max_steps
                 if (due or "eval_reward" in metrics) and accelerator.is_main_process and \
                         log_metrics is not None:

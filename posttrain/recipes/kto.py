@@ -9,7 +9,9 @@ Choices:
 - Each example's mismatched partner completion is fixed once, before training, by a seeded
   derangement, instead of being drawn from whatever else shares its batch. z_ref is still the
   batch mean over mismatched pairs, but every reference log-prob becomes precomputable, so the
-  'precomputed' reference mode (default) needs no reference model during training.
+  'precomputed' reference mode (default) needs no reference model during training; it covers
+  only the examples the run trains on (max_steps x the global batch, in the sampler's order)
+  and the held-out examples it evaluates (`max_eval_rows`).
 - The policy's KL-pair log-probs are computed without gradient: z_ref is detached anyway.
 - Across processes, z_ref is the mean over the whole micro-batch (every shard's mismatched pairs,
   all-reduced), so 2 processes x 2 rows train exactly as 1 process x 4 rows.
@@ -34,8 +36,10 @@ from posttrain.training import (
     endless_batches,
     fit,
     make_accelerator,
+    precompute_used,
     prepare,
     reference_runner,
+    to_device,
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
@@ -87,13 +91,16 @@ def _reference_logps(reference, batch: dict) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def precompute_reference(policy, examples: list[dict], *, pad_token_id: int,
-                         batch_size: int) -> list[dict]:
+                         batch_size: int, device: torch.device | None = None) -> list[dict]:
+    """Copies of `examples` with `ref_logps` and `kl_ref_logps` of the policy as it is now,
+    computed on `device` (default: the policy's)."""
+    device = device or next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
     out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        batch = collate(chunk, pad_token_id)
+        batch = to_device(collate(chunk, pad_token_id), device)
         main, kl = _logps(policy, batch), _logps(policy, batch, "kl_")
         for ex, a, b in zip(chunk, main.tolist(), kl.tolist()):
             out.append({**ex, "ref_logps": a, "kl_ref_logps": b})
@@ -117,15 +124,25 @@ def train(
     torch.manual_seed(config.seed)
     train_examples = assign_partners(train_examples, config.seed)
     eval_examples = assign_partners(eval_examples, config.seed + 1)
-    reference = reference_runner(config.reference, policy)
-    if reference is None:
-        kw = {"pad_token_id": pad_token_id, "batch_size": config.per_device_batch_size}
-        train_examples = precompute_reference(policy, train_examples, **kw)
-        eval_examples = precompute_reference(policy, eval_examples, **kw)
+    eval_examples = eval_examples[: config.max_eval_rows]
+    reference = reference_runner(config.reference, policy, accelerator)
     net = SelectedLogits(policy)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
     net, optimizer, params = prepare(accelerator, net, optimizer, config)
+    if reference is None:
+        # Through the prepared net: on the device, in the training forward's precision; only
+        # the examples the run trains on.
+        def precompute(examples: list[dict]) -> list[dict]:
+            return precompute_reference(net, examples, pad_token_id=pad_token_id,
+                                        batch_size=config.per_device_batch_size,
+                                        device=accelerator.device)
+
+        train_examples = precompute_used(
+            train_examples, precompute, batch_size=config.per_device_batch_size,
+            num_batches=config.max_steps * config.grad_accum, seed=config.seed,
+            world_size=accelerator.num_processes)
+        eval_examples = precompute(eval_examples)
 
     def across_processes(sums: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(sums, "sum")

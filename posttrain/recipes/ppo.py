@@ -14,6 +14,13 @@ Choices and departures:
 - Policy and value share one AdamW; the loss is policy loss + vf_coef · value loss.
 - `max_steps` counts rollout batches; the learning-rate schedule counts optimizer steps
   (max_steps · num_ppo_epochs · num_mini_batches).
+- π_old and V_old are not the log-probs recorded while sampling (eval mode, outside the
+  training forward's autocast): they come from a no-gradient pass of the training forward over
+  the first epoch's minibatches, before any update, so the first minibatch's ratio is exactly 1
+  and its values equal V_old. Dropout is off in the policy and the value model for the whole
+  run ("The N implementation details of RLHF with PPO", Huang et al. 2024).
+- Every model is on the accelerator's device: policy and value through `accelerator.prepare`,
+  the reward model and the reference copy through `training.place`.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ from posttrain.rollout import Rollout, completion_logps, generate
 from posttrain.training import (
     NonFiniteGuard,
     build_optimizer,
+    disable_dropout,
     endless_batches,
     make_accelerator,
     optimizer_step,
+    place,
     reference_runner,
 )
 
@@ -86,12 +95,24 @@ def score_completions(reward_model, rollout: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _experience(rollout, policy_value, reward_model, reference, config: PPOConfig):
-    """Old log-probs, values, rewards, advantages and returns of one rollout batch."""
+def _experience(rollout, policy_value, reward_model, reference, config: PPOConfig,
+                order: list[int]):
+    """Old log-probs, values, rewards, advantages and returns of one rollout batch.
+
+    π_old and V_old come from the training forward (the prepared `policy_value`) over the
+    minibatches of the first epoch (`order`), so that the first update's forward repeats one
+    of these exactly.
+    """
     mask = rollout.completion_mask
-    old_logps = rollout.logps
+    old_logps = torch.zeros(mask.shape, device=mask.device)
+    values = torch.zeros(mask.shape, device=mask.device)
+    size = mask.shape[0] // config.num_mini_batches
+    for start in range(0, mask.shape[0], size):
+        rows = torch.tensor(order[start : start + size])
+        logps, v = policy_value(_take(rollout, rows), slice(None), config.temperature)
+        old_logps[rows.to(mask.device)] = logps.float()
+        values[rows.to(mask.device)] = v.float()
     ref_logps = reference_logps(reference, rollout, config.temperature)
-    values = token_values(policy_value.value_model, rollout)
     scores = score_completions(reward_model, rollout)
     if config.missing_eos_penalty is not None:
         scores = scores - config.missing_eos_penalty * rollout.truncated.float()
@@ -131,8 +152,10 @@ def train(
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
     rows = prepare_prompts(prompts, tokenizer, config.max_length - config.max_completion_length)
-    reference = reference_runner(config.reference, policy)
-    reward_model.eval().requires_grad_(False)
+    disable_dropout(policy)
+    disable_dropout(value_model)
+    reference = reference_runner(config.reference, policy, accelerator)
+    reward_model = place(reward_model, accelerator, frozen=True)
     policy_value = PolicyAndValue(policy, value_model)
     params = [p for p in policy_value.parameters() if p.requires_grad]
     updates = config.num_ppo_epochs * config.num_mini_batches
@@ -140,7 +163,7 @@ def train(
                                          "warmup_steps": config.warmup_steps * updates})
     optimizer, scheduler = build_optimizer(params, schedule)
     policy_value, optimizer = accelerator.prepare(policy_value, optimizer)
-    inner = accelerator.unwrap_model(policy_value)
+    policy_value.train()  # a loaded model comes in eval mode (dropout is off either way)
     batches = endless_batches(rows, config.per_device_batch_size, list, seed=config.seed,
                               rank=accelerator.process_index,
                               world_size=accelerator.num_processes, what="prompts")
@@ -156,16 +179,20 @@ def train(
         for step in range(start + 1, config.max_steps + 1):
             t0 = time.perf_counter()
             batch = next(batches)
-            rollout = generate(
-                policy, [r["prompt_ids"] for r in batch], max_new_tokens=config.max_completion_length,
-                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                generator=generator,
-            )
-            old_logps, old_values, adv, returns, stats = _experience(
-                rollout, inner, reward_model, reference, config)
+            with accelerator.autocast():  # sampling and scoring in the training precision
+                rollout = generate(
+                    policy, [r["prompt_ids"] for r in batch],
+                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
+                    top_p=config.top_p, top_k=config.top_k,
+                    eos_token_ids=stop_token_ids(policy, tokenizer),
+                    pad_token_id=tokenizer.pad_token_id, generator=generator,
+                )
+                order = _minibatch_order(rollout, generator)  # the first epoch's
+                old_logps, old_values, adv, returns, stats = _experience(
+                    rollout, policy_value, reward_model, reference, config, order)
             sums = _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps,
-                               old_values, adv, returns, config, accelerator, generator, guard)
+                               old_values, adv, returns, config, accelerator, generator, guard,
+                               order)
             metrics = {**stats, **sums, "learning_rate": scheduler.get_last_lr()[0],
                        "seconds_per_step": time.perf_counter() - t0}
             due = step % config.log_every == 0 or step == config.max_steps
@@ -178,17 +205,23 @@ def train(
     return final
 
 
+def _minibatch_order(rollout: Rollout, generator: torch.Generator) -> list[int]:
+    n = rollout.completion_ids.shape[0]
+    return torch.randperm(n, generator=generator, device=generator.device).tolist()
+
+
 def _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps, old_values, adv,
                 returns, config: PPOConfig, accelerator, generator,
-                guard: NonFiniteGuard) -> dict[str, float]:
-    """num_ppo_epochs passes of num_mini_batches clipped updates; metrics averaged over them."""
+                guard: NonFiniteGuard, first_order: list[int]) -> dict[str, float]:
+    """num_ppo_epochs passes of num_mini_batches clipped updates; metrics averaged over them.
+    The first epoch visits rows in `first_order` (the order π_old was computed in)."""
     n = rollout.completion_ids.shape[0]
     size = n // config.num_mini_batches
     mask = rollout.completion_mask
     sums: dict[str, float] = {}
     count = 0
-    for _ in range(config.num_ppo_epochs):
-        order = torch.randperm(n, generator=generator, device=generator.device).tolist()
+    for epoch in range(config.num_ppo_epochs):
+        order = first_order if epoch == 0 else _minibatch_order(rollout, generator)
         for start in range(0, n, size):
             rows = torch.tensor(order[start : start + size])
             logps, values = policy_value(_take(rollout, rows), slice(None), config.temperature)
@@ -199,7 +232,7 @@ def _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps, 
             loss = pg + config.vf_coef * vf
             accelerator.backward(loss)
             grad_norm = optimizer_step(accelerator, optimizer, scheduler, params,
-                                       config.max_grad_norm, guard, float(loss))
+                                       config.max_grad_norm, guard, float(loss.detach()))
             for k, v in {**m1, **m2, "grad_norm": grad_norm}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1

@@ -10,6 +10,9 @@ Departures and choices:
 - The reference log-probs come from one of three places (`reference`): precomputed once before
   training with the starting policy (the default: no reference model during training), a frozen
   copy, or the policy itself with its LoRA adapter disabled. All three give the same loss.
+  Precomputing covers only the pairs the run will train on (max_steps x the global batch, drawn
+  in the sampler's seeded order, across epochs) and the held-out pairs it evaluates
+  (`max_eval_rows`), on the accelerator's device.
 - IPO uses per-token averaged log-probs, as the IPO paper's definition of the policy's
   log-likelihood does.
 - ORPO's NLL is normalized by the chosen tokens of the micro-batch (a mean over tokens, as in the
@@ -35,8 +38,10 @@ from posttrain.training import (
     endless_batches,
     fit,
     make_accelerator,
+    precompute_used,
     prepare,
     reference_runner,
+    to_device,
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
@@ -55,16 +60,18 @@ def _pair_logps(net, batch: dict, average: bool):
 @torch.no_grad()
 def precompute_reference(
     policy: torch.nn.Module, pairs: list[dict], *, pad_token_id: int, batch_size: int,
-    average: bool,
+    average: bool, device: torch.device | None = None,
 ) -> list[dict]:
     """Copies of `pairs` carrying `ref_chosen_logps` / `ref_rejected_logps` of the policy as it is
-    now (call before any training step)."""
+    now (call before any training step), computed on `device` (default: the policy's)."""
+    device = device or next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        chosen, rejected, _, _ = _pair_logps(policy, collate_pairs(chunk, pad_token_id), average)
+        batch = to_device(collate_pairs(chunk, pad_token_id), device)
+        chosen, rejected, _, _ = _pair_logps(policy, batch, average)
         for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             out.append({**ex, "ref_chosen_logps": c, "ref_rejected_logps": r})
     policy.train(was_training)
@@ -110,20 +117,27 @@ def train(
     """Train `policy` in place with `method` ('dpo' or 'orpo') on tokenized pairs."""
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
-    reference = None
-    if method == "dpo":
-        reference = reference_runner(config.reference, policy)
-        if reference is None:
-            kw = {"pad_token_id": pad_token_id, "batch_size": config.per_device_batch_size,
-                  "average": config.loss_type == "ipo"}
-            train_pairs = precompute_reference(policy, train_pairs, **kw)
-            eval_pairs = precompute_reference(policy, eval_pairs, **kw)
-    elif method != "orpo":
+    if method not in ("dpo", "orpo"):
         raise ValueError(f"unknown preference method {method!r}")
+    eval_pairs = eval_pairs[: config.max_eval_rows]
+    reference = reference_runner(config.reference, policy, accelerator) if method == "dpo" \
+        else None
     net = SelectedLogits(policy)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
     net, optimizer, params = prepare(accelerator, net, optimizer, config)
+    if method == "dpo" and reference is None:
+        # Through the prepared net: on the device, in the training forward's precision.
+        def precompute(pairs: list[dict]) -> list[dict]:
+            return precompute_reference(
+                net, pairs, pad_token_id=pad_token_id, batch_size=config.per_device_batch_size,
+                average=config.loss_type == "ipo", device=accelerator.device)
+
+        train_pairs = precompute_used(
+            train_pairs, precompute, batch_size=config.per_device_batch_size,
+            num_batches=config.max_steps * config.grad_accum, seed=config.seed,
+            world_size=accelerator.num_processes)
+        eval_pairs = precompute(eval_pairs)
 
     def terms(batch: dict) -> tuple[torch.Tensor, dict]:
         if method == "dpo":

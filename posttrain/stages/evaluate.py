@@ -116,6 +116,7 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
     from posttrain.evaluate import completion_logps, evaluate_candidate
     from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.rewards import load_reward_model
+    from posttrain.training import make_accelerator, place
 
     rows = _held_out(cfg, data_manifest, cfg.eval_source)
     pairs = _preference_source(data_manifest)
@@ -125,9 +126,11 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
         pref_rows = pref_rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts \
             else pref_rows
     tokenizer = load_tokenizer(cfg.model)
+    accelerator = make_accelerator(cfg.model.mixed_precision)  # the device every model goes to
     scorer = None
     if reward_manifest is not None:
-        scorer = load_reward_model(Path(reward_manifest["path"]) / "model").eval()
+        scorer = place(load_reward_model(Path(reward_manifest["path"]) / "model"), accelerator,
+                       frozen=True)
     loaders = {BASE: lambda: load_causal_lm(cfg.model)}
     for name, m in candidates.items():
         loaders[name] = lambda m=m: load_causal_lm(cfg.model, path=Path(m["path"]) / "model")
@@ -136,7 +139,7 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
     pad, bs = tokenizer.pad_token_id, cfg.evaluate.batch_size
     results, own_logps, ref_logps = {}, {}, {}
     for name in order:
-        model = loaders[name]()
+        model = place(loaders[name](), accelerator, frozen=True)
         results[name] = evaluate_candidate(
             model, tokenizer, rows, max_new_tokens=cfg.evaluate.max_new_tokens,
             batch_size=bs, max_length=cfg.evaluate.max_length,

@@ -26,16 +26,19 @@ def reward_function_name(path: str) -> str:
     return path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
 
 
-def _reward_functions(stage: GRPOConfig, reward_manifest: dict | None, tokenizer):
-    """{name: function} and {name: weight} from the stage's reward_functions."""
+def _reward_functions(stage: GRPOConfig, reward_manifest: dict | None, tokenizer, accelerator):
+    """{name: function} and {name: weight} from the stage's reward_functions; a reward model
+    is placed on the accelerator's device."""
     from posttrain.reward_functions import load_reward_function, reward_model_function
     from posttrain.rewards import load_reward_model
+    from posttrain.training import place
 
     fns, weights = {}, {}
     for path, weight in stage.reward_functions.items():
         name = reward_function_name(path)
         if path == "reward_model":
-            model = load_reward_model(Path(reward_manifest["path"]) / "model")
+            model = place(load_reward_model(Path(reward_manifest["path"]) / "model"),
+                          accelerator, frozen=True)
             fns[name] = reward_model_function(model, tokenizer, tokenizer.pad_token_id)
         else:
             fns[name] = load_reward_function(path)
@@ -74,7 +77,7 @@ def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | PPOConfig, inputs:
             kw = {"log_metrics": logger, "accelerator": accelerator,
                   "checkpoint_dir": checkpoint_dir(cfg, s, key)}
             if s.method == "grpo":
-                fns, weights = _reward_functions(s, reward_manifest, tokenizer)
+                fns, weights = _reward_functions(s, reward_manifest, tokenizer, accelerator)
                 held = prompts(cfg, stage, inputs["data"], "eval")
                 final = grpo.train(policy, tokenizer, train, held, s, reward_fns=fns,
                                    weights=weights, **kw)
