@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -22,6 +29,13 @@ class ConfigError(ValueError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _word(value: str):
+    """A one-word alternative of a union (`bool | _word("auto")`). A one-value Literal's JSON
+    schema is a `const`, which the Prefect UI's form shows as "cannot be changed" even where the
+    other alternatives could be picked; a one-option `enum` is offered as a choice instead."""
+    return Annotated[Literal[value], WithJsonSchema({"type": "string", "enum": [value]})]
 
 
 # --------------------------------------------------------------------------------------- data
@@ -124,7 +138,7 @@ class LoraConfig(_Frozen):
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: int = Field(32, ge=1, description="Scaling numerator: the update is scaled by alpha/r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: tuple[str, ...] | Literal["all-linear"] = Field(
+    target_modules: tuple[str, ...] | _word("all-linear") = Field(
         "all-linear", description="Module names to adapt, or 'all-linear'."
     )
 
@@ -158,7 +172,7 @@ class ModelConfig(_Frozen):
         description="Autocast of the training forward (accelerate): 'auto' is bf16 on a GPU "
         "that supports it, fp16 on an older GPU and 'no' (fp32) on CPU.",
     )
-    gradient_checkpointing: bool | Literal["auto"] = Field(
+    gradient_checkpointing: bool | _word("auto") = Field(
         "auto",
         description="Recompute activations in the backward pass to save memory; 'auto' turns it "
         "on with a GPU and off on CPU (where memory is rarely the limit and it costs time).",
@@ -619,9 +633,23 @@ class TrackingConfig(_Frozen):
     )
 
 
+class _AnyOf:
+    """JSON schema `anyOf` for a discriminated union (pydantic writes `oneOf`, which the Prefect
+    UI's form cannot render: it then offers a raw JSON box instead of each stage's fields). The
+    alternatives exclude each other through their `method`, so both say the same."""
+
+    @staticmethod
+    def __get_pydantic_json_schema__(core_schema, handler):
+        schema = handler(core_schema)
+        if "oneOf" in schema:
+            schema["anyOf"] = schema.pop("oneOf")
+        return schema
+
+
 StageConfig = Annotated[
     SFTConfig | RewardConfig | DPOConfig | ORPOConfig | KTOConfig | GRPOConfig | PPOConfig,
     Field(discriminator="method"),
+    _AnyOf,
 ]
 SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
