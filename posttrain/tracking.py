@@ -179,8 +179,6 @@ class MetricLogger:
         self.history: list[tuple[int, dict[str, float]]] = []
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self.history.append((step, clean))
         if self.echo:
@@ -189,6 +187,8 @@ class MetricLogger:
             progress.report_metrics(step, clean)
         if self.run_id is None:
             return
+        from mlflow.entities import Metric  # imported only when there is a run to log to
+
         now = int(time.time() * 1000)
         for k, v in clean.items():
             if math.isfinite(v):

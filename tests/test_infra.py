@@ -356,3 +356,129 @@ def test_make_ui_starts_the_real_servers_on_free_ports(tmp_path):
             assert json.load(r)["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
     finally:
         _ui("stop", env)
+
+
+# ------------------------------------------------------------------------------ make ui
+
+# A stand-in for `prefect server start` / `mlflow ui`: answers every GET with 200 on --port after
+# FAKE_DELAY seconds, having written the PREFECT_UI_API_URL it was given; FAKE_FAIL: exits 1.
+FAKE_SERVER = """#!/usr/bin/env bash
+exec "{python}" - "$@" <<'PY'
+import http.server, os, sys, time
+args = sys.argv[1:]
+if os.environ.get("FAKE_FAIL") == os.path.basename(os.environ["FAKE_NAME"]):
+    print("[Errno 98] address already in use"); sys.exit(1)
+with open(os.environ["FAKE_NAME"] + ".env", "w") as f:
+    f.write(os.environ.get("PREFECT_UI_API_URL", ""))
+time.sleep(float(os.environ.get("FAKE_DELAY", "0")))
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"OK")
+http.server.HTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), Ok).serve_forever()
+PY
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ui_env(tmp_path: Path, venv: Path, prefect_port: int, mlflow_port: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    return env | {"VENV": str(venv), "POSTTRAIN_UI_STATE": str(tmp_path / "state"),
+                  "PREFECT_UI_PORT": str(prefect_port), "MLFLOW_UI_PORT": str(mlflow_port),
+                  "PREFECT_HOME": str(tmp_path / "prefect"),
+                  "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def _ui(command: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(INFRA / "ui.sh"), command], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _fake_venv(tmp_path: Path) -> Path:
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("prefect", "mlflow"):
+        script = venv / "bin" / name
+        script.write_text(FAKE_SERVER.replace("{python}", sys.executable).replace(
+            'os.environ["FAKE_NAME"]', repr(str(tmp_path / name))))
+        script.chmod(0o755)
+    return venv
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_make_ui_reports_ready_only_once_both_servers_answer_on_its_ports(tmp_path):
+    """Non-default ports; the servers take 2 s to answer. The script returns (and says ready,
+    with the URLs) only when both health endpoints answer, and the Prefect server was given
+    PREFECT_UI_API_URL for its own port (unset, its UI calls :4200)."""
+    prefect_port, mlflow_port = _free_ports(2)
+    env = _ui_env(tmp_path, _fake_venv(tmp_path), prefect_port, mlflow_port)
+    env["FAKE_DELAY"] = "2"
+    try:
+        started = _ui("start", env)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert _answers(f"http://127.0.0.1:{prefect_port}/api/health")
+        assert _answers(f"http://127.0.0.1:{mlflow_port}/health")
+        assert started.stdout.startswith("ready")
+        assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in started.stdout
+        assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}" in started.stdout
+        assert (tmp_path / "prefect.env").read_text() == f"http://127.0.0.1:{prefect_port}/api"
+    finally:
+        stopped = _ui("stop", env)
+    assert "stopped prefect" in stopped.stdout and "stopped mlflow" in stopped.stdout
+
+
+def test_make_ui_fails_with_the_log_when_a_server_does_not_start(tmp_path):
+    """MLflow exits at once (its port taken): no 'ready', exit 1, the reason from its log."""
+    prefect_port, mlflow_port = _free_ports(2)
+    env = _ui_env(tmp_path, _fake_venv(tmp_path), prefect_port, mlflow_port)
+    env["FAKE_FAIL"] = "mlflow"
+    try:
+        started = _ui("start", env)
+    finally:
+        _ui("stop", env)
+    assert started.returncode == 1 and "ready" not in started.stdout
+    assert "mlflow did not start" in started.stderr
+    assert "address already in use" in started.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_make_ui_starts_the_real_servers_on_free_ports(tmp_path):
+    """`prefect server start` and `mlflow ui` on free ports: ready means both health endpoints
+    answer, and the Prefect UI's settings point it at this server's API."""
+    import sys
+    import urllib.request
+
+    prefect_port, mlflow_port = _free_ports(2)
+    env = _ui_env(tmp_path, Path(sys.executable).parent.parent, prefect_port, mlflow_port)
+    env["UI_TIMEOUT"] = "240"
+    try:
+        started = _ui("start", env, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert _answers(f"http://127.0.0.1:{prefect_port}/api/health")
+        assert _answers(f"http://127.0.0.1:{mlflow_port}/health")
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings") as r:
+            assert json.load(r)["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
+    finally:
+        _ui("stop", env)

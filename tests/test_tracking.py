@@ -70,11 +70,20 @@ def test_comparison_chart_handles_missing_and_negative_values():
     assert [t.get_text() for t in panels["eos_rate"].texts] == ["n/a", "n/a", "1"]
 
 
-def test_metric_logger_reports_each_logged_step_as_a_line(caplog):
+def test_metric_logger_reports_each_logged_step_as_a_line():
     """What a Prefect task sends to its run's logs: one line per logged step, losses first."""
-    logger = tracking.MetricLogger(None)
-    with caplog.at_level(logging.INFO, logger="posttrain.progress"):
-        logger({"learning_rate": 1e-3, "loss": 1.23456, "eval_loss": 2.0}, 10)
+    from posttrain import progress
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = progress.logger.level
+    progress.logger.addHandler(handler)
+    progress.logger.setLevel(logging.INFO)
+    try:
+        tracking.MetricLogger(None)({"learning_rate": 1e-3, "loss": 1.23456, "eval_loss": 2.0}, 10)
         tracking.MetricLogger(None, echo=False)({"loss": 1.0}, 11)
-    assert [r.getMessage() for r in caplog.records if r.name == "posttrain.progress"] == [
-        "step 10: loss=1.235 eval_loss=2 learning_rate=0.001"]
+    finally:
+        progress.logger.removeHandler(handler)
+        progress.logger.setLevel(level)
+    assert lines == ["step 10: loss=1.235 eval_loss=2 learning_rate=0.001"]
