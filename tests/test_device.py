@@ -163,3 +163,36 @@ def test_evaluation_runs_every_candidate_and_the_scorer_on_the_device(tokenizer,
                                        {"path": str(_reward_dir(tokenizer, tmp_path))})
     assert set(results) == {"base", "dpo"} and "reward_score" in results["dpo"].metrics
     _ran_on_device(off_device)
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """An accelerator with bf16 autocast (on the CPU here), in a fresh accelerate state: one
+    process keeps one mixed-precision setting otherwise. Reset again afterwards."""
+    from accelerate.state import AcceleratorState
+
+    from posttrain.training import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield make_accelerator("bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "copy"])
+def test_dpo_reference_computes_in_the_policys_precision(tokenizer, bf16_accelerator,
+                                                          reference):
+    """Under bf16 autocast the reference forward (precomputed or a frozen copy) runs in the
+    same precision as the policy's training forward, so with policy = reference the first
+    loss is ln 2 to float precision (a float32 reference against the bf16 policy: 3.5e-5 off)."""
+    import math
+
+    from posttrain.recipes import preference
+
+    assert bf16_accelerator.mixed_precision == "bf16"
+    train, held = _pairs(tokenizer)
+    history: list[dict] = []
+    preference.train("dpo", build_tiny_model(TINY, tokenizer), train, held,
+                     DPOConfig(**SMALL, reference=reference), pad_token_id=tokenizer.pad_token_id,
+                     accelerator=bf16_accelerator, log_metrics=lambda m, s: history.append(m))
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
