@@ -1,17 +1,22 @@
 """Batched, KV-cached sampling for GRPO/PPO that records the log-prob of every sampled token.
 
 `generate` runs the model's own forward with a transformers `DynamicCache` instead of
-`model.generate`, so the sampling distribution, and the log-probs recorded from it, are exactly
-the ones the losses use as π_old. All prompts × `num_samples` rows are decoded at once: one
+`model.generate`, so the sampling distribution is the model's own (the recorded log-probs equal
+a forward pass in the same mode and precision, tested). The losses do not take π_old from these
+recorded values, though: sampling runs in eval mode and, on a GPU, in another precision than the
+training forward (bf16 autocast differs by ~1e-2), so GRPO and PPO take π_old from the training
+forward itself (first-pass ratio exactly 1); the recorded values give GRPO's `entropy` metric.
+All prompts × `num_samples` rows are decoded at once: one
 prefill forward over the left-padded prompts, then one forward per new token that feeds only the
 last token and reuses the cache (the prefix is never re-encoded). Position ids come from the
 attention mask, so a left-padded prompt sees the same positions as an unpadded one, as in the
 training forward (`posttrain.logprobs.position_ids_from_mask`).
 
 Which log-probs are recorded: log softmax(logits / temperature) of the sampled token, i.e. under
-the temperature-scaled model distribution but BEFORE top-k / top-p filtering. That is what TRL and
-verl use as π_old when the temperature is not 1 (their training forward divides the logits by the
-same temperature and knows nothing of the filters); `completion_logps` is that training forward.
+the temperature-scaled model distribution but BEFORE top-k / top-p filtering. That is the
+distribution TRL and verl use for π_old when the temperature is not 1 (their training forward
+divides the logits by the same temperature and knows nothing of the filters);
+`completion_logps` is that training forward.
 Temperature 0 means greedy decoding; its log-probs are taken at temperature 1.
 """
 
