@@ -12,7 +12,7 @@ import logging
 import re
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.logging.handlers import APILogHandler
 
@@ -65,7 +65,15 @@ def send_progress_to_prefect() -> None:
 
 def link_stage(pipeline: str, stage: str, manifest: dict, folder: Path) -> None:
     """Link artifacts of a stage: its MLflow run (the one that produced it, when cached) and
-    its output folder."""
+    its output folder. A trained stage never fails for want of a link: a server that does not
+    answer costs a warning in the run's log."""
+    try:
+        _link_stage(pipeline, stage, manifest, folder)
+    except Exception as e:  # noqa: BLE001 - reported, and the stage's result stands
+        get_run_logger().warning(f"no link artifacts for stage {stage}: {type(e).__name__}: {e}")
+
+
+def _link_stage(pipeline: str, stage: str, manifest: dict, folder: Path) -> None:
     run_id = manifest.get("mlflow_run_id")
     where = "cached, produced by" if manifest.get("cached") else "produced by"
     if run_id:
