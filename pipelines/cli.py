@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -78,8 +79,9 @@ def _preflight(cfg, targets: list[str] | None = None):
 def _run_flow(flow_fn, cfg, verbose: bool) -> dict:
     """Run a flow; a failure ends in one message (stage, cause, what to do) with the full
     traceback in a log file (and on the console with --verbose)."""
-    from pipelines import errors
+    from pipelines import errors, stop
 
+    stop.install(cfg, shlex.join(["posttrain", *sys.argv[1:]]))
     log = errors.capture(cfg.artifacts_root, verbose=verbose)
     try:
         return flow_fn(cfg)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from prefect import flow
 from prefect.context import get_run_context
 
-from pipelines import errors
-from posttrain import artifacts, stages, tracking
+from pipelines import errors, stop
+from posttrain import artifacts, interrupt, stages, tracking
 from posttrain.config import DEMO_CONFIG, PipelineConfig, load_pipeline_config
 from tasks import events
 from tasks.data import prepare_data_task
@@ -35,6 +35,8 @@ class PipelineRun:
     def start(cls, cfg: PipelineConfig, flow_name: str) -> PipelineRun:
         ctx = get_run_context()
         flow_run_id = str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else ""
+        interrupt.rearm()  # the flow run swapped in Prefect's SIGTERM handler: ours again
+        stop.note_flow_run(flow_run_id)
         config = cfg.model_dump(mode="json")
         try:  # parent runs of this pipeline (and their children) a kill -9 left RUNNING
             closed = tracking.close_orphaned_runs(

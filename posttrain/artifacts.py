@@ -313,3 +313,16 @@ def remove_dead_tmp(folder: str | Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def remove_own_tmp(root: str | Path) -> list[Path]:
+    """Remove the `.tmp-*` folders this process was writing one level below `root` (each
+    stage's folder): what an interrupted command does before it exits."""
+    me = current_owner()
+    mine = f".{_host_tag(me['host'])}.{me['pid']}.{me['start_time']}"
+    removed = []
+    for path in Path(root).glob("*/.tmp-*"):
+        if path.is_dir() and path.name.endswith(mine):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -5,6 +5,12 @@ scheduler, RNG states) plus `manifest.json` with the digest of every file. It is
 temporary folder and renamed to `step-NNNNNN` only when complete, so a crash while writing leaves
 the previous checkpoint as the latest. On resume the newest checkpoint whose files match their
 digests is used; a corrupted one is refused with a message and the one before it is tried.
+
+Only the `keep` newest checkpoints stay: older ones are deleted after a newer one is written and
+verified. The stage removes the whole folder once its artifact is complete (`remove`), unless
+its `keep_checkpoints` says otherwise. `after_step` is what every training loop calls at the end
+of an optimizer step: the periodic checkpoint, and the stop that SIGINT/SIGTERM asked for
+(posttrain.interrupt), after a last checkpoint on SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from posttrain import artifacts
+from posttrain import artifacts, interrupt
 
 log = logging.getLogger(__name__)
 PREFIX = "step-"
@@ -37,8 +43,9 @@ class GeneratorState:
         self.generator.set_state(state["state"])
 
 
-def save(accelerator: Accelerator, root: Path, step: int) -> Path:
-    """Write the training state at `step` atomically; return the checkpoint folder."""
+def save(accelerator: Accelerator, root: Path, step: int, keep: int | None = None) -> Path:
+    """Write the training state at `step` atomically; return the checkpoint folder. With
+    `keep`, verify it and then delete all but the `keep` newest checkpoints."""
     root = Path(root)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / artifacts.tmp_name(f"{PREFIX}{step:06d}")
@@ -57,11 +64,41 @@ def save(accelerator: Accelerator, root: Path, step: int) -> Path:
             if final.exists():  # a previous attempt got this far: the new one replaces it
                 shutil.rmtree(final)
             os.rename(tmp, final)
+            if keep is not None:
+                artifacts.verify(final, full=True)  # only a verified newer one replaces older
+                for old in _folders(root)[keep:]:
+                    shutil.rmtree(old, ignore_errors=True)
     finally:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
+    interrupt.checkpointed(step)
     return final
+
+
+def after_step(accelerator: Accelerator, root: Path | None, step: int, *, every: int | None,
+               keep: int | None = None, can_save: bool = True) -> None:
+    """End of optimizer step `step` of a training loop: a checkpoint every `every` steps (when
+    `can_save`: GRPO saves only between its policy iterations), then the stop a signal asked
+    for, if any (raising posttrain.interrupt.Interrupted)."""
+    saveable = root is not None and bool(every) and can_save
+    if saveable and step % every == 0:
+        save(accelerator, root, step, keep)
+    interrupt.after_step(step, (lambda: save(accelerator, root, step, keep)) if saveable
+                         else None)
+
+
+def remove(root: Path) -> None:
+    """Delete a stage's checkpoint folder (its artifact is complete: nothing resumes from it)."""
+    root = Path(root)
+    if root.is_dir():
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _folders(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`, newest first."""
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)),
+                  reverse=True)
 
 
 def latest_valid(root: Path) -> tuple[Path, int] | None:
@@ -69,10 +106,7 @@ def latest_valid(root: Path) -> tuple[Path, int] | None:
     root = Path(root)
     if not root.is_dir():
         return None
-    candidates = sorted(
-        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True
-    )
-    for folder in candidates:
+    for folder in _folders(root):
         try:
             manifest = artifacts.verify(folder, full=True)
         except artifacts.ArtifactError as e:
@@ -94,6 +128,7 @@ def restore(accelerator: Accelerator, root: Path | None) -> int:
         return 0
     folder, step = found
     accelerator.load_state(str(folder))
+    interrupt.checkpointed(step)
     if accelerator.is_main_process:
         # On the console of `posttrain run` (a print in a task goes to its log and the console).
         root = Path(root)

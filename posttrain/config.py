@@ -240,6 +240,14 @@ class TrainingConfig(_Frozen):
     checkpoint_every: int | None = Field(
         None, ge=1, description="Save a resumable checkpoint every this many steps; null: never."
     )
+    checkpoint_keep: int = Field(
+        2, ge=1, description="Checkpoints kept: older ones are deleted once a newer one is "
+        "written and verified."
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep the checkpoint folder after the stage's artifact is complete "
+        "(by default it is deleted then: nothing resumes from it)."
+    )
     log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
     max_nonfinite_steps: int = Field(
         3,

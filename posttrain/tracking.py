@@ -7,14 +7,16 @@ is thread-local, and a Prefect task may run in another thread than its flow. The
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
 import warnings
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CACHE_HIT_TAG = "posttrain.cache_hit"
@@ -161,12 +163,36 @@ def close_orphaned_runs(experiment: str, tags: dict[str, str], *, closer: str) -
     return closed
 
 
+def close_own_runs(experiment: str, *, status: str, reason: str) -> list[str]:
+    """End every run of `experiment` that this process opened and left RUNNING (children first),
+    after flushing the metrics still buffered: what an interrupted command does before it
+    exits."""
+    for logger in list(MetricLogger.live):
+        with contextlib.suppress(Exception):  # closing the runs matters more than the points
+            logger.flush()
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    me = owner_tags()
+    where = " and ".join(["attributes.status = 'RUNNING'",
+                          *(f"tags.`{OWNER_TAGS[k]}` = '{me[OWNER_TAGS[k]]}'"
+                            for k in ("pid", "start_time"))])
+    runs = c.search_runs([exp.experiment_id], where, max_results=1000)
+    runs.sort(key=lambda r: "mlflow.parentRunId" not in r.data.tags)  # children first
+    for run in runs:
+        end_run(run.info.run_id, status, reason=reason)
+    return [r.info.run_id for r in runs]
+
+
 class MetricLogger:
     """Buffers per-step metrics and sends them in batches (one SQLite write per few hundred).
 
     With `echo` (the default), each call also reports the step's metrics as one line through
     posttrain.progress (the `posttrain.progress` logger, which a Prefect task sends to its run's
     logs): the training loops call it every `log_every` steps and after each evaluation."""
+
+    live: ClassVar[weakref.WeakSet] = weakref.WeakSet()  # flushed by close_own_runs on an interrupt
 
     def __init__(self, run_id: str | None, flush_every: int = 500, flush_seconds: float = 10.0,
                  echo: bool = True):
@@ -177,6 +203,7 @@ class MetricLogger:
         self._last_flush = time.monotonic()
         self._buffer: list = []
         self.history: list[tuple[int, dict[str, float]]] = []
+        MetricLogger.live.add(self)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}

@@ -419,10 +419,10 @@ def fit(
             due = step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.eval_every == 0
             if due and accelerator.is_main_process and log_metrics is not None:
                 log_metrics(metrics, step)
-            if checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoints.save(accelerator, checkpoint_dir, step)
             progress.update(step, metrics)
             final.update(metrics)
+            checkpoints.after_step(accelerator, checkpoint_dir, step, every=cfg.checkpoint_every,
+                                   keep=cfg.checkpoint_keep)
     return final
 
 

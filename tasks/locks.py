@@ -176,6 +176,22 @@ class OwnedLockManager(FileSystemLockManager):
                            stage, owner.get("pid"), owner.get("host"))
 
 
+def release_owned(lock_files_directory: Path) -> list[Path]:
+    """Delete the lock files this process holds (what an interrupted command does before it
+    exits, so that a rerun need not find out that their owner is gone)."""
+    me = artifacts.current_owner()
+    released = []
+    for path in Path(lock_files_directory).glob("*.lock"):
+        try:
+            owner = json.loads(path.read_bytes()).get("owner") or {}
+        except (OSError, ValueError):
+            continue
+        if all(owner.get(k) == me[k] for k in ("host", "pid", "start_time")):
+            path.unlink(missing_ok=True)
+            released.append(path)
+    return released
+
+
 def _seconds(value: float):
     from datetime import timedelta
 

@@ -124,6 +124,20 @@ def test_runs_of_dead_processes_are_marked_killed(tmp_path):
     tracking.end_run(alive)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_checkpoints_are_removed_once_the_artifact_is_complete_unless_kept(tmp_path, keep):
+    from posttrain import stages
+    from posttrain.config import PipelineConfig, validate
+
+    sft = {**SFT_STAGE, "max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": keep}
+    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path, [sft]))
+    manifest = stages.run_training_stage(
+        cfg, "sft", stages.inputs_for(cfg.stage("sft"), stages.run_data_stage(cfg), {}))
+    left = sorted(p.name for p in (tmp_path / "artifacts" / "sft").glob("*.checkpoints/*"))
+    assert left == (["step-000002", "step-000004"] if keep else [])
+    assert (Path(manifest["path"]) / "model").is_dir()
+
+
 # ----------------------------------------------------------------------------- through the CLI
 
 
@@ -138,62 +152,136 @@ def _losses(experiment: str) -> list[tuple[str, str, dict[int, float]]]:
             for r in runs if r.data.tags.get(tracking.CACHE_HIT_TAG) != "true"]
 
 
+def _checkpoint_steps(folder: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in folder.glob("*.checkpoints/step-*")
+                  if p.is_dir())
+
+
+class Command:
+    """One `posttrain` command started in its own process group, its output in a file."""
+
+    def __init__(self, cmd, cwd, env, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, ready, what: str, timeout: float = 150) -> None:
+        deadline = time.time() + timeout
+        while not ready():
+            assert self.proc.poll() is None, f"ended before {what}:\n{self.output()}"
+            assert time.time() < deadline, f"no {what} in {timeout} s:\n{self.output()}"
+            time.sleep(0.02)
+
+    def signal(self, sig) -> tuple[int, float]:
+        """Send `sig` to the whole process group; (exit status, seconds until it ended)."""
+        sent = time.time()
+        os.killpg(self.proc.pid, sig)
+        try:
+            rc = self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return rc, time.time() - sent
+
+
+def _resumed_from(out: str) -> int | None:
+    if "resuming stage sft (" not in out:
+        return None
+    return int(out.split("resuming stage sft (", 1)[1].split(" from step ", 1)[1].split()[0])
+
+
 @pytest.mark.slow
-def test_posttrain_sft_killed_with_sigkill_resumes_and_leaves_nothing_running(tmp_path):
+def test_posttrain_sft_interrupted_every_way_resumes_and_leaves_nothing_open(tmp_path):
+    """Ctrl-C, kill -9 and SIGTERM of `posttrain sft` in turn, then a rerun to the end: each
+    interrupted command exits at once and closes what it holds (or the next run does, after a
+    kill -9), each rerun resumes from the newest checkpoint, and the final losses are those of
+    an uninterrupted run."""
     from posttrain import stages
     from posttrain.config import PipelineConfig, validate
 
-    sft = {**SFT_STAGE, "max_steps": 16, "checkpoint_every": 2, "eval_every": 1000}
+    sft = {**SFT_STAGE, "max_steps": 30, "checkpoint_every": 2, "eval_every": 1000}
     values = tiny_pipeline_values(tmp_path / "k", [sft],
                                   tracking={"experiment": f"crash-{tmp_path.name}-k"})
     config = tmp_path / "k.yaml"
     config.write_text(yaml.safe_dump(values))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    env.pop("PREFECT_API_URL", None)  # the embedded server, killed along with the command
+    env.pop("PREFECT_API_URL", None)  # the embedded server, signalled along with the command
     cmd = [sys.executable, "-m", "pipelines.cli", "sft", str(config)]
+    root = tmp_path / "k" / "artifacts"
+    locks = root / ".prefect" / "locks"
+    c = tracking.client()
+    experiment = values["tracking"]["experiment"]
 
-    killed = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def running() -> list:
+        exp = c.get_experiment_by_name(experiment)
+        return c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+    # Ctrl-C in the terminal: SIGINT to the process group, after the first checkpoint.
+    first = Command(cmd, tmp_path, env, tmp_path / "1.log")
     # The uninterrupted reference, in this process under another root, while the command starts.
     clean = validate(PipelineConfig, tiny_pipeline_values(
         tmp_path / "c", [sft], tracking={"experiment": f"crash-{tmp_path.name}-c"}))
     reference = ThreadPoolExecutor(1).submit(lambda: stages.run_training_stage(
         clean, "sft", stages.inputs_for(clean.stage("sft"), stages.run_data_stage(clean), {})))
-    ckpt = tmp_path / "k" / "artifacts" / "sft"
-    deadline = time.time() + 120
-    try:
-        while not list(ckpt.glob("*.checkpoints/step-*")):
-            assert killed.poll() is None, "the command ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint in 120 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(killed.pid, signal.SIGKILL)  # the command and its embedded Prefect server
-        killed.wait()
-    lock = next((tmp_path / "k" / "artifacts" / ".prefect" / "locks").glob("*sft*.lock"))
-    assert json.loads(lock.read_text())["owner"]["pid"] == killed.pid
+    first.wait_for(lambda: _checkpoint_steps(root / "sft"), "checkpoint")
+    rc, seconds = first.signal(signal.SIGINT)
+    out = first.output()
+    assert rc == 130 and seconds < 10, (rc, seconds, out)
+    assert "interrupted by SIGINT during stage 'sft' after step" in out, out
+    assert f"run the same command again: posttrain sft {config}" in out
+    assert "Traceback" not in out and "ConnectError" not in out, out
+    assert not list(locks.glob("*.lock")) and not running()
+    assert not list(root.rglob(".tmp-*"))
 
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=180, check=False)
-    out = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, out
-    assert (f"taking over the lock of stage sft left by PID {killed.pid} on "
+    # kill -9 of the rerun once it has resumed and written a newer checkpoint.
+    second = Command(cmd, tmp_path, env, tmp_path / "2.log")
+    second.wait_for(lambda: _resumed_from(second.output()) is not None, "resume")
+    resumed = _resumed_from(second.output())
+    assert resumed >= 2
+    second.wait_for(lambda: max(_checkpoint_steps(root / "sft")) > resumed, "new checkpoint")
+    os.killpg(second.proc.pid, signal.SIGKILL)  # the command and its embedded Prefect server
+    second.proc.wait()
+    assert json.loads(next(locks.glob("*sft*.lock")).read_text())["owner"]["pid"] == \
+        second.proc.pid
+
+    # SIGTERM (a scheduler stopping the job): a checkpoint of the step it stops after, then exit.
+    third = Command(cmd, tmp_path, env, tmp_path / "3.log")
+    third.wait_for(lambda: _resumed_from(third.output()) is not None, "resume")
+    resumed = _resumed_from(third.output())
+    third.wait_for(lambda: max(_checkpoint_steps(root / "sft")) > resumed, "new checkpoint")
+    rc, seconds = third.signal(signal.SIGTERM)
+    out = third.output()
+    assert rc == 143 and seconds < 10, (rc, seconds, out)
+    assert (f"taking over the lock of stage sft left by PID {second.proc.pid} on "
             f"{socket.gethostname()}, which is no longer running") in out
-    assert "resuming stage sft (" in out, out
-    step = int(out.split("resuming stage sft (", 1)[1].split(" from step ", 1)[1].split()[0])
-    assert step >= 2 and step % 2 == 0
+    line = out.split("interrupted by SIGTERM during stage 'sft' after step ", 1)[1]
+    stopped = int(line.split(";")[0])
+    assert f"a rerun resumes it from the checkpoint at step {stopped}" in line, out
+    assert max(_checkpoint_steps(root / "sft")) == stopped > resumed
+    assert len(_checkpoint_steps(root / "sft")) <= 2  # checkpoint_keep
+    assert not list(locks.glob("*.lock")) and not running()
 
-    # No run left RUNNING; the killed stage's run says why it was closed.
-    c = tracking.client()
-    exp = c.get_experiment_by_name(values["tracking"]["experiment"])
-    assert not c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
-    (status, reason, _), (resumed_status, _, resumed) = _losses(values["tracking"]["experiment"])
-    assert status == "KILLED" and f"PID {killed.pid}" in reason and "closed by" in reason
-    assert resumed_status == "FINISHED"
-    assert not list((tmp_path / "k" / "artifacts").rglob(".tmp-*"))
+    # The last rerun resumes from that checkpoint and finishes.
+    last = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180, check=False)
+    out = last.stdout + last.stderr
+    assert last.returncode == 0, out
+    assert _resumed_from(out) == stopped, out
+    assert not running()
+    assert not list(root.rglob(".tmp-*"))
+    assert not list((root / "sft").glob("*.checkpoints"))  # the artifact is complete
 
-    # The losses after the resume are the uninterrupted run's.
+    runs = _losses(experiment)
+    assert [(status, reason.split(" during")[0].split(":")[0]) for status, reason, _ in runs] == [
+        ("KILLED", "Interrupted"), ("KILLED", "killed"), ("KILLED", "Interrupted"),
+        ("FINISHED", "")]
+    assert f"PID {second.proc.pid}" in runs[1][1] and "closed by" in runs[1][1]
     reference.result(timeout=120)
     ((_, _, full),) = _losses(clean.tracking.experiment)
-    assert min(resumed) == step + 1 and max(resumed) == 16
-    for s, loss in resumed.items():
+    final = runs[-1][2]
+    assert min(final) == stopped + 1 and max(final) == 30
+    for s, loss in final.items():
         assert loss == pytest.approx(full[s], abs=1e-4), s

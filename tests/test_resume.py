@@ -159,3 +159,81 @@ def test_ppo_resumes_exactly(tmp_path):
                   log_metrics=as_loss, checkpoint_dir=ckpt)
 
     _assert_resumed(train, tmp_path)
+
+
+# ------------------------------------------------------------ checkpoints kept, signals obeyed
+
+
+def _sft_run(tmp_path, **settings):
+    tok = build_tiny_tokenizer()
+    rows = demo.generate_sft(DemoTaskConfig(), 0, "train")[:100]
+    examples, _ = tokenize_sft_rows(rows, tok, max_length=48)
+    cfg = SFTConfig(**{"max_steps": 8, "per_device_batch_size": 4, "warmup_steps": 0,
+                       "max_length": 48, "eval_every": 100, "log_every": 1,
+                       "checkpoint_every": 2, **settings})
+
+    def train(log=None):
+        return sft.train(build_tiny_model(TINY, tok), examples, examples[:4], cfg,
+                         pad_token_id=tok.pad_token_id, log_metrics=log,
+                         checkpoint_dir=tmp_path)
+    return train
+
+
+def test_only_the_newest_verified_checkpoints_are_kept(tmp_path, monkeypatch):
+    from posttrain import artifacts
+
+    _sft_run(tmp_path, checkpoint_keep=2)()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000006", "step-000008"]
+
+    # A new checkpoint that does not verify fails the step and deletes nothing older.
+    def broken(folder, full=True):
+        raise artifacts.ArtifactError(f"{folder}: file does not match its digest")
+    monkeypatch.setattr(artifacts, "verify", broken)
+    with pytest.raises(artifacts.ArtifactError):
+        _sft_run(tmp_path / "b", checkpoint_keep=1)()
+    assert [p.name for p in (tmp_path / "b").glob("step-*")] == ["step-000002"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_training_at_a_step_boundary(tmp_path, sig):
+    """SIGTERM: a checkpoint of the step it stops after, then Interrupted; SIGINT: Interrupted
+    at once, the last periodic checkpoint stays the newest. The rerun resumes from there."""
+    import os
+    import signal
+
+    from posttrain import interrupt
+
+    full: list = []
+    _sft_run(tmp_path / "full")(lambda m, s: full.append((s, m["loss"])))
+
+    def send_at_3(metrics, step):
+        if step == 3:
+            os.kill(os.getpid(), getattr(signal, sig))
+
+    train = _sft_run(tmp_path / "run")
+    with pytest.raises(interrupt.Interrupted) as stopped, interrupt.stage("sft"):
+        train(send_at_3)
+    newest = 3 if sig == "SIGTERM" else 2
+    assert str(stopped.value) == (f"interrupted by {sig} during stage 'sft' after step 3; a "
+                                  f"rerun resumes it from the checkpoint at step {newest}")
+    assert checkpoints.latest_valid(tmp_path / "run")[1] == newest
+    resumed: list = []
+    train(lambda m, s: resumed.append((s, m["loss"])))
+    assert resumed[0][0] == newest + 1
+    for (s, loss), (s_full, loss_full) in zip(resumed, full[newest:], strict=True):
+        assert s == s_full and loss == pytest.approx(loss_full, abs=1e-4)
+
+
+def test_a_stage_that_reaches_no_step_boundary_is_stopped_after_the_grace_time(monkeypatch):
+    import os
+    import signal
+    import time
+
+    from posttrain import interrupt
+
+    monkeypatch.setattr(interrupt, "GRACE_SECONDS", 0.2)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), interrupt.stage("dpo"):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # e.g. precomputing reference log-probs: no step ends
+    assert time.monotonic() - started < 5

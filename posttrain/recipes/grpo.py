@@ -239,10 +239,9 @@ def train(
                     log_metrics(metrics, step)
                 bar.update(step, {"loss": metrics["loss"]})
                 final.update(metrics)
-            every = config.checkpoint_every
-            if checkpoint_dir and every and step % every == 0 and \
-                    step % config.num_iterations == 0:
-                checkpoints.save(accelerator, checkpoint_dir, step)
+            checkpoints.after_step(accelerator, checkpoint_dir, step,
+                                   every=config.checkpoint_every, keep=config.checkpoint_keep,
+                                   can_save=step % config.num_iterations == 0)
     return final
 
 

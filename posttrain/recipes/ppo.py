@@ -200,8 +200,8 @@ def train(
                 log_metrics(metrics, step)
             bar.update(step, {"loss": metrics["loss/policy_avg"]})
             final.update(metrics)
-            if checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
-                checkpoints.save(accelerator, checkpoint_dir, step)
+            checkpoints.after_step(accelerator, checkpoint_dir, step,
+                                   every=config.checkpoint_every, keep=config.checkpoint_keep)
     return final
 
 

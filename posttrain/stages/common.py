@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain import artifacts, tracking
+from posttrain import artifacts, checkpoints, interrupt, tracking
 from posttrain.config import PipelineConfig
 
 
@@ -78,7 +78,17 @@ def run_stage(
     In a multi-process launch, a `data_parallel` body (training) runs on every rank: on ranks
     other than 0 with `run_id` None and `out.dir` a throw-away folder. Any other body runs on
     rank 0 alone while the other ranks wait for its manifest.
+
+    SIGINT and SIGTERM stop the stage at its next step boundary (posttrain.interrupt): its run is
+    marked KILLED and nothing half-written stays.
     """
+    with interrupt.stage(stage):
+        return _run_stage(cfg, stage, key, params, body, parent_run_id=parent_run_id,
+                          data_parallel=data_parallel)
+
+
+def _run_stage(cfg: PipelineConfig, stage: str, key: str, params: dict, body, *,
+               parent_run_id: str | None, data_parallel: bool) -> dict:
     if cfg.cpu_threads:
         import torch
 
@@ -146,9 +156,19 @@ def _produce(cfg: PipelineConfig, stage: str, key: str, params: dict, body, run_
         tracking.log_folder(run_id, out.manifest["path"], cfg.tracking.max_artifact_mb)
         tracking.end_run(run_id)
     except BaseException as e:
-        tracking.end_run(run_id, "FAILED", reason=f"{type(e).__name__}: {e}")
+        interrupted = isinstance(e, KeyboardInterrupt)
+        tracking.end_run(run_id, "KILLED" if interrupted else "FAILED",
+                         reason=f"{type(e).__name__}: {e}")
         raise
+    _remove_checkpoints(cfg, stage, key)
     return out.manifest
+
+
+def _remove_checkpoints(cfg: PipelineConfig, stage: str, key: str) -> None:
+    """A complete artifact needs no checkpoints: delete them unless the stage keeps them."""
+    training = next((s for s in cfg.stages if s.name == stage), None)
+    if training is not None and not training.keep_checkpoints:
+        checkpoints.remove(checkpoint_dir(cfg, training, key))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -197,6 +217,9 @@ def record_oom_backoff(out: artifacts.StageOutput, run_id: str):
 # stage's manifest (None when it uses none)}.
 
 SETTINGS_EXCLUDED = ("name", "start", "data", "reward")
+# Settings that change how a stage is checkpointed, not what it trains: not in its cache key, so
+# turning checkpoints on for a rerun still resumes (and finds the artifact cached).
+NOT_IN_KEY = ("checkpoint_every", "checkpoint_keep", "keep_checkpoints")
 
 
 def settings(stage) -> dict:
@@ -248,7 +271,8 @@ def training_key(cfg: PipelineConfig, stage, inputs: dict) -> str:
     upstream = {"start": digest(inputs["start"]) if inputs.get("start") else "base"}
     if inputs.get("reward") is not None:
         upstream["reward"] = digest(inputs["reward"])
-    config = {"settings": settings(stage), "model": model_params(cfg),
+    config = {"settings": {k: v for k, v in settings(stage).items() if k not in NOT_IN_KEY},
+              "model": model_params(cfg),
               "launch": launch_params(cfg),
               "data": {"format": src["format"], "seed": source_cfg.seed,
                        "max_drop_fraction": source_cfg.max_drop_fraction}}

@@ -1,0 +1,191 @@
+"""Ctrl-C (SIGINT) and SIGTERM: stop at a step boundary, checkpoint on SIGTERM, then stop.
+
+Inside a stage (`with interrupt.stage(name):`, entered by stages.common.run_stage) the first
+signal only asks the training loop to stop: the loops call `after_step` (through
+posttrain.checkpoints.after_step) at the end of every optimizer step, which on SIGTERM (what
+schedulers and Kubernetes send before they kill) writes a checkpoint first, then raises
+`Interrupted` (a KeyboardInterrupt). It unwinds the stage's own clean-up (metrics flushed, its
+MLflow run marked KILLED, its temporary folder removed) and, leaving the stage, ends the process
+through the stopper that the `posttrain` command installs (pipelines.stop: close this process's
+other runs as KILLED, release its locks, one line, exit), so nothing waits on a Prefect server
+that the same Ctrl-C may have stopped. A stage busy with something else (loading a model,
+precomputing reference log-probs) is stopped after GRACE_SECONDS; outside a stage a signal stops
+at once. Without a stopper (the library used from Python) the Interrupted is raised to the
+caller.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+GRACE_SECONDS = 4.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM; `str()` says where and how to resume."""
+
+    def __init__(self, signal_name: str, where: str) -> None:
+        super().__init__(f"interrupted by {signal_name} {where}")
+        self.signal_name = signal_name
+        self.where = where
+
+
+@dataclass
+class _State:
+    pending: str | None = None  # the signal asked for, not yet acted on
+    stopping: bool = False
+    stage: str | None = None
+    step: int | None = None
+    checkpoint_step: int | None = None  # the newest checkpoint of the current stage
+    checkpointing: bool = False
+    timer: threading.Timer | None = None
+    forced: bool = False  # set by the grace timer
+
+
+_state = _State()
+Stopper = Callable[[str, str], None]  # (signal name, where) -> never returns
+_stopper: Stopper | None = None
+
+
+def install(stopper: Stopper | None) -> None:
+    """Handle SIGINT and SIGTERM in this (main) thread; `stopper` ends the process."""
+    global _stopper
+    _stopper = stopper
+    reset()
+    rearm()
+
+
+def rearm() -> None:
+    """Put `handle` back for SIGINT and SIGTERM (a Prefect flow run swaps its own SIGTERM
+    handler in); a no-op without a stopper or outside the main thread."""
+    if _stopper is None or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        signal.signal(sig, handle)
+
+
+def reset() -> None:
+    global _state
+    if _state.timer is not None:
+        _state.timer.cancel()
+    _state = _State()
+
+
+def pending() -> str | None:
+    return _state.pending
+
+
+def handle(signum: int, _frame=None) -> None:
+    name = signal.Signals(signum).name
+    if _state.forced:  # the grace timer, through interrupt_main: stop here
+        _state.forced = False
+        raise Interrupted(_state.pending or name, where())
+    if _state.stopping or _state.pending:
+        return  # already stopping; the grace timer and the stopper's own deadline bound it
+    if _state.stage is None:
+        finish(Interrupted(name, where()))
+    _state.pending = name
+    then = " after writing a checkpoint" if name == "SIGTERM" and _state.checkpointing else ""
+    say(f"{name}: stopping stage {_state.stage!r} at the end of this step{then}")
+    _state.timer = threading.Timer(GRACE_SECONDS, _stop_from_timer)
+    _state.timer.daemon = True
+    _state.timer.start()
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """The extent of one stage: a signal waits for its next step boundary (or GRACE_SECONDS);
+    an Interrupted leaving the outermost stage ends the process through the stopper, after the
+    stage's own clean-up (its run marked KILLED, its temporary folder removed) has run."""
+    outer = (_state.stage, _state.step, _state.checkpoint_step, _state.checkpointing)
+    main = threading.current_thread() is threading.main_thread()
+    previous = [signal.getsignal(s) for s in SIGNALS] if main else None
+    if main:
+        for sig in SIGNALS:
+            signal.signal(sig, handle)
+    _state.stage, _state.step, _state.checkpoint_step, _state.checkpointing = name, None, None, False
+    try:
+        yield
+    except Interrupted as e:
+        if outer[0] is None:
+            finish(e)
+        raise
+    finally:
+        _state.stage, _state.step, _state.checkpoint_step, _state.checkpointing = outer
+        if previous is not None:
+            for sig, old in zip(SIGNALS, previous, strict=True):
+                signal.signal(sig, old)
+        if outer[0] is None and _stopper is None:
+            reset()  # the library goes on after an Interrupted: the next signal counts again
+
+
+def checkpointed(step: int) -> None:
+    """The current stage has a valid checkpoint at `step` (written or resumed from)."""
+    _state.checkpoint_step = step
+
+
+def after_step(step: int, save: Callable[[], None] | None) -> None:
+    """At the end of optimizer step `step`: if a signal asked to stop, raise Interrupted, after
+    `save()` (a checkpoint of this step; None when none can be written here) on SIGTERM."""
+    _state.step = step
+    _state.checkpointing = save is not None
+    name = _state.pending
+    if name is None:
+        return
+    if _state.timer is not None:
+        _state.timer.cancel()  # at a boundary now: the checkpoint may take its time
+    if name == "SIGTERM" and save is not None and _state.checkpoint_step != step:
+        save()
+        _state.checkpoint_step = step
+    _state.stopping = True
+    raise Interrupted(name, where())
+
+
+def say(line: str) -> None:
+    """One line on stderr, safe inside a signal handler (print may be in the middle of a write
+    to the same stream and would fail as a reentrant call)."""
+    os.write(2, f"\n{line}\n".encode())
+
+
+def where() -> str:
+    """Where the run stands, for the closing line: stage, step, and what a rerun resumes from."""
+    if _state.stage is None:
+        return "before or between stages"
+    text = f"during stage {_state.stage!r}"
+    if _state.step is not None:
+        text += f" after step {_state.step}"
+    if _state.checkpoint_step is not None:
+        text += f"; a rerun resumes it from the checkpoint at step {_state.checkpoint_step}"
+    elif _state.checkpointing:
+        text += "; it had no checkpoint yet, so a rerun starts it again"
+    else:
+        text += "; a rerun starts it again (set checkpoint_every to resume mid-stage)"
+    return text
+
+
+def finish(error: Interrupted) -> None:
+    """End the process through the stopper; without one, raise `error`."""
+    _state.stopping = True
+    if _state.timer is not None:
+        _state.timer.cancel()
+    if _stopper is not None:
+        _stopper(error.signal_name, error.where)
+    raise error
+
+
+def _stop_from_timer() -> None:
+    """A stage that reached no step boundary in GRACE_SECONDS is stopped where it is."""
+    if _state.stopping:
+        return
+    _state.stopping = True
+    if _stopper is not None:
+        _stopper(_state.pending or "SIGINT", where())
+    else:
+        _state.forced = True  # the signal wakes a blocked main thread; `handle` raises
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
