@@ -300,17 +300,19 @@ def serve(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
 @app.command(name="emit-dataset-updated")
 def emit_dataset_updated(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
     """Emit a 'posttrain.dataset.updated' event for the pipeline, which triggers its retraining
-    deployment (needs PREFECT_API_URL)."""
+    deployment (needs PREFECT_API_URL). Exits 1 when the server does not confirm it."""
     cfg = _load(config, overrides)
     _require_server("emit-dataset-updated")
-    from prefect.events.worker import EventsWorker
+    from tasks.events import NotDelivered, deliver_dataset_updated
 
-    from tasks.events import emit_dataset_updated as emit
-
-    event = emit(cfg.name, {"source": "posttrain emit-dataset-updated"})
-    EventsWorker.drain_all()  # the event is sent in the background: wait before exiting
-    console.print(f"emitted posttrain.dataset.updated for {cfg.name}"
-                  + (f" (event {event.id})" if event is not None else ""))
+    try:
+        event = deliver_dataset_updated(cfg.name, {"source": "posttrain emit-dataset-updated"})
+    except NotDelivered as e:
+        console.print(f"[red]{e}[/red]\nNothing will be retrained: check that the server runs "
+                      "and PREFECT_API_URL (and PREFECT_API_AUTH_STRING, if the server needs "
+                      "one) are right, then run this again.", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"delivered posttrain.dataset.updated for {cfg.name} (event {event.id})")
 
 
 @app.command()

@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -151,7 +151,8 @@ class StageOutput:
 
 
 @contextmanager
-def write_stage(root: str | Path, stage: str, key: str) -> Iterator[StageOutput]:
+def write_stage(root: str | Path, stage: str, key: str,
+                needed: Callable[[], int | None] | None = None) -> Iterator[StageOutput]:
     """Write a stage artifact atomically.
 
     Files go into a temporary sibling folder; on success the manifest is written last and the
@@ -159,7 +160,9 @@ def write_stage(root: str | Path, stage: str, key: str) -> Iterator[StageOutput]
     error propagates, so no reader ever sees a partial artifact. If another writer finished the
     same key first, its artifact is kept and ours discarded (the key says they are equivalent).
     The temporary folder's name records its writer (tmp_name); those of killed writers are
-    removed here, a live concurrent writer's never.
+    removed here, a live concurrent writer's never. A full disk raises posttrain.disk's
+    DiskFullError naming the folder, the bytes `needed()` says the artifact needs (else at least
+    what was written) and the bytes free.
     """
     final = stage_dir(root, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +191,14 @@ def write_stage(root: str | Path, stage: str, key: str) -> Iterator[StageOutput]
             shutil.rmtree(tmp, ignore_errors=True)
             manifest = verify(final, full=False)
         out.manifest = manifest
-    except BaseException:
+    except BaseException as e:
+        from posttrain import disk
+
+        if disk.is_disk_full(e):
+            written = disk.folder_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            size = (needed() if needed else None) or written
+            raise disk.full_error(final.parent, f"the artifact of stage {stage}", size) from e
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from posttrain import artifacts, interrupt
+from posttrain import artifacts, disk, interrupt
 
 log = logging.getLogger(__name__)
 PREFIX = "step-"
@@ -52,6 +52,7 @@ def save(accelerator: Accelerator, root: Path, step: int, keep: int | None = Non
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         artifacts.remove_dead_tmp(root)  # half-written checkpoints of a killed run
+    previous = latest_valid(root) if accelerator.is_main_process and keep is not None else None
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
@@ -68,6 +69,11 @@ def save(accelerator: Accelerator, root: Path, step: int, keep: int | None = Non
                 artifacts.verify(final, full=True)  # only a verified newer one replaces older
                 for old in _folders(root)[keep:]:
                     shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        if disk.is_disk_full(e):
+            needed = disk.folder_bytes(previous[0]) if previous else _state_bytes(accelerator)
+            raise disk.full_error(root, f"the checkpoint of step {step}", needed) from e
+        raise
     finally:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,6 +92,19 @@ def after_step(accelerator: Accelerator, root: Path | None, step: int, *, every:
         save(accelerator, root, step, keep)
     interrupt.after_step(step, (lambda: save(accelerator, root, step, keep)) if saveable
                          else None)
+
+
+def _state_bytes(accelerator: Accelerator) -> int:
+    """About the size of a checkpoint: weights plus optimizer state, as held in memory."""
+    import torch
+
+    total = sum(p.numel() * p.element_size() for m in accelerator._models
+                for p in m.parameters())
+    for opt in accelerator._optimizers:
+        for state in opt.state_dict()["state"].values():
+            total += sum(v.numel() * v.element_size() for v in state.values()
+                         if isinstance(v, torch.Tensor))
+    return total
 
 
 def remove(root: Path) -> None:

@@ -83,7 +83,30 @@ def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
     if problems:
         raise PreflightError(problems)
     result.rows = _graph(cfg, stages, datasets, evaluate=targets is None and cfg.evaluate.enabled)
+    problems = check_disk(cfg, [cfg.stage(r.stage) for r in result.rows
+                                if r.status == "will run" and r.method != "-"])
+    if problems:
+        raise PreflightError(problems)
     return result
+
+
+def check_disk(cfg: PipelineConfig, will_run: list) -> list[str]:
+    """Refuse when the artifacts root has less free space than the stages that will run write
+    at most (posttrain.disk.stage_bytes: each model, plus its checkpoints)."""
+    from posttrain import disk
+
+    weights = disk.model_bytes(cfg.model)
+    needs = {s.name: disk.stage_bytes(cfg, s, weights) for s in will_run}
+    if weights is None or not needs:
+        return []
+    free = disk.free_bytes(cfg.artifacts_root)
+    total = sum(needs.values())
+    if free >= total:
+        return []
+    each = ", ".join(f"{n}: {disk.human(b)}" for n, b in needs.items())
+    return [(f"artifacts_root: {cfg.artifacts_root} has {disk.human(free)} free, but the stages "
+             f"that will run write about {disk.human(total)} ({each}); free space there, point "
+             "artifacts_root at a bigger disk, or lower checkpoint_keep")]
 
 
 # ------------------------------------------------------------------------------------- model

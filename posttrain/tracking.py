@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 import warnings
 import weakref
@@ -169,7 +170,7 @@ def close_own_runs(experiment: str, *, status: str, reason: str) -> list[str]:
     exits."""
     for logger in list(MetricLogger.live):
         with contextlib.suppress(Exception):  # closing the runs matters more than the points
-            logger.flush()
+            logger.flush(wait_seconds=2.0)
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -188,6 +189,12 @@ def close_own_runs(experiment: str, *, status: str, reason: str) -> list[str]:
 class MetricLogger:
     """Buffers per-step metrics and sends them in batches (one SQLite write per few hundred).
 
+    Batches due during training (every `flush_every` points or `flush_seconds`) are sent by a
+    background thread, so a slow or unreachable MLflow server never stalls training: what could
+    not be sent stays buffered (with one warning) and goes out when the server answers again.
+    `flush()` at the end of the stage sends the rest, waiting up to `wait_seconds` for the
+    server before it gives up with the server's error.
+
     With `echo` (the default), each call also reports the step's metrics as one line through
     posttrain.progress (the `posttrain.progress` logger, which a Prefect task sends to its run's
     logs): the training loops call it every `log_every` steps and after each evaluation."""
@@ -195,13 +202,19 @@ class MetricLogger:
     live: ClassVar[weakref.WeakSet] = weakref.WeakSet()  # flushed by close_own_runs on an interrupt
 
     def __init__(self, run_id: str | None, flush_every: int = 500, flush_seconds: float = 10.0,
-                 echo: bool = True):
+                 echo: bool = True, wait_seconds: float = 300.0):
         self.run_id = run_id
         self.echo = echo
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds  # a killed run loses at most this much of its curve
+        self.wait_seconds = wait_seconds
         self._last_flush = time.monotonic()
         self._buffer: list = []
+        self._lock = threading.Lock()  # guards _buffer
+        self._sending = threading.Lock()  # one batch in flight at a time
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
         self.history: list[tuple[int, dict[str, float]]] = []
         MetricLogger.live.add(self)
 
@@ -217,21 +230,71 @@ class MetricLogger:
         from mlflow.entities import Metric  # imported only when there is a run to log to
 
         now = int(time.time() * 1000)
-        for k, v in clean.items():
-            if math.isfinite(v):
-                self._buffer.append(Metric(k, v, now, step))
+        with self._lock:
+            self._buffer.extend(Metric(k, v, now, step) for k, v in clean.items()
+                                if math.isfinite(v))
+            size = len(self._buffer)
         stale = time.monotonic() - self._last_flush > self.flush_seconds
-        if len(self._buffer) >= self.flush_every or stale:
-            self.flush()
+        if size >= self.flush_every or stale:
+            self._last_flush = time.monotonic()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._send_in_background, daemon=True,
+                                                name=f"mlflow-metrics-{self.run_id[:8]}")
+                self._thread.start()
+            self._wake.set()
 
-    def flush(self) -> None:
+    def _send_in_background(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._send() is None:
+                continue
+            self._wake.wait(min(self.flush_seconds, 5.0))  # the server failed: retry later
+            self._wake.set()
+
+    def _send(self) -> Exception | None:
+        """Send what is buffered; the error (the unsent points back in the buffer) or None."""
+        with self._sending:
+            with self._lock:
+                batch, self._buffer = self._buffer, []
+            sent = 0
+            try:
+                c = client()
+                for sent in range(0, len(batch), 1000):
+                    c.log_batch(self.run_id, metrics=batch[sent : sent + 1000])
+                sent = len(batch)
+            except Exception as e:  # noqa: BLE001 - kept and retried; flush() raises it
+                with self._lock:
+                    self._buffer[:0] = batch[sent:]
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"MLflow did not take the metrics of run {self.run_id} "
+                                  f"({type(e).__name__}: {e}); they stay buffered and are sent "
+                                  "when it answers again", stacklevel=2)
+                return e
+        if self._warned and not self._buffer:
+            self._warned = False
+            warnings.warn(f"MLflow answers again: buffered metrics of run {self.run_id} sent",
+                          stacklevel=2)
+        return None
+
+    def flush(self, wait_seconds: float | None = None) -> None:
+        """Send every buffered point now, waiting up to `wait_seconds` (default: the logger's)
+        for an unreachable server; then raise its error."""
         self._last_flush = time.monotonic()
-        if self.run_id is None or not self._buffer:
+        if self.run_id is None:
             return
-        c = client()
-        for i in range(0, len(self._buffer), 1000):
-            c.log_batch(self.run_id, metrics=self._buffer[i : i + 1000])
-        self._buffer = []
+        deadline = time.monotonic() + (self.wait_seconds if wait_seconds is None
+                                       else wait_seconds)
+        delay = 0.5
+        while True:
+            error = self._send()
+            if error is None:
+                return
+            if time.monotonic() + delay > deadline:
+                raise error
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:

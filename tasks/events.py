@@ -31,6 +31,37 @@ def emit_dataset_updated(pipeline_name: str, payload: dict | None = None):
     return emit_event(EVENT, resource=resource(pipeline_name), payload=payload or {})
 
 
+class NotDelivered(RuntimeError):
+    """The event did not reach the Prefect server (down, unreachable, or refusing the client)."""
+
+
+def deliver_dataset_updated(pipeline_name: str, payload: dict | None = None,
+                            *, timeout: float = 20.0):
+    """Send the event to PREFECT_API_URL and wait until the server confirms it (a websocket
+    ping answered after the event: everything sent before it arrived); the Event. Raises
+    NotDelivered naming the server and the reason, unlike emit_event's background worker,
+    which drops an event it cannot send with only a log line."""
+    import anyio
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.settings import PREFECT_API_URL
+
+    event = Event(event=EVENT, resource=resource(pipeline_name), payload=payload or {})
+
+    async def send() -> None:
+        with anyio.fail_after(timeout):
+            async with get_events_client(reconnection_attempts=1, checkpoint_every=1) as client:
+                await client.emit(event)  # checkpoint_every=1: returns after the ping's pong
+
+    try:
+        anyio.run(send)
+    except Exception as e:
+        reason = "no answer in time" if isinstance(e, TimeoutError) else f"{e}".strip()
+        raise NotDelivered(f"the event was not delivered to {PREFECT_API_URL.value()}: "
+                           f"{type(e).__name__}: {reason}") from e
+    return event
+
+
 def current_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     return {kind: data_stage.source_fingerprint(src)
             for kind, src in data_stage.sources(cfg).items()}

@@ -98,10 +98,13 @@ def servers(tmp_path_factory):
     env |= {"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
     prefect_port, mlflow_port = _free_port(), _free_port()
+    # The Prefect server asks for credentials, as a shared one should; clients send them.
+    auth = "posttrain:test-secret"
     procs = []
     try:
         procs.append(_start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(prefect_port), "--no-ui"], tmp / "prefect.log", env))
+                             "--port", str(prefect_port), "--no-ui"], tmp / "prefect.log",
+                            env | {"PREFECT_SERVER_API_AUTH_STRING": auth}))
         procs.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                              str(mlflow_port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
@@ -111,6 +114,7 @@ def servers(tmp_path_factory):
                    tmp / "prefect.log")
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", procs[1], 120, tmp / "mlflow.log")
         env |= {"PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+                "PREFECT_API_AUTH_STRING": auth,
                 "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
         yield {"env": env, "tmp": tmp}
     finally:
@@ -262,3 +266,111 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         retrain_children = stage_runs(_parent_of(triggered.id).info.run_id)
         assert set(retrain_children) == {"data", "sft", "evaluate"}
         assert retrain_children["sft"].data.tags.get(tracking.CACHE_HIT_TAG) == "true"
+
+
+@pytest.mark.slow
+def test_emit_dataset_updated_fails_when_the_event_is_not_delivered(servers):
+    """Retraining hangs on this event: a server that is down or refuses the credentials must
+    make the command fail, not print that it emitted."""
+    cases = {
+        "wrong credentials": servers["env"] | {"PREFECT_API_AUTH_STRING": "posttrain:wrong"},
+        "server down": servers["env"] | {"PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"},
+    }
+    for what, env in cases.items():
+        r = subprocess.run([str(BIN / "posttrain"), "emit-dataset-updated"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120, check=False)
+        out = r.stdout + r.stderr
+        assert r.returncode == 1, (what, out)
+        assert "the event was not delivered to http://127.0.0.1:" in out, (what, out)
+        assert "Nothing will be retrained" in out and "emitted" not in out, (what, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_four_posttrain_runs_at_once_train_each_stage_once(servers, apis):
+    """Four `posttrain run` processes started together on one artifacts root, one Prefect
+    server and one MLflow server (issue 13, item 7)."""
+    from posttrain import artifacts, tracking
+
+    tmp = servers["tmp"] / "four"
+    values = tiny_pipeline_values(tmp, name="four", promotion={"enabled": False},
+                                  tracking={"experiment": "four"})
+    config = tmp / "four.yaml"
+    config.write_text(yaml.safe_dump(values))
+    procs = [_start([str(BIN / "posttrain"), "run", str(config)], tmp / f"run{i}.log",
+                    servers["env"]) for i in range(4)]
+    try:
+        for p in procs:
+            p.wait(timeout=480)
+    finally:
+        for p in procs:
+            _stop(p)
+    logs = [(tmp / f"run{i}.log").read_text() for i in range(4)]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name("four")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    assert not [r for r in runs if r.info.status != "FINISHED"]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 4
+    for name in ("data", "sft", "evaluate"):
+        trained = [r for r in runs if r.data.tags.get(tracking.STAGE_TAG) == name
+                   and r.data.tags.get(tracking.CACHE_HIT_TAG) != "true"]
+        assert len(trained) == 1, name  # the three others found it cached
+        folders = [p for p in (tmp / "artifacts" / name).iterdir() if p.is_dir()]
+        assert len(folders) == 1 and artifacts.verify(folders[0], full=True)
+    assert not list((tmp / "artifacts").rglob(".tmp-*"))
+    assert not list((tmp / "artifacts" / ".prefect" / "locks").glob("*.lock"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_stage_outlives_an_mlflow_server_away_for_30_seconds(tmp_path, monkeypatch):
+    """The MLflow server stops in the middle of training and comes back 30 s later: the
+    metrics sent meanwhile are kept and delivered, the stage finishes, its run is complete
+    (issue 13, item 6)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from posttrain import stages, tracking
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    port = _free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--artifacts-destination", str(tmp_path / "mlartifacts")]
+
+    def start(n: int) -> subprocess.Popen:
+        proc = _start(cmd, tmp_path / f"mlflow{n}.log", env, cwd=tmp_path)
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 120, tmp_path / f"mlflow{n}.log")
+        return proc
+
+    server = start(1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    cfg = validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path, [{**SFT_STAGE, "max_steps": 400, "log_every": 1, "eval_every": 1000}]))
+    data = stages.run_data_stage(cfg)
+    c = tracking.client()
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    training = ThreadPoolExecutor(1).submit(
+        stages.run_training_stage, cfg, "sft", stages.inputs_for(cfg.stage("sft"), data, {}))
+    try:
+        deadline = time.time() + 120
+        while True:  # the stage's first metrics have arrived: training is under way
+            runs = c.search_runs([exp.experiment_id], "tags.`posttrain.stage` = 'sft'")
+            if runs and c.get_metric_history(runs[0].info.run_id, "loss"):
+                break
+            assert time.time() < deadline and not training.done(), "no metrics in 120 s"
+            time.sleep(0.2)
+        _stop(server)
+        time.sleep(30)
+        assert not training.done() or training.exception() is None
+        server = start(2)
+        manifest = training.result(timeout=300)
+        run = c.get_run(manifest["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss"))
+        assert steps == list(range(1, 401))
+    finally:
+        _stop(server)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain import artifacts, checkpoints, interrupt, tracking
+from posttrain import artifacts, checkpoints, disk, interrupt, tracking
 from posttrain.config import PipelineConfig
 
 
@@ -147,7 +147,9 @@ def _produce(cfg: PipelineConfig, stage: str, key: str, params: dict, body, run_
     """Run `body` inside the atomic artifact writer, recording into MLflow run `run_id`."""
     started = time.time()
     try:
-        with artifacts.write_stage(cfg.artifacts_root, stage, key) as out:
+        training = next((s for s in cfg.stages if s.name == stage), None)
+        needed = (lambda: disk.model_bytes(cfg.model)) if training is not None else None
+        with artifacts.write_stage(cfg.artifacts_root, stage, key, needed) as out:
             out.meta.update(config=params, mlflow_run_id=run_id, num_processes=world_size())
             metrics = body(out, run_id)
             out.meta["metrics"] = metrics
