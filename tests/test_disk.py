@@ -124,7 +124,7 @@ def small_disk(tmp_path):
 
     yield mount
     for where in mounted:
-        subprocess.run(["umount", str(where)], check=False)
+        subprocess.run(["umount", "--lazy", str(where)], check=False)  # even if a file is open
 
 
 @pytest.mark.skipif(shutil.which("mount") is None, reason="no mount command")

@@ -296,6 +296,7 @@ def test_four_posttrain_runs_at_once_train_each_stage_once(servers, apis):
     values = tiny_pipeline_values(tmp, name="four", promotion={"enabled": False},
                                   tracking={"experiment": "four"})
     config = tmp / "four.yaml"
+    tmp.mkdir()
     config.write_text(yaml.safe_dump(values))
     procs = [_start([str(BIN / "posttrain"), "run", str(config)], tmp / f"run{i}.log",
                     servers["env"]) for i in range(4)]
