@@ -99,10 +99,10 @@ def test_preflight_refuses_stages_that_cannot_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(disk, "free_bytes", lambda path: need - 1)
     with pytest.raises(PreflightError) as e:
         plan(cfg)
-    assert e.value.problems == [
+    assert e.value.problems == [(
         f"artifacts_root: {cfg.artifacts_root} has {disk.human(need - 1)} free, but the stages "
         f"that will run write about {disk.human(need)} (sft: {disk.human(need)}); free space "
-        "there, point artifacts_root at a bigger disk, or lower checkpoint_keep"]
+        "there, point artifacts_root at a bigger disk, or lower checkpoint_keep")]
     monkeypatch.setattr(disk, "free_bytes", lambda path: need)
     plan(cfg)
 

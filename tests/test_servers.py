@@ -143,10 +143,11 @@ def served(servers):
 @pytest.fixture
 def apis(servers, monkeypatch):
     """This test process talks to the same servers (Prefect client, MLflow client)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["env"]["MLFLOW_TRACKING_URI"])
-    with temporary_settings({PREFECT_API_URL: servers["env"]["PREFECT_API_URL"]}):
+    with temporary_settings({PREFECT_API_URL: servers["env"]["PREFECT_API_URL"],
+                             PREFECT_API_AUTH_STRING: servers["env"]["PREFECT_API_AUTH_STRING"]}):
         yield
 
 
@@ -350,7 +351,7 @@ def test_a_stage_outlives_an_mlflow_server_away_for_30_seconds(tmp_path, monkeyp
     server = start(1)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     cfg = validate(PipelineConfig, tiny_pipeline_values(
-        tmp_path, [{**SFT_STAGE, "max_steps": 400, "log_every": 1, "eval_every": 1000}]))
+        tmp_path, [{**SFT_STAGE, "max_steps": 200, "log_every": 1, "eval_every": 1000}]))
     data = stages.run_data_stage(cfg)
     c = tracking.client()
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
@@ -372,6 +373,6 @@ def test_a_stage_outlives_an_mlflow_server_away_for_30_seconds(tmp_path, monkeyp
         run = c.get_run(manifest["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss"))
-        assert steps == list(range(1, 401))
+        assert steps == list(range(1, 201))
     finally:
         _stop(server)

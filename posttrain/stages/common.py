@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain import artifacts, checkpoints, disk, interrupt, tracking
+from posttrain import artifacts, disk, interrupt, tracking
 from posttrain.config import PipelineConfig
 
 
@@ -170,6 +170,8 @@ def _remove_checkpoints(cfg: PipelineConfig, stage: str, key: str) -> None:
     """A complete artifact needs no checkpoints: delete them unless the stage keeps them."""
     training = next((s for s in cfg.stages if s.name == stage), None)
     if training is not None and not training.keep_checkpoints:
+        from posttrain import checkpoints  # torch and accelerate: only where a stage trained
+
         checkpoints.remove(checkpoint_dir(cfg, training, key))
 
 
