@@ -23,12 +23,17 @@ Temperature 0 means greedy decoding; its log-probs are taken at temperature 1.
 from __future__ import annotations
 
 import inspect
+import logging
+import shutil
+import weakref
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 from posttrain.logprobs import SelectedLogits, position_ids_from_mask, token_logps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Rollout:
     logps: torch.Tensor  # (N, C) float32, log-probs of the sampled tokens (0 on padding)
     truncated: torch.Tensor  # (N,) bool, no EOS within max_new_tokens
     lengths: torch.Tensor  # (N,) long, completion_mask.sum(-1)
+    backend: str = "loop"  # the decoding path that produced it: loop, static or compiled
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, completion_mask), each (N, P + C), for training forwards.
@@ -92,10 +98,15 @@ def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -
     return logits
 
 
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers live inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The forward's cache argument: `cache` in recent transformers 5, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    params = inspect.signature(_base_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _next_tokens(
@@ -114,6 +125,167 @@ def _next_tokens(
     return tokens, token_logps(scaled, tokens)
 
 
+# ------------------------------------------------------------------------------ decoding paths
+
+BACKENDS = ("auto", "loop", "static", "compiled")
+# Models (by identity) whose compiled decode step failed under "auto": they stay on "static".
+_COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()
+_LOGGED: set[tuple[int, str]] = set()
+
+
+def compile_available(device: torch.device) -> str | None:
+    """Why torch.compile cannot build a decode step on `device` here, or None when it can."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler on the CPU and none is on PATH"
+    if device.type not in ("cpu", "cuda"):
+        return f"no compiled decode step on {device.type}"
+    return None
+
+
+def resolve_backend(model: torch.nn.Module, backend: str = "auto") -> str:
+    """The decoding path `generate` takes for `backend` (see the module docstring).
+
+    auto: "compiled" on a GPU (CUDA graphs through mode="reduce-overhead"), "static" on the CPU
+    (compiling costs tens of seconds per batch shape there: benchmarks/RESULTS.md, decoding),
+    "loop" for models that do not support transformers' static cache. An explicit backend that
+    cannot run raises.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"generation backend must be one of {BACKENDS}, got {backend!r}")
+    base = _base_model(model)
+    static_ok = bool(getattr(base, "_can_compile_fullgraph", False)) and hasattr(
+        base, "get_compiled_call"
+    )
+    device = next(model.parameters()).device
+    if backend == "loop":
+        return "loop"
+    if backend in ("static", "compiled") and not static_ok:
+        raise ValueError(f"{type(base).__name__} does not support a static KV cache; use "
+                         "generation_backend 'loop'")
+    if backend == "compiled" and (why := compile_available(device)):
+        raise ValueError(f"generation_backend 'compiled': {why}")
+    if backend != "auto":
+        return backend
+    if not static_ok:
+        return "loop"
+    if device.type == "cuda" and compile_available(device) is None and base not in _COMPILE_FAILED:
+        return "compiled"
+    return "static"
+
+
+def _compile_config(device: torch.device) -> CompileConfig:
+    # CUDA graphs on the GPU remove the per-kernel launches that bound a small decode step; on the
+    # CPU there are none to remove and inductor's default mode is the one that works there.
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+
+
+def _bucket(length: int) -> int:
+    """Cache lengths are rounded up to a multiple of 64 so that a compiled step (one graph per
+    shape) is reused across batches whose longest prompts differ by a few tokens."""
+    return -(-length // 64) * 64
+
+
+class _DynamicDecoder:
+    """Today's loop: a `DynamicCache` and a 2-D mask that grows by one column per step."""
+
+    def __init__(self, model, prompt, prompt_mask, max_new_tokens: int):
+        self.model, self.cache_kwarg = model, _cache_kwarg(model)
+        self.cache = DynamicCache(config=model.config)
+        self.attention = prompt_mask
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.attention,
+            position_ids=position_ids_from_mask(self.attention)[:, -ids.shape[1] :],
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: self.cache},
+        )
+        return out.logits[:, -1].float()
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:  # (N, V)
+        return self._forward(prompt)
+
+    def step(self, ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:  # (N, 1), (N,)
+        self.attention = torch.cat([self.attention, alive.long()[:, None]], dim=1)
+        return self._forward(ids)
+
+
+class _StaticDecoder:
+    """A transformers `StaticCache` of fixed length and a preallocated (N, L) mask filled one
+    column per step, so every decode step has the same shapes and tensor addresses (what
+    torch.compile and CUDA graphs need). Positions equal the loop's: real tokens seen so far - 1.
+    """
+
+    def __init__(self, model, prompt, prompt_mask, max_new_tokens: int, compiled: bool):
+        n, self.width = prompt.shape
+        base = _base_model(model)
+        self.model, self.cache_kwarg, self.t = model, _cache_kwarg(model), 0
+        length = _bucket(self.width + max_new_tokens)
+        self.cache = StaticCache(config=base.config, max_cache_len=length)
+        self.attention = prompt_mask.new_zeros(n, length)
+        self.attention[:, : self.width] = prompt_mask
+        self.seen = prompt_mask.sum(-1)  # (N,) real tokens so far
+        device = prompt.device
+        self.call = base.get_compiled_call(_compile_config(device)) if compiled else model
+        self.mark_step = compiled and device.type == "cuda"
+
+    def _forward(self, call, ids, positions) -> torch.Tensor:
+        out = call(input_ids=ids, attention_mask=self.attention, position_ids=positions,
+                   use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
+        return out.logits[:, -1].float()
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        # The prefill runs eagerly: its shape changes with every batch of prompts.
+        positions = position_ids_from_mask(self.attention[:, : self.width])
+        return self._forward(self.model, prompt, positions)
+
+    def step(self, ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        self.attention[:, self.width + self.t] = alive.long()
+        self.t += 1
+        self.seen = self.seen + alive.long()
+        positions = (self.seen - 1).clamp(min=0)[:, None]
+        if self.mark_step:  # a new CUDA-graph replay; the previous step's logits are consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._forward(self.call, ids, positions)
+        # A CUDA-graph replay reuses its output buffers: keep a copy of its logits.
+        return logits.clone() if self.mark_step else logits
+
+
+def _decode(decoder, prompt, max_new_tokens, sample, eos, pad_token_id):
+    """The token loop shared by every path: sampling, EOS stopping and padding of ended rows."""
+    n = prompt.shape[0]
+    done = torch.zeros(n, dtype=torch.bool, device=prompt.device)
+    tokens, logps, masks = [], [], []
+    logits = decoder.prefill(prompt)
+    for _ in range(max_new_tokens):
+        token, logp = sample(logits)
+        alive = ~done
+        tokens.append(torch.where(alive, token, pad_token_id))
+        logps.append(torch.where(alive, logp, 0.0))
+        masks.append(alive.long())
+        done = done | torch.isin(token, eos)
+        if bool(done.all()) or len(tokens) == max_new_tokens:
+            break
+        # Rows that ended keep feeding (masked) pad tokens: the batch shape stays fixed.
+        logits = decoder.step(tokens[-1][:, None], masks[-1])
+    return tokens, logps, masks, done
+
+
+def _log_path(model, backend: str) -> None:
+    key = (id(model), backend)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        device = next(model.parameters()).device
+        how = {"loop": "DynamicCache, eager steps", "static": "StaticCache, eager steps",
+               "compiled": f"StaticCache, torch.compile(mode={_compile_config(device).mode!r})"}
+        log.info("rollout decoding on %s: %s (%s)", device, backend, how[backend])
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -127,56 +299,54 @@ def generate(
     eos_token_ids: set[int] | int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> Rollout:
     """Sample `num_samples` completions of every prompt in one batch, with a KV cache.
 
     Rows stop at their first token in `eos_token_ids` (included in the completion); later steps
     give them pad tokens, masked out. `generator` (on the model's device) makes sampling
-    reproducible. The model runs in eval mode (no dropout) and gets its previous mode back.
+    reproducible, with the same tokens on every `backend` (see `resolve_backend`; the path taken
+    is logged once per model and kept in `Rollout.backend`). The model runs in eval mode (no
+    dropout) and gets its previous mode back.
     """
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    path = resolve_backend(model, backend)
     device = next(model.parameters()).device
     eos = torch.tensor(sorted({eos_token_ids} if isinstance(eos_token_ids, int) else eos_token_ids))
     eos = eos.to(device)
     prompt, prompt_mask = left_pad(prompt_ids, pad_token_id, device)
     prompt = prompt.repeat_interleave(num_samples, dim=0)  # (N, P)
     prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # (N, P)
-    n = prompt.shape[0]
 
-    cache_kwarg = _cache_kwarg(model)
+    def sample(logits):
+        return _next_tokens(logits, temperature, top_k, top_p, generator)
+
+    def run(path: str):
+        _log_path(model, path)
+        decoder = (_DynamicDecoder(model, prompt, prompt_mask, max_new_tokens) if path == "loop"
+                   else _StaticDecoder(model, prompt, prompt_mask, max_new_tokens,
+                                       compiled=path == "compiled"))
+        return _decode(decoder, prompt, max_new_tokens, sample, eos, pad_token_id)
+
     was_training = model.training
     model.eval()
+    state = generator.get_state() if generator is not None else None
     try:
-        cache = DynamicCache(config=model.config)
-        attention = prompt_mask
-        step_ids = prompt
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        tokens, logps, masks = [], [], []
-        for _ in range(max_new_tokens):
-            out = model(
-                input_ids=step_ids,
-                attention_mask=attention,
-                position_ids=position_ids_from_mask(attention)[:, -step_ids.shape[1] :],
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_kwarg: cache},
-            )
-            token, logp = _next_tokens(
-                out.logits[:, -1].float(), temperature, top_k, top_p, generator
-            )
-            alive = ~done
-            tokens.append(torch.where(alive, token, pad_token_id))
-            logps.append(torch.where(alive, logp, 0.0))
-            masks.append(alive.long())
-            done = done | torch.isin(token, eos)
-            if bool(done.all()):
-                break
-            # Rows that ended keep feeding (masked) pad tokens: the batch shape stays fixed.
-            step_ids = tokens[-1][:, None]
-            attention = torch.cat([attention, masks[-1][:, None]], dim=1)
+        try:
+            tokens, logps, masks, done = run(path)
+        except Exception as error:  # any compile failure: "auto" falls back
+            if backend != "auto" or path != "compiled":
+                raise
+            _COMPILE_FAILED.add(_base_model(model))
+            log.warning("rollout decoding: the compiled step failed (%s: %s); using 'static'",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            if state is not None:
+                generator.set_state(state)  # the same draws as if "static" had run first
+            path = "static"
+            tokens, logps, masks, done = run(path)
     finally:
         model.train(was_training)
 
@@ -189,6 +359,7 @@ def generate(
         logps=torch.stack(logps, dim=1),
         truncated=~done,
         lengths=completion_mask.sum(-1),
+        backend=path,
     )
 
 
