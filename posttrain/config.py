@@ -410,6 +410,13 @@ class RolloutConfig(TrainingConfig):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0: no limit.")
+    generation_backend: Literal["auto", "loop", "static", "compiled"] = Field(
+        "auto",
+        description="How rollouts decode: 'loop' (dynamic KV cache, one eager forward per token), "
+        "'static' (transformers' StaticCache, fixed shapes), 'compiled' (static cache and a "
+        "torch.compile'd step, CUDA graphs on a GPU); 'auto': compiled on a GPU, static on the "
+        "CPU, loop for models without static-cache support. Same tokens for the same seed.",
+    )
     reference: Literal["copy", "adapter"] = Field(
         "copy",
         description="Reference for the KL term: a frozen copy of the starting policy, or the "

@@ -1,6 +1,6 @@
 """Batched, KV-cached sampling for GRPO/PPO that records the log-prob of every sampled token.
 
-`generate` runs the model's own forward with a transformers `DynamicCache` instead of
+`generate` runs the model's own forward with a transformers KV cache instead of
 `model.generate`, so the sampling distribution is the model's own (the recorded log-probs equal
 a forward pass in the same mode and precision, tested). The losses do not take π_old from these
 recorded values, though: sampling runs in eval mode and, on a GPU, in another precision than the
@@ -18,6 +18,21 @@ distribution TRL and verl use for π_old when the temperature is not 1 (their tr
 divides the logits by the same temperature and knows nothing of the filters);
 `completion_logps` is that training forward.
 Temperature 0 means greedy decoding; its log-probs are taken at temperature 1.
+
+Three decoding paths (`backend`), one token loop: sampling, EOS stopping, padding and the
+seeded generator's draws are the same code on all of them, so a seed gives the same tokens
+(tested; the logits agree to ~1e-6, so only an exact tie between two draws could differ).
+- "loop": a `DynamicCache` whose keys/values and 2-D mask grow by one column per step.
+- "static": a `StaticCache` preallocated for prompt + max_new_tokens (rounded up to 64) and a
+  preallocated mask filled column by column: every decode step has the same shapes and tensor
+  addresses. The prefill is always eager (its shape changes with every batch).
+- "compiled": the static path with the decode step compiled by transformers'
+  `get_compiled_call` (torch.compile, fullgraph, static shapes; mode="reduce-overhead", i.e.
+  CUDA graphs, on a GPU). One graph per (rows, cache length): later batches of the same shape
+  reuse it. Under "auto", a compile failure falls back to "static" with a warning (the
+  generator rewound, so the draws are the same) and the model is not compiled again.
+"auto" picks compiled on a GPU and static on the CPU, where compiling costs tens of seconds per
+shape and the compiled step is no faster at small sizes (benchmarks/bench_decode.py).
 """
 
 from __future__ import annotations
@@ -51,7 +66,6 @@ class Rollout:
     logps: torch.Tensor  # (N, C) float32, log-probs of the sampled tokens (0 on padding)
     truncated: torch.Tensor  # (N,) bool, no EOS within max_new_tokens
     lengths: torch.Tensor  # (N,) long, completion_mask.sum(-1)
-    backend: str = "loop"  # the decoding path that produced it: loop, static or compiled
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, completion_mask), each (N, P + C), for training forwards.
@@ -130,7 +144,8 @@ def _next_tokens(
 BACKENDS = ("auto", "loop", "static", "compiled")
 # Models (by identity) whose compiled decode step failed under "auto": they stay on "static".
 _COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()
-_LOGGED: set[tuple[int, str]] = set()
+# The paths each model has decoded with: the first use of a path is logged at INFO, later at DEBUG.
+_LOGGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compile_available(device: torch.device) -> str | None:
@@ -277,13 +292,13 @@ def _decode(decoder, prompt, max_new_tokens, sample, eos, pad_token_id):
 
 
 def _log_path(model, backend: str) -> None:
-    key = (id(model), backend)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        device = next(model.parameters()).device
-        how = {"loop": "DynamicCache, eager steps", "static": "StaticCache, eager steps",
-               "compiled": f"StaticCache, torch.compile(mode={_compile_config(device).mode!r})"}
-        log.info("rollout decoding on %s: %s (%s)", device, backend, how[backend])
+    seen = _LOGGED.setdefault(model, set())
+    level = logging.DEBUG if backend in seen else logging.INFO
+    seen.add(backend)
+    device = next(model.parameters()).device
+    how = {"loop": "DynamicCache, eager steps", "static": "StaticCache, eager steps",
+           "compiled": f"StaticCache, torch.compile(mode={_compile_config(device).mode!r})"}
+    log.log(level, "rollout decoding on %s: %s (%s)", device, backend, how[backend])
 
 
 @torch.no_grad()
@@ -306,7 +321,7 @@ def generate(
     Rows stop at their first token in `eos_token_ids` (included in the completion); later steps
     give them pad tokens, masked out. `generator` (on the model's device) makes sampling
     reproducible, with the same tokens on every `backend` (see `resolve_backend`; the path taken
-    is logged once per model and kept in `Rollout.backend`). The model runs in eval mode (no
+    is logged, at INFO the first time a model uses it). The model runs in eval mode (no
     dropout) and gets its previous mode back.
     """
     if max_new_tokens < 1 or num_samples < 1:
@@ -359,7 +374,6 @@ def generate(
         logps=torch.stack(logps, dim=1),
         truncated=~done,
         lengths=completion_mask.sum(-1),
-        backend=path,
     )
 
 

@@ -113,6 +113,7 @@ def _sample(policy, rows, config: GRPOConfig, tokenizer, generator) -> Rollout:
         max_new_tokens=config.max_completion_length, temperature=config.temperature,
         top_p=config.top_p, top_k=config.top_k, eos_token_ids=stop_token_ids(policy, tokenizer),
         pad_token_id=tokenizer.pad_token_id, generator=generator,
+        backend=config.generation_backend,
     )
 
 
@@ -252,6 +253,7 @@ def _evaluate(policy, held, config: GRPOConfig, tokenizer, reward_fns, weights) 
         policy, [r["prompt_ids"] for r in held], num_samples=1,
         max_new_tokens=config.max_completion_length, temperature=0.0,
         eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        backend=config.generation_backend,
     )
     total, _ = score_rollout(held, rollout, tokenizer, reward_fns, weights, 1)
     return {"eval_reward": total.mean().item()}

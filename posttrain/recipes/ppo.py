@@ -186,6 +186,7 @@ def train(
                     top_p=config.top_p, top_k=config.top_k,
                     eos_token_ids=stop_token_ids(policy, tokenizer),
                     pad_token_id=tokenizer.pad_token_id, generator=generator,
+                    backend=config.generation_backend,
                 )
                 order = _minibatch_order(rollout, generator)  # the first epoch's
                 old_logps, old_values, adv, returns, stats = _experience(
