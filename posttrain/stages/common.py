@@ -222,7 +222,7 @@ def record_oom_backoff(out: artifacts.StageOutput, run_id: str):
 
 SETTINGS_EXCLUDED = ("name", "start", "data", "reward")
 # Settings that change how a stage is checkpointed, not what it trains: not in its cache key, so
-# turning checkpoints on for a rerun still resumes (and finds the artifact cached).
+# changing them neither retrains a finished stage nor keeps a rerun from resuming.
 NOT_IN_KEY = ("checkpoint_every", "checkpoint_keep", "keep_checkpoints")
 
 
