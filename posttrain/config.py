@@ -382,6 +382,43 @@ class ORPOConfig(StageFields, TrainingConfig):
     )
 
 
+class SimPOConfig(StageFields, TrainingConfig):
+    """Simple Preference Optimization (no reference model): length-normalized implicit reward
+    with a target margin. Defaults are the paper's (TRL's CPOConfig defaults differ: beta 0.1,
+    simpo_gamma 0.5, cpo_alpha 1.0)."""
+
+    method: Literal["simpo"] = Field("simpo", description="The method; selects these settings.")
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
+
+    beta: float = Field(
+        2.0, gt=0.0, description="Scale beta of the implicit reward beta * (mean token log-prob)."
+    )
+    gamma: float = Field(
+        1.0, ge=0.0, description="Target reward margin gamma: the loss is "
+        "-log sigmoid(beta * (lp_chosen - lp_rejected) - gamma) (TRL's simpo_gamma)."
+    )
+    cpo_alpha: float = Field(
+        0.0, ge=0.0, description="Weight of an NLL term on the chosen responses; 0 is SimPO, "
+        "above 0 is CPO-SimPO (TRL's cpo_alpha, whose default there is 1.0)."
+    )
+
+
+class CPOConfig(StageFields, TrainingConfig):
+    """Contrastive Preference Optimization (no reference model): the DPO loss without a
+    reference on summed log-probs, plus an NLL term on the chosen responses."""
+
+    method: Literal["cpo"] = Field("cpo", description="The method; selects these settings.")
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate of AdamW.")
+
+    beta: float = Field(
+        0.1, gt=0.0, description="Temperature beta of the reward beta * (summed log-prob)."
+    )
+    cpo_alpha: float = Field(
+        1.0, ge=0.0, description="Weight alpha of the NLL (behaviour cloning) term on the "
+        "chosen responses; 0 leaves the preference term alone."
+    )
+
+
 class KTOConfig(StageFields, TrainingConfig):
     """Kahneman-Tversky Optimization on unpaired desirable/undesirable completions."""
 
@@ -662,7 +699,8 @@ class _AnyOf:
 
 
 StageConfig = Annotated[
-    SFTConfig | RewardConfig | DPOConfig | ORPOConfig | KTOConfig | GRPOConfig | PPOConfig,
+    SFTConfig | RewardConfig | DPOConfig | ORPOConfig | SimPOConfig | CPOConfig | KTOConfig
+    | GRPOConfig | PPOConfig,
     Field(discriminator="method"),
     _AnyOf,
 ]

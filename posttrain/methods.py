@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from posttrain.config import (
+    CPOConfig,
     DPOConfig,
     GRPOConfig,
     KTOConfig,
@@ -20,6 +21,7 @@ from posttrain.config import (
     PPOConfig,
     RewardConfig,
     SFTConfig,
+    SimPOConfig,
 )
 from posttrain.data.formats import PROMPT_FORMATS
 from posttrain.data.validation import (
@@ -78,6 +80,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                         "eval_rewards/accuracies")),
     Method("orpo", ORPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
            "odds-ratio preference optimization (no reference)", unit="pairs",
+           key_metrics=("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies")),
+    Method("simpo", SimPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+           "simple preference optimization: length-normalized reward, target margin "
+           "(no reference)", unit="pairs",
+           key_metrics=("loss", "rewards/accuracies", "rewards/margins",
+                        "eval_rewards/accuracies")),
+    Method("cpo", CPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+           "contrastive preference optimization: reference-free DPO plus NLL on chosen "
+           "(no reference)", unit="pairs",
            key_metrics=("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies")),
     Method("kto", KTOConfig, (UNPAIRED_PREFERENCE, *PAIRS),
            "posttrain.stages.preference:run_method_stage",

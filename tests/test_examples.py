@@ -34,7 +34,8 @@ def _posttrain(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Com
 
 def test_the_examples_are_there():
     assert {p.name for p in EXAMPLES} >= {
-        "dpo-from-instruct.yaml", "chain-sft-dpo-grpo.yaml", "dpo-betas.yaml"}
+        "dpo-from-instruct.yaml", "chain-sft-dpo-grpo.yaml", "dpo-betas.yaml",
+        "reference-free.yaml"}
     assert not (ROOT / "conf" / "examples" / "demo.yaml").exists()  # the demo is conf/demo.yaml
 
 
@@ -105,6 +106,39 @@ def test_dpo_betas_example_trains_two_betas_from_one_sft():
     # A stage name with a dash is addressable by an override.
     cfg = load_pipeline_config(ROOT / "conf/examples/dpo-betas.yaml", ["stages.dpo-b05.beta=1.0"])
     assert cfg.stage("dpo-b05").beta == 1.0
+
+
+def test_reference_free_example_trains_orpo_simpo_and_cpo_from_one_sft():
+    """The three reference-free methods from the same SFT model, with the papers' settings:
+    SimPO beta 2, gamma 1, no NLL; CPO beta 0.1 with NLL weight 1; none needs a reference."""
+    from posttrain.methods import uses_reference
+
+    cfg = load_pipeline_config(ROOT / "conf/examples/reference-free.yaml")
+    assert [(s.name, s.method, s.start, s.data) for s in cfg.stages] == [
+        ("sft", "sft", "base", "sft"), ("orpo", "orpo", "sft", "preference"),
+        ("simpo", "simpo", "sft", "preference"), ("cpo", "cpo", "sft", "preference")]
+    simpo, cpo = cfg.stage("simpo"), cfg.stage("cpo")
+    assert (simpo.beta, simpo.gamma, simpo.cpo_alpha) == (2.0, 1.0, 0.0)
+    assert (cpo.beta, cpo.cpo_alpha) == (0.1, 1.0)
+    assert not any(uses_reference(s) for s in cfg.stages)
+    assert cfg.promotion.candidates == ("orpo", "simpo", "cpo")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("stages.simpo.gamma=-0.5", "stages.simpo.gamma: Input should be greater than or equal"),
+    ("stages.simpo.beta=0", "stages.simpo.beta: Input should be greater than 0"),
+    ("stages.cpo.cpo_alpha=-1", "stages.cpo.cpo_alpha: Input should be greater than or equal"),
+    ("stages.cpo.reference=copy", "stages.cpo.reference: Extra inputs are not permitted"),
+    ("stages.simpo.loss_type=ipo", "stages.simpo.loss_type: Extra inputs are not permitted"),
+])
+def test_reference_free_settings_are_validated(override, message):
+    """Bad SimPO/CPO settings fail at load, named by stage and field; a reference mode is
+    refused on a method that has no reference."""
+    from posttrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(ROOT / "conf/examples/reference-free.yaml", [override])
+    assert message in str(e.value)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_id)

@@ -1,9 +1,14 @@
-"""Offline preference optimization on pairs: DPO (and its loss variants) and ORPO.
+"""Offline preference optimization on pairs: DPO (and its loss variants), ORPO, SimPO and CPO.
 
 DPO: Rafailov et al. (2023), "Direct Preference Optimization", eq. 7, with the hinge (SLiC), IPO
 and robust (rDPO) variants and SimPO-style length normalization as options (posttrain/losses/dpo.py).
 ORPO: Hong et al. (2024), "ORPO: Monolithic Preference Optimization without Reference Model",
 eq. 6: NLL on the chosen response plus λ times the odds-ratio term; no reference forward at all.
+SimPO: Meng et al. (2024), "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+eq. 6: −log σ(β·(lp_c − lp_r) − γ) on per-token averaged log-probs, no reference; optionally
+plus α·NLL (CPO-SimPO).
+CPO: Xu et al. (2024), "Contrastive Preference Optimization", eqs. 3–5: −log σ(β·(log π(y_c) −
+log π(y_r))) on summed log-probs, no reference, plus α·NLL on the chosen response.
 
 Departures and choices:
 - Chosen and rejected go through one forward (concatenated along the batch).
@@ -15,8 +20,10 @@ Departures and choices:
   (`max_eval_rows`), on the accelerator's device.
 - IPO uses per-token averaged log-probs, as the IPO paper's definition of the policy's
   log-likelihood does.
-- ORPO's NLL is normalized by the chosen tokens of the micro-batch (a mean over tokens, as in the
-  paper), and the odds-ratio term by pairs; the accumulated step weighs micro-batches by pairs.
+- ORPO's, SimPO's and CPO's NLL is normalized by the chosen completion tokens of the micro-batch
+  (a mean over tokens, as in the papers), and the preference term by pairs; the accumulated step
+  weighs micro-batches by pairs. The NLL comes from the same summed log-probs as the preference
+  term: one policy forward per micro-batch, none of a reference.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from posttrain.config import DPOConfig, ORPOConfig
+from posttrain.config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
 from posttrain.data.preference import collate_pairs
 from posttrain.logprobs import SelectedLogits, sequence_logps
+from posttrain.losses.cpo import cpo_loss
 from posttrain.losses.dpo import dpo_loss
 from posttrain.losses.orpo import orpo_loss
+from posttrain.losses.simpo import simpo_loss
 from posttrain.training import (
     as_sums,
     build_optimizer,
@@ -94,12 +103,31 @@ def _dpo_terms(net, batch: dict, config: DPOConfig, reference) -> tuple[torch.Te
     )
 
 
-def _orpo_terms(net, batch: dict, config: ORPOConfig) -> tuple[torch.Tensor, dict]:
+def _reference_free_logps(net, batch: dict):
+    """Summed and averaged policy log-probs of both halves and the chosen responses' token-mean
+    NLL, from one forward: (sum_c, sum_r, avg_c, avg_r, nll)."""
     chosen, rejected, n_c, n_r = _pair_logps(net, batch, average=False)
     nll = -chosen.sum() / n_c.sum().clamp(min=1)  # token-mean NLL of the chosen responses
-    return orpo_loss(
-        chosen / n_c.clamp(min=1), rejected / n_r.clamp(min=1), nll, beta=config.beta
-    )
+    return chosen, rejected, chosen / n_c.clamp(min=1), rejected / n_r.clamp(min=1), nll
+
+
+def _orpo_terms(net, batch: dict, config: ORPOConfig) -> tuple[torch.Tensor, dict]:
+    _, _, avg_c, avg_r, nll = _reference_free_logps(net, batch)
+    return orpo_loss(avg_c, avg_r, nll, beta=config.beta)
+
+
+def _simpo_terms(net, batch: dict, config: SimPOConfig) -> tuple[torch.Tensor, dict]:
+    _, _, avg_c, avg_r, nll = _reference_free_logps(net, batch)
+    return simpo_loss(avg_c, avg_r, nll, beta=config.beta, gamma=config.gamma,
+                      alpha=config.cpo_alpha)
+
+
+def _cpo_terms(net, batch: dict, config: CPOConfig) -> tuple[torch.Tensor, dict]:
+    sum_c, sum_r, _, _, nll = _reference_free_logps(net, batch)
+    return cpo_loss(sum_c, sum_r, nll, beta=config.beta, alpha=config.cpo_alpha)
+
+
+REFERENCE_FREE = {"orpo": _orpo_terms, "simpo": _simpo_terms, "cpo": _cpo_terms}
 
 
 def train(
@@ -107,17 +135,18 @@ def train(
     policy: torch.nn.Module,
     train_pairs: list[dict],
     eval_pairs: list[dict],
-    config: DPOConfig | ORPOConfig,
+    config: DPOConfig | ORPOConfig | SimPOConfig | CPOConfig,
     *,
     pad_token_id: int,
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
     checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Train `policy` in place with `method` ('dpo' or 'orpo') on tokenized pairs."""
+    """Train `policy` in place with `method` ('dpo', 'orpo', 'simpo' or 'cpo') on tokenized
+    pairs."""
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
-    if method not in ("dpo", "orpo"):
+    if method != "dpo" and method not in REFERENCE_FREE:
         raise ValueError(f"unknown preference method {method!r}")
     eval_pairs = eval_pairs[: config.max_eval_rows]
     reference = reference_runner(config.reference, policy, accelerator) if method == "dpo" \
@@ -142,7 +171,7 @@ def train(
     def terms(batch: dict) -> tuple[torch.Tensor, dict]:
         if method == "dpo":
             return _dpo_terms(net, batch, config, reference)
-        return _orpo_terms(net, batch, config)
+        return REFERENCE_FREE[method](net, batch, config)
 
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         loss, m = terms(batch)

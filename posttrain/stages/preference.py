@@ -1,4 +1,4 @@
-"""Preference stages: DPO, ORPO and KTO, each from the model its `start` names."""
+"""Preference stages: DPO, ORPO, SimPO, CPO and KTO, each from the model its `start` names."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _kto_examples(cfg: PipelineConfig, stage, data_manifest: dict, split: str, t
 
 def run_method_stage(cfg: PipelineConfig, stage, inputs: dict, *,
                      parent_run_id: str | None = None) -> dict:
-    """Train the start model further with the stage's method (DPO, ORPO or KTO)."""
+    """Train the start model further with the stage's method (DPO, ORPO, SimPO, CPO or KTO)."""
     key = training_key(cfg, stage, inputs)
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
