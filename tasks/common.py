@@ -43,8 +43,13 @@ def _cache_key_fn(stage: str, key_fn: Callable[[dict], str]):
     return cache_key
 
 
-def with_stage_cache(task: Task, stage: str, artifacts_root: str, key_fn: Callable[[dict], str]):
-    """`task` configured to cache on the stage's content key under `artifacts_root`."""
+def with_stage_cache(task: Task, stage: str, artifacts_root: str, key_fn: Callable[[dict], str],
+                     on_cached: Callable[[dict], None] | None = None):
+    """`task` configured to cache on the stage's content key under `artifacts_root`.
+
+    A cache hit runs no task body: `on_cached(manifest)`, when given, is then called in the task
+    run's context instead (for what the body would have shown in the UI, e.g. link artifacts).
+    """
     root = Path(artifacts_root).resolve() / ".prefect"
     policy = CacheKeyFnPolicy(cache_key_fn=_cache_key_fn(stage, key_fn)).configure(
         key_storage=root / "cache",
@@ -59,7 +64,21 @@ def with_stage_cache(task: Task, stage: str, artifacts_root: str, key_fn: Callab
         retries=2,
         retry_delay_seconds=2,
         retry_condition_fn=retry_only_transient,
+        on_completion=[_on_cache_hit(on_cached)] if on_cached else None,
     )
+
+
+def _on_cache_hit(on_cached: Callable[[dict], None]):
+    """A Prefect on_completion hook calling `on_cached(manifest)` for a state from the cache.
+    The engine calls hooks inside the task run's context, so what it creates (artifacts, log
+    lines) belongs to the task run and its flow run."""
+
+    def hook(_task, _task_run, state) -> None:
+        if state.name == "Cached":
+            on_cached(state.result())
+
+    hook.__name__ = "on_cache_hit"
+    return hook
 
 
 def is_transient(error: BaseException) -> bool:

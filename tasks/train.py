@@ -32,11 +32,20 @@ def _train(cfg: PipelineConfig, stage: str, data: dict, start: dict | None = Non
 
 
 def train_task(cfg: PipelineConfig, stage: str):
-    """The task of training stage `stage`."""
+    """The task of training stage `stage`. From Prefect's cache (no body run) it still links
+    the MLflow run and folder that produced the stage."""
+
+    def on_cached(manifest: dict) -> None:
+        folder = Path(manifest["path"]) / "model"
+        get_run_logger().info(f"{stage} from the cache: {folder}, produced by MLflow run "
+                              f"{manifest.get('mlflow_run_id')}")
+        link_stage(cfg.name, stage, manifest, folder, cached=True)
+
     return with_stage_cache(
         _train.with_options(name=stage), stage, cfg.artifacts_root,
         lambda p: stages.stage_key(p["cfg"], p["stage"], {
             "data": p["data"], "start": p.get("start"), "reward": p.get("reward")}),
+        on_cached=on_cached,
     )
 
 
@@ -63,19 +72,21 @@ def send_progress_to_prefect() -> None:
         logger.propagate = False
 
 
-def link_stage(pipeline: str, stage: str, manifest: dict, folder: Path) -> None:
-    """Link artifacts of a stage: its MLflow run (the one that produced it, when cached) and
+def link_stage(pipeline: str, stage: str, manifest: dict, folder: Path,
+               cached: bool = False) -> None:
+    """Link artifacts of a stage: its MLflow run (the one that produced it, when cached: by
+    the stage's own artifact check, `manifest["cached"]`, or by Prefect's cache, `cached`) and
     its output folder. A trained stage never fails for want of a link: a server that does not
     answer costs a warning in the run's log."""
     try:
-        _link_stage(pipeline, stage, manifest, folder)
+        _link_stage(pipeline, stage, manifest, folder, cached or bool(manifest.get("cached")))
     except Exception as e:  # noqa: BLE001 - reported, and the stage's result stands
         get_run_logger().warning(f"no link artifacts for stage {stage}: {type(e).__name__}: {e}")
 
 
-def _link_stage(pipeline: str, stage: str, manifest: dict, folder: Path) -> None:
+def _link_stage(pipeline: str, stage: str, manifest: dict, folder: Path, cached: bool) -> None:
     run_id = manifest.get("mlflow_run_id")
-    where = "cached, produced by" if manifest.get("cached") else "produced by"
+    where = "cached, produced by" if cached else "produced by"
     if run_id:
         create_link_artifact(
             link=tracking.run_url(run_id), link_text=f"MLflow run of {stage}",

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import re
 import time
+import typing
 from pathlib import Path
 
 import pytest
 
-from posttrain.config import PipelineConfig, validate
+from posttrain.config import PipelineConfig, StageConfig, validate
 from tests.conftest import SFT_STAGE, tiny_pipeline_values
 
 
@@ -63,8 +64,10 @@ def test_parameter_form_groups_fields_by_stage():
     assert not [p for p, s in _walk(schema) if "oneOf" in s]
     items = schema["definitions"]["PipelineConfig"]["properties"]["stages"]["items"]
     refs = [a["$ref"].rsplit("/", 1)[1] for a in items["anyOf"]]
-    assert refs == ["SFTConfig", "RewardConfig", "DPOConfig", "ORPOConfig", "KTOConfig",
-                    "GRPOConfig", "PPOConfig"]
+    methods = typing.get_args(typing.get_args(StageConfig)[0])  # one form per method, in order
+    assert refs == [m.__name__ for m in methods]
+    assert refs[:4] == ["SFTConfig", "RewardConfig", "DPOConfig", "ORPOConfig"]
+    assert {"KTOConfig", "GRPOConfig", "PPOConfig"} <= set(refs)
     check = jsonschema.Draft202012Validator(schema)
     good = {"cfg": {"stages": [SFT_STAGE, {"name": "dpo", "method": "dpo", "start": "sft",
                                            "data": "preference", "beta": 0.2}]}}
@@ -144,3 +147,21 @@ def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
         assert rows[1]["checker_accuracy"] == pytest.approx(
             result["comparison"]["sft"]["checker_accuracy"])
         assert by_key["ui-promotion"].type == "markdown"  # the report is still there
+
+        # A second run finds every stage in Prefect's cache (no task body runs): its flow run
+        # still links the MLflow run and the folder that produced the cached SFT stage.
+        again = pipeline(validate(PipelineConfig, values))
+        assert [r["status"] for r in again["stages"]] == ["cached", "cached", "cached"]
+        again_id = tracking.client().get_run(again["mlflow_run_id"]).data.tags[
+            "prefect.flow_run_id"]
+        cached = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[again_id])))}
+        assert cached["ui-sft-mlflow-run"].data == run_link
+        assert cached["ui-sft-mlflow-run"].description.startswith(
+            f"Stage `sft` (cached, produced by MLflow run `{sft_run}`)")
+        assert cached["ui-sft-folder"].data == by_key["ui-sft-folder"].data
+        sft_task = next(t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[again_id]))) if t.name.startswith("sft-"))
+        assert sft_task.state.name == "Cached"
+        assert {a.task_run_id for a in cached.values() if a.key.startswith("ui-sft-")} == {
+            sft_task.id}
