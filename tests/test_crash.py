@@ -287,3 +287,78 @@ def test_posttrain_sft_interrupted_every_way_resumes_and_leaves_nothing_open(tmp
     for s, loss in final.items():
         assert loss == pytest.approx(full[s], abs=1e-4), s
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_posttrain_run_killed_in_dpo_then_in_grpo_resumes_both_exactly(tmp_path):
+    """kill -9 of the whole process group of `posttrain run` (SFT -> DPO -> GRPO) once DPO has
+    written a checkpoint, a rerun killed the same way once GRPO has, and a last rerun to the
+    end: each rerun takes over the dead run's lock, says which stage it resumes from which
+    step, and logs after the resume the losses of an uninterrupted run of the same config
+    (DPO's precomputed reference log-probs and data position, GRPO's sampling RNG and prompt
+    position come back with the checkpoint)."""
+    from posttrain import stages
+    from posttrain.config import PipelineConfig, validate
+    from tests.conftest import stage
+
+    chain = [{**SFT_STAGE, "max_steps": 4, "eval_every": 1000},
+             stage("dpo", max_steps=10, checkpoint_every=2, eval_every=1000),
+             stage("grpo", start="dpo", max_steps=8, checkpoint_every=2, eval_every=1000)]
+    off = {"evaluate": {"enabled": False}, "promotion": {"enabled": False}}
+    values = tiny_pipeline_values(tmp_path / "k", chain, **off,
+                                  tracking={"experiment": f"crash-{tmp_path.name}-k"})
+    config = tmp_path / "k.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(config)]
+    root = tmp_path / "k" / "artifacts"
+    locks = root / ".prefect" / "locks"
+    experiment = values["tracking"]["experiment"]
+
+    first = Command(cmd, tmp_path, env, tmp_path / "1.log")
+    clean = validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path / "c", chain, **off, tracking={"experiment": f"crash-{tmp_path.name}-c"}))
+    reference = ThreadPoolExecutor(1).submit(stages.run_all, clean)
+    first.wait_for(lambda: _checkpoint_steps(root / "dpo"), "DPO checkpoint", timeout=240)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait()
+    assert (root / "sft").is_dir() and not list((root / "grpo").glob("*")), first.output()
+
+    second = Command(cmd, tmp_path, env, tmp_path / "2.log")
+    second.wait_for(lambda: _resumed_from(second.output(), "dpo") is not None, "DPO resume")
+    dpo_from = _resumed_from(second.output(), "dpo")
+    second.wait_for(lambda: _checkpoint_steps(root / "grpo"), "GRPO checkpoint", timeout=240)
+    os.killpg(second.proc.pid, signal.SIGKILL)
+    second.proc.wait()
+    out = second.output()
+    assert dpo_from >= 2 and dpo_from % 2 == 0, out
+    assert (f"taking over the lock of stage dpo left by PID {first.proc.pid} on "
+            f"{socket.gethostname()}, which is no longer running") in out
+    assert "resuming stage sft" not in out  # SFT's artifact was complete: cached, not resumed
+
+    last = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    out = last.stdout + last.stderr
+    assert last.returncode == 0, out
+    grpo_from = _resumed_from(out, "grpo")
+    assert grpo_from is not None and grpo_from >= 2, out
+    assert _resumed_from(out, "dpo") is None  # cached by the second run
+    assert f"PID {second.proc.pid}" in out
+    assert not list(root.rglob(".tmp-*")) and not list(locks.glob("*.lock"))
+    assert not list(root.rglob("*.checkpoints"))
+
+    reference.result(timeout=300)
+    for name, resumed, end in (("dpo", dpo_from, 10), ("grpo", grpo_from, 8)):
+        runs = _losses(experiment, name)
+        assert [status for status, _, _ in runs] == ["KILLED", "FINISHED"], (name, runs)
+        assert "ended without closing the run; closed by the next run of" in runs[0][1]
+        ((_, _, full),) = _losses(clean.tracking.experiment, name)
+        after = runs[1][2]
+        assert sorted(after) == list(range(resumed + 1, end + 1)), (name, after)
+        for s, loss in after.items():
+            assert loss == pytest.approx(full[s], abs=1e-4), (name, s, loss, full[s])
+        # What the killed run logged before its checkpoint is the reference's too.
+        for s, loss in runs[0][2].items():
+            assert loss == pytest.approx(full[s], abs=1e-4), (name, s)
