@@ -1,6 +1,7 @@
 """Runs SFT, DPO and KTO on the tiny model, once per process of a (possibly) distributed launch.
 
     torchrun --nproc_per_node 2 tests/dist_worker.py OUT.json --batch 4
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT.json --batch 4 --fsdp   # sharded
     python tests/dist_worker.py OUT.json --batch 8      # the same global batch in one process
 
 Every process builds the same model and data; the recipes shard the batches by rank. Rank 0
@@ -36,9 +37,35 @@ def _recorder(into: list):
     return log
 
 
+def _full_weights(model: torch.nn.Module) -> dict:
+    """`model.state_dict()` with whole tensors on every process (FSDP2 holds DTensor shards:
+    `full_tensor()` all-gathers them; every process calls this in the same order)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in model.state_dict().items()}
+
+
 def _weights_digest(model: torch.nn.Module) -> float:
     """A scalar summary of the trained weights (sum of |w|), equal across equal runs."""
-    return float(sum(p.detach().abs().sum() for p in model.parameters()))
+    return float(sum(w.detach().abs().sum() for w in _full_weights(model).values()))
+
+
+def fsdp_accelerator() -> Accelerator:
+    """An Accelerator whose `prepare` shards the model with FSDP2 over gloo on this CPU.
+
+    accelerate only selects FSDP for GPU-family devices: with `cpu=True` it picks MULTI_CPU and
+    ignores an `fsdp_plugin` (accelerate 1.16, state.py). torch's FSDP2 (`fully_shard`) itself
+    runs on CPU with gloo, so the state is set to FSDP after construction: `prepare` then takes
+    accelerate's FSDP2 path (per-decoder-layer `fully_shard`, DTensor parameters), as it does
+    on GPUs with infra/accelerate/fsdp.yaml."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Qwen2DecoderLayer"], reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    return accelerator
 
 
 def main() -> None:
@@ -47,10 +74,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
+    accelerator = fsdp_accelerator() if args.fsdp else Accelerator(cpu=True)
     tokenizer = build_tiny_tokenizer()
     demo_cfg = DemoTaskConfig(num_train=200, num_eval=16)
     common = {"max_steps": STEPS, "per_device_batch_size": args.batch, "warmup_steps": 0,
@@ -67,14 +95,19 @@ def main() -> None:
               SFTConfig(**common, learning_rate=3e-3, packing=args.packing),
               pad_token_id=tokenizer.pad_token_id, log_metrics=_recorder(history),
               accelerator=accelerator)
+    # FSDP2 shards every decoder layer (accelerate 1.16 leaves the tied embedding and the final
+    # norm whole on each process: the trajectory shows their gradients are still synchronized).
+    out["sharded"] = all(type(p).__name__ == "DTensor"
+                         for n, p in model.named_parameters() if ".layers." in n)
     out["sft"], out["sft_weights"] = history, _weights_digest(model)
+    sft_weights = _full_weights(model)
 
     pairs = {}
     for split in ("train", "eval"):
         pairs[split], _ = tokenize_preference_rows(
             demo.generate_preference(demo_cfg, 0, split), tokenizer, max_length=48)
     policy = build_tiny_model(TINY, tokenizer)  # a fresh module: `model` is wrapped in DDP
-    policy.load_state_dict(model.state_dict())
+    policy.load_state_dict(sft_weights)
     history = []
     preference.train("dpo", policy, pairs["train"], pairs["eval"],
                      DPOConfig(**common, learning_rate=1e-3),
@@ -87,7 +120,7 @@ def main() -> None:
         rows[split], _ = tokenize_unpaired_rows(
             demo.generate_kto(demo_cfg, 0, split), tokenizer, max_length=48)
     policy = build_tiny_model(TINY, tokenizer)
-    policy.load_state_dict(model.state_dict())
+    policy.load_state_dict(sft_weights)
     history = []
     # Two rows per process: z_ref must be the whole micro-batch's, not each shard's.
     kto.train(policy, rows["train"], rows["eval"], KTOConfig(**common, learning_rate=3e-3),

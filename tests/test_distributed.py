@@ -2,7 +2,8 @@
 
 - Two processes with per-process batch B give the same SFT, DPO and KTO trajectories as one process
   with batch 2B (the same global batch, the same rows in each step): sharding, DDP's gradient
-  averaging and the loss normalization over the global item count add up to the same update.
+  averaging and the loss normalization over the global item count add up to the same update. The
+  same holds with the parameters sharded by FSDP2.
 - A stage asking for two processes runs under `accelerate launch` from its Prefect task: one
   artifact and one MLflow run (rank 0's), its output in the task's log; a failing launched stage
   reaches the flow with its own error message.
@@ -66,6 +67,26 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
         assert two[f"{recipe}_weights"] == pytest.approx(one[f"{recipe}_weights"], rel=1e-6)
     losses = [m["loss"] for m in one["sft"]]
     assert losses[-1] < losses[0]  # it trained: equal trajectories are not trivially equal
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_follow_the_one_process_trajectory(tmp_path):
+    """FSDP2 (accelerate's `prepare` with an FSDP plugin, gloo on this CPU: see
+    dist_worker.fsdp_accelerator) shards every decoder layer across the two processes, and SFT, DPO
+    (with its reference copy) and KTO still follow the one-process trajectory within 1e-5:
+    sharded gradients, clipping over DTensors and the global loss normalization agree."""
+    args = ("--packing", "--grad-accum", "2")
+    two = _worker(tmp_path / "two.json", 2, "--batch", "2", "--fsdp", *args)
+    one = _worker(tmp_path / "one.json", 1, "--batch", "4", *args)
+    assert two["distributed_type"] == "DistributedType.FSDP" and two["sharded"]
+    assert not one["sharded"]
+    for recipe in ("sft", "dpo", "kto"):
+        assert len(two[recipe]) == len(one[recipe]) == 5
+        for a, b in zip(one[recipe], two[recipe]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (recipe, a["step"], key)
+        assert two[f"{recipe}_weights"] == pytest.approx(one[f"{recipe}_weights"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------- launched stages
