@@ -1,27 +1,45 @@
-"""The demo shows every method working: the full conf/demo.yaml, stage by stage (no Prefect), and
-the held-out numbers the README promises. Slow (a few minutes): it trains everything for real."""
+"""`make demo` as a user runs it: `posttrain run conf/demo.yaml` in a fresh folder with the
+default stores (embedded Prefect, sqlite:///mlflow.db in the working directory), every method
+trained for real; then the held-out numbers the README promises, and a rerun that is fully
+cached. Slow (a few minutes): the only test that runs the whole demo."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 
-from posttrain import stages
-from posttrain.config import load_pipeline_config
+from tests.test_cli import ROOT, _posttrain
 
-ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("data", "sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo", "evaluate")
+
+
+def _manifest(artifacts: Path, stage: str) -> dict:
+    """The one artifact of `stage` in a fresh artifacts root."""
+    (found,) = artifacts.glob(f"{stage}/*/manifest.json")
+    return json.loads(found.read_text())
 
 
 @pytest.mark.slow
-def test_demo_methods_beat_sft_and_the_reward_model_ranks_pairs(tmp_path):
-    cfg = load_pipeline_config(ROOT / "conf" / "demo.yaml",
-                               [f"artifacts_root={tmp_path}", "tracking.experiment=demo-quality"])
-    manifests = stages.run_all(cfg)
-    reward = manifests["reward"]
-    comparison = manifests["evaluate"]["comparison"]
-    acc = {name: m["checker_accuracy"] for name, m in comparison.items()}
+def test_make_demo_methods_beat_sft_and_a_rerun_is_fully_cached(tmp_path):
+    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        first = _posttrain(["run", str(ROOT / "conf/demo.yaml")], tmp_path)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert (tmp_path / "mlflow.db").exists()
+        second = _posttrain(["run", str(ROOT / "conf/demo.yaml")], tmp_path)
+        assert second.returncode == 0, second.stdout + second.stderr
+    finally:
+        if env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
+    # What the README promises of the demo's held-out numbers.
+    artifacts = tmp_path / "artifacts"
+    reward = _manifest(artifacts, "reward")
+    comparison = _manifest(artifacts, "evaluate")["comparison"]
+    acc = {name: m["checker_accuracy"] for name, m in comparison.items()}
     assert reward["metrics"]["eval_accuracy"] > 0.75  # held-out pairs, chance is 0.5
     assert acc["sft"] > acc["base"] + 0.5
     for method in ("dpo", "orpo", "kto", "grpo"):
@@ -29,3 +47,13 @@ def test_demo_methods_beat_sft_and_the_reward_model_ranks_pairs(tmp_path):
     # PPO optimizes the reward model: its score rises, checker accuracy does not fall.
     assert comparison["ppo"]["reward_score"] > comparison["sft"]["reward_score"] + 1.0
     assert acc["ppo"] >= acc["sft"] - 0.02, acc
+
+    # Every stage ran once, then was cached; the second plan already knew it.
+    first_run, second_run = (p.stdout.split("posttrain run", 1)[1] for p in (first, second))
+    for stage in STAGES:
+        assert f"│ {stage}" in first_run
+    assert first_run.count(" ran ") == len(STAGES), first.stdout
+    assert second_run.count(" cached ") == len(STAGES), second.stdout
+    plan = second.stdout.split("posttrain plan", 1)[1].split("promotion:", 1)[0]
+    assert plan.count("cached") == len(STAGES), plan
+    assert "checker_accuracy" in first.stdout and "make ui" in first.stdout
