@@ -9,7 +9,11 @@ starts
         -m posttrain.launch --stage NAME --workdir DIR [--parent-run-id ID]
 
 passes every output line to a callback (the Prefect task logs them), and returns the manifest
-that rank 0 wrote. Each process runs the stage function of posttrain.stages; the recipes shard
+that rank 0 wrote. The stage's progress lines (the `posttrain.progress` logger: a metric line
+every `log_every` steps, evaluation results) would be lost in the launched processes, where that
+logger has no handler (logging drops INFO lines then): each process prints them marked with
+PROGRESS_MARK, and the parent hands them, unmarked, to their own callback (the Prefect task sends
+them to its run's logs under the same logger name as an in-process stage's). Each process runs the stage function of posttrain.stages; the recipes shard
 the data by rank and DDP (or FSDP/DeepSpeed, from the config file) synchronizes gradients, and
 only rank 0 writes the artifact and the MLflow run (posttrain/stages/common.py).
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +45,8 @@ CONFIG_FILE = "config.json"
 UPSTREAM_FILE = "upstream.json"
 MANIFEST_FILE = "manifest.json"
 ERROR_PREFIX = "error-rank"
+# A line a launched process prints for each `posttrain.progress` record.
+PROGRESS_MARK = "[posttrain.progress] "
 # Launcher lines that summarize a child's failure without saying what it was.
 _LAUNCHER_NOISE = ("ChildFailedError", "CalledProcessError", "SignalException")
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt))(:.*)?$")
@@ -96,11 +103,13 @@ def run_launched(
     *,
     parent_run_id: str | None = None,
     on_line: Callable[[str], None] = print,
+    on_progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run `stage` under `accelerate launch` as cfg.launch says; return rank 0's manifest.
 
-    Every line the processes print goes to `on_line` as it comes. A non-zero exit raises
-    StageLaunchError with the stage's own error message.
+    Every line the processes print goes to `on_line` as it comes, except their progress lines
+    (PROGRESS_MARK), which go without the mark to `on_progress` (default: `on_line`). A non-zero
+    exit raises StageLaunchError with the stage's own error message.
     """
     from posttrain.training import resolve_mixed_precision
 
@@ -124,7 +133,10 @@ def run_launched(
                 for line in proc.stdout:
                     line = line.rstrip("\n")
                     tail.append(line)
-                    on_line(line)
+                    if line.startswith(PROGRESS_MARK):
+                        (on_progress or on_line)(line.removeprefix(PROGRESS_MARK))
+                    else:
+                        on_line(line)
                 returncode = proc.wait()
             except BaseException:  # cancelled or interrupted: take the training down with us
                 _stop(proc)
@@ -179,6 +191,21 @@ def _terminate(signum, _frame):
         raise SystemExit(128 + signum)
 
 
+def progress_to_stdout() -> None:
+    """Print this process's `posttrain.progress` records as PROGRESS_MARK lines on stdout (the
+    parent's pipe), once per process. Unhandled, logging would drop them (its last-resort
+    handler prints only warnings)."""
+    from posttrain import progress
+
+    if not any(getattr(h, "posttrain_progress", False) for h in progress.logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(PROGRESS_MARK + "%(message)s"))
+        handler.posttrain_progress = True
+        progress.logger.addHandler(handler)
+    progress.logger.setLevel(logging.INFO)
+    progress.logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """One process of a launched stage: run it, write the manifest (rank 0) or the error."""
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -187,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run id")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    progress_to_stdout()
     workdir = Path(args.workdir)
     rank = int(os.environ.get("RANK", "0"))
     try:

@@ -8,7 +8,8 @@ names its owner process (tasks.locks): one left by a killed run is taken over, n
 
 A training stage runs in the task's own process, or, when the config's `launch` section asks for
 it (several processes, or an accelerate config file), as `accelerate launch` processes whose
-output lines go to the task's log (`run_training_stage`).
+output lines go to the task's log, their progress lines as an in-process stage's
+(`run_training_stage`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from posttrain import artifacts, launch
+from posttrain import artifacts, launch, progress
 from posttrain.config import PipelineConfig
 from tasks.locks import OwnedLockManager
 
@@ -124,10 +125,18 @@ def run_training_stage(cfg: PipelineConfig, stage: str, upstream: dict,
     """Run a training stage here, or under `accelerate launch` when cfg.launch asks for it.
 
     Launched, every line the processes print goes to the task's log, and a failure raises
-    posttrain.launch.StageLaunchError carrying the stage's own error message.
+    posttrain.launch.StageLaunchError carrying the stage's own error message. Their progress
+    lines go to the `posttrain.progress` logger here, as an in-process stage's do (the task run's
+    logs, tasks.train.send_progress_to_prefect), and to the console, which has no live progress
+    bar from a launched process.
     """
     if not cfg.launch.launched:
         return launch.run_stage_by_name(cfg, stage, upstream, parent_run_id)
     logger = get_run_logger()
+
+    def on_progress(line: str) -> None:
+        progress.report(line)
+        logger.info(f"{stage} {line}", extra={"send_to_api": False})
+
     return launch.run_launched(cfg, stage, upstream, parent_run_id=parent_run_id,
-                               on_line=logger.info)
+                               on_line=logger.info, on_progress=on_progress)

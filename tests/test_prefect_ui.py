@@ -165,3 +165,103 @@ def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
         assert sft_task.state.name == "Cached"
         assert {a.task_run_id for a in cached.values() if a.key.startswith("ui-sft-")} == {
             sft_task.id}
+
+
+# ------------------------------------------------------------------------- launched stages
+
+
+def test_launched_processes_progress_lines_reach_their_own_callback(tmp_path, monkeypatch):
+    """A launched process's `posttrain.progress` records (dropped by logging without a
+    handler) come out as marked lines that the parent hands, unmarked, to `on_progress`; the
+    other output goes to `on_line`, and without `on_progress` everything does."""
+    import sys
+
+    from posttrain import launch
+
+    script = (
+        "import json, sys\nfrom pathlib import Path\nfrom posttrain import launch, progress\n"
+        "progress.report_metrics(1, {'loss': 9.0})\n"  # before: lost, as it used to be
+        "launch.progress_to_stdout()\nlaunch.progress_to_stdout()\n"  # idempotent
+        "print('plain output', flush=True)\n"
+        "progress.report_metrics(2, {'loss': 1.25, 'learning_rate': 0.001})\n"
+        "progress.report('held-out base: checker_accuracy=0.5')\n"
+        "w = Path(sys.argv[sys.argv.index('--workdir') + 1])\n"
+        "(w / 'manifest.json').write_text(json.dumps({'key': 'k'}))\n")
+    monkeypatch.setattr(launch, "launch_command",
+                        lambda _launch, _mp, args: [sys.executable, "-c", script, *args])
+    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path, launch={"num_processes": 2}))
+    lines, progress_lines = [], []
+    manifest = launch.run_launched(cfg, "sft", {}, on_line=lines.append,
+                                   on_progress=progress_lines.append)
+    assert manifest == {"key": "k"}
+    assert progress_lines == ["step 2: loss=1.25 learning_rate=0.001",
+                              "held-out base: checker_accuracy=0.5"]
+    assert lines[0].startswith("$ ") and lines[1:] == ["plain output"]
+    lines.clear()
+    launch.run_launched(cfg, "sft", {}, on_line=lines.append)
+    assert lines[1:] == ["plain output", "step 2: loss=1.25 learning_rate=0.001",
+                         "held-out base: checker_accuracy=0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_a_launched_stage_logs_its_progress_in_its_task_run(tmp_path):
+    """An SFT stage run as an `accelerate launch` process (one CPU process, from an accelerate
+    config file): its task run's logs hold the same metric lines as an in-process stage's
+    (steps 2, 3, 4, 6 under `posttrain.progress`), and the console gets them too (records the
+    task's logger keeps off the API), named after the stage."""
+    import logging
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+    )
+    from prefect.logging.handlers import APILogWorker
+
+    from pipelines.flows import stage_flow
+    from posttrain import tracking
+
+    accelerate = tmp_path / "one_cpu.yaml"
+    accelerate.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "num_machines": 1,
+        "num_processes": 1, "machine_rank": 0, "use_cpu": True, "mixed_precision": "no"}))
+    values = tiny_pipeline_values(tmp_path, [{**SFT_STAGE, "log_every": 2}], name="launched",
+                                  cpu_threads=1, launch={"accelerate_config": str(accelerate)})
+    console = []
+
+    class Console(logging.Handler):
+        def emit(self, record):
+            if not getattr(record, "send_to_api", True):
+                console.append(record.getMessage())
+
+    handler = Console()
+    logging.getLogger("prefect.task_runs").addHandler(handler)
+    try:
+        result = stage_flow(validate(PipelineConfig, values), ["sft"])
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(handler)
+    assert [r["status"] for r in result["stages"]] == ["ran", "ran"]
+    flow_run_id = tracking.client().get_run(result["mlflow_run_id"]).data.tags[
+        "prefect.flow_run_id"]
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        sft = next(t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_run_id]))) if t.name.startswith("sft-"))
+        deadline = time.time() + 20
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(
+                any_=[sft.id])))
+            found = [log.message for log in logs if log.name == "posttrain.progress"]
+            if len(found) >= 4 or time.time() > deadline:
+                break
+            time.sleep(0.5)
+    assert [line.split(":")[0] for line in found] == ["step 2", "step 3", "step 4", "step 6"]
+    assert "eval_loss=" in found[1] and " loss=" in found[0]
+    assert any("accelerate.commands.launch" in log.message for log in logs)  # the launch
+    assert not any(log.message.startswith(("[posttrain.progress]", "sft step")) for log in logs)
+    assert [line.split(":")[0] for line in console] == ["sft step 2", "sft step 3",
+                                                        "sft step 4", "sft step 6"]
