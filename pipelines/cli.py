@@ -212,9 +212,13 @@ def print_ui_hints(result: dict) -> None:
     console.print(f"MLflow parent run: {result['mlflow_run_id']}  (store: {tracking_uri()})")
     if prefect:
         console.print(f"Prefect UI: {prefect.removesuffix('/api')}")
+    # The ports `make ui` (infra/ui.sh) starts the servers on: the same variables, same defaults.
+    prefect_port = os.environ.get("PREFECT_UI_PORT") or "4200"
+    mlflow_port = os.environ.get("MLFLOW_UI_PORT") or "5000"
     console.print(
-        "Open the UIs: [bold]make ui[/bold] (Prefect on http://127.0.0.1:4200, MLflow on "
-        "http://127.0.0.1:5000); stop them with [bold]make ui-stop[/bold]."
+        f"Open the UIs: [bold]make ui[/bold] (Prefect on http://127.0.0.1:{prefect_port}, MLflow "
+        f"on http://127.0.0.1:{mlflow_port}); stop them with [bold]make ui-stop[/bold].",
+        soft_wrap=True,
     )
 
 

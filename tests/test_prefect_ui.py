@@ -265,3 +265,48 @@ def test_a_launched_stage_logs_its_progress_in_its_task_run(tmp_path):
     assert not any(log.message.startswith(("[posttrain.progress]", "sft step")) for log in logs)
     assert [line.split(":")[0] for line in console] == ["sft step 2", "sft step 3",
                                                         "sft step 4", "sft step 6"]
+
+
+# ------------------------------------------------------------------------------ UI hints
+
+
+def test_ui_hints_name_the_ports_make_ui_uses(monkeypatch, capsys):
+    """`Open the UIs` names the ports infra/ui.sh starts the servers on: PREFECT_UI_PORT and
+    MLFLOW_UI_PORT, 4200 and 5000 when unset or empty (as the script's ${VAR:-default})."""
+    from pipelines.cli import print_ui_hints
+
+    ui_sh = (Path(__file__).resolve().parents[1] / "infra" / "ui.sh").read_text()
+    assert "PREFECT_PORT=${PREFECT_UI_PORT:-4200}" in ui_sh
+    assert "MLFLOW_PORT=${MLFLOW_UI_PORT:-5000}" in ui_sh
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    for prefect, mlflow, want in [(None, None, ("4200", "5000")), ("", "", ("4200", "5000")),
+                                  ("4310", "5123", ("4310", "5123"))]:
+        for name, value in (("PREFECT_UI_PORT", prefect), ("MLFLOW_UI_PORT", mlflow)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        print_ui_hints({"mlflow_run_id": "abc"})
+        out = capsys.readouterr().out
+        assert (f"make ui (Prefect on http://127.0.0.1:{want[0]}, MLflow on "
+                f"http://127.0.0.1:{want[1]})") in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_cli_run_points_at_the_ports_make_ui_was_given(tmp_path):
+    """`posttrain sft` with non-default ports for `make ui`: its closing lines name them."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    values = tiny_pipeline_values(tmp_path, [{**SFT_STAGE, "max_steps": 2, "eval_every": 2}])
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(values))
+    done = CliRunner().invoke(app, ["sft", str(config)],
+                              env={"PREFECT_UI_PORT": "4310", "MLFLOW_UI_PORT": "5123"})
+    assert done.exit_code == 0, done.output
+    assert ("make ui (Prefect on http://127.0.0.1:4310, MLflow on http://127.0.0.1:5123)"
+            in done.output), done.output
+    assert "127.0.0.1:4200" not in done.output and "127.0.0.1:5000" not in done.output
