@@ -253,6 +253,11 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         assert parent.data.tags["posttrain.promoted_version"] == str(champion.version)
         assert any(a.type == "markdown" and "Promotion decision" in str(a.data)
                    for a in client.read_artifacts())
+        # What the Prefect UI shows of this deployment run (issue 15, item 4).
+        _assert_progress_in_task_run_logs(client, run.id, {"sft": 6, "dpo": 3, "grpo": 2})
+        _assert_stage_links_and_table(client, run.id, "srv",
+                                      {k: children[k] for k in ("sft", "dpo", "grpo")},
+                                      ["base", "sft", "dpo", "grpo"])
 
         # A `dataset updated` event (emitted by the CLI) triggers the retraining deployment. It
         # runs the served config (default parameters): the same SFT stage on the same data, so
@@ -267,6 +272,12 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         retrain_children = stage_runs(_parent_of(triggered.id).info.run_id)
         assert set(retrain_children) == {"data", "sft", "evaluate"}
         assert retrain_children["sft"].data.tags.get(tracking.CACHE_HIT_TAG) == "true"
+        # The cached stage still links the MLflow run and folder that produced it: the first
+        # deployment run's SFT run.
+        links = _assert_stage_links_and_table(client, triggered.id, "srv",
+                                              {"sft": children["sft"]}, ["base", "sft"])
+        assert links["srv-sft-mlflow-run"].description.startswith(
+            f"Stage `sft` (cached, produced by MLflow run `{children['sft'].info.run_id}`)")
 
 
 @pytest.mark.slow
@@ -376,3 +387,67 @@ def test_a_stage_outlives_an_mlflow_server_away_for_30_seconds(tmp_path, monkeyp
         assert steps == list(range(1, 201))
     finally:
         _stop(server)
+
+
+# ------------------------------------------------------------- what the Prefect UI shows
+
+
+def _task_runs(client, flow_run_id) -> dict:
+    """The task runs of a flow run by task name (`sft-3f2` -> `sft`)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+        id=FlowRunFilterId(any_=[flow_run_id])))
+    return {t.name.rsplit("-", 1)[0]: t for t in runs}
+
+
+def _assert_progress_in_task_run_logs(client, flow_run_id, max_steps: dict[str, int]) -> None:
+    """Each trained stage's task run holds its metric lines (log_every 1: one per step, under
+    the `posttrain.progress` logger), sent by the process that served the deployment run."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    tasks = _task_runs(client, flow_run_id)
+    for name, steps in max_steps.items():
+        deadline = time.time() + 30  # the serving process sends logs in batches
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(
+                any_=[tasks[name].id])))
+            lines = [log.message for log in logs if log.name == "posttrain.progress"]
+            seen = {int(line.split(":")[0].removeprefix("step ")) for line in lines}
+            if seen >= set(range(1, steps + 1)) or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert seen == set(range(1, steps + 1)), (name, lines)
+        assert all(line.startswith("step ") for line in lines), (name, lines)
+    sft = [log.message for log in client.read_logs(log_filter=LogFilter(
+        task_run_id=LogFilterTaskRunId(any_=[tasks["sft"].id])))]
+    assert any(line.startswith("step 3:") and "eval_loss=" in line for line in sft), sft
+
+
+def _assert_stage_links_and_table(client, flow_run_id, pipeline: str, runs: dict,
+                                  models: list[str]) -> dict:
+    """The flow run's artifacts: per training stage (`runs`: its MLflow run) a link to that run
+    (on the tracking server) and to its model folder; the evaluation's run; the comparison table
+    (one row per model) and the decision."""
+    import json
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))}
+    server = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
+    for name, run in runs.items():
+        link = artifacts[f"{pipeline}-{name}-mlflow-run"]
+        assert link.type == "markdown" and link.data == (
+            f"[MLflow run of {name}]({server}/#/experiments/{run.info.experiment_id}/runs/"
+            f"{run.info.run_id})"), link.data
+        folder = artifacts[f"{pipeline}-{name}-folder"].data
+        assert folder.startswith("[") and "/model](file://" in folder, folder
+    assert f"{pipeline}-evaluate-mlflow-run" in artifacts
+    table = artifacts[f"{pipeline}-comparison"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["model"] for r in rows][:len(models)] == models, rows
+    assert all("decision" in r for r in rows), rows
+    assert artifacts[f"{pipeline}-promotion"].type == "markdown"
+    return artifacts
