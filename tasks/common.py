@@ -14,6 +14,7 @@ output lines go to the task's log, their progress lines as an in-process stage's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def with_stage_cache(task: Task, stage: str, artifacts_root: str, key_fn: Callab
     )
 
 
+_HOOK = "on_cache_hit"
+
+
 def _on_cache_hit(on_cached: Callable[[dict], None]):
     """A Prefect on_completion hook calling `on_cached(manifest)` for a state from the cache.
     The engine calls hooks inside the task run's context, so what it creates (artifacts, log
@@ -78,8 +82,24 @@ def _on_cache_hit(on_cached: Callable[[dict], None]):
         if state.name == "Cached":
             on_cached(state.result())
 
-    hook.__name__ = "on_cache_hit"
+    hook.__name__ = _HOOK
+    _quiet_hook_lines()
     return hook
+
+
+class _QuietHookLines(logging.Filter):
+    """Drops the engine's INFO lines around our hook ("Running hook 'on_cache_hit' in response
+    to entering state 'Completed'", "... finished running successfully"): every stage's run
+    would show them, trained or not. Its errors (ERROR, with the traceback) stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or f"hook '{_HOOK}'" not in str(record.msg).lower()
+
+
+def _quiet_hook_lines() -> None:
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _QuietHookLines) for f in logger.filters):
+        logger.addFilter(_QuietHookLines())
 
 
 def is_transient(error: BaseException) -> bool:

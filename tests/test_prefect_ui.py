@@ -92,6 +92,7 @@ def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
         LogFilter,
         LogFilterTaskRunId,
     )
+    from prefect.logging.handlers import APILogWorker
 
     from pipelines.flows import pipeline
     from posttrain import tracking
@@ -165,6 +166,12 @@ def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
         assert sft_task.state.name == "Cached"
         assert {a.task_run_id for a in cached.values() if a.key.startswith("ui-sft-")} == {
             sft_task.id}
+        APILogWorker.drain_all(timeout=10)
+        said = [log.message for log in client.read_logs(log_filter=LogFilter(
+            task_run_id=LogFilterTaskRunId(any_=[sft_task.id, by_name["sft"].id])))]
+        assert any(m.startswith(f"sft from the cache: {folder}, produced by MLflow run "
+                                f"{sft_run}") for m in said), said
+        assert not [m for m in said if "on_cache_hit" in m]  # the engine's lines on our hook
 
 
 # ------------------------------------------------------------------------- launched stages
