@@ -362,3 +362,42 @@ def test_posttrain_run_killed_in_dpo_then_in_grpo_resumes_both_exactly(tmp_path)
         # What the killed run logged before its checkpoint is the reference's too.
         for s, loss in runs[0][2].items():
             assert loss == pytest.approx(full[s], abs=1e-4), (name, s)
+
+
+def test_a_lost_prefect_server_is_named_with_what_was_kept(tmp_path, monkeypatch):
+    """The closing message of a run whose Prefect server stopped answering (a connection error
+    anywhere in the exception's chain) names the server, the artifacts written during the run
+    and what to do; any other error keeps the usual message."""
+    import httpx
+
+    from pipelines import errors
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    root = tmp_path / "artifacts"
+    old = root / "sft" / "old-key"
+    old.mkdir(parents=True)
+    (old / artifacts.MANIFEST).write_text("{}")
+    os.utime(old / artifacts.MANIFEST, (1, 1))  # written long before this command
+    cap = errors.capture(str(root), verbose=False)
+    try:
+        new = root / "dpo" / "new-key"
+        new.mkdir(parents=True)
+        (new / artifacts.MANIFEST).write_text("{}")
+        request = httpx.Request("POST", "http://127.0.0.1:9/api/flow_runs/x/set_state")
+        try:
+            try:
+                raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+            except httpx.ConnectError as e:
+                raise RuntimeError("could not propose state") from e
+        except RuntimeError as e:
+            text = errors.explain(e, cap)
+        assert text.startswith("the run failed: the Prefect server at http://127.0.0.1:9/api "
+                               "stopped answering (RuntimeError: could not propose state)")
+        assert f"written during this run and kept: dpo ({new})" in text
+        assert "old-key" not in text and cap.server_gone
+        assert "then rerun the same command: finished stages come from the cache" in text
+        cap.server_gone = False  # release() would exit this process
+        other = errors.explain(ValueError("bad"), cap)
+        assert other.startswith("the run failed: ValueError: bad") and "Prefect" not in other
+    finally:
+        errors.release(cap)
