@@ -1,9 +1,15 @@
-"""Advantage estimators: group-normalized (GRPO), GAE (PPO), and masked whitening.
+"""Advantage estimators: group-normalized (GRPO), leave-one-out (RLOO), GAE (PPO), and masked
+whitening.
 
 - GRPO (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): Â_i = (r_i − mean(r)) /
   std(r) over the G completions of one prompt, plus ε = 1e-4 in the denominator (as TRL) so that a
   group whose rewards are all equal gets 0 instead of 0/0. The std is the UNBIASED one (divides by
   G − 1), as TRL's `torch.std`; Dr. GRPO (Liu et al. 2025) drops the division ("none").
+- RLOO (Ahmadian et al. 2024, §3.3; Kool et al. 2019): Â_i = r_i − (1/(k−1)) Σ_{j≠i} r_j over the
+  k completions of one prompt, each one's baseline the mean of the OTHER rewards (unbiased: it
+  does not depend on y_i). Equivalently k/(k−1)·(r_i − mean(r)); a group's advantages sum to 0.
+  Optional whitening over the batch with the unbiased std + 1e-4, as TRL's
+  `normalize_advantages`.
 - GAE (Schulman et al. 2016, eq. 16): δ_t = r_t + γV_{t+1} − V_t, A_t = Σ_l (γλ)^l δ_{t+l},
   computed backwards; returns R_t = A_t + V_t are the value targets.
 - Whitening (TRL `masked_whiten`): masked mean and unbiased masked variance.
@@ -42,6 +48,32 @@ def group_advantages(
     if scale == "batch":
         return centered / (rewards.float().std() + eps)
     return centered
+
+
+def leave_one_out_advantages(
+    rewards: torch.Tensor,  # (B,) rows i·k .. i·k+k-1 belong to prompt i
+    group_size: int,
+    *,
+    normalize: bool = False,
+    eps: float = 1e-4,
+) -> torch.Tensor:  # (B,) float32
+    """r_i minus the mean of the other k − 1 rewards of its group; with `normalize`, then
+    (A − mean(A)) / (std(A) + eps) over the whole batch (unbiased std). A group of one has no
+    other rewards, so k < 2 is refused."""
+    if group_size < 2:
+        raise ValueError("leave-one-out needs group_size >= 2 (a baseline from the others)")
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"batch of {rewards.shape[0]} rewards does not split into groups of {group_size}"
+        )
+    grouped = rewards.float().view(-1, group_size)  # (B/k, k)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B/k, k)
+    advantages = (grouped - others).view(-1)  # (B,)
+    if normalize:
+        if advantages.numel() < 2:
+            raise ValueError("normalizing advantages needs at least two of them")
+        advantages = (advantages - advantages.mean()) / (advantages.std() + eps)
+    return advantages
 
 
 def gae(

@@ -441,7 +441,7 @@ class KTOConfig(StageFields, TrainingConfig):
 
 
 class RolloutConfig(TrainingConfig):
-    """Sampling settings shared by the online methods (GRPO, PPO)."""
+    """Sampling settings shared by the online methods (GRPO, RLOO, PPO)."""
 
     max_completion_length: int = Field(256, ge=1, description="New tokens per completion.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
@@ -461,26 +461,16 @@ class RolloutConfig(TrainingConfig):
     )
 
 
-class GRPOConfig(StageFields, RolloutConfig):
-    """Group Relative Policy Optimization. Batch sizes count completions, not prompts."""
+class GroupRolloutConfig(RolloutConfig):
+    """Settings shared by the methods that sample a group of completions per prompt and score
+    them with reward functions (GRPO, RLOO). Batch sizes count completions, not prompts."""
 
-    method: Literal["grpo"] = Field("grpo", description="The method; selects these settings.")
-    learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")
     num_generations: int = Field(
         8, ge=2, description="Completions sampled per prompt (the group size G)."
     )
     epsilon: float = Field(0.2, gt=0.0, description="Lower clip range: ratio >= 1 - epsilon.")
     epsilon_high: float | None = Field(
         None, gt=0.0, description="Upper clip range (DAPO's clip-higher); null: epsilon."
-    )
-    beta: float = Field(
-        0.0, ge=0.0, description="Weight of the k3 KL to the reference; 0 loads no reference."
-    )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="How per-token losses are normalized (see ALGORITHMS.md)."
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="Divide centred rewards by the group's std, the batch's, or not."
     )
     num_iterations: int = Field(
         1, ge=1, description="Optimizer passes over each generation batch (mu)."
@@ -496,18 +486,64 @@ class GRPOConfig(StageFields, RolloutConfig):
         "weights; the name 'reward_model' scores with the stage named in `reward`. At least one.",
     )
 
-    @property
-    def uses_reward_stage(self) -> bool:
-        return "reward_model" in self.reward_functions
-
     @model_validator(mode="after")
-    def _groups_fit(self) -> GRPOConfig:
+    def _groups_fit(self) -> GroupRolloutConfig:
         if self.per_device_batch_size % self.num_generations:
             raise ValueError(
                 f"per_device_batch_size ({self.per_device_batch_size}) counts completions and "
                 f"must be a multiple of num_generations ({self.num_generations})"
             )
         return self
+
+
+class GRPOConfig(StageFields, GroupRolloutConfig):
+    """Group Relative Policy Optimization. Batch sizes count completions, not prompts."""
+
+    method: Literal["grpo"] = Field("grpo", description="The method; selects these settings.")
+    learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")
+    beta: float = Field(
+        0.0, ge=0.0, description="Weight of the k3 KL to the reference; 0 loads no reference."
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="How per-token losses are normalized (see ALGORITHMS.md)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide centred rewards by the group's std, the batch's, or not."
+    )
+
+    @property
+    def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
+        return "reward_model" in self.reward_functions
+
+
+class RLOOConfig(StageFields, GroupRolloutConfig):
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024): k completions per prompt, each one's
+    baseline the mean reward of the other k - 1; a clipped sequence-level importance ratio.
+    Defaults are TRL's RLOOConfig's. Batch sizes count completions, not prompts."""
+
+    method: Literal["rloo"] = Field("rloo", description="The method; selects these settings.")
+    learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")
+    num_generations: int = Field(
+        2, ge=2, description="Completions sampled per prompt (k of the paper)."
+    )
+    beta: float = Field(
+        0.05, ge=0.0, description="Weight of the KL to the reference; 0 loads no reference."
+    )
+    kl_placement: Literal["reward", "loss"] = Field(
+        "reward",
+        description="'reward': subtract beta * sum_t (log pi_old - log pi_ref) from each "
+        "completion's reward before the leave-one-out baseline (the paper's and TRL's, the only "
+        "mode TRL has); 'loss': add beta * sum_t k3 KL_t of each completion to its loss "
+        "(GRPO's estimator, with a gradient), leaving the rewards alone.",
+    )
+    normalize_advantages: bool = Field(
+        False, description="Whiten the advantages over the generation batch: (A - mean) / "
+        "(std + 1e-4) (TRL's normalize_advantages)."
+    )
+
+    @property
+    def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
+        return "reward_model" in self.reward_functions
 
 
 class PPOConfig(StageFields, RolloutConfig):
@@ -700,7 +736,7 @@ class _AnyOf:
 
 StageConfig = Annotated[
     SFTConfig | RewardConfig | DPOConfig | ORPOConfig | SimPOConfig | CPOConfig | KTOConfig
-    | GRPOConfig | PPOConfig,
+    | GRPOConfig | RLOOConfig | PPOConfig,
     Field(discriminator="method"),
     _AnyOf,
 ]
@@ -823,7 +859,7 @@ def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
         out.append("reward: name the reward stage that scores this stage's completions")
     elif s.reward is not None and not wants_reward:
         out.append("reward: only PPO, and GRPO with 'reward_model' in reward_functions, use a "
-                   "reward stage")
+                   "reward stage (RLOO as GRPO)")
     elif s.reward is not None and (s.reward not in earlier
                                    or not earlier[s.reward].trains_reward_model):
         out.append(f"reward: {s.reward!r} is not an earlier reward stage")

@@ -20,6 +20,7 @@ from posttrain.config import (
     ORPOConfig,
     PPOConfig,
     RewardConfig,
+    RLOOConfig,
     SFTConfig,
     SimPOConfig,
 )
@@ -99,6 +100,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "group relative policy optimization", reference=True, generates=True,
            unit="completions",
            key_metrics=("reward", "reward_std", "eval_reward", "completions/mean_length")),
+    Method("rloo", RLOOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
+           "REINFORCE leave-one-out (k samples per prompt, the others' mean as baseline)",
+           reference=True, generates=True, unit="completions",
+           key_metrics=("reward", "reward_std", "eval_reward", "kl")),
     Method("ppo", PPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
            "PPO against a reward stage", reference=True, generates=True, unit="prompts",
            key_metrics=("objective/scores", "objective/kl", "objective/rlhf_reward",
@@ -112,11 +117,11 @@ def method(stage) -> Method:
 
 
 def uses_reference(stage) -> bool:
-    """Whether the stage loads a frozen reference: always for DPO, KTO and PPO, for GRPO only
-    with a KL term (beta > 0)."""
+    """Whether the stage loads a frozen reference: always for DPO, KTO and PPO, for GRPO and
+    RLOO only with a KL term (beta > 0)."""
     if not method(stage).reference:
         return False
-    return stage.method != "grpo" or stage.beta > 0
+    return stage.method not in ("grpo", "rloo") or stage.beta > 0
 
 
 def is_policy(stage) -> bool:

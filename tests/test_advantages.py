@@ -1,4 +1,5 @@
-"""Group-normalized advantages, GAE and whitening against hand-computed numbers."""
+"""Group-normalized and leave-one-out advantages, GAE and whitening against hand-computed
+numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from posttrain.advantages import gae, group_advantages, whiten
+from posttrain.advantages import gae, group_advantages, leave_one_out_advantages, whiten
 
 
 def _close(actual: torch.Tensor, expected: list, atol: float = 1e-6) -> None:
@@ -48,6 +49,38 @@ def test_group_advantages_validation():
     with pytest.raises(ValueError, match="group_size >= 2"):
         group_advantages(torch.zeros(6), 1)
     assert group_advantages(torch.tensor([1.0, 3.0]), 1, scale="none").tolist() == [0.0, 0.0]
+
+
+def test_leave_one_out_by_hand():
+    """Group 1 (k = 3) rewards (1, 0, 0.5): baselines are the means of the other two,
+    (0 + 0.5)/2 = 0.25, (1 + 0.5)/2 = 0.75, (1 + 0)/2 = 0.5, so A = (0.75, -0.75, 0).
+    Group 2 (2, 2, 2): every baseline is 2, A = 0 (no std division: nothing to divide by 0).
+    Each group's advantages sum to 0, and A = k/(k-1)·(r − mean): 3/2·(1 − 0.5) = 0.75."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 2.0])
+    adv = leave_one_out_advantages(rewards, 3)
+    _close(adv, [0.75, -0.75, 0.0, 0.0, 0.0, 0.0])
+    _close(adv.view(2, 3).sum(1), [0.0, 0.0])
+
+
+def test_leave_one_out_pairs_and_normalization():
+    """k = 2: each completion's baseline is its sibling's reward: (3, 1) -> (2, -2), (0, 1) ->
+    (-1, 1). Normalized over the batch: mean 0, unbiased std of (2, -2, -1, 1) is
+    sqrt((4 + 4 + 1 + 1)/3) = sqrt(10/3) = 1.825742, so A / (1.825742 + 1e-4) =
+    (1.095385, -1.095385, -0.547693, 0.547693)."""
+    rewards = torch.tensor([3.0, 1.0, 0.0, 1.0])
+    _close(leave_one_out_advantages(rewards, 2), [2.0, -2.0, -1.0, 1.0])
+    std = math.sqrt(10 / 3)
+    assert std == pytest.approx(1.825742, abs=1e-6)
+    want = [a / (std + 1e-4) for a in (2.0, -2.0, -1.0, 1.0)]
+    assert want[0] == pytest.approx(1.095385, abs=1e-6)
+    _close(leave_one_out_advantages(rewards, 2, normalize=True), want)
+
+
+def test_leave_one_out_validation():
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        leave_one_out_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="does not split into groups of 3"):
+        leave_one_out_advantages(torch.zeros(4), 3)
 
 
 def test_gae_by_hand():

@@ -35,7 +35,7 @@ def _posttrain(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Com
 def test_the_examples_are_there():
     assert {p.name for p in EXAMPLES} >= {
         "dpo-from-instruct.yaml", "chain-sft-dpo-grpo.yaml", "dpo-betas.yaml",
-        "reference-free.yaml"}
+        "reference-free.yaml", "grpo-vs-rloo.yaml"}
     assert not (ROOT / "conf" / "examples" / "demo.yaml").exists()  # the demo is conf/demo.yaml
 
 
@@ -122,6 +122,23 @@ def test_reference_free_example_trains_orpo_simpo_and_cpo_from_one_sft():
     assert (cpo.beta, cpo.cpo_alpha) == (0.1, 1.0)
     assert not any(uses_reference(s) for s in cfg.stages)
     assert cfg.promotion.candidates == ("orpo", "simpo", "cpo")
+
+
+def test_grpo_vs_rloo_example_differs_in_the_method_only():
+    """GRPO and RLOO from one SFT model with the same sampling, reward and KL weight; RLOO's KL
+    goes into the reward. Both load the SFT model as their reference (beta > 0)."""
+    from posttrain.methods import uses_reference
+
+    cfg = load_pipeline_config(ROOT / "conf/examples/grpo-vs-rloo.yaml")
+    assert [(s.name, s.method, s.start, s.data) for s in cfg.stages] == [
+        ("sft", "sft", "base", "sft"), ("grpo", "grpo", "sft", "prompts"),
+        ("rloo", "rloo", "sft", "prompts")]
+    grpo, rloo = cfg.stage("grpo"), cfg.stage("rloo")
+    shared = {"num_generations", "per_device_batch_size", "temperature", "beta",
+              "reward_functions", "max_completion_length", "learning_rate", "max_steps"}
+    assert grpo.model_dump(include=shared) == rloo.model_dump(include=shared)
+    assert rloo.kl_placement == "reward" and uses_reference(grpo) and uses_reference(rloo)
+    assert cfg.evaluate.reference == "sft"
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -1,8 +1,16 @@
-"""Group Relative Policy Optimization.
+"""Group Relative Policy Optimization, and REINFORCE Leave-One-Out on the same machinery.
 
-Shao et al. (2024), "DeepSeekMath", §4.1, eq. 3: for each prompt sample G completions, score
-them, use the group-normalized reward as every token's advantage, and maximize the clipped
+GRPO: Shao et al. (2024), "DeepSeekMath", §4.1, eq. 3: for each prompt sample G completions,
+score them, use the group-normalized reward as every token's advantage, and maximize the clipped
 importance-weighted objective, minus β·KL to a reference (k3 estimator, eq. 4).
+RLOO: Ahmadian et al. (2024), "Back to Basics: Revisiting REINFORCE Style Optimization for
+Learning from Human Feedback in LLMs", §3.3: the same sampling and scoring, but each completion's
+advantage is its reward minus the mean reward of the other k − 1 completions of its prompt, the
+KL to the reference is subtracted from the reward (β·Σ_t (log π_old − log π_ref), before the
+baseline) unless `kl_placement='loss'`, and the objective is per completion: a clipped
+sequence-level ratio, averaged over completions (posttrain/losses/rloo.py), as TRL's
+RLOOTrainer. The KL in the reward needs log π_old before the first optimizer pass: one extra
+no-grad forward of the policy over the generation batch (TRL runs the same forward).
 
 Choices and departures:
 - Batch sizes count completions: a micro-batch of `per_device_batch_size` holds
@@ -32,11 +40,12 @@ import torch
 from accelerate import Accelerator
 
 from posttrain import checkpoints
-from posttrain.advantages import group_advantages
-from posttrain.config import GRPOConfig
+from posttrain.advantages import group_advantages, leave_one_out_advantages
+from posttrain.config import GRPOConfig, RLOOConfig
 from posttrain.data.tokenize import tokenize_prompt
 from posttrain.logprobs import SelectedLogits
 from posttrain.losses.grpo import grpo_loss
+from posttrain.losses.rloo import rloo_loss, sequence_kl
 from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
 from posttrain.reward_functions import as_completions, combine_rewards
@@ -107,7 +116,7 @@ def rollout_metrics(total: torch.Tensor, per_fn: dict, rollout: Rollout, group: 
     return metrics
 
 
-def _sample(policy, rows, config: GRPOConfig, tokenizer, generator) -> Rollout:
+def _sample(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator) -> Rollout:
     return generate(
         policy, [r["prompt_ids"] for r in rows], num_samples=config.num_generations,
         max_new_tokens=config.max_completion_length, temperature=config.temperature,
@@ -124,6 +133,50 @@ def reference_logps(reference, rollout: Rollout, temperature: float) -> torch.Te
     return reference(lambda ref: completion_logps(
         ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
         rollout.completion_mask, temperature=temperature))
+
+
+@torch.no_grad()
+def _policy_logps(net, rollout: Rollout, config: RLOOConfig) -> torch.Tensor:
+    """Per-token log π_old (N, C) of a rollout through the training forward, micro-batched."""
+    size = config.per_device_batch_size
+    return torch.cat([
+        completion_logps(net, rollout.prompt_ids[i:i + size], rollout.prompt_mask[i:i + size],
+                         rollout.completion_ids[i:i + size], rollout.completion_mask[i:i + size],
+                         temperature=config.temperature)
+        for i in range(0, rollout.completion_ids.shape[0], size)])
+
+
+def _advantages(net, rollout: Rollout, total, ref_logps, config) -> tuple[torch.Tensor, dict]:
+    """Advantages (N,) and their metrics. GRPO: group-normalized rewards. RLOO: leave-one-out
+    baselines of the rewards, with β·(sequence KL of π_old to π_ref) subtracted first when the
+    KL is in the reward (`kl` logged: its per-token mean, as TRL logs it)."""
+    if config.method == "grpo":
+        return group_advantages(total, config.num_generations, scale=config.scale_rewards), {}
+    metrics = {}
+    if ref_logps is not None and config.kl_placement == "reward":
+        old = _policy_logps(net, rollout, config)
+        mask = rollout.completion_mask
+        total = total - config.beta * sequence_kl(old, ref_logps, mask)
+        metrics["kl"] = float(((old - ref_logps) * mask).sum() / mask.sum().clamp(min=1))
+    advantages = leave_one_out_advantages(total, config.num_generations,
+                                          normalize=config.normalize_advantages)
+    return advantages, metrics
+
+
+def _loss(logps, old_logps, advantages, mask, ref_logps, config, num_items):
+    """The method's loss of one micro-batch: GRPO's per-token loss, or RLOO's per-completion
+    one (with the KL term only when it is in the loss)."""
+    if config.method == "rloo":
+        in_loss = config.kl_placement == "loss"
+        return rloo_loss(logps, old_logps, advantages, mask, epsilon=config.epsilon,
+                         epsilon_high=config.epsilon_high, beta=config.beta if in_loss else 0.0,
+                         ref_logps=ref_logps if in_loss else None)
+    return grpo_loss(
+        logps, old_logps, advantages, mask, epsilon=config.epsilon,
+        epsilon_high=config.epsilon_high, beta=config.beta, ref_logps=ref_logps,
+        loss_type=config.loss_type, max_completion_length=config.max_completion_length,
+        num_items_in_batch=num_items,
+    )
 
 
 def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps, old_logps,
@@ -148,16 +201,13 @@ def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps,
                 rollout.completion_mask[sl], temperature=config.temperature,
             )
             olds.append(logps.detach() if old_logps is None else old_logps[sl])
-            loss, m = grpo_loss(
-                logps, olds[-1], advantages[sl], rollout.completion_mask[sl],
-                epsilon=config.epsilon, epsilon_high=config.epsilon_high, beta=config.beta,
-                ref_logps=None if ref_logps is None else ref_logps[sl],
-                loss_type=config.loss_type, max_completion_length=config.max_completion_length,
-                num_items_in_batch=num_items / accelerator.num_processes,
-            )
-            # dapo already divides by the global token count; the others are per-micro-batch
-            # means, averaged over the accumulated micro-batches.
-            scale = 1.0 if config.loss_type == "dapo" else 1.0 / len(chunks)
+            loss, m = _loss(logps, olds[-1], advantages[sl], rollout.completion_mask[sl],
+                            None if ref_logps is None else ref_logps[sl], config,
+                            num_items / accelerator.num_processes)
+            # dapo already divides by the global token count; the others (RLOO's included) are
+            # per-micro-batch means, averaged over the accumulated micro-batches.
+            dapo = getattr(config, "loss_type", None) == "dapo"
+            scale = 1.0 if dapo else 1.0 / len(chunks)
             accelerator.backward(loss * scale)
         for k, v in {"loss": loss.detach(), **m}.items():
             sums[k] = sums.get(k, 0.0) + float(v) / len(chunks)
@@ -173,7 +223,7 @@ def train(
     tokenizer,
     prompts: list[dict],
     eval_prompts: list[dict],
-    config: GRPOConfig,
+    config: GRPOConfig | RLOOConfig,
     *,
     reward_fns: RewardFns,
     weights: dict[str, float],
@@ -181,7 +231,8 @@ def train(
     accelerator: Accelerator | None = None,
     checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Train `policy` in place on prompt rows ({prompt, ...extra columns}).
+    """Train `policy` in place on prompt rows ({prompt, ...extra columns}) with GRPO or RLOO
+    (`config.method`).
 
     With `checkpoint_dir`, resumes from the newest valid checkpoint (policy, optimizer,
     scheduler, sampling RNG, prompt position); checkpoints fall on generation-batch boundaries.
@@ -211,16 +262,17 @@ def train(
     step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(step // config.num_iterations):  # prompt batches already trained on
         next(batches)
-    with TrainingProgress("grpo", config.max_steps, enabled=accelerator.is_main_process) as bar:
+    with TrainingProgress(config.method, config.max_steps,
+                          enabled=accelerator.is_main_process) as bar:
         while step < config.max_steps:
             t0 = time.perf_counter()
             batch = next(batches)
             with accelerator.autocast():  # sampling and reward models in training's precision
                 rollout = _sample(policy, batch, config, tokenizer, generator)
                 total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G)
-            advantages = group_advantages(total, G, scale=config.scale_rewards)  # (N,)
             ref_logps = reference_logps(reference, rollout, config.temperature)
-            sampled = rollout_metrics(total, per_fn, rollout, G)
+            advantages, kl = _advantages(net, rollout, total, ref_logps, config)  # (N,)
+            sampled = {**rollout_metrics(total, per_fn, rollout, G), **kl}
             old_logps = None  # the first pass sets π_old
             for _ in range(config.num_iterations):
                 if step >= config.max_steps:
@@ -247,7 +299,8 @@ def train(
 
 
 @torch.no_grad()
-def _evaluate(policy, held, config: GRPOConfig, tokenizer, reward_fns, weights) -> dict:
+def _evaluate(policy, held, config: GRPOConfig | RLOOConfig, tokenizer, reward_fns,
+              weights) -> dict:
     """Mean reward of greedy completions on held-out prompts."""
     rollout = generate(
         policy, [r["prompt_ids"] for r in held], num_samples=1,

@@ -1,12 +1,13 @@
-"""Online stages: GRPO (reward functions, optionally a reward stage's model) and PPO (a reward
-stage's model), each from the model its `start` names, on the prompts of its data source."""
+"""Online stages: GRPO and RLOO (reward functions, optionally a reward stage's model) and PPO (a
+reward stage's model), each from the model its `start` names, on the prompts of its data
+source."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from posttrain import artifacts, tracking
-from posttrain.config import GRPOConfig, PipelineConfig, PPOConfig
+from posttrain.config import GRPOConfig, PipelineConfig, PPOConfig, RLOOConfig
 from posttrain.data.loading import read_jsonl
 from posttrain.stages.common import (
     checkpoint_dir,
@@ -20,13 +21,16 @@ from posttrain.stages.common import (
     training_key,
 )
 
+GROUP_METHODS = ("grpo", "rloo")  # trained by posttrain.recipes.grpo
+
 
 def reward_function_name(path: str) -> str:
     """The name a reward function is logged under: its last dotted component."""
     return path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
 
 
-def _reward_functions(stage: GRPOConfig, reward_manifest: dict | None, tokenizer, accelerator):
+def _reward_functions(stage: GRPOConfig | RLOOConfig, reward_manifest: dict | None, tokenizer,
+                      accelerator):
     """{name: function} and {name: weight} from the stage's reward_functions; a reward model
     is placed on the accelerator's device."""
     from posttrain.reward_functions import load_reward_function, reward_model_function
@@ -56,9 +60,10 @@ def prompts(cfg: PipelineConfig, stage, data_manifest: dict, split: str) -> list
     return prompt_rows(read_jsonl(Path(src["dir"]) / name), src["format"], name)
 
 
-def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | PPOConfig, inputs: dict, *,
-                     parent_run_id: str | None = None) -> dict:
-    """Train the start model further with GRPO or PPO on the prompts of the stage's source."""
+def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | RLOOConfig | PPOConfig,
+                     inputs: dict, *, parent_run_id: str | None = None) -> dict:
+    """Train the start model further with GRPO, RLOO or PPO on the prompts of the stage's
+    source."""
     key = training_key(cfg, stage, inputs)
     reward_manifest = inputs.get("reward")
 
@@ -76,7 +81,7 @@ def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | PPOConfig, inputs:
             accelerator = make_accelerator(cfg.model.mixed_precision)
             kw = {"log_metrics": logger, "accelerator": accelerator,
                   "checkpoint_dir": checkpoint_dir(cfg, s, key)}
-            if s.method == "grpo":
+            if s.method in GROUP_METHODS:  # one recipe: GRPO's, with RLOO's advantage and loss
                 fns, weights = _reward_functions(s, reward_manifest, tokenizer, accelerator)
                 held = prompts(cfg, stage, inputs["data"], "eval")
                 final = grpo.train(policy, tokenizer, train, held, s, reward_fns=fns,
@@ -88,7 +93,7 @@ def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | PPOConfig, inputs:
             return policy, accelerator, final
 
         try:
-            if stage.method == "grpo":  # its micro-batches can shrink; PPO's batch IS the rollout
+            if stage.method in GROUP_METHODS:  # micro-batches can shrink; PPO's batch IS the rollout
                 policy, accelerator, final = with_oom_backoff(
                     attempt, stage, record_oom_backoff(out, run_id))
             else:
