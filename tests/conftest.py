@@ -62,7 +62,8 @@ SFT_STAGE = {"name": "sft", "method": "sft", "data": "sft", **SMALL, "max_steps"
              "learning_rate": 3e-3, "eval_every": 3}
 # The data source each method reads in tests, by default.
 TEST_DATA = {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference",
-             "kto": "preference", "grpo": "prompts", "ppo": "prompts"}
+             "simpo": "preference", "cpo": "preference", "kto": "preference",
+             "grpo": "prompts", "rloo": "prompts", "ppo": "prompts"}
 ONLINE_SMALL = {"max_steps": 2, "max_completion_length": 4}
 
 
@@ -70,7 +71,7 @@ def stage(method: str, name: str | None = None, *, start: str = "sft", **setting
     """A test stage of `method` (named after it), from the SFT stage, on its usual source."""
     values = {"name": name or method, "method": method, "start": start,
               "data": TEST_DATA[method], **SMALL}
-    if method == "grpo":
+    if method in ("grpo", "rloo"):
         values.update(ONLINE_SMALL, per_device_batch_size=8, num_generations=4,
                       reward_functions={"posttrain.reward_functions:demo_checker": 1.0})
     if method == "ppo":
