@@ -4,6 +4,8 @@ logged step through the standard `logging` logger `posttrain.progress`.
 The library never talks to Prefect: a Prefect task attaches a handler to that logger (see
 tasks/train.py), so the lines land in the task run's logs in the Prefect UI. Without a handler
 the lines go nowhere (the console has the bar); `logging.basicConfig(level="INFO")` prints them.
+A stage launched as its own processes (posttrain.launch) prints them, marked, to the parent,
+which puts them back on this logger, in its task run.
 """
 
 from __future__ import annotations
