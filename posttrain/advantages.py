@@ -5,7 +5,7 @@ whitening.
   std(r) over the G completions of one prompt, plus ε = 1e-4 in the denominator (as TRL) so that a
   group whose rewards are all equal gets 0 instead of 0/0. The std is the UNBIASED one (divides by
   G − 1), as TRL's `torch.std`; Dr. GRPO (Liu et al. 2025) drops the division ("none").
-- RLOO (Ahmadian et al. 2024, §3.3; Kool et al. 2019): Â_i = r_i − (1/(k−1)) Σ_{j≠i} r_j over the
+- RLOO (Ahmadian et al. 2024; Kool et al. 2019): Â_i = r_i − (1/(k−1)) Σ_{j≠i} r_j over the
   k completions of one prompt, each one's baseline the mean of the OTHER rewards (unbiased: it
   does not depend on y_i). Equivalently k/(k−1)·(r_i − mean(r)); a group's advantages sum to 0.
   Optional whitening over the batch with the unbiased std + 1e-4, as TRL's

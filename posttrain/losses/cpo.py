@@ -1,4 +1,4 @@
-"""Contrastive Preference Optimization (Xu et al. 2024, eqs. 3–5): no reference model.
+"""Contrastive Preference Optimization (Xu et al. 2024): no reference model.
 
 CPO is DPO's loss with the reference dropped (a uniform reference, the paper's upper bound of
 the DPO objective) plus a behaviour-cloning NLL on the chosen responses:

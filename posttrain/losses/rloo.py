@@ -1,4 +1,4 @@
-"""REINFORCE Leave-One-Out loss (Ahmadian et al. 2024, "Back to Basics", §3.3), as TRL's
+"""REINFORCE Leave-One-Out loss (Ahmadian et al. 2024, "Back to Basics"), as TRL's
 RLOOTrainer optimizes it: one action per completion.
 
 Per completion i with summed completion log-probs s_i = Σ_t log π(y_t) and s_i^old under π_old,

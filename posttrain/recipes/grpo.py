@@ -4,7 +4,7 @@ GRPO: Shao et al. (2024), "DeepSeekMath", §4.1, eq. 3: for each prompt sample G
 score them, use the group-normalized reward as every token's advantage, and maximize the clipped
 importance-weighted objective, minus β·KL to a reference (k3 estimator, eq. 4).
 RLOO: Ahmadian et al. (2024), "Back to Basics: Revisiting REINFORCE Style Optimization for
-Learning from Human Feedback in LLMs", §3.3: the same sampling and scoring, but each completion's
+Learning from Human Feedback in LLMs": the same sampling and scoring, but each completion's
 advantage is its reward minus the mean reward of the other k − 1 completions of its prompt, the
 KL to the reference is subtracted from the reward (β·Σ_t (log π_old − log π_ref), before the
 baseline) unless `kl_placement='loss'`, and the objective is per completion: a clipped

@@ -7,7 +7,7 @@ eq. 6: NLL on the chosen response plus λ times the odds-ratio term; no referenc
 SimPO: Meng et al. (2024), "SimPO: Simple Preference Optimization with a Reference-Free Reward",
 eq. 6: −log σ(β·(lp_c − lp_r) − γ) on per-token averaged log-probs, no reference; optionally
 plus α·NLL (CPO-SimPO).
-CPO: Xu et al. (2024), "Contrastive Preference Optimization", eqs. 3–5: −log σ(β·(log π(y_c) −
+CPO: Xu et al. (2024), "Contrastive Preference Optimization": −log σ(β·(log π(y_c) −
 log π(y_r))) on summed log-probs, no reference, plus α·NLL on the chosen response.
 
 Departures and choices:
