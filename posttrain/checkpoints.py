@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -48,7 +49,11 @@ def save(accelerator: Accelerator, root: Path, step: int, keep: int | None = Non
     `keep`, verify it and then delete all but the `keep` newest checkpoints."""
     root = Path(root)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / artifacts.tmp_name(f"{PREFIX}{step:06d}")
+    # One folder for all processes (each writes its own RNG state into it): rank 0's name,
+    # which names rank 0 as its owner.
+    tmp = root / _same_on_every_process(
+        accelerator, artifacts.tmp_name(f"{PREFIX}{step:06d}")
+        if accelerator.is_main_process else None)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         artifacts.remove_dead_tmp(root)  # half-written checkpoints of a killed run
@@ -56,6 +61,7 @@ def save(accelerator: Accelerator, root: Path, step: int, keep: int | None = Non
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's files are in before the digests
         if accelerator.is_main_process:
             files = {
                 str(p.relative_to(tmp)): artifacts.sha256_file(p)
@@ -82,6 +88,15 @@ def save(accelerator: Accelerator, root: Path, step: int, keep: int | None = Non
     return final
 
 
+def _same_on_every_process(accelerator: Accelerator, value):
+    """`value` as the main process has it, on every process of the launch."""
+    if accelerator.num_processes <= 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def after_step(accelerator: Accelerator, root: Path | None, step: int, *, every: int | None,
                keep: int | None = None, can_save: bool = True) -> None:
     """End of optimizer step `step` of a training loop: a checkpoint every `every` steps (when
@@ -90,8 +105,31 @@ def after_step(accelerator: Accelerator, root: Path | None, step: int, *, every:
     saveable = root is not None and bool(every) and can_save
     if saveable and step % every == 0:
         save(accelerator, root, step, keep)
+    agree_on_stop(accelerator)
     interrupt.after_step(step, (lambda: save(accelerator, root, step, keep)) if saveable
                          else None)
+
+
+_CODES = {None: 0, "SIGINT": int(signal.SIGINT), "SIGTERM": int(signal.SIGTERM)}
+
+
+def agree_on_stop(accelerator: Accelerator) -> None:
+    """In a launch of several processes, a stop that one process was asked for (its signal
+    arrives a moment before or after the others', or only there) is every process's stop at
+    this same step boundary, SIGTERM over SIGINT: otherwise one process enters the checkpoint
+    (collective) or exits while another starts the next step's all-reduce, and both wait on
+    each other. One small all-reduce per step; nothing with a single process."""
+    if accelerator.num_processes <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([_CODES.get(interrupt.pending(), int(signal.SIGTERM))],
+                        device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    code = int(flag.item())
+    if code:
+        interrupt.adopt(signal.Signals(code).name)
 
 
 def _state_bytes(accelerator: Accelerator) -> int:

@@ -125,6 +125,14 @@ def stage(name: str) -> Iterator[None]:
             reset()  # the library goes on after an Interrupted: the next signal counts again
 
 
+def adopt(name: str) -> None:
+    """Stop at this step boundary as if `name` had arrived here: another process of the same
+    launch got it (posttrain.checkpoints.after_step agrees on it across processes, so that all
+    of them stop, and checkpoint, at the same step)."""
+    if _state.pending is None and not _state.stopping:
+        _state.pending = name
+
+
 def checkpointed(step: int) -> None:
     """The current stage has a valid checkpoint at `step` (written or resumed from)."""
     _state.checkpoint_step = step

@@ -401,3 +401,81 @@ def test_a_lost_prefect_server_is_named_with_what_was_kept(tmp_path, monkeypatch
         assert other.startswith("the run failed: ValueError: bad") and "Prefect" not in other
     finally:
         errors.release(cap)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_to_a_two_process_stage_exits_closes_its_runs_and_the_rerun_resumes(tmp_path):
+    """SIGTERM to the process group of `posttrain sft` whose stage runs as two launched
+    processes (launch.num_processes: 2, gloo on CPU): the command exits within seconds, no
+    MLflow run stays RUNNING (rank 0's stage run included), no lock stays, and the rerun
+    resumes the stage from a checkpoint and finishes."""
+    sft = {**SFT_STAGE, "max_steps": 400, "checkpoint_every": 4, "eval_every": 1000,
+           "log_every": 2}
+    values = tiny_pipeline_values(tmp_path / "k", [sft], cpu_threads=1,
+                                  launch={"num_processes": 2},
+                                  tracking={"experiment": f"crash-{tmp_path.name}-l"})
+    config = tmp_path / "k.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "pipelines.cli", "sft", str(config)]
+    root = tmp_path / "k" / "artifacts"
+    locks = root / ".prefect" / "locks"
+    c = tracking.client()
+    experiment = values["tracking"]["experiment"]
+
+    def running() -> list:
+        exp = c.get_experiment_by_name(experiment)
+        return c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+    first = Command(cmd, tmp_path, env, tmp_path / "1.log")
+    first.wait_for(lambda: len(_checkpoint_steps(root / "sft")) >= 1, "checkpoint",
+                   timeout=240)
+    rc, seconds = first.signal(signal.SIGTERM)
+    out = first.output()
+    assert rc == 143 and seconds < 10, (rc, seconds, out[-3000:])
+    import psutil
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if str(config) in " ".join(p.info["cmdline"] or [])
+                or "posttrain.launch" in " ".join(p.info["cmdline"] or [])]
+    assert not running(), [(r.data.tags.get("posttrain.stage"), r.info.status) for r in running()]
+    assert not list(locks.glob("*.lock"))
+    stopped = max(_checkpoint_steps(root / "sft"))
+
+    last = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    out = last.stdout + last.stderr
+    assert last.returncode == 0, out[-3000:]
+    assert _resumed_from(out) == stopped, out[-3000:]
+    assert not running()
+
+
+@pytest.mark.slow
+def test_processes_of_a_launch_stop_and_checkpoint_at_the_same_step(tmp_path):
+    """SIGTERM reaching one process of a two-process launch (signals arrive one at a time, or
+    only to some) stops both at the same step boundary after one checkpoint of that step that
+    both wrote: no process starts a step's all-reduce that the other will never join."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(ROOT / "tests" / "interrupt_worker.py"), str(out), str(tmp_path / "ckpt")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)  # processes waiting on each other: a hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["stopped_by"] == "SIGTERM" and r["steps"] == [1, 2, 3], ranks
+        assert "during stage 'toy' after step 3; a rerun resumes it from the checkpoint at " \
+            "step 3" in r["message"], ranks
+    # One folder, with both processes' RNG states (each writes its own into rank 0's folder).
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-000003"]
+    manifest = json.loads((tmp_path / "ckpt" / "step-000003" / artifacts.MANIFEST).read_text())
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(manifest["files"])
