@@ -1,7 +1,7 @@
 """Evaluation task: the base model and every candidate stage on the same held-out prompts.
 
 In the Prefect UI its run logs one line of held-out metrics per model, and links to its MLflow
-run and output folder (samples, comparison.json)."""
+run and output folder (samples, comparison.json), from the cache too."""
 
 from __future__ import annotations
 
@@ -38,4 +38,5 @@ def evaluate_task(cfg: PipelineConfig):
         "evaluate",
         cfg.artifacts_root,
         lambda p: stages.eval_stage_key(p["cfg"], p["data"], p["candidates"], p.get("reward")),
+        on_cached=lambda m: link_stage(cfg.name, "evaluate", m, Path(m["path"]), cached=True),
     )

@@ -150,7 +150,8 @@ def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
         assert by_key["ui-promotion"].type == "markdown"  # the report is still there
 
         # A second run finds every stage in Prefect's cache (no task body runs): its flow run
-        # still links the MLflow run and the folder that produced the cached SFT stage.
+        # still links the MLflow run and the folder that produced the cached SFT stage (and the
+        # evaluation).
         again = pipeline(validate(PipelineConfig, values))
         assert [r["status"] for r in again["stages"]] == ["cached", "cached", "cached"]
         again_id = tracking.client().get_run(again["mlflow_run_id"]).data.tags[
@@ -161,6 +162,8 @@ def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
         assert cached["ui-sft-mlflow-run"].description.startswith(
             f"Stage `sft` (cached, produced by MLflow run `{sft_run}`)")
         assert cached["ui-sft-folder"].data == by_key["ui-sft-folder"].data
+        assert cached["ui-evaluate-mlflow-run"].data == by_key["ui-evaluate-mlflow-run"].data
+        assert "cached, produced by" in cached["ui-evaluate-mlflow-run"].description
         sft_task = next(t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[again_id]))) if t.name.startswith("sft-"))
         assert sft_task.state.name == "Cached"
