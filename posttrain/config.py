@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -342,6 +343,16 @@ class RewardConfig(StageFields, TrainingConfig):
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="Weight c of c*(r_c + r_r)^2, keeping rewards centred at 0."
     )
+    head_init: Literal["scaled", "transformers"] = Field(
+        "scaled",
+        description="Initialization of the fresh one-output score head, seeded by `seed`: "
+        "'scaled' draws it from N(0, 1/(hidden_size + 1)) (LeCun-style, the default: the "
+        "initial score has about the spread of one hidden feature at any width, so the first "
+        "gradients reach the body at the same scale whatever the model size); 'transformers' "
+        "draws it from N(0, initializer_range^2) as transformers' own initialization does "
+        "(TRL's RewardTrainer; std 0.02 on most models, so the first losses sit closer to "
+        "ln 2). The default stays 'scaled' so existing results keep their numbers.",
+    )
 
 
 class DPOConfig(StageFields, TrainingConfig):
@@ -361,6 +372,14 @@ class DPOConfig(StageFields, TrainingConfig):
         False, description="Divide each log-ratio by its completion length (SimPO-style)."
     )
     reference: ReferenceMode = Field("precomputed", description=_REFERENCE_DOC)
+    ipo_metrics: Literal["averaged", "summed"] = Field(
+        "averaged",
+        description="Which log-probs loss_type 'ipo' logs as rewards/* and logps/*: "
+        "'averaged' per-token averages, the ones its loss uses (the default: rewards/margins "
+        "is then exactly the beta * delta of the loss); 'summed' summed log-probs, as TRL "
+        "logs them (its rewards/* are beta * summed log-ratios even for IPO). The loss is the "
+        "same either way; other loss types always log summed log-probs.",
+    )
 
     @model_validator(mode="after")
     def _smoothing_is_robust_only(self) -> DPOConfig:
@@ -379,6 +398,14 @@ class ORPOConfig(StageFields, TrainingConfig):
 
     beta: float = Field(
         0.1, gt=0.0, description="Weight lambda of the odds-ratio term (TRL calls it beta)."
+    )
+    nll_tokens: Literal["completion", "prompt_and_completion"] = Field(
+        "completion",
+        description="Tokens of the chosen sequence the NLL term averages over: 'completion' the "
+        "chosen response only (the default: the paper's L_SFT is the NLL of the response given "
+        "the prompt, and a prompt shared by both sides teaches no preference); "
+        "'prompt_and_completion' every non-pad token of prompt and response, as TRL's "
+        "ORPOTrainer does (one forward either way).",
     )
 
 
@@ -429,6 +456,15 @@ class KTOConfig(StageFields, TrainingConfig):
     desirable_weight: float = Field(1.0, gt=0.0, description="Weight of desirable examples.")
     undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of undesirable examples.")
     reference: ReferenceMode = Field("precomputed", description=_REFERENCE_DOC)
+    kl_partners: Literal["shuffle", "rotate"] = Field(
+        "shuffle",
+        description="How each example's mismatched completion for the KL estimate is chosen, "
+        "once before training: 'shuffle' a seeded derangement of the whole split (the default: "
+        "no example is ever its own partner, and partners do not depend on the file's row "
+        "order); 'rotate' TRL's rule, completions rotated by one within consecutive chunks of "
+        "per_device_batch_size rows in data order (row i gets row i-1's completion, the "
+        "chunk's first row its last row's; a one-row last chunk pairs a row with itself).",
+    )
 
     @model_validator(mode="after")
     def _kl_needs_a_batch(self) -> KTOConfig:
@@ -479,6 +515,12 @@ class GroupRolloutConfig(RolloutConfig):
         64, ge=1, description="Held-out prompts (the first ones) completed greedily and scored at "
         "each evaluation during training; null: all of them."
     )
+    mask_truncated_completions: bool = Field(
+        False,
+        description="Leave completions that hit max_completion_length without a stop token out "
+        "of the loss (and out of dapo's token count), as TRL's mask_truncated_completions; "
+        "their rewards still count in the group baselines. Off by default, as in TRL.",
+    )
     reward_functions: dict[str, float] = Field(
         {},
         description="Reward functions by dotted path ('package.module:function', called as TRL "
@@ -505,7 +547,19 @@ class GRPOConfig(StageFields, GroupRolloutConfig):
         0.0, ge=0.0, description="Weight of the k3 KL to the reference; 0 loads no reference."
     )
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="How per-token losses are normalized (see ALGORITHMS.md)."
+        "grpo",
+        description="How per-token losses are normalized (see ALGORITHMS.md). The default "
+        "stays 'grpo' (the paper's eq. 3: each completion's token mean, averaged), which the "
+        "demo's numbers were tuned with; TRL's default is 'dapo' (every token of the "
+        "accumulated step weighs the same, no length bias): set loss_type: dapo to match it.",
+    )
+    use_bias_correction_kl: bool = Field(
+        False,
+        description="Multiply each token's k3 KL by the importance ratio pi/pi_old (with its "
+        "gradient), TRL's use_bias_correction_kl (DeepSeek-V3.2): the KL estimate then stays "
+        "unbiased for samples from pi_old once the policy has moved (num_iterations > 1 or "
+        "later micro-batches). Off by default (the paper's and TRL's default); on, GRPO with "
+        "beta > 0 follows a TRL run that turns it on. No effect with beta = 0.",
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide centred rewards by the group's std, the batch's, or not."
@@ -566,6 +620,19 @@ class PPOConfig(StageFields, RolloutConfig):
     @property
     def uses_reward_stage(self) -> bool:
         return True
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _no_accumulation(cls, value: int) -> int:
+        # A PPO step is a rollout batch of per_device_batch_size prompts, optimized in
+        # num_mini_batches minibatches: accumulation has nothing to add there, and a value that
+        # is accepted and ignored would only mislead. Refused rather than ignored.
+        if value != 1:
+            raise ValueError("PPO does not accumulate gradients: its step is one rollout batch "
+                             "of per_device_batch_size prompts, split into num_mini_batches "
+                             "updates; set grad_accum: 1 and use per_device_batch_size / "
+                             "num_mini_batches instead")
+        return value
 
     @model_validator(mode="after")
     def _minibatches_fit(self) -> PPOConfig:

@@ -36,13 +36,17 @@ class RewardScorer(torch.nn.Module):
 
 def load_reward_model(
     path: str | Path, *, dtype: torch.dtype = torch.float32, new_head: bool = False,
-    seed: int = 0, trust_remote_code: bool = False,
+    seed: int = 0, trust_remote_code: bool = False, head_init: str = "scaled",
 ) -> PreTrainedModel:
     """A one-output sequence classifier from a saved model directory (safetensors only).
 
     `new_head=True` starts from a causal LM (e.g. the SFT artifact): its body is reused and the
-    score head is freshly initialized (transformers reports it as newly initialized).
+    score head is freshly initialized (transformers reports it as newly initialized), from
+    N(0, 1/(hidden_size + 1)) with `head_init='scaled'` or N(0, initializer_range^2) with
+    'transformers' (transformers' own rule; see RewardConfig.head_init), seeded by `seed`.
     """
+    if head_init not in ("scaled", "transformers"):
+        raise ValueError(f"unknown head_init {head_init!r}; valid: scaled, transformers")
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, dtype=dtype, use_safetensors=True,
         trust_remote_code=trust_remote_code,
@@ -52,8 +56,13 @@ def load_reward_model(
         # apart from the global RNG so a stage gives the same head whatever ran before it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            std = 1.0 / (model.config.hidden_size + 1) ** 0.5
+            if head_init == "transformers":
+                std = getattr(model.config, "initializer_range", 0.02)
+            else:
+                std = 1.0 / (model.config.hidden_size + 1) ** 0.5
             torch.nn.init.normal_(model.score.weight, std=std)
+            if getattr(model.score, "bias", None) is not None:
+                torch.nn.init.zeros_(model.score.bias)
     return model
 
 

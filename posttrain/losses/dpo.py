@@ -16,6 +16,10 @@ IPO is defined on per-token AVERAGED log-probs. Either pass averaged log-probs (
 `sequence_logps(..., average=True)`) and no lengths, or pass summed log-probs with the lengths:
 the division makes the two identical.
 
+Metrics with lengths: by default the rewards are β times the length-normalized log-ratios (their
+margin is β·Δ of the loss); `summed_rewards=True` logs β times the summed log-ratios instead,
+as TRL logs IPO's (its loss averages per token, its metrics do not).
+
 Label smoothing ε belongs to `robust` only (it models the fraction of flipped labels); with any
 other loss type a non-zero ε is refused rather than silently ignored.
 """
@@ -39,13 +43,15 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,  # (B,)
     rejected_lengths: torch.Tensor | None = None,  # (B,)
+    summed_rewards: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean DPO-family loss over the batch and detached batch-mean metrics.
 
     Metrics: `rewards/chosen` = β·(log π − log π_ref)(y_c), `rewards/rejected`, `rewards/margins`
     (chosen − rejected), `rewards/accuracies` (fraction with chosen reward > rejected reward),
     `logps/chosen`, `logps/rejected` (policy log-probs as passed in). With lengths, the rewards
-    use the length-normalized log-ratios, so their margin is exactly β·Δ of the loss.
+    use the length-normalized log-ratios, so their margin is exactly β·Δ of the loss, unless
+    `summed_rewards` (then β times the summed log-ratios, TRL's IPO metrics).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
@@ -58,6 +64,7 @@ def dpo_loss(
 
     chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()  # (B,)
     rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()  # (B,)
+    summed = (chosen_logratios, rejected_logratios)
     if chosen_lengths is not None:
         chosen_logratios = chosen_logratios / chosen_lengths.float()
         rejected_logratios = rejected_logratios / rejected_lengths.float()
@@ -75,8 +82,9 @@ def dpo_loss(
         losses = (-(1.0 - eps) * right + eps * flipped) / (1.0 - 2.0 * eps)
 
     with torch.no_grad():
-        chosen_rewards = beta * chosen_logratios
-        rejected_rewards = beta * rejected_logratios
+        shown = summed if summed_rewards else (chosen_logratios, rejected_logratios)
+        chosen_rewards = beta * shown[0]
+        rejected_rewards = beta * shown[1]
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),

@@ -14,6 +14,11 @@ and the per-token losses are normalized by `loss_type`:
     dr_grpo  sum over tokens / (B · max_completion_length)               Liu et al. 2025
     dapo     sum over tokens / num_items_in_batch                        Yu et al. 2025
 
+With `use_bias_correction_kl` the KL term is ρ·KL_t (ρ with its gradient): the k3 estimate of
+KL(π‖π_ref) from samples of π_old, importance-weighted so that it stays unbiased once π has moved
+away from π_old (DeepSeek-V3.2; TRL's `use_bias_correction_kl`). On-policy ρ = 1, but its
+gradient still adds KL_t·∇log π to the term's gradient.
+
 `grpo` weights each row equally, so tokens of long completions count less (the length bias Dr.
 GRPO removes); `dapo` weights every token equally across all the micro-batches of one optimizer
 step: `num_items_in_batch` is their total active-token count, and the losses of those micro-batches
@@ -68,12 +73,14 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO loss (see the module docstring) and detached token-mean metrics.
 
     Metrics (means over active tokens): `clip_ratio/low_mean` (ρ < 1 − ε with A < 0, where the
     clip stops the gradient), `clip_ratio/high_mean` (ρ > 1 + ε_high with A > 0),
-    `clip_ratio/region_mean` (either), and `kl` (masked mean of KL_t) when β > 0.
+    `clip_ratio/region_mean` (either), and `kl` (masked mean of KL_t, ρ·KL_t with
+    `use_bias_correction_kl`, as TRL logs it) when β > 0.
     Masked positions may hold anything finite; they contribute nothing.
     """
     if loss_type not in LOSS_TYPES:
@@ -95,6 +102,8 @@ def grpo_loss(
     per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
     if beta > 0:
         kl = k3_kl(logps, ref_logps.float())  # (B, T)
+        if use_bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + beta * kl
     loss = _normalize(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
 

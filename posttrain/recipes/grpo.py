@@ -25,6 +25,10 @@ Choices and departures:
 - Loss normalizations `grpo` (the paper), `bnpo`, `dr_grpo` (Liu et al., 2025) and `dapo` (Yu et
   al., 2025) per ALGORITHMS.md; the clip can be asymmetric (ε_high, DAPO's clip-higher).
 - With β = 0 (default) no reference model is loaded at all.
+- `mask_truncated_completions` (TRL's, off by default) leaves completions that ran out of
+  tokens without a stop token out of the loss and of dapo's token count, but not out of the
+  rewards, the baselines or the metrics; `use_bias_correction_kl` (GRPO) weights the KL term by
+  the importance ratio (posttrain/losses/grpo.py).
 - `entropy` is logged as the mean negative log-prob of the sampled tokens, a Monte-Carlo estimate
   of the policy's entropy that needs no full-vocabulary pass.
 """
@@ -175,8 +179,17 @@ def _loss(logps, old_logps, advantages, mask, ref_logps, config, num_items):
         logps, old_logps, advantages, mask, epsilon=config.epsilon,
         epsilon_high=config.epsilon_high, beta=config.beta, ref_logps=ref_logps,
         loss_type=config.loss_type, max_completion_length=config.max_completion_length,
-        num_items_in_batch=num_items,
+        num_items_in_batch=num_items, use_bias_correction_kl=config.use_bias_correction_kl,
     )
+
+
+def loss_mask(rollout: Rollout, config: GRPOConfig | RLOOConfig) -> torch.Tensor:
+    """The tokens that carry a loss (N, C): the completion tokens, minus every token of a
+    truncated completion with `mask_truncated_completions`."""
+    mask = rollout.completion_mask
+    if config.mask_truncated_completions:
+        mask = mask * (~rollout.truncated.bool()).to(mask.dtype)[:, None]
+    return mask
 
 
 def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps, old_logps,
@@ -188,7 +201,8 @@ def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps,
     """
     n = rollout.completion_ids.shape[0]
     size = config.per_device_batch_size
-    num_items = global_sum(accelerator, float(rollout.completion_mask.sum()))
+    mask = loss_mask(rollout, config)
+    num_items = max(global_sum(accelerator, float(mask.sum())), 1.0)  # every one masked: 0 loss
     sums: dict[str, float] = {}
     chunks = list(range(0, n, size))
     olds = []
@@ -201,7 +215,7 @@ def _optimize(net, optimizer, scheduler, params, rollout, advantages, ref_logps,
                 rollout.completion_mask[sl], temperature=config.temperature,
             )
             olds.append(logps.detach() if old_logps is None else old_logps[sl])
-            loss, m = _loss(logps, olds[-1], advantages[sl], rollout.completion_mask[sl],
+            loss, m = _loss(logps, olds[-1], advantages[sl], mask[sl],
                             None if ref_logps is None else ref_logps[sl], config,
                             num_items / accelerator.num_processes)
             # dapo already divides by the global token count; the others (RLOO's included) are

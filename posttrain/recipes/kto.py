@@ -7,7 +7,9 @@ estimate of KL(π ‖ π_ref) from mismatched pairs (x_i, y_j), j ≠ i.
 
 Choices:
 - Each example's mismatched partner completion is fixed once, before training, by a seeded
-  derangement, instead of being drawn from whatever else shares its batch. z_ref is still the
+  derangement (`kl_partners='shuffle'`, the default), or by TRL's rule ('rotate': completions
+  rotated by one within consecutive per_device_batch_size chunks of the data order), instead of
+  being drawn from whatever else shares its batch at training time. z_ref is still the
   batch mean over mismatched pairs, but every reference log-prob becomes precomputable, so the
   'precomputed' reference mode (default) needs no reference model during training; it covers
   only the examples the run trains on (max_steps x the global batch, in the sampler's order)
@@ -45,10 +47,23 @@ from posttrain.training import (
 MetricFn = Callable[[dict[str, float], int], None]
 
 
-def assign_partners(examples: list[dict], seed: int) -> list[dict]:
-    """Give every example a `kl_completion_ids` taken from a different example."""
+def assign_partners(examples: list[dict], seed: int, *, mode: str = "shuffle",
+                    chunk: int = 2) -> list[dict]:
+    """Give every example a `kl_completion_ids` taken from another example.
+
+    'shuffle': a seeded derangement of the whole list (never the example itself). 'rotate'
+    (TRL's): within consecutive chunks of `chunk` examples, example i gets example i-1's
+    completion and a chunk's first example its last one's (a chunk of one: itself).
+    """
     if len(examples) < 2:
         raise ValueError("KTO needs at least two examples to form mismatched pairs")
+    if mode == "rotate":
+        partner = {i: i - 1 if i % chunk else min(i + chunk, len(examples)) - 1
+                   for i in range(len(examples))}
+        return [{**ex, "kl_completion_ids": examples[partner[i]]["completion_ids"]}
+                for i, ex in enumerate(examples)]
+    if mode != "shuffle":
+        raise ValueError(f"unknown kl_partners {mode!r}; valid: shuffle, rotate")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
@@ -122,8 +137,9 @@ def train(
     """Train `policy` in place on tokenized unpaired examples (prompt_ids, completion_ids, label)."""
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
-    train_examples = assign_partners(train_examples, config.seed)
-    eval_examples = assign_partners(eval_examples, config.seed + 1)
+    pairing = {"mode": config.kl_partners, "chunk": config.per_device_batch_size}
+    train_examples = assign_partners(train_examples, config.seed, **pairing)
+    eval_examples = assign_partners(eval_examples, config.seed + 1, **pairing)
     eval_examples = eval_examples[: config.max_eval_rows]
     reference = reference_runner(config.reference, policy, accelerator)
     net = SelectedLogits(policy)

@@ -19,9 +19,11 @@ Departures and choices:
   in the sampler's seeded order, across epochs) and the held-out pairs it evaluates
   (`max_eval_rows`), on the accelerator's device.
 - IPO uses per-token averaged log-probs, as the IPO paper's definition of the policy's
-  log-likelihood does.
+  log-likelihood does; its metrics use them too unless `ipo_metrics='summed'` (TRL's logging:
+  summed log-probs, then divided by the lengths for the loss alone).
 - ORPO's, SimPO's and CPO's NLL is normalized by the chosen completion tokens of the micro-batch
-  (a mean over tokens, as in the papers), and the preference term by pairs; the accumulated step
+  (a mean over tokens, as in the papers; ORPO with `nll_tokens='prompt_and_completion'`: over
+  every non-pad token of the chosen sequences, TRL's rule), and the preference term by pairs; the accumulated step
   weighs micro-batches by pairs. The NLL comes from the same summed log-probs as the preference
   term: one policy forward per micro-batch, none of a reference.
 """
@@ -36,7 +38,12 @@ from accelerate import Accelerator
 
 from posttrain.config import CPOConfig, DPOConfig, ORPOConfig, SimPOConfig
 from posttrain.data.preference import collate_pairs
-from posttrain.logprobs import SelectedLogits, sequence_logps
+from posttrain.logprobs import (
+    SelectedLogits,
+    position_ids_from_mask,
+    sequence_logps,
+    token_logps,
+)
 from posttrain.losses.cpo import cpo_loss
 from posttrain.losses.dpo import dpo_loss
 from posttrain.losses.orpo import orpo_loss
@@ -87,16 +94,23 @@ def precompute_reference(
     return out
 
 
+def _averaged(config: DPOConfig) -> bool:
+    """Whether DPO's log-probs are per-token averages from the start (IPO with its own metrics);
+    otherwise summed, and divided by the lengths where the loss wants averages."""
+    return config.loss_type == "ipo" and config.ipo_metrics == "averaged"
+
+
 def _dpo_terms(net, batch: dict, config: DPOConfig, reference) -> tuple[torch.Tensor, dict]:
-    average = config.loss_type == "ipo"
+    average = _averaged(config)
     chosen, rejected, n_c, n_r = _pair_logps(net, batch, average)
     if reference is None:
         ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref_c, ref_r, _, _ = reference(lambda ref: _pair_logps(ref, batch, average))
     lengths = {}
-    if config.length_normalize and not average:
-        lengths = {"chosen_lengths": n_c, "rejected_lengths": n_r}
+    ipo_summed = config.loss_type == "ipo" and not average
+    if (config.length_normalize or ipo_summed) and not average:
+        lengths = {"chosen_lengths": n_c, "rejected_lengths": n_r, "summed_rewards": ipo_summed}
     return dpo_loss(
         chosen, rejected, ref_c, ref_r, beta=config.beta, loss_type=config.loss_type,
         label_smoothing=config.label_smoothing, **lengths,
@@ -112,8 +126,32 @@ def _reference_free_logps(net, batch: dict):
 
 
 def _orpo_terms(net, batch: dict, config: ORPOConfig) -> tuple[torch.Tensor, dict]:
-    _, _, avg_c, avg_r, nll = _reference_free_logps(net, batch)
+    if config.nll_tokens == "completion":
+        _, _, avg_c, avg_r, nll = _reference_free_logps(net, batch)
+    else:
+        avg_c, avg_r, nll = _sequence_nll_logps(net, batch)
     return orpo_loss(avg_c, avg_r, nll, beta=config.beta)
+
+
+def _sequence_nll_logps(net, batch: dict):
+    """ORPO's terms with the NLL over every non-pad token of the chosen sequences (prompt and
+    response, TRL's ORPOTrainer), from one forward that scores every real token:
+    (avg_c, avg_r, nll), the averages over completion tokens only."""
+    ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    select = torch.zeros_like(attn, dtype=torch.bool)  # position t predicts token t+1
+    select[:, :-1] = attn[:, 1:].bool() & attn[:, :-1].bool()  # the first real token: none
+    logits = net(ids, attn, select, position_ids_from_mask(attn))
+    per_token = token_logps(logits, ids[:, 1:][select[:, :-1]])  # (N,)
+    rows = select.nonzero()[:, 0]
+    in_completion = comp[:, 1:][select[:, :-1]].float()  # (N,)
+    zeros = per_token.new_zeros(ids.shape[0])
+    sums = zeros.index_add(0, rows, per_token * in_completion)  # (2B,) completion only
+    counts = zeros.index_add(0, rows, in_completion)
+    half = ids.shape[0] // 2
+    avg = sums / counts.clamp(min=1)
+    chosen_rows = rows < half
+    nll = -per_token[chosen_rows].sum() / chosen_rows.sum().clamp(min=1)
+    return avg[:half], avg[half:], nll
 
 
 def _simpo_terms(net, batch: dict, config: SimPOConfig) -> tuple[torch.Tensor, dict]:
@@ -160,7 +198,7 @@ def train(
         def precompute(pairs: list[dict]) -> list[dict]:
             return precompute_reference(
                 net, pairs, pad_token_id=pad_token_id, batch_size=config.per_device_batch_size,
-                average=config.loss_type == "ipo", device=accelerator.device)
+                average=_averaged(config), device=accelerator.device)
 
         train_pairs = precompute_used(
             train_pairs, precompute, batch_size=config.per_device_batch_size,

@@ -78,7 +78,8 @@ def run_reward_stage(cfg: PipelineConfig, stage: RewardConfig, inputs: dict, *,
         def attempt(s):  # from scratch each time: a failed attempt may have moved the weights
             with _body_folder(cfg, inputs) as folder:
                 model = load_reward_model(folder, new_head=True, seed=s.seed,
-                                          trust_remote_code=cfg.model.trust_remote_code)
+                                          trust_remote_code=cfg.model.trust_remote_code,
+                                          head_init=s.head_init)
             model.config.pad_token_id = tokenizer.pad_token_id
             enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
             accelerator = make_accelerator(cfg.model.mixed_precision)
