@@ -247,3 +247,34 @@ def test_median_result_keeps_counts_integers():
     out = median_result(runs)
     assert out["sequences"] == 32 and isinstance(out["sequences"], int)
     assert out["steps"] == 2.5 and out["seconds"] == 2.0 and out["repeats"] == 2
+
+
+def test_wall_dpo_benchmark_prepares_a_pipeline_that_passes_preflight(tmp_path):
+    """bench_wall_dpo's two sides read the same model folder and JSONL: the folder loads with
+    the Auto classes (as the TRL side loads it), the file holds the asked-for pairs in the
+    public prompt/chosen/rejected schema, and the posttrain side's pipeline validates and
+    passes preflight (so a timed run cannot fail on its config)."""
+    import argparse
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks import bench_wall_dpo
+    from posttrain.config import load_pipeline_config
+    from posttrain.preflight import plan
+
+    model_dir, data = bench_wall_dpo.prepare(tmp_path, 40, hidden=32, layers=1)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(rows) == 40 and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+    assert all(isinstance(r["prompt"], str) for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
+    AutoTokenizer.from_pretrained(model_dir)
+    args = argparse.Namespace(threads=1, steps=3, batch=4)
+    cfg = load_pipeline_config(bench_wall_dpo.write_pipeline(tmp_path, model_dir, data, args),
+                               [f"artifacts_root={tmp_path / 'artifacts'}"])
+    (dpo,) = cfg.stages
+    assert (dpo.method, dpo.start, dpo.max_steps, dpo.reference) == ("dpo", "base", 3,
+                                                                       "precomputed")
+    assert [(r.stage, r.status) for r in plan(cfg, ["dpo"]).rows] == [("data", "will run"),
+                                                             ("dpo", "will run")]
