@@ -118,9 +118,21 @@ def _short(v, digits: int = 3) -> str:
 def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
     """The held-out comparison, one row per metric and one column per model, as tables that fit
     `width` columns without cutting a cell: four significant digits if they fit, else three,
-    else two; still too wide, the models are split over several tables (three digits)."""
-    metrics = [m for m in _COMPARISON if any(m in c for c in comparison.values())]
+    else two; still too wide, the models are split over several tables (three digits).
+
+    Under a metric with bootstrap intervals (`<metric>_ci_low`/`_ci_high`), a `±95%` row gives
+    each model's half-width (high - low) / 2 in two digits: the interval in a glance (the
+    exact, possibly asymmetric, bounds are in comparison.json and MLflow). `eval_seconds`
+    (each model's evaluation time) comes last."""
+    metrics = [m for m in (*_COMPARISON, "eval_seconds")
+               if any(m in c for c in comparison.values())]
     models = list(comparison)
+
+    def half_width(m: dict, metric: str):
+        low, high = m.get(metric + "_ci_low"), m.get(metric + "_ci_high")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
+            return ""
+        return (float(high) - float(low)) / 2
 
     def table(names: list[str], digits: int, title: str | None) -> Table:
         t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
@@ -129,6 +141,9 @@ def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
             t.add_column(name, justify="right", no_wrap=True)
         for metric in metrics:
             t.add_row(metric, *(_short(comparison[n].get(metric, ""), digits) for n in names))
+            if any(metric + "_ci_low" in comparison[n] for n in names):
+                t.add_row("  ±95%", *(_short(half_width(comparison[n], metric), min(digits, 2))
+                                      for n in names), style="dim")
         return t
 
     def fits(t: Table) -> bool:

@@ -673,6 +673,14 @@ class EvalConfig(_Frozen):
     num_samples: int = Field(
         12, ge=0, description="Sample generations shown in the table logged to MLflow."
     )
+    bootstrap_samples: int = Field(
+        1000, ge=0, description="Bootstrap resamples of the held-out prompts for each metric's "
+        "95% confidence interval (<metric>_ci_low/_ci_high); 0: no intervals."
+    )
+    bootstrap_seed: int = Field(
+        0, description="Seed of the bootstrap resampling (the same for every model, so that "
+        "models evaluated on the same prompts are paired)."
+    )
 
 
 class MetricGuard(_Frozen):
@@ -713,6 +721,13 @@ class PromotionConfig(_Frozen):
         ge=0.0,
         description="The winner must beat the current champion's primary metric by at least this "
         "much (and by more than 0); without a champion, any candidate passing the guards wins.",
+    )
+    require_significance: bool = Field(
+        False,
+        description="Also require the lower bound of the bootstrap 95% interval of the winner's "
+        "improvement over the champion (paired by prompt when both were evaluated on the same "
+        "prompts) to clear min_margin and 0; a champion without stored per-prompt values then "
+        "promotes nothing.",
     )
     guards: tuple[MetricGuard, ...] | None = Field(
         None,

@@ -14,16 +14,18 @@ a property of the model, not of sampling luck.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from posttrain import bootstrap
 from posttrain.data.packing import collate_padded
 from posttrain.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_sft_example
-from posttrain.logprobs import SelectedLogits, sequence_logps
+from posttrain.logprobs import SelectedLogits, sequence_logps, shift_targets
 from posttrain.models import stop_token_ids
-from posttrain.recipes.sft import evaluate_loss
 
 Checker = Callable[[object, str], bool]
 
@@ -90,12 +92,16 @@ def prompt_text(prompt) -> str:
 @dataclass
 class Evaluation:
     """One model's results: metrics, the sample table, and per-prompt details for pairwise
-    metrics (completions with their token ids, reward scores or None)."""
+    metrics (completions with their token ids, reward scores or None); `per_prompt` holds each
+    metric's per-item values (`posttrain.bootstrap.per_item`) for its confidence interval and
+    for pairing with another model on the same prompts; `seconds` the time each part took."""
 
     metrics: dict[str, float]
     samples: list[dict]
     completions: list[dict] = field(default_factory=list)
     scores: list[float | None] = field(default_factory=list)
+    per_prompt: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def evaluate_candidate(
@@ -122,19 +128,26 @@ def evaluate_candidate(
     completion) is scored: `reward_score` is the mean. With held-out `preference_rows`,
     `chosen_perplexity` is the perplexity of the chosen responses. A sample's "reference" is ""
     for a row without a completion.
+
+    `per_prompt` has every metric's per-row values (None for a row without one), loss and
+    perplexity as (loss sum, token count) per row, so that sum / count over the rows is the
+    metric and a bootstrap over rows weighs them by tokens.
     """
-    examples = [
-        e
-        for e in (
-            tokenize_sft_example(
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+    scored = [
+        (i, e)
+        for i, e in (
+            (i, tokenize_sft_example(
                 {"prompt": r["prompt"], "completion": r["completion"]}, tokenizer,
                 max_length=max_length, truncation="drop",
-            )
-            for r in rows
+            ))
+            for i, r in enumerate(rows)
             if r.get("completion") is not None
         )
         if e is not None
     ]
+    examples = [e for _, e in scored]
     batches = [
         collate_padded(examples[i : i + batch_size], tokenizer.pad_token_id)
         for i in range(0, len(examples), batch_size)
@@ -147,23 +160,38 @@ def evaluate_candidate(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
+    seconds["generate"], clock = time.perf_counter() - clock, time.perf_counter()
     metrics: dict[str, float] = {}
+    per_prompt: dict[str, dict] = {}
     if batches:
-        losses = evaluate_loss(SelectedLogits(model), batches, device)
-        metrics["eval_loss"] = losses["eval_loss"]
-        metrics["perplexity"] = losses["eval_perplexity"]
+        sums: list[float | None] = [None] * len(rows)
+        counts: list[int | None] = [None] * len(rows)
+        for (i, _), (s, n) in zip(scored, row_losses(model, batches, device)):
+            sums[i], counts[i] = s, n
+        per_prompt["eval_loss"] = bootstrap.per_item(sums, counts)
+        per_prompt["perplexity"] = bootstrap.per_item(sums, counts, transform="exp")
+        mean = sum(s for s in sums if s is not None) / max(sum(n for n in counts if n), 1)
+        metrics["eval_loss"] = mean
+        metrics["perplexity"] = math.exp(min(mean, bootstrap.MAX_LOG))
+        seconds["loss"], clock = time.perf_counter() - clock, time.perf_counter()
+    per_prompt["mean_completion_length"] = bootstrap.per_item([c["num_tokens"]
+                                                               for c in completions])
     metrics["mean_completion_length"] = (
         sum(c["num_tokens"] for c in completions) / len(completions)
     )
+    per_prompt["eos_rate"] = bootstrap.per_item([float(c["eos"]) for c in completions])
     metrics["eos_rate"] = sum(c["eos"] for c in completions) / len(completions)
     scores: list[float | None] = [None] * len(rows)
     if reward_model is not None:
         scores = score_completions(reward_model, completions, tokenizer.pad_token_id, batch_size)
         metrics["reward_score"] = sum(scores) / len(scores)
+        per_prompt["reward_score"] = bootstrap.per_item(scores)
+        seconds["reward"], clock = time.perf_counter() - clock, time.perf_counter()
     correct: list[bool | None] = [None] * len(rows)
     if checker is not None:
         correct = [bool(checker(r["prompt"], c["text"])) for r, c in zip(rows, completions)]
         metrics["checker_accuracy"] = sum(correct) / len(correct)
+        per_prompt["checker_accuracy"] = bootstrap.per_item([float(c) for c in correct])
     samples = [
         {
             "prompt": prompt_text(r["prompt"]),
@@ -175,17 +203,43 @@ def evaluate_candidate(
         for r, c, ok, score in list(zip(rows, completions, correct, scores))[:num_samples]
     ]
     if preference_rows:
-        chosen = chosen_perplexity(model, tokenizer, preference_rows, max_length=max_length,
-                                   batch_size=batch_size)
+        chosen = chosen_pair_losses(model, tokenizer, preference_rows, max_length=max_length,
+                                    batch_size=batch_size)
         if chosen is not None:
-            metrics["chosen_perplexity"] = chosen
-    return Evaluation(metrics, samples, completions, scores)
+            per_prompt["chosen_perplexity"] = chosen
+            metrics["chosen_perplexity"] = bootstrap.value(chosen)
+        seconds["chosen_perplexity"] = time.perf_counter() - clock
+    return Evaluation(metrics, samples, completions, scores, per_prompt, seconds)
 
 
-def chosen_perplexity(model: torch.nn.Module, tokenizer, rows: list[dict], *, max_length: int,
-                      batch_size: int) -> float | None:
-    """Perplexity of the chosen responses of preference pairs (prompt tokens carry no loss);
-    None when no pair fits in max_length."""
+@torch.no_grad()
+def row_losses(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+               device: torch.device) -> list[tuple[float, int]]:
+    """(summed cross-entropy, token count) of each row of the batches, in order, over its
+    labelled tokens: the token-mean loss of any set of rows is the sum of their sums over the
+    sum of their counts (as `posttrain.recipes.sft.evaluate_loss` over all of them)."""
+    was_training = model.training
+    model.eval()
+    net = SelectedLogits(model)
+    out: list[tuple[float, int]] = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        select, targets = shift_targets(batch["labels"])  # (B, T), (N,)
+        logits = net(batch["input_ids"], batch["attention_mask"], select,
+                     batch.get("position_ids"))  # (N, V)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+        per_row = select.sum(dim=1).tolist()  # tokens of each row, in select's row-major order
+        for part, n in zip(token_loss.split(per_row), per_row):
+            out.append((float(part.sum()), int(n)))
+    model.train(was_training)
+    return out
+
+
+def chosen_pair_losses(model: torch.nn.Module, tokenizer, rows: list[dict], *,
+                       max_length: int, batch_size: int) -> dict | None:
+    """Per-pair (loss sum, token count) of the chosen responses of preference pairs (prompt
+    tokens carry no loss) as a `bootstrap.per_item` record whose value is their perplexity;
+    indexed by the pairs that fit, in order; None when no pair fits in max_length."""
     from posttrain.data.loading import DataError
     from posttrain.data.preference import tokenize_preference_rows
 
@@ -205,7 +259,18 @@ def chosen_perplexity(model: torch.nn.Module, tokenizer, rows: list[dict], *, ma
     if not batches:
         return None
     device = next(model.parameters()).device
-    return evaluate_loss(SelectedLogits(model), batches, device)["eval_perplexity"]
+    losses = row_losses(model, batches, device)
+    return bootstrap.per_item([s for s, _ in losses], [n for _, n in losses], group="pairs",
+                              transform="exp")
+
+
+def chosen_perplexity(model: torch.nn.Module, tokenizer, rows: list[dict], *, max_length: int,
+                      batch_size: int) -> float | None:
+    """Perplexity of the chosen responses of preference pairs (prompt tokens carry no loss);
+    None when no pair fits in max_length."""
+    record = chosen_pair_losses(model, tokenizer, rows, max_length=max_length,
+                                batch_size=batch_size)
+    return None if record is None else bootstrap.value(record)
 
 
 @torch.no_grad()
@@ -249,6 +314,20 @@ def win_rate(scores: list[float | None], reference_scores: list[float | None]) -
     if not pairs:
         return math.nan
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+
+
+def win_items(scores: list[float | None], reference_scores: list[float | None]) -> dict:
+    """`win_rate` per prompt (1 win, 0.5 tie, 0 loss; None without both scores), as a
+    `bootstrap.per_item` record."""
+    return bootstrap.per_item([None if a is None or b is None else
+                               1.0 if a > b else 0.5 if a == b else 0.0
+                               for a, b in zip(scores, reference_scores)])
+
+
+def kl_items(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> dict:
+    """`kl_estimate` per prompt (log pi(y) - log pi_ref(y)), as a `bootstrap.per_item`
+    record."""
+    return bootstrap.per_item((policy_logps - reference_logps).tolist())
 
 
 @torch.no_grad()

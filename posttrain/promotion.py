@@ -10,12 +10,19 @@ empty comparison, promotes nothing. A candidate wins when it
    evaluation's reference model when there is no champion yet) by more than the guard's
    tolerance, and
 3. beats the champion's primary metric by at least `cfg.min_margin` and by more than 0 (an
-   unchanged re-run therefore never moves the alias).
+   unchanged re-run therefore never moves the alias), and, with `cfg.require_significance`,
+   so does the lower bound of the bootstrap 95% interval of that improvement
+   (`improvement_interval`: paired by prompt when the champion's stored per-prompt values are
+   on the same held-out prompts, else an unpaired bootstrap, said in the decision; a champion
+   without stored per-prompt values then promotes nothing). The interval, when there is one,
+   is recorded in the decision (`interval`) either way.
 
 `register_champion` registers the winner as a new version: an MLflow model with the
 `transformers` flavor (chat signature, tokenizer and chat template inside, the model card as the
 version's description) logged on the run that trained it; it stores its metrics as version tags
-for the next comparison and moves the alias (`champion`); earlier versions stay.
+for the next comparison, and the per-prompt values of its evaluation inside the MLflow model
+(`posttrain_per_prompt.json`, with the held-out prompts' hash also as a version tag) so that a
+later gate can pair on prompts; and moves the alias (`champion`); earlier versions stay.
 """
 
 from __future__ import annotations
@@ -64,6 +71,10 @@ def resolve(cfg: PipelineConfig, available: set[str]) -> PromotionConfig:
 
 METRICS_TAG = "posttrain.metrics"
 STAGE_TAG = "posttrain.stage"
+PROMPTS_TAG = "posttrain.eval_prompts_hash"
+GROUND_TAG = "posttrain.eval_ground"
+PER_PROMPT_FILE = "posttrain_per_prompt.json"  # inside a registered version's MLflow model
+CI_SUFFIXES = ("_ci_low", "_ci_high")
 
 
 @dataclass
@@ -75,10 +86,11 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     champion: dict | None = None
     rows: list[dict] = field(default_factory=list)
+    interval: dict | None = None  # the winner's improvement over the champion, with its CI
 
     def to_dict(self) -> dict:
         return {"promote": self.promote, "winner": self.winner, "reasons": self.reasons,
-                "champion": self.champion, "rows": self.rows}
+                "champion": self.champion, "rows": self.rows, "interval": self.interval}
 
 
 def _finite(v) -> bool:
@@ -95,9 +107,12 @@ def _missing(metrics: dict | None, names: list[str]) -> list[str]:
 
 
 def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
-           cfg: PromotionConfig, reference_model: str = BASE) -> Decision:
+           cfg: PromotionConfig, reference_model: str = BASE,
+           intervals: dict[str, dict] | None = None) -> Decision:
     """Choose the stage to promote, or none (see the module docstring). `cfg` is resolved
-    (`resolve`); without a champion the guards compare against `reference_model`."""
+    (`resolve`); without a champion the guards compare against `reference_model`.
+    `intervals` (stage -> `improvement_interval`) give each candidate's improvement over the
+    champion with its bootstrap interval; `cfg.require_significance` needs the winner's."""
     if not cfg.enabled:
         return Decision(False, reasons=["promotion is disabled (promotion.enabled=false)"])
     if not comparison:
@@ -134,12 +149,76 @@ def decide(comparison: dict[str, dict] | None, champion_metrics: dict | None,
         why = f"{stage} is the best candidate on {cfg.metric} ({value:.4g}); no champion yet"
         return Decision(True, stage, [why], rows=rows)
     gain = best["improvement"]
-    if gain > 0 and gain >= cfg.min_margin:
-        why = f"{stage} beats the champion on {cfg.metric} by {gain:.4g} (min {cfg.min_margin})"
-        return Decision(True, stage, [why], champion=champion_metrics, rows=rows)
-    why = (f"best candidate {stage} does not beat the champion on {cfg.metric} by the margin: "
-           f"{gain:.4g} vs min_margin {cfg.min_margin}")
-    return Decision(False, reasons=[why], champion=champion_metrics, rows=rows)
+    interval = (intervals or {}).get(stage)
+    about = [interval_text(interval)] if interval else []
+    if not (gain > 0 and gain >= cfg.min_margin):
+        why = (f"best candidate {stage} does not beat the champion on {cfg.metric} by the "
+               f"margin: {gain:.4g} vs min_margin {cfg.min_margin}")
+        return Decision(False, reasons=[why, *about], champion=champion_metrics, rows=rows,
+                        interval=interval)
+    why = f"{stage} beats the champion on {cfg.metric} by {gain:.4g} (min {cfg.min_margin})"
+    if cfg.require_significance:
+        low = (interval or {}).get("ci_low")
+        if not _finite(low):
+            note = (interval or {}).get("basis") or "no interval was computed"
+            refused = ("but promotion.require_significance is set and there is no confidence "
+                       f"interval for the improvement ({note}): nothing is promoted")
+            return Decision(False, reasons=[why, refused], champion=champion_metrics, rows=rows,
+                            interval=interval)
+        if not (low > 0 and low >= cfg.min_margin):
+            refused = (f"but not significantly: the 95% interval's lower bound {low:.4g} does "
+                       f"not clear min_margin {cfg.min_margin} and 0 "
+                       "(promotion.require_significance)")
+            return Decision(False, reasons=[why, refused, *about], champion=champion_metrics,
+                            rows=rows, interval=interval)
+        why += f"; significantly: the 95% interval's lower bound {low:.4g} clears it"
+    return Decision(True, stage, [why, *about], champion=champion_metrics, rows=rows,
+                    interval=interval)
+
+
+def interval_text(interval: dict) -> str:
+    """One line for the decision: the improvement, its interval and how it was computed."""
+    low, high = interval.get("ci_low"), interval.get("ci_high")
+    ci = (f"95% CI [{low:.4g}, {high:.4g}]" if _finite(low) and _finite(high)
+          else "no 95% CI")
+    return (f"improvement over the champion on {interval.get('metric')}: "
+            f"{interval.get('diff', math.nan):.4g}, {ci} ({interval.get('basis', '')})")
+
+
+def improvement_interval(candidate: dict | None, champion: dict | None, metric: str,
+                         direction: str, *, samples: int, seed: int) -> dict:
+    """The candidate's improvement over the champion on `metric` (positive = better under
+    `direction`) with its percentile-bootstrap 95% interval, from per-prompt files
+    ({prompts_hash, pairs_hash, metrics: {metric: bootstrap.per_item record}}): paired by
+    prompt when both were evaluated on the same prompts (same hash), else an unpaired bootstrap
+    (each side resampled on its own); `basis` says which, or why there is no interval
+    (ci_low/ci_high NaN)."""
+    from posttrain import bootstrap
+
+    out = {"metric": metric, "diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "paired": False}
+    a = ((candidate or {}).get("metrics") or {}).get(metric)
+    b = ((champion or {}).get("metrics") or {}).get(metric)
+    if a is None:
+        return out | {"basis": f"the candidate has no per-prompt values of {metric}"}
+    if b is None:
+        return out | {"basis": f"the champion has no stored per-prompt values of {metric} "
+                               "(registered without them)"}
+    if samples < 1:
+        return out | {"basis": "evaluate.bootstrap_samples is 0"}
+    hash_key = "pairs_hash" if a.get("group") == "pairs" else "prompts_hash"
+    same = (candidate.get(hash_key) is not None and candidate.get(hash_key) ==
+            champion.get(hash_key) and len(a["num"]) == len(b["num"]))
+    if same:
+        d = bootstrap.paired_difference(a, b, samples=samples, seed=seed)
+        basis = "paired by prompt: the champion was evaluated on the same held-out prompts"
+    else:
+        d = bootstrap.unpaired_difference(a, b, samples=samples, seed=seed)
+        basis = ("unpaired bootstrap: the champion was evaluated on other held-out prompts, so "
+                 "prompts could not be paired")
+    if direction == "min":
+        d = bootstrap.flip(d)
+    return out | d | {"basis": basis}
 
 
 def _check(stage: str, metrics: dict, reference: dict | None, champion: dict | None,
@@ -170,6 +249,28 @@ def champion_version(name: str, alias: str = "champion"):
         return tracking.client().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def champion_per_prompt(name: str, alias: str = "champion") -> dict | None:
+    """The per-prompt evaluation values stored with the champion version
+    (`posttrain_per_prompt.json` in its MLflow model), or None when there is no champion or it
+    has none (registered before they were stored)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    version = champion_version(name, alias)
+    if version is None or not version.source:
+        return None
+    with tempfile.TemporaryDirectory(prefix="posttrain-champion-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{version.source.rstrip('/')}/{PER_PROMPT_FILE}", dst_path=tmp,
+                tracking_uri=tracking.tracking_uri())
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text())
 
 
 def champion_metrics(name: str, alias: str = "champion") -> dict | None:
@@ -246,7 +347,7 @@ def save_mlflow_model(model_dir: str | Path, path: str | Path, *, name: str,
 
 def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
                       alias: str = "champion", tags: dict[str, str] | None = None,
-                      experiment: str | None = None) -> str:
+                      experiment: str | None = None, per_prompt: dict | None = None) -> str:
     """Register `stage`'s model as a new version of `name`, move `alias` to it, return the
     version number. Earlier versions and their tags stay.
 
@@ -254,7 +355,8 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
     under `registered_model/` on the run that trained the stage (a run of its own in
     `experiment` when the manifest has none), with the model card (`posttrain.export`) as its
     description and its lineage as `posttrain_lineage.json`; a LoRA stage's adapter comes
-    along under `adapter/`."""
+    along under `adapter/`. `per_prompt` (this model's per-prompt evaluation values with the
+    held-out prompts' hashes) goes in as `posttrain_per_prompt.json`, its hashes as tags."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -268,7 +370,8 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
     clean = {k: v for k, v in metrics.items() if _finite(v)}
-    info = export.lineage(manifest, heldout=clean)
+    values = {k: v for k, v in clean.items() if not k.endswith(CI_SUFFIXES)}
+    info = export.lineage(manifest, heldout=values)
     card = export.model_card(info, name=name)
     run_id = manifest.get("mlflow_run_id")
     own_run = not run_id
@@ -280,7 +383,8 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
         local = save_mlflow_model(
             model_dir, Path(tmp) / MODEL_ARTIFACT, name=name, card=card,
             extra_files={export.LINEAGE_FILE: json.dumps(info, indent=2, default=str),
-                         export.CARD_FILE: card},
+                         export.CARD_FILE: card,
+                         **({PER_PROMPT_FILE: json.dumps(per_prompt)} if per_prompt else {})},
             adapter_dir=model_dir / ADAPTER_DIR)
         c.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
     if own_run:
@@ -290,7 +394,9 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
         STAGE_TAG: stage,
         tracking.KEY_TAG: manifest.get("key", ""),
         METRICS_TAG: json.dumps(clean),
-        **{f"metric.{k}": f"{v:.6g}" for k, v in clean.items()},
+        **{f"metric.{k}": f"{v:.6g}" for k, v in values.items()},
+        **({PROMPTS_TAG: str(per_prompt.get("prompts_hash")),
+            GROUND_TAG: str(per_prompt.get("ground"))} if per_prompt else {}),
         **(tags or {}),
     }
     version = c.create_model_version(name, source, run_id=run_id, tags=version_tags,

@@ -27,7 +27,9 @@ def _evaluate(
     manifest = stages.run_eval_stage(cfg, data, candidates, reward, parent_run_id=parent_run_id)
     logger = get_run_logger()
     for name, metrics in manifest.get("comparison", {}).items():
-        logger.info(f"held-out {name}: {progress.metrics_text(metrics)}")
+        # the values (their 95% intervals are in comparison.json and the MLflow run)
+        shown = {k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}
+        logger.info(f"held-out {name}: {progress.metrics_text(shown)}")
     link_stage(cfg.name, "evaluate", manifest, Path(manifest["path"]))
     return manifest
 

@@ -4,8 +4,10 @@ model, its held-out metrics and its part in the decision)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -23,12 +25,23 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
     p = promotion.resolve(cfg, stages.available_metrics(cfg, data))
     name = promotion.registered_model_name(p, cfg.name)
     champion = promotion.champion_metrics(name, p.alias) if p.enabled else None
-    decision = promotion.decide(comparison, champion, p, reference_model=cfg.evaluate.reference)
+    per_prompt = _per_prompt(evaluation)
+    intervals = None
+    if champion is not None and comparison:
+        stored = promotion.champion_per_prompt(name, p.alias)
+        intervals = {
+            stage: promotion.improvement_interval(
+                _model_values(per_prompt, stage), stored, p.metric, p.direction,
+                samples=cfg.evaluate.bootstrap_samples, seed=cfg.evaluate.bootstrap_seed)
+            for stage in comparison if stage != promotion.BASE}
+    decision = promotion.decide(comparison, champion, p, reference_model=cfg.evaluate.reference,
+                                intervals=intervals)
     result = decision.to_dict() | {"registered_model": name, "version": None}
     if decision.promote:
         result["version"] = promotion.register_champion(
             name, decision.winner, candidates[decision.winner], comparison[decision.winner],
             alias=p.alias, tags={"posttrain.parent_run_id": parent_run_id or ""},
+            per_prompt=_model_values(per_prompt, decision.winner),
         )
     if parent_run_id:
         c = tracking.client()
@@ -46,6 +59,22 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
         description=decision_markdown(result, {}, p.metric).split("## Comparison")[0],
     )
     return result
+
+
+def _per_prompt(evaluation: dict) -> dict | None:
+    """The evaluation's per-prompt values (per_prompt.json in its folder), None without."""
+    from posttrain.stages.evaluate import PER_PROMPT_FILE
+
+    path = Path(evaluation.get("path") or "") / PER_PROMPT_FILE
+    return json.loads(path.read_text()) if evaluation.get("path") and path.is_file() else None
+
+
+def _model_values(per_prompt: dict | None, stage: str) -> dict | None:
+    """One model's per-prompt values with the hashes of the prompts they are on."""
+    if not per_prompt or stage not in per_prompt.get("models", {}):
+        return None
+    return {k: per_prompt.get(k) for k in ("prompts_hash", "pairs_hash", "ground")} | {
+        "metrics": per_prompt["models"][stage]}
 
 
 def decision_table(result: dict, comparison: dict[str, dict], primary: str) -> list[dict]:
@@ -79,17 +108,26 @@ def decision_markdown(result: dict, comparison: dict[str, dict], primary: str) -
     else:
         head = f"**Nothing promoted**; `{result['registered_model']}` keeps its champion."
     lines = ["# Promotion decision", "", head, ""] + [f"- {r}" for r in result["reasons"]]
-    metrics = sorted({k for m in comparison.values() for k in m},
+    metrics = sorted({k for m in comparison.values() for k in m
+                      if not k.endswith(promotion.CI_SUFFIXES)},
                      key=lambda k: (k != primary, k))
     lines += ["", "## Comparison (held-out)", "",
               "| stage | " + " | ".join(metrics) + " |",
               "|---" * (len(metrics) + 1) + "|"]
     for stage, m in comparison.items():
-        lines.append(f"| {stage} | " + " | ".join(_fmt(m.get(k)) for k in metrics) + " |")
+        lines.append(f"| {stage} | " + " | ".join(_with_ci(m, k) for k in metrics) + " |")
     if result.get("champion"):
         lines.append("| *champion* | " + " | ".join(_fmt(result["champion"].get(k))
                                                     for k in metrics) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _with_ci(m: dict, k: str) -> str:
+    """A cell: the value, and its 95% bootstrap interval when the evaluation gave one."""
+    low, high = m.get(k + promotion.CI_SUFFIXES[0]), m.get(k + promotion.CI_SUFFIXES[1])
+    if _number(low) is None or _number(high) is None:
+        return _fmt(m.get(k))
+    return f"{_fmt(m.get(k))} [{_fmt(low)}, {_fmt(high)}]"
 
 
 def _fmt(v) -> str:

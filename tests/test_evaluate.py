@@ -118,3 +118,40 @@ def test_loss_is_over_the_rows_with_a_reference_only(tiny):
     alone = _evaluate(model, tokenizer, with_reference)
     assert mixed.metrics["eval_loss"] == pytest.approx(alone.metrics["eval_loss"])
     assert len(mixed.completions) == len(rows)
+
+
+def test_per_prompt_values_give_back_every_metric_and_the_loss_by_tokens(tiny):
+    """Each metric's per-row record sums back to the metric (eval_loss exactly the token mean
+    of posttrain.recipes.sft.evaluate_loss over the same rows), a row that does not fit
+    max_length has no loss value, and each part's time is recorded."""
+    from posttrain import bootstrap
+    from posttrain.data.packing import collate_padded
+    from posttrain.data.tokenize import tokenize_sft_example
+    from posttrain.logprobs import SelectedLogits
+    from posttrain.recipes.sft import evaluate_loss
+
+    model, tokenizer = tiny
+    cfg = DemoTaskConfig(num_train=10, num_eval=7)
+    rows = demo.generate_sft(cfg, 0, "eval")
+    long = [{**m, "content": m["content"] + " 1" * 80} for m in rows[2]["completion"]]
+    rows[2] = {**rows[2], "completion": long}  # too long for max_length: no loss value
+    result = evaluate.evaluate_candidate(
+        model, tokenizer, rows, max_new_tokens=4, batch_size=3, max_length=48, num_samples=1,
+        checker=lambda p, c: demo.check(demo.prompt_text(p), c),
+        preference_rows=demo.generate_preference(cfg, 0, "eval"))
+    for name, value in result.metrics.items():
+        assert bootstrap.value(result.per_prompt[name]) == pytest.approx(value, rel=1e-6), name
+    loss = result.per_prompt["eval_loss"]
+    assert loss["num"][2] is None and all(v is not None for i, v in enumerate(loss["num"])
+                                          if i != 2)
+    examples = [e for e in (tokenize_sft_example(r, tokenizer, max_length=48, truncation="drop")
+                            for r in rows) if e is not None]
+    batches = [collate_padded(examples[i:i + 4], tokenizer.pad_token_id)
+               for i in range(0, len(examples), 4)]
+    want = evaluate_loss(SelectedLogits(model), batches, torch.device("cpu"))
+    assert result.metrics["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+    assert sum(n for n in loss["den"] if n) == sum(int((b["labels"][:, 1:] != -100).sum())
+                                                   for b in batches)
+    assert result.per_prompt["chosen_perplexity"]["group"] == "pairs"
+    assert {"generate", "loss", "chosen_perplexity"} <= set(result.seconds)
+    assert all(s >= 0 for s in result.seconds.values())

@@ -269,3 +269,94 @@ def test_every_metric_evaluation_produces_has_a_direction():
                                         "preference": "preference"}, True)
     assert produced - {"mean_completion_length"} <= set(promotion.DIRECTIONS)
     assert promotion.resolve(cfg, produced).metric == "checker_accuracy"
+
+
+# --------------------------------------------------------------- significance (bootstrap CI)
+
+
+def _interval(diff: float, low: float, high: float) -> dict:
+    return {"metric": "checker_accuracy", "diff": diff, "ci_low": low, "ci_high": high,
+            "paired": True, "basis": "paired by prompt"}
+
+
+def test_require_significance_flips_a_decision_with_a_narrow_margin():
+    """kto beats the champion (0.88) by 0.02 >= min_margin 0.01, but the 95% interval of that
+    improvement is [-0.03, 0.07]: promoted without require_significance, not with it; an
+    interval [0.015, 0.03] clears the margin and promotes either way. The decision records the
+    interval."""
+    champion = _m(0.88, 0.5)
+    wide = {"kto": _interval(0.02, -0.03, 0.07)}
+    off = _decide_ci(COMPARISON, champion, _cfg(min_margin=0.01), wide)
+    assert off.promote and off.winner == "kto" and off.interval == wide["kto"]
+    assert "95% CI [-0.03, 0.07]" in " ".join(off.reasons)
+    on = _decide_ci(COMPARISON, champion, _cfg(min_margin=0.01, require_significance=True), wide)
+    assert not on.promote and on.winner is None
+    assert "lower bound -0.03 does not clear min_margin 0.01" in " ".join(on.reasons)
+    assert on.to_dict()["interval"] == wide["kto"]
+    narrow = {"kto": _interval(0.02, 0.015, 0.03)}
+    assert _decide_ci(COMPARISON, champion, _cfg(min_margin=0.01, require_significance=True),
+                      narrow).winner == "kto"
+    # a lower bound above 0 but below the margin is not enough
+    low = {"kto": _interval(0.02, 0.005, 0.03)}
+    assert not _decide_ci(COMPARISON, champion,
+                          _cfg(min_margin=0.01, require_significance=True), low).promote
+
+
+def _decide_ci(comparison, champion, cfg, intervals):
+    return promotion.decide(comparison, champion, cfg, reference_model=REF, intervals=intervals)
+
+
+def test_require_significance_without_an_interval_promotes_nothing_and_says_why():
+    champion = _m(0.88, 0.5)
+    cfg = _cfg(min_margin=0.01, require_significance=True)
+    missing = {"kto": {"metric": "checker_accuracy", "diff": math.nan, "ci_low": math.nan,
+                       "ci_high": math.nan, "paired": False,
+                       "basis": "the champion has no stored per-prompt values"}}
+    for intervals in (None, missing):
+        d = _decide_ci(COMPARISON, champion, cfg, intervals)
+        assert not d.promote
+        assert "require_significance is set and there is no confidence interval" in d.reasons[1]
+    assert "no stored per-prompt values" in _decide_ci(COMPARISON, champion, cfg,
+                                                       missing).reasons[1]
+    # without a champion there is nothing to be significant against: the best candidate wins
+    assert _decide_ci(COMPARISON, None, cfg, None).winner == "kto"
+
+
+def _values(prompts_hash: str, acc: list[float], loss: list[tuple[float, int]]) -> dict:
+    from posttrain import bootstrap
+
+    return {"prompts_hash": prompts_hash, "pairs_hash": None, "metrics": {
+        "checker_accuracy": bootstrap.per_item(acc),
+        "eval_loss": bootstrap.per_item([s for s, _ in loss], [n for _, n in loss])}}
+
+
+def test_improvement_interval_pairs_on_the_same_prompts_and_says_when_it_cannot():
+    """Candidate right on prompts 1-3 of 4, champion on 1-2: +0.25 on the same prompts (paired,
+    prompts resampled once: every resample's difference is the share of prompt 3 drawn, in
+    [0, 1]); on other prompts the bootstrap is unpaired and says so; a champion without stored
+    values gives no interval and the reason."""
+    from posttrain import bootstrap
+
+    cand = _values("h1", [1, 1, 1, 0], [(2.0, 2), (2.0, 2), (1.0, 1), (4.0, 1)])
+    champ = _values("h1", [1, 1, 0, 0], [(3.0, 2), (2.0, 2), (1.0, 1), (4.0, 1)])
+    paired = promotion.improvement_interval(cand, champ, "checker_accuracy", "max",
+                                            samples=300, seed=0)
+    assert paired["paired"] and paired["diff"] == pytest.approx(0.25)
+    assert 0.0 <= paired["ci_low"] <= 0.25 <= paired["ci_high"] <= 1.0
+    assert "paired by prompt" in paired["basis"]
+    want = bootstrap.paired_difference(cand["metrics"]["checker_accuracy"],
+                                       champ["metrics"]["checker_accuracy"], samples=300, seed=0)
+    assert (paired["ci_low"], paired["ci_high"]) == (want["ci_low"], want["ci_high"])
+    # eval_loss (lower is better): loss 9/6 vs 10/6, an improvement of +1/6, bounds mirrored
+    loss = promotion.improvement_interval(cand, champ, "eval_loss", "min", samples=300, seed=0)
+    raw = bootstrap.paired_difference(cand["metrics"]["eval_loss"], champ["metrics"]["eval_loss"],
+                                      samples=300, seed=0)
+    assert loss["diff"] == pytest.approx(1 / 6)
+    assert (loss["ci_low"], loss["ci_high"]) == (-raw["ci_high"], -raw["ci_low"])
+    other = promotion.improvement_interval(cand, {**champ, "prompts_hash": "h2"},
+                                           "checker_accuracy", "max", samples=300, seed=0)
+    assert not other["paired"] and "unpaired" in other["basis"]
+    assert other["ci_high"] - other["ci_low"] > paired["ci_high"] - paired["ci_low"]
+    none = promotion.improvement_interval(cand, None, "checker_accuracy", "max", samples=300,
+                                          seed=0)
+    assert math.isnan(none["ci_low"]) and "no stored per-prompt values" in none["basis"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from posttrain import artifacts, tracking
@@ -78,19 +79,68 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
     params = {**dump(cfg.evaluate), "data": cfg.eval_source, "candidates": list(candidates)}
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest)
-        comparison = {name: r.metrics for name, r in results.items()}
+        results, ground = _evaluate_all(cfg, data_manifest, candidates, reward_manifest)
+        e = cfg.evaluate
+        comparison = {name: with_intervals(r.metrics, r.per_prompt, e.bootstrap_samples,
+                                           e.bootstrap_seed) | {"eval_seconds": r.seconds["total"]}
+                      for name, r in results.items()}
+        paired = paired_to(results, e.reference, e.bootstrap_samples, e.bootstrap_seed)
         for name, r in results.items():
-            tracking.log_metrics(run_id, {f"{name}/{k}": v for k, v in r.metrics.items()})
+            tracking.log_metrics(run_id, {f"{name}/{k}": v for k, v in comparison[name].items()})
+            tracking.log_metrics(run_id, {f"{name}/seconds/{k}": v for k, v in r.seconds.items()})
+            tracking.log_metrics(run_id, {f"{name}/vs_{e.reference}/{m}_{k}": d[k]
+                                          for m, d in paired.get(name, {}).items()
+                                          for k in ("diff", "ci_low", "ci_high")})
             tracking.log_table(run_id, r.samples, f"samples/{name}.json")
             (out.dir / f"samples_{name}.json").write_text(json.dumps(r.samples, indent=2))
         _log_on_stage_runs(comparison, candidates)
         (out.dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
+        (out.dir / "paired.json").write_text(json.dumps(
+            {"reference": e.reference, "differences": paired}, indent=2))
+        (out.dir / PER_PROMPT_FILE).write_text(json.dumps(
+            {**ground, "models": {n: r.per_prompt for n, r in results.items()}}))
         out.meta["comparison"] = comparison
-        out.meta["reference"] = cfg.evaluate.reference
+        out.meta["paired"] = paired
+        out.meta["reference"] = e.reference
+        out.meta["ground"] = ground
         return {f"{n}/{k}": v for n, m in comparison.items() for k, v in m.items()}
 
     return run_stage(cfg, "evaluate", key, params, body, parent_run_id=parent_run_id)
+
+
+PER_PROMPT_FILE = "per_prompt.json"
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+
+
+def with_intervals(metrics: dict[str, float], per_prompt: dict[str, dict], samples: int,
+                   seed: int) -> dict[str, float]:
+    """The metrics with each one's bootstrap 95% interval over prompts beside it
+    (`<metric>_ci_low`, `<metric>_ci_high`), for those with per-prompt values; unchanged when
+    `samples` is 0."""
+    from posttrain import bootstrap
+
+    out = dict(metrics)
+    if samples < 1:
+        return out
+    for name in metrics:
+        if name in per_prompt:
+            low, high = bootstrap.interval(per_prompt[name], samples=samples, seed=seed)
+            out[name + CI_LOW], out[name + CI_HIGH] = low, high
+    return out
+
+
+def paired_to(results: dict, reference: str, samples: int, seed: int) -> dict[str, dict]:
+    """Every other model's paired difference to `reference` on each metric (model minus
+    reference, prompts resampled once for both): {model: {metric: {diff, ci_low, ci_high}}}."""
+    from posttrain import bootstrap
+
+    if samples < 1 or reference not in results:
+        return {}
+    ref = results[reference].per_prompt
+    return {name: {m: bootstrap.paired_difference(rec, ref[m], samples=samples, seed=seed)
+                   for m, rec in r.per_prompt.items()
+                   if m in ref and len(rec["num"]) == len(ref[m]["num"])}
+            for name, r in results.items() if name != reference}
 
 
 def _checker(data_manifest: dict, source: str):
@@ -125,6 +175,7 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
         pref_rows = read_jsonl(Path(data_manifest["path"]) / f"{pairs}_eval.jsonl")
         pref_rows = pref_rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts \
             else pref_rows
+    ground = evaluation_ground(cfg, rows, pref_rows, reward_manifest)
     tokenizer = load_tokenizer(cfg.model)
     accelerator = make_accelerator(cfg.model.mixed_precision)  # the device every model goes to
     scorer = None
@@ -139,6 +190,7 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
     pad, bs = tokenizer.pad_token_id, cfg.evaluate.batch_size
     results, own_logps, ref_logps = {}, {}, {}
     for name in order:
+        clock = time.perf_counter()
         model = place(loaders[name](), accelerator, frozen=True)
         results[name] = evaluate_candidate(
             model, tokenizer, rows, max_new_tokens=cfg.evaluate.max_new_tokens,
@@ -147,27 +199,56 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
             checker=_checker(data_manifest, cfg.eval_source), reward_model=scorer,
             preference_rows=pref_rows,
         )
+        seconds = results[name].seconds  # generate, loss, reward, chosen_perplexity; + kl, total
         if name != reference:
+            t = time.perf_counter()
             own_logps[name] = completion_logps(model, results[name].completions, pad, bs)
+            seconds["kl"] = time.perf_counter() - t
+            seconds["total"] = time.perf_counter() - clock  # loading the model included
         else:
-            ref_logps = {n: completion_logps(model, results[n].completions, pad, bs)
-                         for n in own_logps}
+            seconds["kl"], seconds["total"] = 0.0, time.perf_counter() - clock
+            for n in own_logps:  # the reference scoring n's completions is n's cost
+                t = time.perf_counter()
+                ref_logps[n] = completion_logps(model, results[n].completions, pad, bs)
+                results[n].seconds["kl"] += time.perf_counter() - t
+                results[n].seconds["total"] += time.perf_counter() - t
         del model
     _add_pairwise(results, reference, own_logps, ref_logps)
-    return {name: results[name] for name in loaders}  # base, then the stages in config order
+    return {name: results[name] for name in loaders}, ground  # base, then stages in config order
 
 
 def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dict) -> None:
-    from posttrain.evaluate import kl_estimate, win_rate
+    from posttrain import bootstrap
+    from posttrain.evaluate import kl_estimate, kl_items, win_items, win_rate
 
     ref = results[reference]
     for name, r in results.items():
         if name == reference:
             r.metrics["kl_to_reference"] = 0.0
+            r.per_prompt["kl_to_reference"] = bootstrap.per_item([0.0] * len(r.completions))
         else:
             r.metrics["kl_to_reference"] = kl_estimate(own_logps[name], ref_logps[name])
+            r.per_prompt["kl_to_reference"] = kl_items(own_logps[name], ref_logps[name])
         if any(s is not None for s in r.scores):
             r.metrics["win_rate_vs_reference"] = win_rate(r.scores, ref.scores)
+            r.per_prompt["win_rate_vs_reference"] = win_items(r.scores, ref.scores)
+
+
+def evaluation_ground(cfg: PipelineConfig, rows: list[dict], pref_rows: list[dict] | None,
+                      reward_manifest: dict | None) -> dict:
+    """What two evaluations must share for their numbers (and per-prompt values) to be
+    compared: `prompts_hash` (the held-out rows, in order), `pairs_hash` (the preference pairs
+    of chosen_perplexity) and `ground` (those, the generation and length settings, the
+    tokenizer's model and the reward model)."""
+    e = cfg.evaluate
+    prompts = artifacts.hash_json(rows)
+    pairs = artifacts.hash_json(pref_rows) if pref_rows else None
+    settings = {"prompts": prompts, "pairs": pairs, "max_new_tokens": e.max_new_tokens,
+                "max_length": e.max_length, "model": model_params(cfg),
+                "reward": digest(reward_manifest) if reward_manifest is not None else None,
+                "reference": e.reference}
+    return {"prompts_hash": prompts, "pairs_hash": pairs,
+            "ground": artifacts.hash_json(settings)}
 
 
 def _log_on_stage_runs(comparison: dict[str, dict], candidates: dict[str, dict]) -> None:
