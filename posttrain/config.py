@@ -282,8 +282,9 @@ class StageFields(_Frozen):
     )
     reward: str | None = Field(
         None,
-        description="Name of the reward stage whose model scores completions (PPO always; GRPO "
-        "when reward_functions lists 'reward_model'); unset for the other methods.",
+        description="Name of the reward stage whose model scores completions (PPO always; GRPO, "
+        "RLOO and online DPO when reward_functions lists 'reward_model'); unset for the other "
+        "methods.",
     )
 
     @model_validator(mode="before")
@@ -600,6 +601,44 @@ class RLOOConfig(StageFields, GroupRolloutConfig):
         return "reward_model" in self.reward_functions
 
 
+class OnlineDPOConfig(StageFields, RolloutConfig):
+    """Online DPO (Guo et al. 2024): two fresh completions of each prompt from the current
+    policy, ranked by reward functions or a reward stage's model, and the DPO loss on that pair
+    against the frozen reference. Defaults are TRL's OnlineDPOConfig's. Batch sizes count
+    prompts, each giving one pair."""
+
+    method: Literal["online_dpo"] = Field(
+        "online_dpo", description="The method; selects these settings."
+    )
+    learning_rate: float = Field(5e-7, gt=0.0, description="Peak learning rate of AdamW.")
+    max_completion_length: int = Field(64, ge=1, description="New tokens per completion.")
+    temperature: float = Field(0.9, gt=0.0, description="Sampling temperature.")
+    beta: float = Field(0.1, gt=0.0, description="Temperature beta of the implicit reward.")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid (DPO) or ipo (IPO on per-token averaged log-ratios, as our offline "
+        "DPO's IPO; TRL's online IPO uses summed ones).",
+    )
+    missing_eos_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the reward of a completion without a stop "
+        "token, before the pair is ranked (TRL's missing_eos_penalty)."
+    )
+    max_eval_rows: int | None = Field(
+        64, ge=1, description="Held-out prompts (the first ones) completed greedily and scored at "
+        "each evaluation during training; null: all of them."
+    )
+    reward_functions: dict[str, float] = Field(
+        {},
+        description="What ranks the two completions: reward functions by dotted path "
+        "('package.module:function', called as GRPO calls them) with their weights; the name "
+        "'reward_model' scores with the stage named in `reward`. At least one.",
+    )
+
+    @property
+    def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
+        return "reward_model" in self.reward_functions
+
+
 class PPOConfig(StageFields, RolloutConfig):
     """PPO for RLHF: policy, frozen reference, frozen reward model, value model."""
 
@@ -818,7 +857,7 @@ class _AnyOf:
 
 StageConfig = Annotated[
     SFTConfig | RewardConfig | DPOConfig | ORPOConfig | SimPOConfig | CPOConfig | KTOConfig
-    | GRPOConfig | RLOOConfig | PPOConfig,
+    | GRPOConfig | RLOOConfig | OnlineDPOConfig | PPOConfig,
     Field(discriminator="method"),
     _AnyOf,
 ]
@@ -941,7 +980,7 @@ def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
         out.append("reward: name the reward stage that scores this stage's completions")
     elif s.reward is not None and not wants_reward:
         out.append("reward: only PPO, and GRPO with 'reward_model' in reward_functions, use a "
-                   "reward stage (RLOO as GRPO)")
+                   "reward stage (RLOO and online DPO as GRPO)")
     elif s.reward is not None and (s.reward not in earlier
                                    or not earlier[s.reward].trains_reward_model):
         out.append(f"reward: {s.reward!r} is not an earlier reward stage")

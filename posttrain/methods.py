@@ -17,6 +17,7 @@ from posttrain.config import (
     DPOConfig,
     GRPOConfig,
     KTOConfig,
+    OnlineDPOConfig,
     ORPOConfig,
     PPOConfig,
     RewardConfig,
@@ -45,11 +46,11 @@ class Method:
     take the prompts of any format with prompts); reference: it compares against a frozen copy
     of the model it starts from (always, or only when the stage says so, see `uses_reference`);
     (a stage scores with a reward stage when its config's `uses_reward_stage` says so: PPO
-    always, GRPO with 'reward_model' among its reward functions); generates: it samples
+    always, GRPO, RLOO and online DPO with 'reward_model' among their reward functions); generates: it samples
     completions while training; produces: what its artifact holds ('policy' or 'reward_model');
     unit: what one row of its batch is ('examples': SFT rows, packed rows with packing; 'pairs';
     'unpaired': KTO's examples, which also form mismatched pairs; 'completions': GRPO,
-    num_generations per prompt; 'prompts': PPO).
+    num_generations per prompt; 'prompts': PPO and online DPO, whose rows are prompts).
     """
 
     name: str
@@ -104,6 +105,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "REINFORCE leave-one-out (k samples per prompt, the others' mean as baseline)",
            reference=True, generates=True, unit="completions",
            key_metrics=("reward", "reward_std", "eval_reward", "kl")),
+    Method("online_dpo", OnlineDPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
+           "online DPO: two fresh completions per prompt ranked by reward functions or a reward "
+           "stage, DPO loss on the pair", reference=True, generates=True, unit="prompts",
+           key_metrics=("objective/scores", "objective/scores_margin", "rewards/accuracies",
+                        "eval_reward")),
     Method("ppo", PPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
            "PPO against a reward stage", reference=True, generates=True, unit="prompts",
            key_metrics=("objective/scores", "objective/kl", "objective/rlhf_reward",

@@ -1,5 +1,5 @@
-"""Online stages: GRPO and RLOO (reward functions, optionally a reward stage's model) and PPO (a
-reward stage's model), each from the model its `start` names, on the prompts of its data
+"""Online stages: GRPO, RLOO and online DPO (reward functions, optionally a reward stage's model)
+and PPO (a reward stage's model), each from the model its `start` names, on the prompts of its data
 source."""
 
 from __future__ import annotations
@@ -7,7 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain import artifacts, tracking
-from posttrain.config import GRPOConfig, PipelineConfig, PPOConfig, RLOOConfig
+from posttrain.config import (
+    GRPOConfig,
+    OnlineDPOConfig,
+    PipelineConfig,
+    PPOConfig,
+    RLOOConfig,
+)
 from posttrain.data.loading import read_jsonl
 from posttrain.stages.common import (
     checkpoint_dir,
@@ -22,6 +28,7 @@ from posttrain.stages.common import (
 )
 
 GROUP_METHODS = ("grpo", "rloo")  # trained by posttrain.recipes.grpo
+SCORED_METHODS = (*GROUP_METHODS, "online_dpo")  # scored by reward functions
 
 
 def reward_function_name(path: str) -> str:
@@ -29,7 +36,7 @@ def reward_function_name(path: str) -> str:
     return path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
 
 
-def _reward_functions(stage: GRPOConfig | RLOOConfig, reward_manifest: dict | None, tokenizer,
+def _reward_functions(stage: GRPOConfig | RLOOConfig | OnlineDPOConfig, reward_manifest: dict | None, tokenizer,
                       accelerator):
     """{name: function} and {name: weight} from the stage's reward_functions; a reward model
     is placed on the accelerator's device."""
@@ -60,15 +67,16 @@ def prompts(cfg: PipelineConfig, stage, data_manifest: dict, split: str) -> list
     return prompt_rows(read_jsonl(Path(src["dir"]) / name), src["format"], name)
 
 
-def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | RLOOConfig | PPOConfig,
+def run_online_stage(cfg: PipelineConfig,
+                     stage: GRPOConfig | RLOOConfig | OnlineDPOConfig | PPOConfig,
                      inputs: dict, *, parent_run_id: str | None = None) -> dict:
-    """Train the start model further with GRPO, RLOO or PPO on the prompts of the stage's
-    source."""
+    """Train the start model further with GRPO, RLOO, online DPO or PPO on the prompts of the
+    stage's source."""
     key = training_key(cfg, stage, inputs)
     reward_manifest = inputs.get("reward")
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        from posttrain.recipes import grpo, ppo
+        from posttrain.recipes import grpo, online_dpo, ppo
         from posttrain.rewards import load_reward_model
         from posttrain.training import make_accelerator, with_oom_backoff
 
@@ -81,11 +89,13 @@ def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | RLOOConfig | PPOCo
             accelerator = make_accelerator(cfg.model.mixed_precision)
             kw = {"log_metrics": logger, "accelerator": accelerator,
                   "checkpoint_dir": checkpoint_dir(cfg, s, key)}
-            if s.method in GROUP_METHODS:  # one recipe: GRPO's, with RLOO's advantage and loss
+            if s.method in SCORED_METHODS:
                 fns, weights = _reward_functions(s, reward_manifest, tokenizer, accelerator)
                 held = prompts(cfg, stage, inputs["data"], "eval")
-                final = grpo.train(policy, tokenizer, train, held, s, reward_fns=fns,
-                                   weights=weights, **kw)
+                # one recipe for GRPO and RLOO (GRPO's, with RLOO's advantage and loss)
+                recipe = online_dpo if s.method == "online_dpo" else grpo
+                final = recipe.train(policy, tokenizer, train, held, s, reward_fns=fns,
+                                     weights=weights, **kw)
             else:
                 rm_dir = Path(reward_manifest["path"]) / "model"
                 final = ppo.train(policy, load_reward_model(rm_dir), load_reward_model(rm_dir),
@@ -93,7 +103,7 @@ def run_online_stage(cfg: PipelineConfig, stage: GRPOConfig | RLOOConfig | PPOCo
             return policy, accelerator, final
 
         try:
-            if stage.method in GROUP_METHODS:  # micro-batches can shrink; PPO's batch IS the rollout
+            if stage.method in SCORED_METHODS:  # micro-batches can shrink; PPO's batch IS the rollout
                 policy, accelerator, final = with_oom_backoff(
                     attempt, stage, record_oom_backoff(out, run_id))
             else:
