@@ -331,6 +331,63 @@ def kl_items(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
+def completion_token_logps(model: torch.nn.Module, completions: list[dict], pad_token_id: int,
+                           batch_size: int) -> list[torch.Tensor]:
+    """Per-token log-probs of each generated completion (given its prompt) under `model`: one
+    (len(completion_ids),) float32 tensor per completion, in order (the twin of
+    `completion_logps`, which sums them)."""
+    from posttrain.logprobs import position_ids_from_mask, token_logps
+
+    model.eval()
+    device = next(model.parameters()).device
+    net = SelectedLogits(model)
+    out: list[torch.Tensor] = []
+    for start in range(0, len(completions), batch_size):
+        chunk = completions[start : start + batch_size]
+        seqs = [c["prompt_ids"] + c["completion_ids"] for c in chunk]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # (B, T)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+        select = torch.zeros((len(seqs), width), dtype=torch.bool)  # position t scores t+1
+        for b, (c, s) in enumerate(zip(chunk, seqs)):
+            input_ids[b, : len(s)] = torch.tensor(s)
+            attention[b, : len(s)] = 1
+            select[b, max(len(c["prompt_ids"]), 1) - 1 : len(s) - 1] = True
+        input_ids, attention, select = input_ids.to(device), attention.to(device), \
+            select.to(device)
+        logits = net(input_ids, attention, select, position_ids_from_mask(attention))
+        targets = input_ids[:, 1:][select[:, :-1]]
+        per_token = token_logps(logits, targets).cpu()  # (N,) row-major, completion by completion
+        out += list(per_token.split(select.sum(-1).tolist()))
+    return out
+
+
+def k3_kl_per_token(policy_token_logps: list[torch.Tensor],
+                    reference_token_logps: list[torch.Tensor]) -> float:
+    """Mean over every completion token of the k3 estimator of KL(pi || pi_ref) (Schulman 2020):
+    e^r - r - 1 with r = log pi_ref(y_t) - log pi(y_t). Every term is >= 0 (e^r >= 1 + r), so
+    unlike the summed log-ratio of `kl_estimate` it can never be negative, and on tokens sampled
+    from pi it is unbiased per token; on greedy completions read it, like that one, as a
+    distance to track. NaN without tokens."""
+    record = k3_kl_items(policy_token_logps, reference_token_logps)
+    tokens = sum(record["den"])
+    return sum(record["num"]) / tokens if tokens else math.nan
+
+
+def k3_kl_items(policy_token_logps: list[torch.Tensor],
+                reference_token_logps: list[torch.Tensor]) -> dict:
+    """`k3_kl_per_token` per prompt as a `bootstrap.per_item` record: the k3 sum over the
+    completion's tokens and their count (so the bootstrap weighs prompts by tokens, as the
+    metric does)."""
+    num, den = [], []
+    for own, ref in zip(policy_token_logps, reference_token_logps):
+        r = ref.double() - own.double()
+        num.append(float((torch.exp(r) - r - 1.0).sum()))
+        den.append(float(own.numel()))
+    return bootstrap.per_item(num, den)
+
+
+@torch.no_grad()
 def score_completions(
     reward_model: torch.nn.Module, completions: list[dict], pad_token_id: int, batch_size: int
 ) -> list[float]:
