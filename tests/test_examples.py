@@ -141,6 +141,25 @@ def test_grpo_vs_rloo_example_differs_in_the_method_only():
     assert cfg.evaluate.reference == "sft"
 
 
+def test_online_dpo_example_ranks_with_the_reward_model_and_with_the_checker():
+    """Two online DPO stages from one SFT model, the same sampling and beta, ranked one by the
+    reward stage's model and one by the checker; only the first uses the reward stage."""
+    cfg = load_pipeline_config(ROOT / "conf/examples/online-dpo.yaml")
+    assert [(s.name, s.method, s.start, s.data) for s in cfg.stages] == [
+        ("sft", "sft", "base", "sft"), ("reward", "reward", "sft", "preference"),
+        ("online_dpo_rm", "online_dpo", "sft", "prompts"),
+        ("online_dpo_checker", "online_dpo", "sft", "prompts")]
+    rm, checker = cfg.stage("online_dpo_rm"), cfg.stage("online_dpo_checker")
+    shared = {"per_device_batch_size", "temperature", "beta", "max_completion_length",
+              "learning_rate", "max_steps"}
+    assert rm.model_dump(include=shared) == checker.model_dump(include=shared)
+    assert rm.uses_reward_stage and rm.reward == "reward"
+    assert not checker.uses_reward_stage and checker.reward is None
+    with pytest.raises(Exception, match="online_dpo_checker.reward"):
+        load_pipeline_config(ROOT / "conf/examples/online-dpo.yaml",
+                             ["stages.online_dpo_checker.reward=reward"])
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("stages.simpo.gamma=-0.5", "stages.simpo.gamma: Input should be greater than or equal"),
     ("stages.simpo.beta=0", "stages.simpo.beta: Input should be greater than 0"),
