@@ -137,3 +137,21 @@ def test_online_dpo_stage_ranks_with_a_reward_stage_and_is_evaluated(tmp_path):
             "objective/scores", "objective/scores_margin", "objective/kl",
             "objective/rlhf_reward", "val/contain_eos_token", "rewards/reward_model/mean"}
     assert keys <= set(run.data.metrics), keys - set(run.data.metrics)
+
+
+def test_online_dpo_resumes_exactly(tmp_path, tokenizer):
+    """Killed after step 5 with checkpoints at 2 and 4, the rerun continues from step 4 on the
+    uninterrupted run's loss curve (weights, optimizer, scheduler, sampling RNG, prompts)."""
+    from tests.test_resume import _assert_resumed
+
+    cfg = OnlineDPOConfig(max_steps=8, per_device_batch_size=4, learning_rate=3e-3,
+                          warmup_steps=3, max_length=32, max_completion_length=5,
+                          eval_every=100, log_every=1, checkpoint_every=2, temperature=1.0,
+                          reward_functions={"tests.test_online_dpo:sevens": 1.0})
+
+    def train(log, ckpt):
+        online_dpo.train(build_tiny_model(TINY, tokenizer), tokenizer, PROMPTS, PROMPTS[:2],
+                         cfg, reward_fns={"sevens": sevens}, weights={"sevens": 1.0},
+                         log_metrics=log, checkpoint_dir=ckpt)
+
+    _assert_resumed(train, tmp_path)
