@@ -8,7 +8,11 @@ whose embedded server the same Ctrl-C to the process group has usually stopped a
 - the MLflow runs this process opened and left RUNNING: KILLED, with the signal as the reason;
 - its stage locks: released, and its half-written `.tmp-*` folders: removed;
 - the flow run, on a real Prefect server that still answers: Cancelled (bounded wait);
-- its child processes (the embedded Prefect server): terminated;
+- its child processes (the embedded Prefect server, a stage's `accelerate launch` processes,
+  which run in a session of their own and so get no Ctrl-C from the terminal): sent the same
+  signal first, so that a launched stage stops at a step boundary (after a checkpoint on
+  SIGTERM) and closes its own MLflow run while this process closes the rest; waited for until
+  shortly before the deadline, then killed;
 - exit status 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from posttrain import artifacts, interrupt, tracking
@@ -31,9 +36,14 @@ def install(cfg: PipelineConfig, command: str) -> None:
 
     def stopper(signal_name: str, where: str) -> None:
         code = 128 + int(signal.Signals[signal_name])
+        started = time.monotonic()
         watchdog = threading.Timer(DEADLINE_SECONDS, os._exit, (code,))
         watchdog.daemon = True
         watchdog.start()
+        children = _signal_children(signal.Signals[signal_name])
+        launched = _launched_stage(children)
+        if launched is not None and _state_is_outside_stages(where):
+            where = f"during stage {launched[0]!r} ({launched[1]} launched processes)"
         reason = f"interrupted by {signal_name} {where}"
         notes = []
         for what, step in (("MLflow runs", lambda: _close_runs(cfg, reason)),
@@ -45,7 +55,11 @@ def install(cfg: PipelineConfig, command: str) -> None:
                 step()
             except Exception as e:  # noqa: BLE001 - the rest must still happen
                 notes.append(f"could not close {what}: {type(e).__name__}: {e}")
-        _terminate_children()
+        _reap_children(children, started + DEADLINE_SECONDS - 1.5)
+        if launched is not None:
+            step = _newest_checkpoint(cfg, launched[0])
+            reason += (f"; a rerun resumes it from the checkpoint at step {step}"
+                       if step is not None else "; a rerun starts it again")
         resume = f"{reason}. To resume, run the same command again: {command}"
         interrupt.say("\n".join([*notes, resume]))
         os._exit(code)
@@ -86,19 +100,65 @@ def _cancel_flow_run(reason: str) -> None:
     worker.join(3.0)
 
 
-def _terminate_children() -> None:
-    """Stop this process's children (the embedded Prefect server): SIGTERM, then SIGKILL."""
+def _signal_children(sig: signal.Signals) -> list:
+    """Stop every process this one started (recursively); return them. A launched stage's
+    processes get `sig` itself (SIGTERM: checkpoint first; SIGINT: stop at the step boundary);
+    the others (the embedded Prefect server) SIGTERM: uvicorn re-raises the last signal it
+    caught when it exits, and a second SIGINT would print a KeyboardInterrupt traceback."""
     import psutil
 
     children = psutil.Process().children(recursive=True)
     for child in children:
         try:
-            child.terminate()
-        except psutil.NoSuchProcess:
+            launched = "posttrain.launch" in child.cmdline()
+            child.send_signal(sig if launched else signal.SIGTERM)
+        except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(children, timeout=2)
+    return children
+
+
+def _launched_stage(children: list) -> tuple[str, int] | None:
+    """(stage, number of processes) of a stage running under `accelerate launch` among
+    `children` (its `python -m posttrain.launch --stage NAME` processes, not the launcher whose
+    command line names them too), or None."""
+    import psutil
+
+    stages = []
+    for child in children:
+        try:
+            cmdline = child.cmdline()
+        except psutil.Error:
+            continue
+        if "posttrain.launch" in cmdline and "--stage" in cmdline[:-1] and not any(
+                "accelerate.commands.launch" in part for part in cmdline):  # the launcher
+            stages.append(cmdline[cmdline.index("--stage") + 1])
+    return (stages[0], len(stages)) if stages else None
+
+
+def _state_is_outside_stages(where: str) -> bool:
+    return where.startswith("before or between stages")
+
+
+def _newest_checkpoint(cfg: PipelineConfig, stage: str) -> int | None:
+    """The step of the newest checkpoint of `stage` (of its most recently written checkpoint
+    folder; complete ones only: they are renamed into place when written)."""
+    folders = [p for p in (Path(cfg.artifacts_root) / stage).glob("*.checkpoints") if p.is_dir()]
+    if not folders:
+        return None
+    newest = max(folders, key=lambda p: p.stat().st_mtime)
+    steps = [int(p.name.removeprefix("step-")) for p in newest.glob("step-*")
+             if p.name.removeprefix("step-").isdigit()]
+    return max(steps) if steps else None
+
+
+def _reap_children(children: list, until: float) -> None:
+    """Wait for `children` (already signalled) until the monotonic time `until`; kill the rest."""
+    import psutil
+
+    _, alive = psutil.wait_procs(children, timeout=max(until - time.monotonic(), 0.5))
     for child in alive:
         try:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=1)

@@ -407,10 +407,13 @@ def test_a_lost_prefect_server_is_named_with_what_was_kept(tmp_path, monkeypatch
 @pytest.mark.timeout(400)
 def test_sigterm_to_a_two_process_stage_exits_closes_its_runs_and_the_rerun_resumes(tmp_path):
     """SIGTERM to the process group of `posttrain sft` whose stage runs as two launched
-    processes (launch.num_processes: 2, gloo on CPU): the command exits within seconds, no
-    MLflow run stays RUNNING (rank 0's stage run included), no lock stays, and the rerun
-    resumes the stage from a checkpoint and finishes."""
-    sft = {**SFT_STAGE, "max_steps": 400, "checkpoint_every": 4, "eval_every": 1000,
+    processes (launch.num_processes: 2, gloo on CPU; they run in a session of their own): the
+    command passes the signal on, the processes write a checkpoint of the step they stop after
+    and rank 0 marks its run KILLED; the command exits within seconds naming the stage and that
+    step, leaves no process, no RUNNING run and no lock; the rerun resumes from that step."""
+    import psutil
+
+    sft = {**SFT_STAGE, "max_steps": 120, "checkpoint_every": 4, "eval_every": 1000,
            "log_every": 2}
     values = tiny_pipeline_values(tmp_path / "k", [sft], cpu_threads=1,
                                   launch={"num_processes": 2},
@@ -430,18 +433,23 @@ def test_sigterm_to_a_two_process_stage_exits_closes_its_runs_and_the_rerun_resu
         return c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
 
     first = Command(cmd, tmp_path, env, tmp_path / "1.log")
-    first.wait_for(lambda: len(_checkpoint_steps(root / "sft")) >= 1, "checkpoint",
-                   timeout=240)
+    first.wait_for(lambda: _checkpoint_steps(root / "sft"), "checkpoint", timeout=240)
     rc, seconds = first.signal(signal.SIGTERM)
     out = first.output()
+    text = " ".join(out.split())
     assert rc == 143 and seconds < 10, (rc, seconds, out[-3000:])
-    import psutil
-    assert not [p for p in psutil.process_iter(["cmdline"])
-                if str(config) in " ".join(p.info["cmdline"] or [])
-                or "posttrain.launch" in " ".join(p.info["cmdline"] or [])]
-    assert not running(), [(r.data.tags.get("posttrain.stage"), r.info.status) for r in running()]
-    assert not list(locks.glob("*.lock"))
     stopped = max(_checkpoint_steps(root / "sft"))
+    assert (f"interrupted by SIGTERM during stage 'sft' (2 launched processes); a rerun "
+            f"resumes it from the checkpoint at step {stopped}. To resume, run the same command "
+            f"again: posttrain sft {config}") in text, out[-3000:]
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if "posttrain.launch" in (p.info["cmdline"] or [])
+                and str(root) in " ".join(p.info["cmdline"] or [])]
+    assert not running() and not list(locks.glob("*.lock"))
+    ((status, reason, losses),) = _losses(experiment)
+    assert status == "KILLED" and reason.startswith("Interrupted: interrupted by SIGTERM"), reason
+    assert f"a rerun resumes it from the checkpoint at step {stopped}" in reason
+    assert max(losses) <= stopped
 
     last = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
@@ -449,6 +457,8 @@ def test_sigterm_to_a_two_process_stage_exits_closes_its_runs_and_the_rerun_resu
     assert last.returncode == 0, out[-3000:]
     assert _resumed_from(out) == stopped, out[-3000:]
     assert not running()
+    assert [r[0] for r in _losses(experiment)] == ["KILLED", "FINISHED"]
+    assert min(_losses(experiment)[1][2]) > stopped
 
 
 @pytest.mark.slow
