@@ -273,6 +273,29 @@ def champion_per_prompt(name: str, alias: str = "champion") -> dict | None:
         return json.loads(Path(path).read_text())
 
 
+def download_champion(name: str, dst: str | Path, alias: str = "champion") -> Path:
+    """The champion version's Hugging Face model folder (the `model/` of its MLflow model),
+    downloaded into `dst`."""
+    import mlflow
+
+    version = champion_version(name, alias)
+    if version is None:
+        raise LookupError(f"{name} has no version with alias {alias!r}")
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{version.source.rstrip('/')}/model", dst_path=str(dst),
+        tracking_uri=tracking.tracking_uri())
+    return Path(path)
+
+
+def same_ground(name: str, ground: str | None, alias: str = "champion") -> bool:
+    """Whether the champion was evaluated on the same held-out set and evaluation settings as
+    `ground` (`posttrain.stages.evaluate.evaluation_ground`); False when it does not say
+    (registered before the tag existed)."""
+    version = champion_version(name, alias)
+    return bool(version is not None and ground
+                and (version.tags or {}).get(GROUND_TAG) == ground)
+
+
 def champion_metrics(name: str, alias: str = "champion") -> dict | None:
     """The metrics stored on the champion version when it was promoted; {} when it has none
     (which the gate treats as missing metrics, i.e. fail-closed)."""

@@ -26,9 +26,10 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
     name = promotion.registered_model_name(p, cfg.name)
     champion = promotion.champion_metrics(name, p.alias) if p.enabled else None
     per_prompt = _per_prompt(evaluation)
-    intervals = None
+    intervals, basis = None, None
     if champion is not None and comparison:
-        stored = promotion.champion_per_prompt(name, p.alias)
+        champion, stored, basis = champion_on_current_ground(cfg, name, p.alias, evaluation,
+                                                             candidates, data, parent_run_id)
         intervals = {
             stage: promotion.improvement_interval(
                 _model_values(per_prompt, stage), stored, p.metric, p.direction,
@@ -36,7 +37,10 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
             for stage in comparison if stage != promotion.BASE}
     decision = promotion.decide(comparison, champion, p, reference_model=cfg.evaluate.reference,
                                 intervals=intervals)
-    result = decision.to_dict() | {"registered_model": name, "version": None}
+    result = decision.to_dict() | {"registered_model": name, "version": None,
+                                   "champion_basis": basis}
+    if basis:
+        result["reasons"] = [*result["reasons"], f"champion: {basis}"]
     if decision.promote:
         result["version"] = promotion.register_champion(
             name, decision.winner, candidates[decision.winner], comparison[decision.winner],
@@ -59,6 +63,41 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
         description=decision_markdown(result, {}, p.metric).split("## Comparison")[0],
     )
     return result
+
+
+def champion_on_current_ground(cfg: PipelineConfig, name: str, alias: str, evaluation: dict,
+                               candidates: dict[str, dict], data: dict,
+                               parent_run_id: str | None) -> tuple[dict | None, dict | None, str]:
+    """The champion's metrics and per-prompt values to compare with, and a sentence saying
+    which they are: those stored with the version when it was evaluated on the same held-out
+    set and settings (`same_ground`), else the registered model re-evaluated now on the
+    current ones (its metrics logged on the parent run as `champion/<metric>`). A champion that
+    cannot be re-evaluated gives None metrics with the reason: the gate then promotes nothing
+    rather than compare numbers from different sets."""
+    import tempfile
+
+    from posttrain.stages.evaluate import evaluate_model_dir
+
+    ground = (evaluation.get("ground") or {}).get("ground")
+    if promotion.same_ground(name, ground, alias):
+        return (promotion.champion_metrics(name, alias), promotion.champion_per_prompt(name, alias),
+                "its registered numbers (evaluated on the same held-out set and settings)")
+    try:
+        with tempfile.TemporaryDirectory(prefix="posttrain-champion-") as tmp:
+            model_dir = promotion.download_champion(name, tmp, alias)
+            again = evaluate_model_dir(
+                cfg, data, candidates, evaluation.get("reward_manifest"), model_dir)
+    except Exception as error:  # noqa: BLE001 - any failure: compare nothing, say why
+        why = (f"could not be re-evaluated on the current held-out set "
+               f"({type(error).__name__}: {error}); its registered numbers are from another "
+               "set or settings, so nothing is compared")
+        return {}, None, why
+    if parent_run_id:
+        tracking.log_metrics(parent_run_id, {f"champion/{k}": v
+                                             for k, v in again["metrics"].items()})
+    why = ("re-evaluated on the current held-out set and settings (the registered numbers "
+           "came from a different set or settings)")
+    return again["metrics"], again["per_prompt"], why
 
 
 def _per_prompt(evaluation: dict) -> dict | None:

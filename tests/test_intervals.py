@@ -219,3 +219,29 @@ def test_a_pipeline_evaluation_has_intervals_per_prompt_values_and_a_pairable_ch
                                           seed=0)
     assert same["paired"] and (same["diff"], same["ci_low"], same["ci_high"]) == (0, 0, 0)
     assert "paired by prompt" in same["basis"]
+
+    # Item: champions compared on the same ground. Same held-out set and settings: the stored
+    # numbers are used; a champion registered from another ground is downloaded from the
+    # registry and re-evaluated on this one (the same model, greedy: the same numbers).
+    from tasks.promote import champion_on_current_ground
+
+    metrics, values, basis = champion_on_current_ground(cfg, name, "champion", ev,
+                                                        {"sft": manifests["sft"]},
+                                                        manifests["data"], None)
+    assert values == sft and "registered numbers" in basis
+    assert metrics["checker_accuracy"] == comparison["sft"]["checker_accuracy"]
+    promotion.register_champion(name, "sft", manifests["sft"], {"checker_accuracy": 0.123},
+                                per_prompt={**sft, "ground": "another set"})
+    metrics, values, basis = champion_on_current_ground(cfg, name, "champion", ev,
+                                                        {"sft": manifests["sft"]},
+                                                        manifests["data"], None)
+    assert "re-evaluated on the current held-out set" in basis
+    for k in ("checker_accuracy", "eval_loss", "kl_to_reference", "eos_rate"):
+        assert metrics[k] == pytest.approx(comparison["sft"][k], rel=1e-5), k
+    assert metrics["checker_accuracy_ci_low"] == comparison["sft"]["checker_accuracy_ci_low"]
+    assert values["prompts_hash"] == per_prompt["prompts_hash"]
+    assert values["metrics"]["checker_accuracy"] == sft["metrics"]["checker_accuracy"]
+    # a champion that cannot be loaded (here: none in the registry): nothing to compare, and why
+    metrics, values, basis = champion_on_current_ground(cfg, f"{name}-none", "champion", ev, {},
+                                                        manifests["data"], None)
+    assert metrics == {} and values is None and "could not be re-evaluated" in basis

@@ -79,7 +79,8 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
     params = {**dump(cfg.evaluate), "data": cfg.eval_source, "candidates": list(candidates)}
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        results, ground = _evaluate_all(cfg, data_manifest, candidates, reward_manifest)
+        results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest)
+        ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest)
         e = cfg.evaluate
         comparison = {name: with_intervals(r.metrics, r.per_prompt, e.bootstrap_samples,
                                            e.bootstrap_seed) | {"eval_seconds": r.seconds["total"]}
@@ -103,6 +104,7 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
         out.meta["paired"] = paired
         out.meta["reference"] = e.reference
         out.meta["ground"] = ground
+        out.meta["reward_manifest"] = reward_manifest  # a champion re-evaluated later needs it
         return {f"{n}/{k}": v for n, m in comparison.items() for k, v in m.items()}
 
     return run_stage(cfg, "evaluate", key, params, body, parent_run_id=parent_run_id)
@@ -158,33 +160,55 @@ def _held_out(cfg: PipelineConfig, data_manifest: dict, source: str) -> list[dic
     return rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts else rows
 
 
+def _loaders(cfg: PipelineConfig, candidates: dict[str, dict]) -> dict:
+    from posttrain.models import load_causal_lm
+
+    loaders = {BASE: lambda: load_causal_lm(cfg.model)}
+    for name, m in candidates.items():
+        loaders[name] = lambda m=m: load_causal_lm(cfg.model, path=Path(m["path"]) / "model")
+    return loaders
+
+
+def evaluate_model_dir(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
+                       reward_manifest: dict | None, model_dir: str | Path,
+                       name: str = "champion") -> dict:
+    """A model folder outside the graph (the registry's champion, downloaded) evaluated as the
+    stage evaluates its candidates, on the current held-out rows and settings, against the
+    current reference (evaluated again beside it: win rate and KL need its completions and
+    scores): {"metrics" (with intervals and eval_seconds), "per_prompt" ({prompts_hash,
+    pairs_hash, ground, metrics}), "samples"}."""
+    from posttrain.models import load_causal_lm
+
+    reference = cfg.evaluate.reference
+    loaders = {name: lambda: load_causal_lm(cfg.model, path=Path(model_dir)),
+               reference: _loaders(cfg, candidates)[reference]}
+    results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest, loaders)
+    ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest)
+    r, e = results[name], cfg.evaluate
+    metrics = with_intervals(r.metrics, r.per_prompt, e.bootstrap_samples, e.bootstrap_seed)
+    return {"metrics": metrics | {"eval_seconds": r.seconds["total"]},
+            "per_prompt": {**ground, "metrics": r.per_prompt}, "samples": r.samples}
+
+
 def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
-                  reward_manifest: dict | None) -> dict:
+                  reward_manifest: dict | None, loaders: dict | None = None) -> dict:
     """Every model's Evaluation, with `win_rate_vs_reference` and `kl_to_reference` added. The
-    reference goes last so that, while it is loaded, it scores everyone's completions (one
-    model in memory at a time)."""
+    reference goes last so that, while it is loaded, it scores everyone's completions (one model
+    in memory at a time). `loaders` (name -> model factory, the reference among them) replace
+    the base model and the candidates."""
     from posttrain.evaluate import completion_logps, evaluate_candidate
-    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.models import load_tokenizer
     from posttrain.rewards import load_reward_model
     from posttrain.training import make_accelerator, place
 
-    rows = _held_out(cfg, data_manifest, cfg.eval_source)
-    pairs = _preference_source(data_manifest)
-    pref_rows = None
-    if pairs is not None:
-        pref_rows = read_jsonl(Path(data_manifest["path"]) / f"{pairs}_eval.jsonl")
-        pref_rows = pref_rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts \
-            else pref_rows
-    ground = evaluation_ground(cfg, rows, pref_rows, reward_manifest)
+    rows, pref_rows = _rows(cfg, data_manifest)
     tokenizer = load_tokenizer(cfg.model)
     accelerator = make_accelerator(cfg.model.mixed_precision)  # the device every model goes to
     scorer = None
     if reward_manifest is not None:
         scorer = place(load_reward_model(Path(reward_manifest["path"]) / "model"), accelerator,
                        frozen=True)
-    loaders = {BASE: lambda: load_causal_lm(cfg.model)}
-    for name, m in candidates.items():
-        loaders[name] = lambda m=m: load_causal_lm(cfg.model, path=Path(m["path"]) / "model")
+    loaders = loaders or _loaders(cfg, candidates)
     reference = cfg.evaluate.reference
     order = [n for n in loaders if n != reference] + [reference]
     pad, bs = tokenizer.pad_token_id, cfg.evaluate.batch_size
@@ -214,7 +238,19 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
                 results[n].seconds["total"] += time.perf_counter() - t
         del model
     _add_pairwise(results, reference, own_logps, ref_logps)
-    return {name: results[name] for name in loaders}, ground  # base, then stages in config order
+    return {name: results[name] for name in loaders}  # base, then the stages in config order
+
+
+def _rows(cfg: PipelineConfig, data_manifest: dict) -> tuple[list[dict], list[dict] | None]:
+    """The held-out rows, and the held-out preference pairs (None without a pair source)."""
+    rows = _held_out(cfg, data_manifest, cfg.eval_source)
+    pairs = _preference_source(data_manifest)
+    pref_rows = None
+    if pairs is not None:
+        pref_rows = read_jsonl(Path(data_manifest["path"]) / f"{pairs}_eval.jsonl")
+        pref_rows = pref_rows[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts \
+            else pref_rows
+    return rows, pref_rows
 
 
 def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dict) -> None:
