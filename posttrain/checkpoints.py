@@ -32,16 +32,40 @@ PREFIX = "step-"
 
 class GeneratorState:
     """Lets accelerate checkpoint a torch.Generator (e.g. the sampling RNG of a rollout) like any
-    stateful object: `accelerator.register_for_checkpointing(GeneratorState(generator))`."""
+    stateful object: `accelerator.register_for_checkpointing(GeneratorState(generator))`.
+
+    accelerate writes a registered object from the main process only, but each process of a
+    launch has its own generator, and their states part (a rollout that ends early at EOS
+    draws fewer numbers): the state saved holds every process's (gathered; accelerate asks each
+    process for its state_dict), and each process loads its own."""
 
     def __init__(self, generator):
         self.generator = generator
 
     def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
+        state = self.generator.get_state()
+        _, world = _rank_and_world()
+        if world == 1:
+            return {"state": state}
+        import torch.distributed as dist
+
+        states: list = [None] * world
+        dist.all_gather_object(states, state)
+        return {"state": state, "states": states}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+        rank, _ = _rank_and_world()
+        states = state.get("states")
+        self.generator.set_state(states[rank] if states and rank < len(states)
+                                 else state["state"])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def save(accelerator: Accelerator, root: Path, step: int, keep: int | None = None) -> Path:

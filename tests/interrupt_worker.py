@@ -4,7 +4,9 @@ only rank `--signalled-rank` gets SIGTERM, during step 3. Writes what each proce
 OUT/rank<R>.json.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/interrupt_worker.py \\
-        OUT CHECKPOINTS
+        OUT CHECKPOINTS [generators]
+
+With `generators`: each process's checkpointed sampling generator comes back as its own.
 """
 
 from __future__ import annotations
@@ -49,5 +51,26 @@ def main(out: Path, ckpt: Path, signalled_rank: int = 1) -> None:
     end_distributed()
 
 
+def generators(out: Path, ckpt: Path) -> None:
+    """Each process's sampling generator, drawn from a different number of times (rollouts end
+    at EOS at different lengths), checkpointed and restored: OUT/gen<R>.json holds the draws
+    after the checkpoint and the draws after restoring it into a fresh generator."""
+    accelerator = make_accelerator("no")
+    rank = accelerator.process_index
+    generator = torch.Generator().manual_seed(0)  # the same seed everywhere, as the recipes do
+    accelerator.register_for_checkpointing(checkpoints.GeneratorState(generator))
+    torch.rand(rank + 1, generator=generator)
+    checkpoints.save(accelerator, ckpt, 1, keep=2)
+    expected = torch.rand(3, generator=generator).tolist()
+    generator.manual_seed(123)
+    assert checkpoints.restore(accelerator, ckpt) == 1
+    got = torch.rand(3, generator=generator).tolist()
+    (out / f"gen{rank}.json").write_text(json.dumps({"expected": expected, "got": got}))
+    end_distributed()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[3:] == ["generators"]:
+        generators(Path(sys.argv[1]), Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -461,15 +461,13 @@ def test_sigterm_to_a_two_process_stage_exits_closes_its_runs_and_the_rerun_resu
     assert min(_losses(experiment)[1][2]) > stopped
 
 
-@pytest.mark.slow
-def test_processes_of_a_launch_stop_and_checkpoint_at_the_same_step(tmp_path):
-    """SIGTERM reaching one process of a two-process launch (signals arrive one at a time, or
-    only to some) stops both at the same step boundary after one checkpoint of that step that
-    both wrote: no process starts a step's all-reduce that the other will never join."""
+def _two_processes(tmp_path, *args: str) -> str:
+    """tests/interrupt_worker.py as two gloo processes; their output."""
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(ROOT / "tests" / "interrupt_worker.py"), str(out), str(tmp_path / "ckpt")]
+           "2", str(ROOT / "tests" / "interrupt_worker.py"), str(out), str(tmp_path / "ckpt"),
+           *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -480,6 +478,27 @@ def test_processes_of_a_launch_stop_and_checkpoint_at_the_same_step(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+def test_each_process_of_a_launch_gets_its_own_sampling_generator_back(tmp_path):
+    """accelerate saves registered objects from the main process alone: without every
+    process's generator state in the checkpoint, the second process of a GRPO/PPO launch
+    resumed with the first one's and sampled other completions than an uninterrupted run."""
+    _two_processes(tmp_path, "generators")
+    for rank in (0, 1):
+        gen = json.loads((tmp_path / "out" / f"gen{rank}.json").read_text())
+        assert gen["got"] == gen["expected"], rank
+
+
+@pytest.mark.slow
+def test_processes_of_a_launch_stop_and_checkpoint_at_the_same_step(tmp_path):
+    """SIGTERM reaching one process of a two-process launch (signals arrive one at a time, or
+    only to some) stops both at the same step boundary after one checkpoint of that step that
+    both wrote: no process starts a step's all-reduce that the other will never join."""
+    _two_processes(tmp_path)
+    out = tmp_path / "out"
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["stopped_by"] == "SIGTERM" and r["steps"] == [1, 2, 3], ranks
