@@ -393,7 +393,8 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
     clean = {k: v for k, v in metrics.items() if _finite(v)}
-    values = {k: v for k, v in clean.items() if not k.endswith(CI_SUFFIXES)}
+    values = {k: v for k, v in clean.items()  # the card's held-out numbers: no CIs or timing
+              if not k.endswith(CI_SUFFIXES) and k != "eval_seconds"}
     info = export.lineage(manifest, heldout=values)
     card = export.model_card(info, name=name)
     run_id = manifest.get("mlflow_run_id")

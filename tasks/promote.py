@@ -156,7 +156,7 @@ def decision_markdown(result: dict, comparison: dict[str, dict], primary: str) -
     for stage, m in comparison.items():
         lines.append(f"| {stage} | " + " | ".join(_with_ci(m, k) for k in metrics) + " |")
     if result.get("champion"):
-        lines.append("| *champion* | " + " | ".join(_fmt(result["champion"].get(k))
+        lines.append("| *champion* | " + " | ".join(_with_ci(result["champion"], k)
                                                     for k in metrics) + " |")
     return "\n".join(lines) + "\n"
 

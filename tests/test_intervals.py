@@ -245,3 +245,19 @@ def test_a_pipeline_evaluation_has_intervals_per_prompt_values_and_a_pairable_ch
     metrics, values, basis = champion_on_current_ground(cfg, f"{name}-none", "champion", ev, {},
                                                         manifests["data"], None)
     assert metrics == {} and values is None and "could not be re-evaluated" in basis
+
+
+def test_the_decision_report_shows_intervals_in_the_cells_not_as_columns():
+    from tasks.promote import decision_markdown
+
+    comparison = {"base": {"checker_accuracy": 0.0, "eval_seconds": 1.0},
+                  "sft": {"checker_accuracy": 0.5, "checker_accuracy_ci_low": 0.3,
+                          "checker_accuracy_ci_high": 0.7, "eval_seconds": 2.0}}
+    result = {"promote": False, "winner": None, "registered_model": "m", "version": None,
+              "reasons": ["why"], "champion": {"checker_accuracy": 0.4,
+                                               "checker_accuracy_ci_low": 0.25,
+                                               "checker_accuracy_ci_high": 0.55}}
+    text = decision_markdown(result, comparison, "checker_accuracy")
+    assert "| stage | checker_accuracy | eval_seconds |" in text
+    assert "| sft | 0.5 [0.3, 0.7] | 2 |" in text and "| base | 0 | 1 |" in text
+    assert "| *champion* | 0.4 [0.25, 0.55] |  |" in text
