@@ -261,3 +261,24 @@ def test_the_decision_report_shows_intervals_in_the_cells_not_as_columns():
     assert "| stage | checker_accuracy | eval_seconds |" in text
     assert "| sft | 0.5 [0.3, 0.7] | 2 |" in text and "| base | 0 | 1 |" in text
     assert "| *champion* | 0.4 [0.25, 0.55] |  |" in text
+
+
+def test_the_evaluation_ground_changes_with_what_changes_numbers_only(tmp_path):
+    """Batch size, sample count and bootstrap settings leave the ground alone; the generation
+    budget, the held-out rows, the reward model or a retrained reference change it."""
+    from posttrain.config import PipelineConfig, validate
+    from posttrain.stages.evaluate import evaluation_ground
+    from tests.conftest import tiny_pipeline_values
+
+    def ground(rows=({"prompt": "a"},), reward=None, candidates=None, **evaluate):
+        cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path, evaluate=evaluate))
+        return evaluation_ground(cfg, list(rows), None, reward,
+                                 candidates or {"sft": {"digest": "s1"}})["ground"]
+
+    base = ground()
+    assert ground(batch_size=3, num_samples=0, bootstrap_samples=10, bootstrap_seed=5) == base
+    assert ground(max_new_tokens=7) != base
+    assert ground(rows=({"prompt": "b"},)) != base
+    assert ground(reward={"digest": "r"}) != base
+    assert ground(reference="sft") != ground(reference="sft",
+                                             candidates={"sft": {"digest": "s2"}})

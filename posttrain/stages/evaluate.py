@@ -80,7 +80,8 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest)
-        ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest)
+        ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest,
+                                   candidates)
         e = cfg.evaluate
         comparison = {name: with_intervals(r.metrics, r.per_prompt, e.bootstrap_samples,
                                            e.bootstrap_seed) | {"eval_seconds": r.seconds["total"]}
@@ -183,7 +184,7 @@ def evaluate_model_dir(cfg: PipelineConfig, data_manifest: dict, candidates: dic
     loaders = {name: lambda: load_causal_lm(cfg.model, path=Path(model_dir)),
                reference: _loaders(cfg, candidates)[reference]}
     results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest, loaders)
-    ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest)
+    ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest, candidates)
     r, e = results[name], cfg.evaluate
     metrics = with_intervals(r.metrics, r.per_prompt, e.bootstrap_samples, e.bootstrap_seed)
     return {"metrics": metrics | {"eval_seconds": r.seconds["total"]},
@@ -270,19 +271,26 @@ def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dic
             r.per_prompt["win_rate_vs_reference"] = win_items(r.scores, ref.scores)
 
 
+# Evaluation settings that change no metric (only speed, the sample table or the intervals).
+NOT_GROUND = ("enabled", "batch_size", "num_samples", "bootstrap_samples", "bootstrap_seed")
+
+
 def evaluation_ground(cfg: PipelineConfig, rows: list[dict], pref_rows: list[dict] | None,
-                      reward_manifest: dict | None) -> dict:
+                      reward_manifest: dict | None, candidates: dict[str, dict]) -> dict:
     """What two evaluations must share for their numbers (and per-prompt values) to be
     compared: `prompts_hash` (the held-out rows, in order), `pairs_hash` (the preference pairs
-    of chosen_perplexity) and `ground` (those, the generation and length settings, the
-    tokenizer's model and the reward model)."""
+    of chosen_perplexity) and `ground`: a hash of those, every evaluation setting that can
+    change a number (all of `evaluate` but NOT_GROUND, so settings added later count too), the
+    model settings (tokenizer), the reward model and the reference model (KL, win rate)."""
     e = cfg.evaluate
     prompts = artifacts.hash_json(rows)
     pairs = artifacts.hash_json(pref_rows) if pref_rows else None
-    settings = {"prompts": prompts, "pairs": pairs, "max_new_tokens": e.max_new_tokens,
-                "max_length": e.max_length, "model": model_params(cfg),
+    reference = candidates.get(e.reference)
+    settings = {"prompts": prompts, "pairs": pairs,
+                "evaluate": {k: v for k, v in dump(e).items() if k not in NOT_GROUND},
+                "model": model_params(cfg),
                 "reward": digest(reward_manifest) if reward_manifest is not None else None,
-                "reference": e.reference}
+                "reference": digest(reference) if reference is not None else e.reference}
     return {"prompts_hash": prompts, "pairs_hash": pairs,
             "ground": artifacts.hash_json(settings)}
 
