@@ -405,18 +405,23 @@ def test_a_lost_prefect_server_is_named_with_what_was_kept(tmp_path, monkeypatch
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigterm_to_a_two_process_stage_exits_closes_its_runs_and_the_rerun_resumes(tmp_path):
-    """SIGTERM to the process group of `posttrain sft` whose stage runs as two launched
-    processes (launch.num_processes: 2, gloo on CPU; they run in a session of their own): the
-    command passes the signal on, the processes write a checkpoint of the step they stop after
-    and rank 0 marks its run KILLED; the command exits within seconds naming the stage and that
-    step, leaves no process, no RUNNING run and no lock; the rerun resumes from that step."""
+def test_ctrl_c_and_sigterm_of_a_two_process_stage_exit_close_and_resume_exactly(tmp_path):
+    """Ctrl-C, then SIGTERM, to the process group of `posttrain sft` whose stage runs as two
+    launched processes (launch.num_processes: 2, gloo on CPU; they run in a session of their
+    own, so the terminal's signal does not reach them): the command passes the signal on, the
+    processes stop at a step boundary (after a checkpoint of that step on SIGTERM) and rank 0
+    marks its run KILLED; the command exits within seconds naming the stage and the checkpoint
+    a rerun resumes from, leaving no process, no RUNNING run and no lock. The last rerun resumes
+    from the SIGTERM checkpoint and logs the losses of an uninterrupted two-process run."""
     import psutil
 
-    sft = {**SFT_STAGE, "max_steps": 120, "checkpoint_every": 4, "eval_every": 1000,
-           "log_every": 2}
-    values = tiny_pipeline_values(tmp_path / "k", [sft], cpu_threads=1,
-                                  launch={"num_processes": 2},
+    from posttrain import launch, stages
+    from posttrain.config import PipelineConfig, validate
+
+    sft = {**SFT_STAGE, "max_steps": 40, "checkpoint_every": 4, "eval_every": 1000,
+           "log_every": 1}
+    two = {"cpu_threads": 1, "launch": {"num_processes": 2}}
+    values = tiny_pipeline_values(tmp_path / "k", [sft], **two,
                                   tracking={"experiment": f"crash-{tmp_path.name}-l"})
     config = tmp_path / "k.yaml"
     config.write_text(yaml.safe_dump(values))
@@ -432,33 +437,57 @@ def test_sigterm_to_a_two_process_stage_exits_closes_its_runs_and_the_rerun_resu
         exp = c.get_experiment_by_name(experiment)
         return c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
 
-    first = Command(cmd, tmp_path, env, tmp_path / "1.log")
-    first.wait_for(lambda: _checkpoint_steps(root / "sft"), "checkpoint", timeout=240)
-    rc, seconds = first.signal(signal.SIGTERM)
-    out = first.output()
-    text = " ".join(out.split())
-    assert rc == 143 and seconds < 10, (rc, seconds, out[-3000:])
-    stopped = max(_checkpoint_steps(root / "sft"))
-    assert (f"interrupted by SIGTERM during stage 'sft' (2 launched processes); a rerun "
-            f"resumes it from the checkpoint at step {stopped}. To resume, run the same command "
-            f"again: posttrain sft {config}") in text, out[-3000:]
-    assert not [p for p in psutil.process_iter(["cmdline"])
+    def left_behind() -> list:
+        return [p for p in psutil.process_iter(["cmdline"])
                 if "posttrain.launch" in (p.info["cmdline"] or [])
                 and str(root) in " ".join(p.info["cmdline"] or [])]
-    assert not running() and not list(locks.glob("*.lock"))
-    ((status, reason, losses),) = _losses(experiment)
-    assert status == "KILLED" and reason.startswith("Interrupted: interrupted by SIGTERM"), reason
-    assert f"a rerun resumes it from the checkpoint at step {stopped}" in reason
-    assert max(losses) <= stopped
+
+    def stopped_cleanly(command: Command, sig, rc_expected: int, resumed: int) -> int:
+        command.wait_for(lambda: max(_checkpoint_steps(root / "sft") or [0]) > resumed,
+                         "checkpoint", timeout=240)
+        rc, seconds = command.signal(sig)
+        out = command.output()
+        assert rc == rc_expected and seconds < 10, (rc, seconds, out[-3000:])
+        newest = max(_checkpoint_steps(root / "sft"))
+        assert (f"interrupted by {sig.name} during stage 'sft' (2 launched processes); a rerun "
+                f"resumes it from the checkpoint at step {newest}. To resume, run the same "
+                f"command again: posttrain sft {config}") in " ".join(out.split()), out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        assert not left_behind() and not running() and not list(locks.glob("*.lock"))
+        return newest
+
+    first = Command(cmd, tmp_path, env, tmp_path / "1.log")
+    # The uninterrupted reference: the same stage launched as two processes, another root.
+    clean = validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path / "c", [sft], **two, tracking={"experiment": f"crash-{tmp_path.name}-c"}))
+    reference = ThreadPoolExecutor(1).submit(lambda: launch.run_launched(
+        clean, "sft", {"data": stages.run_data_stage(clean), "start": None, "reward": None},
+        on_line=lambda line: None))
+    after_int = stopped_cleanly(first, signal.SIGINT, 130, 0)
+
+    second = Command(cmd, tmp_path, env, tmp_path / "2.log")
+    second.wait_for(lambda: _resumed_from(second.output()) is not None, "resume", timeout=240)
+    assert _resumed_from(second.output()) == after_int
+    after_term = stopped_cleanly(second, signal.SIGTERM, 143, after_int)
 
     last = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     out = last.stdout + last.stderr
     assert last.returncode == 0, out[-3000:]
-    assert _resumed_from(out) == stopped, out[-3000:]
-    assert not running()
-    assert [r[0] for r in _losses(experiment)] == ["KILLED", "FINISHED"]
-    assert min(_losses(experiment)[1][2]) > stopped
+    assert _resumed_from(out) == after_term, out[-3000:]
+    assert not running() and not left_behind()
+
+    runs = _losses(experiment)
+    assert [(status, reason.split(" during")[0]) for status, reason, _ in runs] == [
+        ("KILLED", "Interrupted: interrupted by SIGINT"),
+        ("KILLED", "Interrupted: interrupted by SIGTERM"), ("FINISHED", "")]
+    assert f"a rerun resumes it from the checkpoint at step {after_term}" in runs[1][1]
+    reference.result(timeout=300)
+    ((_, _, full),) = _losses(clean.tracking.experiment)
+    final = runs[-1][2]
+    assert sorted(final) == list(range(after_term + 1, 41))
+    for s, loss in final.items():
+        assert loss == pytest.approx(full[s], abs=1e-4), s
 
 
 def _two_processes(tmp_path, *args: str) -> str:
