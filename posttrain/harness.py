@@ -366,21 +366,12 @@ def _hub_problem(repo: str) -> str | None:
 
 def dataset_cached(repo: str) -> bool:
     """Whether a hub dataset has a copy in the hub cache or in the datasets cache."""
-    try:
-        from huggingface_hub import constants
+    import datasets
+    from huggingface_hub import constants
 
-        hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "snapshots"
-        if hub.is_dir() and any(hub.iterdir()):
-            return True
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import datasets
-
-        processed = Path(datasets.config.HF_DATASETS_CACHE) / repo.replace("/", "___")
-        return processed.is_dir() and any(processed.iterdir())
-    except Exception:  # noqa: BLE001
-        return False
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "snapshots"
+    processed = Path(datasets.config.HF_DATASETS_CACHE) / repo.replace("/", "___")
+    return any(d.is_dir() and any(d.iterdir()) for d in (hub, processed))
 
 
 # ------------------------------------------------------------------------------ running
@@ -450,7 +441,7 @@ def evaluate_tasks(
     *,
     model=None,
     tokenizer=None,
-    limit: int | float | None = None,
+    limit: int | float | None = None,  # noqa: PYI041 - an int is a count, a float a share
     num_fewshot: int | None = None,
     batch_size: int = 16,
     max_gen_toks: int | None = None,
