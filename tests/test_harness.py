@@ -316,3 +316,34 @@ def test_harness_exact_match_equals_checker_accuracy_for_sft_and_dpo(tmp_path, t
     assert 0.2 < accuracy["sft"] < 1.0  # not 0 == 0 nor 1 == 1
     assert 0.2 < accuracy["dpo"] < 1.0
     assert texts["sft"] != texts["dpo"]  # DPO changed the model's answers
+
+
+@pytest.mark.slow
+def test_harness_agrees_with_the_checker_on_plain_text_prompts(tmp_path, tokenizer):
+    """Standard (string) prompts without the chat template: the harness tokenizes them as
+    posttrain does (tokenizer defaults) and the numbers agree too."""
+    from posttrain.data.tokenize import tokenize_sft_rows
+    from posttrain.models import build_tiny_model
+    from posttrain.recipes import sft
+
+    torch.set_num_threads(1)
+    plain = _DEMO.model_copy(update={"conversational": False})
+    examples, _ = tokenize_sft_rows(demo.generate_sft(plain, 0, "train"), tokenizer,
+                                    max_length=48)
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64), tokenizer)
+    sft.train(model, examples, examples[:8], SFTConfig(
+        max_steps=300, per_device_batch_size=16, learning_rate=3e-3, warmup_steps=10,
+        max_length=48, eval_every=10**6, log_every=10**6), pad_token_id=tokenizer.pad_token_id)
+    held_out = demo.generate_sft(plain, 0, "eval")
+    assert isinstance(held_out[0]["prompt"], str)
+    include = harness.write_task(tmp_path, harness.task_rows(
+        held_out, answer=demo.correct_answer)).parent
+    checker, texts = _checker_accuracy(model, tokenizer, held_out, batch_size=16)
+    result = harness.evaluate_tasks(
+        None, [harness.DEMO_TASK], model=model, tokenizer=tokenizer, include_path=include,
+        batch_size=16, max_gen_toks=16, apply_chat_template=False)
+    accuracy = sum(checker) / len(checker)
+    assert 0.2 < accuracy < 1.0
+    assert abs(result.metrics["lm_eval/posttrain_demo/exact_match"] - accuracy) <= 0.02
+    responses = [o["response"] for o in result.outputs["posttrain_demo"]]
+    assert sum(a == b for a, b in zip(responses, texts)) >= 0.98 * len(texts)
