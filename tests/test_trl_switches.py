@@ -243,3 +243,47 @@ def test_ppo_refuses_grad_accum(tmp_path):
     assert "stages.ppo.grad_accum" in str(err.value)
     assert "does not accumulate" in str(err.value)
     validate(PipelineConfig, tiny_pipeline_values(tmp_path, stages[:2] + [stage("ppo")]))
+
+
+@pytest.mark.parametrize("on", [False, True])
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_the_rl_switches_run_in_the_recipe(tokenizer, method, on):
+    """GRPO (bias-corrected KL, dapo) and RLOO with mask_truncated_completions off and on. No
+    completion of the untrained model stops within 3 tokens, so with the switch on every one is
+    masked: the loss is 0 and nothing moves (gradient norm exactly 0); off, they train."""
+    prompts = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4)
+               for b in range(4)]
+
+    def sevens(prompts, completions, **_):  # varies between any two different completions
+        return [float(sum(map(ord, c[0]["content"])) % 7) for c in completions]
+
+    seen = []
+    real = grpo_recipe.loss_mask
+
+    def spy(rollout, config):
+        mask = real(rollout, config)
+        seen.append((rollout.truncated.clone(), mask.clone()))
+        return mask
+
+    extra = {"use_bias_correction_kl": True, "loss_type": "dapo"} if method == "grpo" else {}
+    cls = GRPOConfig if method == "grpo" else RLOOConfig
+    cfg = cls(max_steps=3, per_device_batch_size=8, num_generations=4, learning_rate=1e-3,
+              warmup_steps=0, max_length=32, max_completion_length=3, eval_every=100,
+              log_every=1, beta=0.1, mask_truncated_completions=on, **extra)
+    history = []
+    try:
+        grpo_recipe.loss_mask = spy
+        grpo_recipe.train(build_tiny_model(TINY, tokenizer), tokenizer, prompts, prompts[:2],
+                          cfg, reward_fns={"sevens": sevens}, weights={"sevens": 1.0},
+                          log_metrics=lambda m, s: history.append(m))
+    finally:
+        grpo_recipe.loss_mask = real
+    assert len(history) == 3 and all(math.isfinite(m["loss"]) for m in history)
+    assert all(truncated.all() for truncated, _ in seen)  # the premise
+    if on:
+        assert all(mask.sum() == 0 for _, mask in seen)
+        # (RLOO's masked rows keep ratio 1 and loss -A, whose mean over a group is 0)
+        assert all(abs(m["loss"]) < 1e-6 and m["grad_norm"] == 0.0 for m in history)
+    else:
+        assert all(mask.sum() == mask.numel() for _, mask in seen)
+        assert all(m["grad_norm"] > 0.0 for m in history)
