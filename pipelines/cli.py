@@ -175,7 +175,10 @@ def print_plan(cfg, plan) -> None:
         p = plan.promotion
         guards = ", ".join(f"{g['metric']} ({g['direction']}, tolerance {g['tolerance']})"
                            for g in p["guards"]) or "none"
-        console.print(f"promotion: {p['metric']} ({p['direction']}); guards: {guards}")
+        gate = f"; min_margin {p['min_margin']}" if p.get("min_margin") else ""
+        if p.get("require_significance"):
+            gate += " at the 95% interval's lower bound"
+        console.print(f"promotion: {p['metric']} ({p['direction']}); guards: {guards}{gate}")
 
 
 def print_summary(result: dict, cfg) -> None:

@@ -1006,6 +1006,10 @@ def _evaluation_problems(cfg: PipelineConfig) -> list[str]:
     for c in cfg.promotion.candidates or ():
         if c not in names or names[c].trains_reward_model:
             out.append(f"promotion.candidates: {c!r} is not a language-model stage")
+    if cfg.promotion.require_significance and e.bootstrap_samples == 0:
+        out.append("promotion.require_significance needs confidence intervals: set "
+                   "evaluate.bootstrap_samples above 0 (default 1000), or "
+                   "require_significance=false")
     return out
 
 

@@ -306,7 +306,9 @@ def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: P
     except ConfigError as e:
         return str(e).splitlines()
     result.promotion = {"metric": resolved.metric, "direction": resolved.direction,
-                        "guards": [g.model_dump() for g in resolved.guards]}
+                        "guards": [g.model_dump() for g in resolved.guards],
+                        "min_margin": resolved.min_margin,
+                        "require_significance": resolved.require_significance}
     return []
 
 

@@ -221,3 +221,22 @@ def test_comparison_table_keeps_digits_it_has_room_for(monkeypatch):
     text = _printed_comparison(monkeypatch, two)
     assert _cells(text, "eval_loss") == [["4.603", "0.9341"]]
     assert _cells(text, "perplexity") == [["7822", "9.876e-4"]]
+
+
+def test_the_plan_names_the_promotion_gate_margin_and_significance(monkeypatch):
+    from rich.console import Console
+
+    from pipelines import cli
+    from posttrain.config import PipelineConfig
+    from posttrain.preflight import Plan
+
+    def printed(**gate) -> str:
+        console = Console(width=120, record=True, color_system=None)
+        monkeypatch.setattr(cli, "console", console)
+        promotion = {"metric": "checker_accuracy", "direction": "max", "guards": [], **gate}
+        cli.print_plan(PipelineConfig(), Plan(promotion=promotion))
+        return console.export_text()
+
+    assert "guards: none\n" in printed(min_margin=0.0, require_significance=False)
+    assert "guards: none; min_margin 0.02 at the 95% interval's lower bound" in printed(
+        min_margin=0.02, require_significance=True)

@@ -185,6 +185,8 @@ def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path)
     # Every stage cached, the same numbers: not better than the champion, the alias stays.
     second = pipeline(cfg)
     assert not second["promotion"]["promote"]
+    # Same held-out set and settings: the champion's registered numbers, not a re-evaluation.
+    assert second["promotion"]["champion_basis"].startswith("its registered numbers")
     assert str(promotion.champion_version(name).version) == decision["version"]
 
 
