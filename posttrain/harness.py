@@ -374,6 +374,36 @@ def dataset_cached(repo: str) -> bool:
     return any(d.is_dir() and any(d.iterdir()) for d in (hub, processed))
 
 
+def fingerprint(tasks: Iterable[str], *, include_path=None, manager=None,
+                **settings: Any) -> str:
+    """A hash of what a harness result depends on besides the model: lm-eval's version, each
+    leaf task's config (includes resolved), the bytes of local tasks' data files, and the
+    run's `settings` (limit, num_fewshot, max_gen_toks, apply_chat_template, ...); not where
+    the task files lie. For the evaluation's cache key and for telling whether two results are
+    on the same ground."""
+    import hashlib
+    from importlib.metadata import version
+
+    tasks = list(tasks)
+    manager = manager or task_manager(tasks, include_path)
+    h = hashlib.sha256()
+    h.update(json.dumps({"lm_eval": version("lm_eval"), "tasks": tasks,
+                         "settings": settings}, sort_keys=True, default=str).encode())
+    for name in tasks:
+        for leaf, cfg in _leaf_configs(manager, name):
+            data_file = (cfg.get("dataset_kwargs") or {}).get("data_file") \
+                if cfg.get("custom_dataset") else None
+            if data_file:  # its bytes count, not where it lies
+                cfg = {**cfg, "dataset_kwargs": {**cfg["dataset_kwargs"], "data_file": None}}
+            cfg = {k: v for k, v in cfg.items() if k != "custom_dataset"}  # a resolved path
+            h.update(json.dumps([leaf, cfg], sort_keys=True, default=str).encode())
+            if data_file:
+                path = Path(data_file)
+                path = path if path.is_absolute() else LOCAL_TASKS / path
+                h.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------ running
 
 

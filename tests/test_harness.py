@@ -157,6 +157,24 @@ def test_check_tasks_names_a_missing_local_data_file(tmp_path):
     assert "data file" in problem and "does not exist" in problem
 
 
+def test_fingerprint_moves_with_the_data_the_config_and_the_settings(tmp_path):
+    rows = harness.task_rows([{"prompt": "1+2=", "completion": " 3"},
+                              {"prompt": "2+2=", "completion": " 4"}])
+    folder = harness.write_task(tmp_path, rows).parent
+    first = harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None)
+    assert harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None) == first
+    assert harness.fingerprint(["posttrain_demo"], include_path=folder, limit=1) != first
+    harness.write_task(tmp_path, rows, max_gen_toks=8)  # the YAML changed
+    second = harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None)
+    assert second != first
+    harness.write_task(tmp_path, rows[:1], max_gen_toks=8)  # the JSONL changed
+    assert harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None) != second
+    # the same task written elsewhere is the same ground; the shipped one (200 rows) is not
+    elsewhere = harness.write_task(tmp_path / "elsewhere", rows).parent
+    assert harness.fingerprint(["posttrain_demo"], include_path=elsewhere, limit=None) == first
+    assert harness.fingerprint(["posttrain_demo"], limit=None) != first
+
+
 # ------------------------------------------------------------------------------ the local task
 
 
