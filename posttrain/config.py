@@ -158,8 +158,12 @@ class ModelConfig(_Frozen):
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub; off unless you trust the repository."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa",
+        description="Attention kernel passed to transformers. Packed SFT rows keep their "
+        "examples apart with flash-attention's varlen kernels (flash_attention_2) or a "
+        "FlexAttention block mask (flex_attention, on a GPU); sdpa and eager (and flex_attention "
+        "on CPU, which has no FlexAttention backward) use a dense (B, 1, T, T) mask.",
     )
     tiny: TinyModelConfig = Field(
         TinyModelConfig(), description="Architecture of the built-in model (name_or_path='tiny')."

@@ -282,3 +282,45 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update([configured] if isinstance(configured, int) else configured or [])
     return {i for i in ids if i is not None}
+
+
+# ---------------------------------------------------------------- attention for packed rows
+
+
+def packed_attention(implementation: str, device_type: str) -> tuple[str, str, str]:
+    """How packed SFT rows keep their examples apart, for a model loaded with `implementation`
+    training on `device_type`: (layout, implementation to train with, reason in words).
+
+    The layout is one of posttrain.data.packing.PACKED_LAYOUTS:
+    - flash_attention_2 -> "varlen": flash's variable-length kernels, boundaries from the
+      restarting position ids of the rows flattened into one sequence (no mask at all);
+    - flex_attention on CUDA -> "flex_attention": a block-sparse document BlockMask;
+    - flex_attention elsewhere -> "dense_mask" with sdpa: torch 2.13's FlexAttention has no
+      backward pass on CPU ("FlexAttention does not support backward on CPU");
+    - sdpa, eager -> "dense_mask": they need the (B, 1, T, T) block-diagonal float mask, so the
+      reason names the implementations that avoid it.
+    """
+    if implementation == "flash_attention_2":
+        why = ("flash-attention varlen kernels: boundaries from the restarting position ids, "
+               "rows flattened into one sequence, no mask")
+        return "varlen", implementation, why
+    if implementation == "flex_attention":
+        if device_type == "cuda":
+            why = "FlexAttention with a block-sparse document BlockMask, no (T, T) mask"
+            return "flex_attention", implementation, why
+        why = (f"FlexAttention has no backward pass on {device_type}: sdpa with a dense "
+               "(B, 1, T, T) block-diagonal mask instead")
+        return "dense_mask", "sdpa", why
+    why = (f"{implementation} takes a dense (B, 1, T, T) block-diagonal mask; "
+           "model.attn_implementation flex_attention or flash_attention_2 avoids it on a GPU")
+    return "dense_mask", implementation, why
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> str:
+    """Switch a transformers model (or a peft model around one) to `implementation`; return
+    the one it had, so the caller can switch back."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    before = base.config._attn_implementation
+    if implementation != before:
+        base.set_attn_implementation(implementation)
+    return before
