@@ -197,6 +197,26 @@ def _compile_config(device: torch.device) -> CompileConfig:
     return CompileConfig(fullgraph=True, dynamic=False, mode=mode)
 
 
+# The compiled path keeps its model's last StaticCache (model -> (shape key, cache)) and resets it
+# in place for the next batch of the same shape: CUDA graphs replay on fixed addresses, and a new
+# cache every step would make them re-record. Costs the cache's memory between rollouts.
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static_cache(base, rows: int, length: int, device: torch.device, keep: bool) -> StaticCache:
+    if not keep:
+        return StaticCache(config=base.config, max_cache_len=length)
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    key = (rows, length, str(device), str(autocast))
+    held = _CACHES.get(base)
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    cache = StaticCache(config=base.config, max_cache_len=length)
+    _CACHES[base] = (key, cache)
+    return cache
+
+
 def _bucket(length: int) -> int:
     """Cache lengths are rounded up to a multiple of 64 so that a compiled step (one graph per
     shape) is reused across batches whose longest prompts differ by a few tokens."""
@@ -240,12 +260,11 @@ class _StaticDecoder:
         n, self.width = prompt.shape
         base = _base_model(model)
         self.model, self.cache_kwarg, self.t = model, _cache_kwarg(model), 0
-        length = _bucket(self.width + max_new_tokens)
-        self.cache = StaticCache(config=base.config, max_cache_len=length)
+        length, device = _bucket(self.width + max_new_tokens), prompt.device
+        self.cache = _static_cache(base, n, length, device, keep=compiled)
         self.attention = prompt_mask.new_zeros(n, length)
         self.attention[:, : self.width] = prompt_mask
         self.seen = prompt_mask.sum(-1)  # (N,) real tokens so far
-        device = prompt.device
         self.call = base.get_compiled_call(_compile_config(device)) if compiled else model
         self.mark_step = compiled and device.type == "cuda"
 

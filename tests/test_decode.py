@@ -116,11 +116,16 @@ def test_compiled_step_captures_one_graph_and_gives_the_loops_tokens(model, prom
     loop = _sample(model, prompts, "loop", max_new_tokens=6)
     compiled = _sample(model, prompts, "compiled", max_new_tokens=6)
     _assert_same(loop, compiled)
+    cache = rollout_module._CACHES[model][1]
+    keys = cache.layers[0].keys.data_ptr()
     again = _sample(model, prompts, "compiled", seed=1, max_new_tokens=6)  # reuses the graph
     _assert_same(_sample(model, prompts, "loop", seed=1, max_new_tokens=6), again)
+    # ... and the cache, reset in place (fixed addresses for CUDA graphs)
+    assert rollout_module._CACHES[model][1] is cache and cache.layers[0].keys.data_ptr() == keys
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the decode step, whole
     model.__dict__.pop("_compiled_call", None)
     model.__dict__.pop("_last_compile_config", None)
+    rollout_module._CACHES.pop(model)
 
 
 @pytest.mark.slow
