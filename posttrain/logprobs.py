@@ -45,8 +45,11 @@ class SelectedLogits(torch.nn.Module):
         memory, `default_chunk_rows`) so that no (N, V) tensor exists (module docstring).
         """
         decoder = self.lm.get_decoder()
+        # No KV cache: nothing is decoded after this forward, and with a cache transformers does
+        # not derive packed-sequence boundaries from position ids when no mask is given.
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state  # (B, T, H)
         if targets is None:
             return self._logits(hidden[select])  # (N, V)

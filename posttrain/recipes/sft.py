@@ -110,19 +110,17 @@ def train(
     with `attention`: how packed examples were kept apart (a PACKED_LAYOUTS name, or "padded")."""
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
-    attention, implementation = "padded", None
+    attention, implementation, why = packed_attention(
+        model.config._attn_implementation, accelerator.device.type, config.packing)
     if config.packing:
-        attention, implementation, why = packed_attention(
-            model.config._attn_implementation, accelerator.device.type)
         progress.report(f"sft: packed rows use attention path {attention!r} ({why})")
-    restore = set_attention(model, implementation) if implementation else None
+    restore = set_attention(model, implementation)
     try:
         final = _train(model, train_examples, eval_examples, config, attention,
                        pad_token_id=pad_token_id, log_metrics=log_metrics,
                        checkpoint_dir=checkpoint_dir, accelerator=accelerator)
     finally:
-        if restore is not None:
-            set_attention(model, restore)
+        set_attention(model, restore)
     return {**final, "attention": attention}
 
 
