@@ -418,8 +418,9 @@ class RolloutConfig(TrainingConfig):
         "auto",
         description="How rollouts decode: 'loop' (dynamic KV cache, one eager forward per token), "
         "'static' (transformers' StaticCache, fixed shapes), 'compiled' (static cache and a "
-        "torch.compile'd step, CUDA graphs on a GPU); 'auto': compiled on a GPU, static on the "
-        "CPU, loop for models without static-cache support. Same tokens for the same seed.",
+        "torch.compile'd step, CUDA graphs on a GPU); 'auto': compiled on a GPU (loop if the "
+        "model has no static-cache support or the compile fails), loop on the CPU, where the "
+        "other paths are no faster. Same tokens for the same seed.",
     )
     reference: Literal["copy", "adapter"] = Field(
         "copy",

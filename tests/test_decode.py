@@ -140,11 +140,13 @@ def test_inductor_compiled_step_gives_the_loops_tokens(tok, prompts):
     assert (compiled.logps - _forward_logps(model, compiled, 0.7)).abs().max().item() < 1e-4
 
 
-def test_auto_picks_static_on_cpu_and_logs_the_path(model, prompts, caplog):
-    assert resolve_backend(model, "auto") == "static"
-    assert resolve_backend(model, "loop") == "loop"
+def test_auto_picks_the_loop_on_cpu_and_logs_the_path(model, prompts, caplog):
+    assert resolve_backend(model, "auto") == "loop"
+    assert resolve_backend(model, "static") == "static"
     with caplog.at_level(logging.DEBUG, logger="posttrain.rollout"):
         _sample(model, prompts, "auto", max_new_tokens=2)
+        _sample(model, prompts, "static", max_new_tokens=2)
+    assert "rollout decoding on cpu: loop (DynamicCache, eager steps)" in caplog.text
     assert "rollout decoding on cpu: static (StaticCache, eager steps)" in caplog.text
     with pytest.raises(ValueError, match="must be one of"):
         resolve_backend(model, "fast")
@@ -164,9 +166,9 @@ def test_explicit_compiled_without_a_compiler_raises(model, monkeypatch):
         resolve_backend(model, "compiled")
 
 
-def test_auto_falls_back_to_static_with_the_same_draws(tok, prompts, monkeypatch, caplog):
+def test_auto_falls_back_to_the_loop_with_the_same_draws(tok, prompts, monkeypatch, caplog):
     """A compiled step that fails at the first decode step (after the prefill already drew from
-    the generator): "auto" rewinds the generator and gives exactly the static path's rollout,
+    the generator): "auto" rewinds the generator and gives exactly the loop's rollout,
     warns, and does not try to compile that model again."""
     fresh = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64), tok).eval()
     calls = []
@@ -183,10 +185,10 @@ def test_auto_falls_back_to_static_with_the_same_draws(tok, prompts, monkeypatch
                         lambda m, b="auto": "compiled" if b == "auto" else real(m, b))
     with caplog.at_level(logging.WARNING, logger="posttrain.rollout"):
         fallback = _sample(fresh, prompts, "auto")
-    _assert_same(_sample(fresh, prompts, "static"), fallback)
+    _assert_same(_sample(fresh, prompts, "loop"), fallback)
     assert calls == [1] and "compiled step failed (RuntimeError: inductor: no luck)" in caplog.text
     assert fresh in rollout_module._COMPILE_FAILED
-    assert real(fresh, "auto") == "static"
+    assert real(fresh, "auto") == "loop"
     with pytest.raises(RuntimeError, match="no luck"):  # an explicit choice does not fall back
         _sample(fresh, prompts, "compiled")
 
