@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import string
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from transformers import (
 )
 
 from posttrain.config import LoraConfig, ModelConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
@@ -290,12 +293,11 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 def loadable_attention(implementation: str) -> str:
     """The implementation to load a model with: flex_attention only where CUDA is available
     (torch 2.13 has no FlexAttention backward on CPU, and its CPU forward compiles for minutes),
-    else sdpa, said on the progress log."""
+    else sdpa, with a warning (on this module's logger, not posttrain.progress: that one carries
+    the metric lines)."""
     if implementation == "flex_attention" and not torch.cuda.is_available():
-        from posttrain.progress import report
-
-        report("model: flex_attention needs a CUDA device here (no FlexAttention backward on "
-               "CPU); loading with sdpa")
+        log.warning("model: flex_attention needs a CUDA device here (no FlexAttention backward "
+                    "on CPU); loading with sdpa")
         return "sdpa"
     return implementation
 

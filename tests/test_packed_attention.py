@@ -141,7 +141,8 @@ def test_the_path_for_each_implementation_and_device():
 def test_recipe_trains_on_the_chosen_path_and_says_which(attn, tokenizer, caplog):
     """flex_attention on CPU trains with sdpa and the dense mask (FlexAttention has no backward
     here) and gets its own implementation back afterwards; the path is in the final metrics
-    (so in the stage's metrics.json and manifest) and in the log."""
+    (so in the stage's metrics.json and manifest) and in the recipe's log, not on
+    posttrain.progress (the metric lines only: a Prefect task run's log shows those)."""
     from posttrain.data import demo
     from posttrain.data.tokenize import tokenize_sft_rows
 
@@ -151,11 +152,14 @@ def test_recipe_trains_on_the_chosen_path_and_says_which(attn, tokenizer, caplog
                              attn_implementation=attn)
     cfg = SFTConfig(max_steps=2, per_device_batch_size=2, warmup_steps=0, max_length=48,
                     eval_every=2)
-    with caplog.at_level(logging.INFO, logger="posttrain.progress"):
+    with caplog.at_level(logging.INFO, logger="posttrain"):
         final = sft.train(model, examples, examples[:4], cfg, pad_token_id=tokenizer.pad_token_id)
     assert final["attention"] == "dense_mask"
     assert model.config._attn_implementation == attn
-    assert "attention path 'dense_mask'" in caplog.text
+    said = [r for r in caplog.records if "attention path 'dense_mask'" in r.getMessage()]
+    assert [r.name for r in said] == ["posttrain.recipes.sft"], caplog.text
+    progress_lines = [r.getMessage() for r in caplog.records if r.name == "posttrain.progress"]
+    assert all(line.startswith("step ") for line in progress_lines), progress_lines
     padded = sft.train(model, examples, examples[:4], cfg.model_copy(update={"packing": False}),
                        pad_token_id=tokenizer.pad_token_id)
     assert padded["attention"] == "padded"

@@ -16,6 +16,7 @@ Run on its own (no Prefect): `python -m posttrain.recipes.sft --config conf/demo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from posttrain import progress
 from posttrain.config import SFTConfig
 from posttrain.data.packing import collate_packed, collate_padded, document_block_mask, pack_bfd
 from posttrain.logprobs import SelectedLogits, shift_targets
@@ -39,6 +39,7 @@ from posttrain.training import (
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
+log = logging.getLogger(__name__)
 
 
 def micro_batches(
@@ -113,7 +114,9 @@ def train(
     attention, implementation, why = packed_attention(
         model.config._attn_implementation, accelerator.device.type, config.packing)
     if config.packing:
-        progress.report(f"sft: packed rows use attention path {attention!r} ({why})")
+        # Not on posttrain.progress: that logger carries the metric lines only. The stage also
+        # records the path as an MLflow tag of its run (posttrain.attention).
+        log.info("sft: packed rows use attention path %r (%s)", attention, why)
     restore = set_attention(model, implementation)
     try:
         final = _train(model, train_examples, eval_examples, config, attention,
