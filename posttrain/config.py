@@ -159,8 +159,12 @@ class ModelConfig(_Frozen):
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub; off unless you trust the repository."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa",
+        description="Attention kernel passed to transformers. Packed SFT rows keep their "
+        "examples apart with flash-attention's varlen kernels (flash_attention_2) or a "
+        "FlexAttention block mask (flex_attention, on a GPU); sdpa and eager (and flex_attention "
+        "on CPU, which has no FlexAttention backward) use a dense (B, 1, T, T) mask.",
     )
     tiny: TinyModelConfig = Field(
         TinyModelConfig(), description="Architecture of the built-in model (name_or_path='tiny')."
@@ -488,8 +492,9 @@ class RolloutConfig(TrainingConfig):
         "auto",
         description="How rollouts decode: 'loop' (dynamic KV cache, one eager forward per token), "
         "'static' (transformers' StaticCache, fixed shapes), 'compiled' (static cache and a "
-        "torch.compile'd step, CUDA graphs on a GPU); 'auto': compiled on a GPU, static on the "
-        "CPU, loop for models without static-cache support. Same tokens for the same seed.",
+        "torch.compile'd step, CUDA graphs on a GPU); 'auto': compiled on a GPU (loop if the "
+        "model has no static-cache support or the compile fails), loop on the CPU, where the "
+        "other paths are no faster. Same tokens for the same seed.",
     )
     reference: Literal["copy", "adapter"] = Field(
         "copy",

@@ -1,15 +1,21 @@
 """Logits and log-probs at the positions that matter, without full-vocabulary work elsewhere.
 
 Running the LM head only on positions that carry a loss (completion tokens) avoids materializing
-(B, T, V) logits: with a 150k vocabulary that tensor dominates activation memory. The per-token
-log-prob is the target logit minus the row's logsumexp, computed in row chunks, so no (N, V)
-log-softmax tensor (nor, for bf16 logits, an (N, V) float32 copy kept for backward) ever exists.
+(B, T, V) logits: with a 150k vocabulary that tensor dominates activation memory. Given the
+targets, `SelectedLogits` goes further and never builds the (N, V) logits at all: it runs the LM
+head, the float32 upcast and the log-softmax on `chunk_size` hidden rows at a time, and under
+autograd recomputes each chunk's logits in the backward pass (torch.utils.checkpoint) instead of
+keeping them, so one chunk of (C, V) float32 values is the most that exists at once. At 8k
+completion tokens and a 150k vocabulary the full logits would be 4.9 GB in float32 (and the
+log-softmax kept for backward as much again). The same chunked log-prob on logits that already
+exist (`token_logps`) serves sampling.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 
 class SelectedLogits(torch.nn.Module):
@@ -26,19 +32,63 @@ class SelectedLogits(torch.nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor,  # (B, T) padding mask or (B, 1, T, T) additive mask
+        attention_mask,  # (B, T) padding mask, (B, 1, T, T) additive mask, a BlockMask or None
         select: torch.Tensor,  # (B, T) bool: positions whose next-token logits are wanted
         position_ids: torch.Tensor | None = None,  # (B, T)
-    ) -> torch.Tensor:  # (N, V), N = select.sum()
+        targets: torch.Tensor | None = None,  # (N,) long: the next token at each selected position
+        chunk_size: int | None = None,
+    ):
+        """Without `targets`: the (N, V) logits at the selected positions (N = select.sum()).
+
+        With `targets`: `(logps, correct)`, the float32 log-probability (N,) of each target and
+        whether it is the argmax (N,) bool, computed `chunk_size` rows at a time (None: sized by
+        memory, `default_chunk_rows`) so that no (N, V) tensor exists (module docstring).
+        """
         decoder = self.lm.get_decoder()
+        # No KV cache: nothing is decoded after this forward, and with a cache transformers does
+        # not derive packed-sequence boundaries from position ids when no mask is given.
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state  # (B, T, H)
-        logits = self.lm.get_output_embeddings()(hidden[select])  # (N, V)
+        if targets is None:
+            return self._logits(hidden[select])  # (N, V)
+        return self._chunked_logps(hidden[select], targets, chunk_size)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, V)
+        logits = self.lm.get_output_embeddings()(hidden)
         cap = getattr(self.lm.config, "final_logit_softcapping", None)
         if cap:  # Gemma-style heads squash logits; keep the model's own distribution
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _chunk_logps(self, hidden: torch.Tensor, targets: torch.Tensor):
+        # hidden (C, H), targets (C,) -> logps (C,) float32, correct (C,) bool
+        logits = self._logits(hidden).float()  # (C, V)
+        logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        return logps, logits.argmax(-1) == targets
+
+    def _chunked_logps(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None):
+        n = targets.shape[0]
+        if chunk_size is None:
+            chunk_size = default_chunk_rows(self.lm.config.get_text_config().vocab_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        targets = targets.long()
+        starts = range(0, n, chunk_size) if n else [0]  # an empty selection: one empty chunk
+        if n <= chunk_size or not (torch.is_grad_enabled() and hidden.requires_grad):
+            # one chunk (at most CHUNK_ELEMENTS logits by default) or no backward: nothing to
+            # recompute, each chunk is freed as soon as its two (C,) results exist
+            parts = [self._chunk_logps(hidden[i : i + chunk_size], targets[i : i + chunk_size])
+                     for i in starts]
+        else:
+            # Each chunk's logits are recomputed in the backward pass rather than kept: the
+            # saved state per chunk is its (C, H) hidden rows. Non-reentrant checkpointing
+            # keeps the LM head's parameters in the one autograd graph (DDP, FSDP, LoRA hooks).
+            parts = [checkpoint(self._chunk_logps, hidden[i : i + chunk_size],
+                                targets[i : i + chunk_size], use_reentrant=False)
+                     for i in starts]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +201,8 @@ def sequence_logps(
 
     `completion_mask` is aligned with `input_ids`: a marked token t is scored by the logits at
     position t-1 (a mark on position 0 is ignored: nothing predicts the first token). The LM head
-    runs only on those positions (no (B, T, V) tensor), and position ids come from the attention
-    mask, so left- and right-padded batches give the same numbers.
+    runs only on those positions, in row chunks (no (B, T, V) nor (N, V) tensor), and position
+    ids come from the attention mask, so left- and right-padded batches give the same numbers.
 
     `model` is a causal LM, or a `SelectedLogits` (possibly inside a DDP/FSDP wrapper exposing it
     as `.module`), which is then called as is so that the wrapper's gradient hooks run.
@@ -164,8 +214,8 @@ def sequence_logps(
     select = torch.zeros_like(completion_mask, dtype=torch.bool)  # (B, T)
     select[:, :-1] = completion_mask[:, 1:].bool()
     targets = input_ids[:, 1:][select[:, :-1]]  # (N,)
-    logits = net(input_ids, attention_mask, select, position_ids_from_mask(attention_mask))
-    per_token = token_logps(logits, targets, chunk_size)  # (N,)
+    per_token, _ = net(input_ids, attention_mask, select, position_ids_from_mask(attention_mask),
+                       targets=targets, chunk_size=chunk_size)  # (N,) float32, no (N, V) logits
     # Boolean indexing and nonzero() both enumerate in row-major order: row i of `per_token`
     # belongs to sequence batch_index[i].
     batch_index = select.nonzero()[:, 0]  # (N,)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import string
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from transformers import (
 )
 
 from posttrain.config import LoraConfig, ModelConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
@@ -204,7 +207,7 @@ def load_causal_lm(model_cfg: ModelConfig, *, path: str | Path | None = None) ->
         return build_tiny_model(
             model_cfg.tiny,
             build_tiny_tokenizer(),
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=loadable_attention(model_cfg.attn_implementation),
             dtype=model_cfg.dtype,
         )
     source = str(path) if path is not None else model_cfg.name_or_path
@@ -213,7 +216,7 @@ def load_causal_lm(model_cfg: ModelConfig, *, path: str | Path | None = None) ->
         revision=None if path is not None else model_cfg.revision,
         dtype=_torch_dtype(model_cfg.dtype),
         trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=loadable_attention(model_cfg.attn_implementation),
         use_safetensors=True,
     )
 
@@ -227,7 +230,7 @@ def load_trained(
     return AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=_torch_dtype(dtype),
-        attn_implementation=attn_implementation,
+        attn_implementation=loadable_attention(attn_implementation),
         use_safetensors=True,
     )
 
@@ -282,3 +285,61 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update([configured] if isinstance(configured, int) else configured or [])
     return {i for i in ids if i is not None}
+
+
+# ---------------------------------------------------------------- attention for packed rows
+
+
+def loadable_attention(implementation: str) -> str:
+    """The implementation to load a model with: flex_attention only where CUDA is available
+    (torch 2.13 has no FlexAttention backward on CPU, and its CPU forward compiles for minutes),
+    else sdpa, with a warning (on this module's logger, not posttrain.progress: that one carries
+    the metric lines)."""
+    if implementation == "flex_attention" and not torch.cuda.is_available():
+        log.warning("model: flex_attention needs a CUDA device here (no FlexAttention backward "
+                    "on CPU); loading with sdpa")
+        return "sdpa"
+    return implementation
+
+
+def packed_attention(implementation: str, device_type: str,
+                     packing: bool = True) -> tuple[str, str, str]:
+    """How SFT rows keep packed examples apart, for a model loaded with `implementation`
+    training on `device_type`: (layout, implementation to train with, reason in words).
+
+    The layout is one of posttrain.data.packing.PACKED_LAYOUTS, or "padded" without packing:
+    - flash_attention_2 -> "varlen": flash's variable-length kernels, boundaries from the
+      restarting position ids of the rows flattened into one sequence (no mask at all);
+    - flex_attention on CUDA -> "flex_attention": a block-sparse document BlockMask;
+    - flex_attention elsewhere -> sdpa (and "dense_mask"): torch 2.13's FlexAttention has no
+      backward pass on CPU ("FlexAttention does not support backward on CPU"), padded or not;
+    - sdpa, eager -> "dense_mask": they need the (B, 1, T, T) block-diagonal float mask, so the
+      reason names the implementations that avoid it.
+    """
+    if implementation == "flex_attention" and device_type != "cuda":
+        why = (f"FlexAttention has no backward pass on {device_type}: sdpa"
+               + (" with a dense (B, 1, T, T) block-diagonal mask" if packing else "")
+               + " instead")
+        return ("dense_mask" if packing else "padded"), "sdpa", why
+    if not packing:
+        return "padded", implementation, "no packing: one example a row, 2D padding mask"
+    if implementation == "flash_attention_2":
+        why = ("flash-attention varlen kernels: boundaries from the restarting position ids, "
+               "rows flattened into one sequence, no mask")
+        return "varlen", implementation, why
+    if implementation == "flex_attention":
+        why = "FlexAttention with a block-sparse document BlockMask, no (T, T) mask"
+        return "flex_attention", implementation, why
+    why = (f"{implementation} takes a dense (B, 1, T, T) block-diagonal mask; "
+           "model.attn_implementation flex_attention or flash_attention_2 avoids it on a GPU")
+    return "dense_mask", implementation, why
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> str:
+    """Switch a transformers model (or a peft model around one) to `implementation`; return
+    the one it had, so the caller can switch back."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    before = base.config._attn_implementation
+    if implementation != before:
+        base.set_attn_implementation(implementation)
+    return before

@@ -29,10 +29,10 @@ seeded generator's draws are the same code on all of them, so a seed gives the s
 - "compiled": the static path with the decode step compiled by transformers'
   `get_compiled_call` (torch.compile, fullgraph, static shapes; mode="reduce-overhead", i.e.
   CUDA graphs, on a GPU). One graph per (rows, cache length): later batches of the same shape
-  reuse it. Under "auto", a compile failure falls back to "static" with a warning (the
-  generator rewound, so the draws are the same) and the model is not compiled again.
-"auto" picks compiled on a GPU and static on the CPU, where compiling costs tens of seconds per
-shape and the compiled step is no faster at small sizes (benchmarks/bench_decode.py).
+  reuse it, and its cache. Under "auto", a compile failure falls back to "loop" with a warning
+  (the generator rewound, so the draws are the same) and the model is not compiled again.
+"auto" picks compiled on a GPU and the loop on the CPU, where neither the static cache nor the
+compiled step is faster and compiling costs 10-22 s per shape (benchmarks/bench_decode.py).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _next_tokens(
 # ------------------------------------------------------------------------------ decoding paths
 
 BACKENDS = ("auto", "loop", "static", "compiled")
-# Models (by identity) whose compiled decode step failed under "auto": they stay on "static".
+# Models (by identity) whose compiled decode step failed under "auto": they stay on "loop".
 _COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()
 # The paths each model has decoded with: the first use of a path is logged at INFO, later at DEBUG.
 _LOGGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -162,10 +162,11 @@ def compile_available(device: torch.device) -> str | None:
 def resolve_backend(model: torch.nn.Module, backend: str = "auto") -> str:
     """The decoding path `generate` takes for `backend` (see the module docstring).
 
-    auto: "compiled" on a GPU (CUDA graphs through mode="reduce-overhead"), "static" on the CPU
-    (compiling costs tens of seconds per batch shape there: benchmarks/RESULTS.md, decoding),
-    "loop" for models that do not support transformers' static cache. An explicit backend that
-    cannot run raises.
+    auto: "compiled" on a GPU (CUDA graphs through mode="reduce-overhead") for models that
+    support transformers' static cache, "loop" otherwise: on the CPU neither the static cache
+    nor inductor's step beat the loop (0.83-1.01x its tokens/s, plus 10-22 s of compile per
+    batch shape: benchmarks/RESULTS.md, "Decoding paths"). An explicit backend that cannot run
+    raises.
     """
     if backend not in BACKENDS:
         raise ValueError(f"generation backend must be one of {BACKENDS}, got {backend!r}")
@@ -183,11 +184,8 @@ def resolve_backend(model: torch.nn.Module, backend: str = "auto") -> str:
         raise ValueError(f"generation_backend 'compiled': {why}")
     if backend != "auto":
         return backend
-    if not static_ok:
-        return "loop"
-    if device.type == "cuda" and compile_available(device) is None and base not in _COMPILE_FAILED:
-        return "compiled"
-    return "static"
+    usable = static_ok and compile_available(device) is None and base not in _COMPILE_FAILED
+    return "compiled" if device.type == "cuda" and usable else "loop"
 
 
 def _compile_config(device: torch.device) -> CompileConfig:
@@ -195,6 +193,26 @@ def _compile_config(device: torch.device) -> CompileConfig:
     # CPU there are none to remove and inductor's default mode is the one that works there.
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     return CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+
+
+# The compiled path keeps its model's last StaticCache (model -> (shape key, cache)) and resets it
+# in place for the next batch of the same shape: CUDA graphs replay on fixed addresses, and a new
+# cache every step would make them re-record. Costs the cache's memory between rollouts.
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static_cache(base, rows: int, length: int, device: torch.device, keep: bool) -> StaticCache:
+    if not keep:
+        return StaticCache(config=base.config, max_cache_len=length)
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    key = (rows, length, str(device), str(autocast))
+    held = _CACHES.get(base)
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    cache = StaticCache(config=base.config, max_cache_len=length)
+    _CACHES[base] = (key, cache)
+    return cache
 
 
 def _bucket(length: int) -> int:
@@ -240,12 +258,11 @@ class _StaticDecoder:
         n, self.width = prompt.shape
         base = _base_model(model)
         self.model, self.cache_kwarg, self.t = model, _cache_kwarg(model), 0
-        length = _bucket(self.width + max_new_tokens)
-        self.cache = StaticCache(config=base.config, max_cache_len=length)
+        length, device = _bucket(self.width + max_new_tokens), prompt.device
+        self.cache = _static_cache(base, n, length, device, keep=compiled)
         self.attention = prompt_mask.new_zeros(n, length)
         self.attention[:, : self.width] = prompt_mask
         self.seen = prompt_mask.sum(-1)  # (N,) real tokens so far
-        device = prompt.device
         self.call = base.get_compiled_call(_compile_config(device)) if compiled else model
         self.mark_step = compiled and device.type == "cuda"
 
@@ -356,11 +373,11 @@ def generate(
             if backend != "auto" or path != "compiled":
                 raise
             _COMPILE_FAILED.add(_base_model(model))
-            log.warning("rollout decoding: the compiled step failed (%s: %s); using 'static'",
+            log.warning("rollout decoding: the compiled step failed (%s: %s); using 'loop'",
                         type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             if state is not None:
-                generator.set_state(state)  # the same draws as if "static" had run first
-            path = "static"
+                generator.set_state(state)  # the same draws as if "loop" had run first
+            path = "loop"
             tokens, logps, masks, done = run(path)
     finally:
         model.train(was_training)

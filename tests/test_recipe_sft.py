@@ -69,12 +69,14 @@ def test_lora_trains_the_adapter_and_freezes_the_base(tokenizer, examples):
 
 
 def test_selected_logits_loss_equals_full_logits_loss(tokenizer, examples):
-    """The fast path (LM head on loss positions only) equals transformers' own causal-LM loss."""
+    """The fast path (LM head on loss positions only, in chunks of 7 rows) equals transformers'
+    own causal-LM loss."""
     model = build_tiny_model(TINY, tokenizer).eval()
     batch = collate_padded(examples[:6], tokenizer.pad_token_id)
     select, targets = shift_targets(batch["labels"])
-    logits = SelectedLogits(model)(batch["input_ids"], batch["attention_mask"], select)
-    ours, _ = sft_loss(logits, targets, targets.numel())
+    logps, _ = SelectedLogits(model)(batch["input_ids"], batch["attention_mask"], select,
+                                     targets=targets, chunk_size=7)
+    ours, _ = sft_loss(logps, targets.numel())
     reference = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
         labels=batch["labels"],
@@ -123,3 +125,19 @@ def test_periodic_checkpoints_hold_safetensors_weights(tokenizer, examples, tmp_
     saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert saved == ["step-000002", "step-000004"]
     assert list((tmp_path / "ckpt" / "step-000004").glob("*.safetensors"))
+
+
+def test_the_stage_records_its_attention_path_on_its_run(tmp_path):
+    """The SFT stage says how packed rows kept their examples apart in its manifest and as a tag
+    of its MLflow run (not as a line on posttrain.progress, whose lines are the metric lines a
+    Prefect task run shows)."""
+    from posttrain import stages, tracking
+    from posttrain.config import PipelineConfig, validate
+    from tests.conftest import tiny_pipeline_values
+
+    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path))
+    data = stages.run_data_stage(cfg)
+    manifest = stages.run_training_stage(cfg, "sft", stages.inputs_for(cfg.stage("sft"), data, {}))
+    assert manifest["attention"] == "dense_mask" and manifest["metrics"]["attention"] == "dense_mask"
+    run = tracking.client().get_run(manifest["mlflow_run_id"])
+    assert run.data.tags["posttrain.attention"] == "dense_mask"

@@ -2,15 +2,23 @@
 
 Packed rows need two things to be equivalent to running each example alone:
 - position ids that restart at 0 for every example (rotary embeddings see the same positions), and
-- a block-diagonal causal attention mask, so no token attends to another example. Restarting
-  position ids alone is NOT enough with attn_implementation="sdpa"/"eager" (checked in
-  tests/test_packing.py): only flash-attention's varlen path derives boundaries from position ids.
-  transformers passes a 4D mask through unchanged and adds it to the attention scores, so an
-  additive float mask (0 allowed, dtype-min blocked) works for both sdpa and eager.
+- attention that never crosses from one example into another. How depends on the kernel
+  (posttrain.models.packed_attention chooses; the SFT recipe logs the choice):
+  - "flex_attention": a FlexAttention BlockMask built from seq_ids (`document_block_mask`), a
+    compressed block-sparse description of the document-causal mask: no (T, T) tensor, and the
+    kernel skips the blocks no query may see. transformers passes a 4D BlockMask through unchanged.
+  - "varlen": flash-attention's variable-length kernels read the boundaries from position ids
+    (cu_seqlens where a position restarts at 0), but transformers only does so for a batch of ONE
+    row with no attention mask, so the rows are flattened into a single (1, B*T) sequence.
+  - "dense_mask" (the fallback, sdpa and eager): an additive (B, 1, T, T) float mask (0 allowed,
+    dtype-min blocked), which transformers adds to the attention scores unchanged. Restarting
+    position ids alone is NOT enough when a 2D mask is passed (checked in tests/test_packing.py).
 
 Labels are each example's own labels, except that the first token of every example is set to
 -100: after the usual shift (logits[:, :-1] vs labels[:, 1:]) that label would be predicted from
 the previous example's last token. The first token (BOS or prompt) never carries loss anyway.
+That also makes the flattened "varlen" layout safe: the last token of one row never predicts the
+first token of the next.
 """
 
 from __future__ import annotations
@@ -97,20 +105,30 @@ def collate_padded(examples: list[dict], pad_token_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+PACKED_LAYOUTS = ("dense_mask", "flex_attention", "varlen")
+
+
 def collate_packed(
     bins: list[list[dict]],
     pad_token_id: int,
     length: int | None = None,
     dtype: torch.dtype = torch.float32,
+    attention: str = "dense_mask",
 ) -> dict[str, torch.Tensor]:
     """One row per bin, its examples concatenated and right-padded to `length` (default: longest).
 
     Returns input_ids (B, T); labels (B, T), -100 on padding and on each example's first token;
     position_ids (B, T) restarting at 0 per example (0 on padding); seq_ids (B, T), the example's
-    index within its row, -1 on padding; attention_mask (B, 1, T, T) additive in `dtype` (the
-    model's dtype): 0.0 where query i may attend key j (same example and j <= i), finfo.min
-    elsewhere. A padding token attends only to itself, so no softmax row is fully masked (NaN).
+    index within its row, -1 on padding. The attention layout (module docstring):
+    - "dense_mask": also attention_mask (B, 1, T, T) additive in `dtype` (the model's dtype):
+      0.0 where query i may attend key j (same example and j <= i), finfo.min elsewhere. A
+      padding token attends only to itself, so no softmax row is fully masked (NaN).
+    - "flex_attention": no attention_mask; build `document_block_mask(seq_ids)` on the device.
+    - "varlen": no attention_mask, and every tensor flattened to (1, B*T); each padding token is
+      a sequence of its own (position 0).
     """
+    if attention not in PACKED_LAYOUTS:
+        raise ValueError(f"attention must be one of {PACKED_LAYOUTS}, got {attention!r}")
     if not bins:
         raise ValueError("cannot collate an empty batch")
     totals = [sum(len(e["input_ids"]) for e in b) for b in bins]
@@ -133,13 +151,30 @@ def collate_packed(
             position_ids[r, start:end] = torch.arange(n)
             seq_ids[r, start:end] = s
             start = end
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "seq_ids": seq_ids,
-        "attention_mask": block_causal_mask(seq_ids, dtype),
-    }
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+             "seq_ids": seq_ids}
+    if attention == "dense_mask":
+        batch["attention_mask"] = block_causal_mask(seq_ids, dtype)
+    elif attention == "varlen":
+        batch = {k: v.reshape(1, B * T) for k, v in batch.items()}  # (1, B*T)
+    return batch
+
+
+def document_block_mask(seq_ids: torch.Tensor, compile: bool | None = None):
+    """FlexAttention BlockMask from seq_ids (B, T): the mask of `block_causal_mask` (causal
+    within each example, a padding token attends to itself), built on seq_ids' device without a
+    (B, T, T) tensor when compiled (`compile` defaults to True on CUDA; uncompiled, torch
+    evaluates the mask densely, fine for small T on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = seq_ids.shape
+
+    def document_causal(b, h, q, k):
+        return ((seq_ids[b, q] == seq_ids[b, k]) & (seq_ids[b, q] >= 0) & (k <= q)) | (q == k)
+
+    return create_block_mask(document_causal, B=B, H=None, Q_LEN=T, KV_LEN=T,
+                             device=seq_ids.device,
+                             _compile=seq_ids.is_cuda if compile is None else compile)
 
 
 def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

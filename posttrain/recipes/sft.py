@@ -5,15 +5,18 @@ instructions with human feedback", §3.5): minimize -Σ log π(y_t | x, y_<t) ov
 Departures, each on purpose:
 - The loss is normalized by the number of loss tokens of the whole accumulated batch (see
   posttrain/losses/sft.py), not averaged per micro-batch.
-- With packing, examples share a row but never attend to each other (block-diagonal 4D mask and
-  restarted position ids), so packing changes speed, not the objective.
-- The LM head runs only on positions that carry a loss (posttrain/logprobs.py).
+- With packing, examples share a row but never attend to each other (restarted position ids,
+  and a FlexAttention document mask, flash-attention varlen or a block-diagonal 4D mask, chosen
+  by posttrain.models.packed_attention and logged), so packing changes speed, not the objective.
+- The LM head runs only on positions that carry a loss, in row chunks: no (N, V) logits
+  (posttrain/logprobs.py). Held-out loss and perplexity go the same way.
 
 Run on its own (no Prefect): `python -m posttrain.recipes.sft --config conf/demo.yaml`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +25,10 @@ import torch
 from accelerate import Accelerator
 
 from posttrain.config import SFTConfig
-from posttrain.data.packing import collate_packed, collate_padded, pack_bfd
+from posttrain.data.packing import collate_packed, collate_padded, document_block_mask, pack_bfd
 from posttrain.logprobs import SelectedLogits, shift_targets
 from posttrain.losses.sft import sft_loss
+from posttrain.models import packed_attention, set_attention
 from posttrain.training import (
     build_optimizer,
     endless_batches,
@@ -35,6 +39,7 @@ from posttrain.training import (
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
+log = logging.getLogger(__name__)
 
 
 def micro_batches(
@@ -47,12 +52,14 @@ def micro_batches(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    attention: str = "dense_mask",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches: `batch_size` packed rows of `max_length` tokens, or (without
-    packing) `batch_size` examples padded to the longest."""
+    """Endless micro-batches: `batch_size` packed rows of `max_length` tokens in the
+    `attention` layout (posttrain.data.packing), or (without packing) `batch_size` examples
+    padded to the longest."""
     def collate(chosen: list) -> dict[str, torch.Tensor]:
         if packing:
-            return collate_packed(chosen, pad_token_id, length=max_length)
+            return collate_packed(chosen, pad_token_id, length=max_length, attention=attention)
         return collate_padded(chosen, pad_token_id)
 
     units: list = examples
@@ -74,11 +81,12 @@ def evaluate_loss(
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         select, targets = shift_targets(batch["labels"])
-        logits = model(batch["input_ids"], batch["attention_mask"], select, batch.get("position_ids"))
-        _, m = sft_loss(logits, targets, 1)
+        logps, correct = model(batch["input_ids"], attention_mask(batch), select,
+                               batch.get("position_ids"), targets=targets)
+        _, m = sft_loss(logps, 1)
         loss_sum += m["loss_sum"].item()
         n_tokens += int(m["num_tokens"])
-        n_correct += int(m["num_correct"])
+        n_correct += int(correct.sum())
     model.train(was_training)
     mean = loss_sum / max(n_tokens, 1)
     return {
@@ -99,9 +107,38 @@ def train(
     checkpoint_dir: Path | None = None,
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
-    """Train `model` in place on tokenized examples ({input_ids, labels}); return final metrics."""
+    """Train `model` in place on tokenized examples ({input_ids, labels}); return final metrics,
+    with `attention`: how packed examples were kept apart (a PACKED_LAYOUTS name, or "padded")."""
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
+    attention, implementation, why = packed_attention(
+        model.config._attn_implementation, accelerator.device.type, config.packing)
+    if config.packing:
+        # Not on posttrain.progress: that logger carries the metric lines only. The stage also
+        # records the path as an MLflow tag of its run (posttrain.attention).
+        log.info("sft: packed rows use attention path %r (%s)", attention, why)
+    restore = set_attention(model, implementation)
+    try:
+        final = _train(model, train_examples, eval_examples, config, attention,
+                       pad_token_id=pad_token_id, log_metrics=log_metrics,
+                       checkpoint_dir=checkpoint_dir, accelerator=accelerator)
+    finally:
+        set_attention(model, restore)
+    return {**final, "attention": attention}
+
+
+def attention_mask(batch: dict[str, torch.Tensor], attention: str = "dense_mask"):
+    """What the decoder gets as its attention mask: a document BlockMask for the
+    "flex_attention" layout (built on the batch's device), else the batch's own: the dense 4D
+    block mask, a 2D padding mask (padded batches), or None ("varlen": the boundaries come from
+    the position ids)."""
+    if attention == "flex_attention":
+        return document_block_mask(batch["seq_ids"])
+    return batch.get("attention_mask")
+
+
+def _train(model, train_examples, eval_examples, config: SFTConfig, attention: str, *,
+           pad_token_id: int, log_metrics, checkpoint_dir, accelerator) -> dict[str, float]:
     net = SelectedLogits(model)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
@@ -115,6 +152,7 @@ def train(
         seed=config.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        attention=attention if config.packing else "dense_mask",
     )
     eval_batches = [
         collate_padded(eval_examples[i : i + config.per_device_batch_size], pad_token_id)
@@ -123,11 +161,12 @@ def train(
 
     def loss_fn(mb: dict) -> tuple[torch.Tensor, dict[str, float]]:
         select, targets = shift_targets(mb["labels"])
-        logits = net(mb["input_ids"], mb["attention_mask"], select, mb.get("position_ids"))
-        loss_sum, m = sft_loss(logits, targets, 1)
+        logps, correct = net(mb["input_ids"], attention_mask(mb, attention), select,
+                             mb.get("position_ids"), targets=targets)
+        loss_sum, m = sft_loss(logps, 1)
         return loss_sum, {
             "loss": m["loss_sum"].item(),
-            "mean_token_accuracy": m["num_correct"].item(),
+            "mean_token_accuracy": correct.sum().item(),
         }
 
     tokens_seen = 0

@@ -64,6 +64,11 @@ def run_sft_stage(cfg: PipelineConfig, stage: SFTConfig, inputs: dict, *,
                 attempt, stage, record_oom_backoff(out, run_id))
         finally:
             logger.flush()
+        # How packed examples were kept apart (posttrain.models.packed_attention): in the
+        # manifest and as a tag of the stage's MLflow run, where the run's page shows it.
+        out.meta["attention"] = final["attention"]
+        if run_id:
+            tracking.client().set_tag(run_id, "posttrain.attention", final["attention"])
         save_trained(accelerator, model, tokenizer, out.dir / "model")
         out.meta["base_model"] = cfg.model.name_or_path
         dropped = report["dropped_too_long"] + report["dropped_no_loss"]
