@@ -84,6 +84,21 @@ def flatten_results(results: dict) -> tuple[dict[str, float], dict[str, float]]:
     return metrics, stderrs
 
 
+def directions(results: dict, metrics: Iterable[str]) -> dict[str, str]:
+    """"max" or "min" for each flattened metric whose task says whether higher is better (the
+    harness's `higher_is_better`), for promotion metrics and guards."""
+    out = {}
+    for key in metrics:
+        parts = key.split("/")
+        if len(parts) < 3:
+            continue
+        task, metric = parts[1], parts[2]
+        better = (results.get("higher_is_better") or {}).get(task, {}).get(metric)
+        if isinstance(better, bool):
+            out[key] = "max" if better else "min"
+    return out
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(float(value))
@@ -409,12 +424,14 @@ def fingerprint(tasks: Iterable[str], *, include_path=None, manager=None,
 
 @dataclass
 class HarnessResult:
-    """One model's harness results: flat metrics, the harness's own standard errors, per-item
+    """One model's harness results: flat metrics, whether each is better high ("max") or low
+    ("min"), the harness's own standard errors, per-item
     values of each metric in document order (for bootstrap intervals and pairing), each
     document's target and filtered response, and the seconds each requested task took (model
     loading aside)."""
 
     metrics: dict[str, float]
+    directions: dict[str, str] = field(default_factory=dict)  # metric -> "max" | "min"
     stderrs: dict[str, float] = field(default_factory=dict)
     per_item: dict[str, list[float]] = field(default_factory=dict)
     outputs: dict[str, list[dict]] = field(default_factory=dict)
@@ -530,6 +547,7 @@ def evaluate_tasks(
         metrics, stderrs = flatten_results(out)
         per_item, outputs = _per_item(out)
         result.metrics.update(metrics)
+        result.directions.update(directions(out, metrics))
         result.stderrs.update(stderrs)
         result.per_item.update(per_item)
         result.outputs.update(outputs)

@@ -47,7 +47,13 @@ def test_flatten_results_takes_numbers_of_tasks_and_groups():
         },
         "groups": {"mmlu": {"alias": "mmlu", "acc,none": 0.45, "acc_stderr,none": 0.02}},
     }
+    out["higher_is_better"] = {"gsm8k": {"exact_match": True}, "mmlu": {"acc": True},
+                               "wikitext": {"word_perplexity": False}}
     metrics, stderrs = harness.flatten_results(out)
+    assert harness.directions(out, [*metrics, "lm_eval/wikitext/word_perplexity"]) == {
+        "lm_eval/gsm8k/exact_match/strict-match": "max",
+        "lm_eval/gsm8k/exact_match/flexible-extract": "max",
+        "lm_eval/mmlu/acc": "max", "lm_eval/wikitext/word_perplexity": "min"}
     assert metrics == {
         "lm_eval/gsm8k/exact_match/strict-match": 0.25,
         "lm_eval/gsm8k/exact_match/flexible-extract": 0.5,
@@ -264,6 +270,7 @@ def test_running_the_harness_keeps_the_callers_random_streams(tokenizer):
                                     apply_chat_template=True)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert set(result.metrics) == {"lm_eval/posttrain_demo/exact_match"}
+    assert result.directions == {"lm_eval/posttrain_demo/exact_match": "max"}
     assert len(result.per_item["lm_eval/posttrain_demo/exact_match"]) == 3
     assert [o["target"] for o in result.outputs["posttrain_demo"]] == \
         [json.loads(line)["answer"] for line in
