@@ -46,6 +46,7 @@ class _State:
     checkpointing: bool = False
     timer: threading.Timer | None = None
     forced: bool = False  # set by the grace timer
+    note: str | None = None  # why the stop, when no signal came (the launching command died)
 
 
 _state = _State()
@@ -110,6 +111,7 @@ def stage(name: str) -> Iterator[None]:
         for sig in SIGNALS:
             signal.signal(sig, handle)
     _state.stage, _state.step, _state.checkpoint_step, _state.checkpointing = name, None, None, False
+    watcher = _watch_launching_command() if outer[0] is None else None
     try:
         yield
     except Interrupted as e:
@@ -117,6 +119,8 @@ def stage(name: str) -> Iterator[None]:
             finish(e)
         raise
     finally:
+        if watcher is not None:
+            watcher.set()
         _state.stage, _state.step, _state.checkpoint_step, _state.checkpointing = outer
         if previous is not None:
             for sig, old in zip(SIGNALS, previous, strict=True):
@@ -131,6 +135,49 @@ def adopt(name: str) -> None:
     of them stop, and checkpoint, at the same step)."""
     if _state.pending is None and not _state.stopping:
         _state.pending = name
+
+
+def _watch_launching_command() -> threading.Event | None:
+    """In a process of a launched stage (torchrun / `accelerate launch`: TORCHELASTIC_RUN_ID is
+    set), a thread that notices when the command that started the launcher is gone (killed
+    with SIGKILL: no signal reaches the launch, which runs in a session of its own) and then
+    stops the stage as SIGTERM would, at the next step boundary after a checkpoint (every
+    process of the launch agrees on it, posttrain.checkpoints.agree_on_stop). Otherwise the
+    launch trains on, orphaned, beside the rerun that took over the stage. Returns the event
+    that ends the thread, or None when there is nothing to watch."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        import psutil
+
+        launcher = psutil.Process(os.getppid())
+        command = launcher.ppid()
+    except Exception:  # noqa: BLE001 - no watching then, as before
+        return None
+    if command <= 1:
+        return None
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            try:
+                gone = launcher.ppid() != command or not psutil.pid_exists(command)
+            except psutil.Error:
+                gone = True
+            if gone:
+                # Nobody reads this process's output any more: a write to the broken pipe would
+                # end it on the spot (rich's console exits on EPIPE), before its checkpoint.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                for fd in (1, 2):
+                    os.dup2(devnull, fd)
+                os.close(devnull)
+                if _state.pending is None and not _state.stopping:
+                    _state.note = f"the command that launched it, PID {command}, is gone"
+                    _state.pending = "SIGTERM"
+                return
+
+    threading.Thread(target=watch, daemon=True, name="posttrain-launch-watch").start()
+    return done
 
 
 def checkpointed(step: int) -> None:
@@ -158,7 +205,10 @@ def after_step(step: int, save: Callable[[], None] | None) -> None:
 def say(line: str) -> None:
     """One line on stderr, safe inside a signal handler (print may be in the middle of a write
     to the same stream and would fail as a reentrant call)."""
-    os.write(2, f"\n{line}\n".encode())
+    try:
+        os.write(2, f"\n{line}\n".encode())
+    except OSError:  # stderr gone (the pipe of a command that was killed): the stop goes on
+        pass
 
 
 def where() -> str:
@@ -168,6 +218,8 @@ def where() -> str:
     text = f"during stage {_state.stage!r}"
     if _state.step is not None:
         text += f" after step {_state.step}"
+    if _state.note:
+        text += f" ({_state.note})"
     if _state.checkpoint_step is not None:
         text += f"; a rerun resumes it from the checkpoint at step {_state.checkpoint_step}"
     elif _state.checkpointing:
