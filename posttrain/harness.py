@@ -470,6 +470,20 @@ def _quiet_harness() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_environment_report() -> Iterator[None]:
+    """simple_evaluate records the environment on every call: `git describe` in the working
+    directory (printing "fatal: not a git repository" outside one) and torch's collect_env
+    (several subprocesses). The results here are the metrics; both are skipped."""
+    from unittest import mock
+
+    from lm_eval import evaluator
+
+    with mock.patch.object(evaluator, "get_git_commit_hash", lambda: None), \
+            mock.patch.object(evaluator, "add_env_info", lambda storage: None):
+        yield
+
+
 def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str | None = None):
     """(model, tokenizer) of a model folder as posttrain's evaluation loads it."""
     import torch
@@ -535,7 +549,7 @@ def evaluate_tasks(
     result = HarnessResult(metrics={})
     for name in tasks:  # one harness call per requested name: its time is its own
         clock = time.perf_counter()
-        with _rng_kept(), _quiet_harness():
+        with _rng_kept(), _quiet_harness(), _no_environment_report():
             out = simple_evaluate(
                 model=lm, tasks=[name], num_fewshot=num_fewshot, limit=limit,
                 gen_kwargs=dict(overrides) or None, task_manager=manager,
