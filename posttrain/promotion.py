@@ -39,7 +39,8 @@ BASE = "base"
 # Which way is better, for the metrics evaluation produces.
 DIRECTIONS = {"checker_accuracy": "max", "reward_score": "max", "win_rate_vs_reference": "max",
               "eos_rate": "max", "eval_loss": "min", "perplexity": "min",
-              "chosen_perplexity": "min", "kl_to_reference": "min"}
+              "chosen_perplexity": "min", "kl_to_reference": "min",
+              "kl_per_token_to_reference": "min"}
 DEFAULT_METRICS = ("checker_accuracy", "reward_score", "eval_loss")
 DEFAULT_GUARD = MetricGuard(metric="eval_loss", direction="min", tolerance=0.5)
 

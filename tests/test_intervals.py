@@ -184,7 +184,7 @@ def test_a_pipeline_evaluation_has_intervals_per_prompt_values_and_a_pairable_ch
         names = {k for k in metrics if not k.endswith(("_ci_low", "_ci_high"))} - {
             "eval_seconds"}
         assert names == {"checker_accuracy", "eval_loss", "perplexity", "eos_rate",
-                         "mean_completion_length", "kl_to_reference"}
+                         "mean_completion_length", "kl_to_reference", "kl_per_token_to_reference"}
         for name in names:
             low, high = metrics[name + "_ci_low"], metrics[name + "_ci_high"]
             assert low <= metrics[name] + 1e-9 and metrics[name] <= high + 1e-9, (model, name)

@@ -30,7 +30,7 @@ def evaluation_metrics(cfg: PipelineConfig, formats: dict[str, str], checker: bo
     """The comparison metrics this pipeline's evaluation produces for every model, given the
     format of each data source it reads (by name) and whether the held-out source has a
     checker. Preflight and the promotion defaults read this; `_evaluate_all` produces them."""
-    out = {"mean_completion_length", "eos_rate", "kl_to_reference"}
+    out = {"mean_completion_length", "eos_rate", "kl_to_reference", "kl_per_token_to_reference"}
     if formats[cfg.eval_source] in WITH_REFERENCE:
         out |= {"eval_loss", "perplexity"}
     if checker:
@@ -197,7 +197,7 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
     reference goes last so that, while it is loaded, it scores everyone's completions (one model
     in memory at a time). `loaders` (name -> model factory, the reference among them) replace
     the base model and the candidates."""
-    from posttrain.evaluate import completion_logps, evaluate_candidate
+    from posttrain.evaluate import completion_token_logps, evaluate_candidate
     from posttrain.models import load_tokenizer
     from posttrain.rewards import load_reward_model
     from posttrain.training import make_accelerator, place
@@ -227,14 +227,14 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
         seconds = results[name].seconds  # generate, loss, reward, chosen_perplexity; + kl, total
         if name != reference:
             t = time.perf_counter()
-            own_logps[name] = completion_logps(model, results[name].completions, pad, bs)
+            own_logps[name] = completion_token_logps(model, results[name].completions, pad, bs)
             seconds["kl"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - clock  # loading the model included
         else:
             seconds["kl"], seconds["total"] = 0.0, time.perf_counter() - clock
             for n in own_logps:  # the reference scoring n's completions is n's cost
                 t = time.perf_counter()
-                ref_logps[n] = completion_logps(model, results[n].completions, pad, bs)
+                ref_logps[n] = completion_token_logps(model, results[n].completions, pad, bs)
                 results[n].seconds["kl"] += time.perf_counter() - t
                 results[n].seconds["total"] += time.perf_counter() - t
         del model
@@ -255,17 +255,36 @@ def _rows(cfg: PipelineConfig, data_manifest: dict) -> tuple[list[dict], list[di
 
 
 def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dict) -> None:
+    import torch
+
     from posttrain import bootstrap
-    from posttrain.evaluate import kl_estimate, kl_items, win_items, win_rate
+    from posttrain.evaluate import (
+        k3_kl_items,
+        k3_kl_per_token,
+        kl_estimate,
+        kl_items,
+        win_items,
+        win_rate,
+    )
 
     ref = results[reference]
     for name, r in results.items():
         if name == reference:
-            r.metrics["kl_to_reference"] = 0.0
-            r.per_prompt["kl_to_reference"] = bootstrap.per_item([0.0] * len(r.completions))
+            zeros = [0.0] * len(r.completions)
+            r.metrics["kl_to_reference"] = r.metrics["kl_per_token_to_reference"] = 0.0
+            r.per_prompt["kl_to_reference"] = bootstrap.per_item(zeros)
+            r.per_prompt["kl_per_token_to_reference"] = bootstrap.per_item(zeros)
         else:
-            r.metrics["kl_to_reference"] = kl_estimate(own_logps[name], ref_logps[name])
-            r.per_prompt["kl_to_reference"] = kl_items(own_logps[name], ref_logps[name])
+            # Per-token log-probs: summed for the sequence log-ratio, per token for k3.
+            own_tokens, ref_tokens = own_logps[name], ref_logps[name]
+            own_sums = (torch.stack([t.sum() for t in own_tokens]) if own_tokens
+                        else torch.zeros(0))
+            ref_sums = (torch.stack([t.sum() for t in ref_tokens]) if ref_tokens
+                        else torch.zeros(0))
+            r.metrics["kl_to_reference"] = kl_estimate(own_sums, ref_sums)
+            r.per_prompt["kl_to_reference"] = kl_items(own_sums, ref_sums)
+            r.metrics["kl_per_token_to_reference"] = k3_kl_per_token(own_tokens, ref_tokens)
+            r.per_prompt["kl_per_token_to_reference"] = k3_kl_items(own_tokens, ref_tokens)
         if any(s is not None for s in r.scores):
             r.metrics["win_rate_vs_reference"] = win_rate(r.scores, ref.scores)
             r.per_prompt["win_rate_vs_reference"] = win_items(r.scores, ref.scores)
