@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_long                     # 4k and 8k tokens, vocabulary 150k
     python -m benchmarks.bench_long --tokens 4096 --vocab 151936 --cap-gb 12
+    python -m benchmarks.bench_long --trl-python .venv-bench/bin/python --only chunked,trl
 
 One forward + backward of the SFT loss on one sequence of `--tokens` tokens, every token but the
 first carrying a loss (the worst case: N = T loss positions), small Qwen2 body (hidden 64,
@@ -14,8 +15,11 @@ first carrying a loss (the worst case: N = T loss positions), small Qwen2 body (
 - full: the model's own forward, (1, T, V) logits and cross-entropy, as a plain transformers
   training step computes it (what TRL's SFTTrainer does without a fused-loss kernel).
 
-TRL's SFTTrainer itself is compared only when `trl` is installed in this environment (it is not
-here: see benchmarks/README.md for the separate .venv-bench); this script does not run it.
+- trl (with `--trl-python`, an interpreter that has trl, e.g. .venv-bench): one training step
+  of TRL's SFTTrainer on the same model and the same token ids (a pre-tokenized one-row dataset,
+  every token a loss token), batch 1, no checkpoints or logging integrations. Its step includes
+  what a trainer step holds beyond ours: AdamW's two moments (8 bytes per parameter, reported
+  as "optimizer MB") and the trainer's own bookkeeping.
 
 "step MB" = peak RSS during the step minus RSS just before it (model, optimizer-free: only the
 step's activations, logits and gradients); "peak RSS MB" the whole process. Every worker runs
@@ -37,7 +41,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("chunked", "unchunked", "full")
+VARIANTS = ("chunked", "unchunked", "full", "trl")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--cap-gb", type=float, default=12.0, help="address-space cap per worker")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
+    p.add_argument("--only", default=",".join(VARIANTS), help="variants, comma-separated")
+    p.add_argument("--trl-python", default=None,
+                   help="an interpreter with trl: adds TRL's SFTTrainer as the 'trl' variant")
     return p.parse_args(argv)
 
 
@@ -76,6 +83,9 @@ def worker(args) -> dict:
     labels = ids.clone()
     labels[0, 0] = -100
     mask = torch.ones_like(ids)
+    if args.worker == "trl":  # imported before the measurement: their memory is not the step's
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
     before = current_rss_mb()
     peak_before = peak_rss_mb()
     started = time.perf_counter()
@@ -87,16 +97,47 @@ def worker(args) -> dict:
         select, targets = shift_targets(labels)
         logits = SelectedLogits(model)(ids, mask, select)  # (N, V)
         loss = F.cross_entropy(logits.float(), targets)
+    elif args.worker == "trl":
+        loss = _trl_step(model, ids, args.vocab)
     else:
         logits = model(input_ids=ids, attention_mask=mask).logits  # (1, T, V)
         loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:])
-    loss.backward()
+    if args.worker != "trl":
+        loss.backward()
+        loss = loss.item()
     seconds = time.perf_counter() - started
     peak = peak_rss_mb()
-    return {"variant": args.worker, "tokens": T, "vocab": args.vocab, "loss": loss.item(),
+    optimizer_mb = 8 * sum(p.numel() for p in model.parameters()) / 2**20
+    return {"variant": args.worker, "tokens": T, "vocab": args.vocab, "loss": loss,
+            "optimizer_mb": optimizer_mb if args.worker == "trl" else 0.0,
             "step_mb": peak - max(before, peak_before) if peak > peak_before else 0.0,
             "peak_rss_mb": peak, "rss_before_mb": before, "seconds": seconds,
             "chunk_rows": default_chunk_rows(args.vocab)}
+
+
+def _trl_step(model, ids, vocab: int) -> float:
+    """One SFTTrainer step on `ids` (already tokenized: TRL skips its own tokenization); the
+    loss TRL logged for it."""
+    import contextlib
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from benchmarks.synthetic import word_tokenizer
+
+    logged: list[float] = []
+    dataset = Dataset.from_list([{"input_ids": ids[0].tolist()}])
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
+        config = SFTConfig(output_dir=out, max_steps=1, per_device_train_batch_size=1,
+                           learning_rate=1e-4, logging_steps=1, save_strategy="no",
+                           report_to="none", use_cpu=True, disable_tqdm=True,
+                           dataloader_num_workers=0, max_length=ids.shape[1], packing=False)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
+                             processing_class=word_tokenizer(vocab))
+        trainer.train()
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return logged[-1] if logged else float("nan")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,10 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[tuple[int, str], dict] = {}
     for tokens in (int(t) for t in args.tokens.split(",")):
         for variant in VARIANTS:
+            if variant not in args.only.split(",") or (variant == "trl" and not args.trl_python):
+                continue
             flags = ["--worker", variant, "--tokens", str(tokens), "--vocab", str(args.vocab),
                      "--hidden", str(args.hidden), "--layers", str(args.layers),
                      "--threads", str(args.threads), "--cap-gb", str(args.cap_gb)]
-            results[(tokens, variant)] = run_worker("benchmarks.bench_long", flags, args.timeout)
+            results[(tokens, variant)] = run_worker(
+                "benchmarks.bench_long", flags, args.timeout,
+                python=args.trl_python if variant == "trl" else None)
     print(report(args, results))
     return results
 
