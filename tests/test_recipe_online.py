@@ -51,7 +51,7 @@ def test_grpo_raises_the_reward_and_logs_the_field_metrics(tokenizer):
     assert sum(rewards[-5:]) / 5 > 2 * sum(rewards[:5]) / 5, rewards
     for key in ("reward", "reward_std", "rewards/sevens/mean", "frac_reward_zero_std",
                 "completions/mean_length", "completions/clipped_ratio", "entropy",
-                "clip_ratio/region_mean", "loss", "grad_norm", "eval_reward"):
+                "clip_ratio/region_mean", "loss", "grad_norm", "eval/reward"):
         assert key in history[-1], key
     assert "kl" not in history[-1]  # beta = 0: no KL term at all
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -141,7 +141,7 @@ def test_rloo_raises_the_reward_and_logs_the_field_metrics(tokenizer, monkeypatc
     assert sum(rewards[-5:]) / 5 > 2 * sum(rewards[:5]) / 5, rewards
     for key in ("reward", "reward_std", "rewards/sevens/mean", "frac_reward_zero_std",
                 "completions/mean_length", "completions/clipped_ratio", "entropy",
-                "clip_ratio/region_mean", "loss", "grad_norm", "eval_reward"):
+                "clip_ratio/region_mean", "loss", "grad_norm", "eval/reward"):
         assert key in history[-1], key
     assert "kl" not in history[-1] and calls == []  # beta = 0: no KL, no reference
     assert all(m["clip_ratio/region_mean"] == 0.0 for m in history)  # one pass: ratio 1

@@ -132,6 +132,64 @@ def test_grpo_resumes_exactly(tmp_path):
     _assert_resumed(train, tmp_path)
 
 
+def test_grpo_select_best_resumes_to_the_same_best_step(tmp_path):
+    """select_best's best step and weights are in the checkpoint: a run killed after step 5
+    resumes from step 4 and still selects step 2 (scripted: eval/reward is 0.9 at step 2 and
+    lower later), with step 2's weights, as the uninterrupted run."""
+    import torch
+
+    from posttrain.config import GRPOConfig
+    from posttrain.recipes import grpo
+
+    tok = build_tiny_tokenizer()
+    prompts = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4)
+               for b in range(4)]
+    cfg = GRPOConfig(max_steps=8, per_device_batch_size=16, num_generations=4,
+                     learning_rate=3e-3, warmup_steps=3, max_length=32, max_completion_length=5,
+                     eval_every=2, log_every=1, checkpoint_every=2, select_best="eval/reward",
+                     reward_functions={"m:sevens": 1.0})
+    scripted = {2: 0.9, 4: 0.5, 6: 0.3, 8: 0.1}
+
+    def run(ckpt, crash_at=None, start=0):
+        step = {"n": start}  # optimizer steps so far: one training reward call each
+
+        def sevens(prompts, completions, **_):
+            step["n"] += 1
+            texts = [c[0]["content"] for c in completions]
+            return [t.count("7") / max(len(t), 1) for t in texts]
+
+        def scripted_eval(prompts, completions, **_):
+            return [scripted[step["n"]]] * len(prompts)
+
+        model, snapshots = build_tiny_model(TINY, tok), {}
+
+        def log(metrics, s):
+            snapshots[s] = [p.detach().clone() for p in model.parameters()]
+            if s == crash_at:
+                raise Crash(f"crash after step {s}")
+
+        try:
+            final = grpo.train(model, tok, prompts, prompts[:2], cfg,
+                               reward_fns={"sevens": sevens}, weights={"sevens": 1.0},
+                               eval_reward_fns={"scripted": scripted_eval},
+                               eval_weights={"scripted": 1.0}, log_metrics=log,
+                               checkpoint_dir=ckpt)
+        except Crash:
+            final = None
+        return model, final, snapshots
+
+    full, final, snapshots = run(tmp_path / "a")
+    assert final["best_step"] == 2 and final["best/eval/reward"] == pytest.approx(0.9)
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), snapshots[2]))
+    _, crashed, _ = run(tmp_path / "b", crash_at=5)
+    assert crashed is None and checkpoints.latest_valid(tmp_path / "b")[1] == 4
+    resumed, again, later = run(tmp_path / "b", start=4)
+    assert min(later) == 5  # it did resume from step 4
+    assert again["best_step"] == 2 and again["best/eval/reward"] == pytest.approx(0.9)
+    for a, b in zip(resumed.parameters(), full.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_ppo_resumes_exactly(tmp_path):
     """PPO killed after rollout batch 5 resumes from its step-4 checkpoint (policy, value model,
     shared optimizer, scheduler, sampling RNG, prompt position) and logs the same losses as the

@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from accelerate import Accelerator
 
 from posttrain import checkpoints
 from posttrain.advantages import group_advantages, leave_one_out_advantages
+from posttrain.best import best_state
 from posttrain.config import GRPOConfig, RLOOConfig
 from posttrain.data.tokenize import tokenize_prompt
 from posttrain.logprobs import SelectedLogits
@@ -67,6 +69,7 @@ from posttrain.training import (
 
 MetricFn = Callable[[dict[str, float], int], None]
 RewardFns = dict[str, Callable]
+Checker = Callable[[object, str], bool]
 # Row keys that are not dataset columns for reward functions: the prompt (passed as `prompts`)
 # and what prepare_prompts adds.
 INTERNAL_COLUMNS = ("prompt", "prompt_ids")
@@ -244,12 +247,21 @@ def train(
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
     checkpoint_dir: Path | None = None,
+    eval_reward_fns: RewardFns | None = None,
+    eval_weights: dict[str, float] | None = None,
+    checker: Checker | None = None,
 ) -> dict[str, float]:
     """Train `policy` in place on prompt rows ({prompt, ...extra columns}) with GRPO or RLOO
     (`config.method`).
 
+    Every `eval_every` steps and at the last, `evaluate_held_out` scores greedy completions of
+    the first `max_eval_rows` `eval_prompts` with `eval_reward_fns` (default: the training
+    ones) and `checker`; with `config.select_best` the policy of the best evaluated step is
+    put back at the end (posttrain/best.py) and `best_step` is in the returned metrics.
+
     With `checkpoint_dir`, resumes from the newest valid checkpoint (policy, optimizer,
-    scheduler, sampling RNG, prompt position); checkpoints fall on generation-batch boundaries.
+    scheduler, sampling RNG, prompt position, the best step so far); checkpoints fall on
+    generation-batch boundaries.
     """
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
@@ -273,6 +285,9 @@ def train(
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
+    best = best_state(policy, config, accelerator)
+    evaluation = HeldOut(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
+                         eval_weights if eval_weights is not None else weights, checker)
     step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(step // config.num_iterations):  # prompt batches already trained on
         next(batches)
@@ -296,12 +311,11 @@ def train(
                                                  advantages, ref_logps, old_logps, config,
                                                  accelerator, guard)
                 metrics = {**sampled, **optimized, "seconds_per_step": time.perf_counter() - t0}
-                if held and (step % config.eval_every == 0 or step == config.max_steps):
-                    with accelerator.autocast():
-                        metrics.update(_evaluate(policy, held, config, tokenizer, reward_fns,
-                                                 weights))
+                evaluated = evaluate_due(policy, evaluation, config, tokenizer, accelerator,
+                                         step, best)
+                metrics.update(evaluated)
                 due = step % config.log_every == 0 or step == config.max_steps
-                if (due or "eval_reward" in metrics) and accelerator.is_main_process and \
+                if (due or evaluated) and accelerator.is_main_process and \
                         log_metrics is not None:
                     log_metrics(metrics, step)
                 bar.update(step, {"loss": metrics["loss"]})
@@ -309,18 +323,73 @@ def train(
             checkpoints.after_step(accelerator, checkpoint_dir, step,
                                    every=config.checkpoint_every, keep=config.checkpoint_keep,
                                    can_save=step % config.num_iterations == 0)
-    return final
+    return finish(best, final)
+
+
+# ------------------------------------------------------------ evaluation during training
+
+
+@dataclass
+class HeldOut:
+    """What the evaluation during training scores: prepared held-out prompt rows (with
+    `prompt_ids`), the evaluation's reward functions and weights, and the data's checker
+    (`checker(prompt, completion_text)`, None where the data has none)."""
+
+    rows: list[dict]
+    reward_fns: RewardFns
+    weights: dict[str, float]
+    checker: Checker | None = None
 
 
 @torch.no_grad()
-def _evaluate(policy, held, config: GRPOConfig | RLOOConfig, tokenizer, reward_fns,
-              weights) -> dict:
-    """Mean reward of greedy completions on held-out prompts."""
+def evaluate_held_out(policy, held: HeldOut, config, tokenizer) -> dict[str, float]:
+    """`eval/...` metrics of greedy completions (the rollout code at temperature 0) of the
+    held-out prompts: `eval/reward` (weighted sum of the evaluation's reward functions, mean),
+    `eval/rewards/<fn>/mean`, `eval/checker_accuracy` (with a checker),
+    `eval/completions/mean_length` (tokens, the stop token included) and
+    `eval/completions/clipped_ratio` (no stop token within max_completion_length)."""
     rollout = generate(
-        policy, [r["prompt_ids"] for r in held], num_samples=1,
+        policy, [r["prompt_ids"] for r in held.rows], num_samples=1,
         max_new_tokens=config.max_completion_length, temperature=0.0,
         eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
         backend=config.generation_backend,
     )
-    total, _ = score_rollout(held, rollout, tokenizer, reward_fns, weights, 1)
-    return {"eval_reward": total.mean().item()}
+    metrics = {
+        "eval/completions/mean_length": rollout.completion_mask.sum(-1).float().mean().item(),
+        "eval/completions/clipped_ratio": rollout.truncated.float().mean().item(),
+    }
+    if held.reward_fns:
+        total, per_fn = score_rollout(held.rows, rollout, tokenizer, held.reward_fns,
+                                      held.weights, 1)
+        metrics["eval/reward"] = total.mean().item()
+        for name, values in per_fn.items():
+            metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(values).item()
+    if held.checker is not None:
+        texts = decode_completions(rollout, tokenizer)
+        correct = [bool(held.checker(r["prompt"], t)) for r, t in zip(held.rows, texts)]
+        metrics["eval/checker_accuracy"] = sum(correct) / len(correct)
+    return metrics
+
+
+def evaluate_due(policy, held: HeldOut, config, tokenizer, accelerator, step: int,
+                 best) -> dict[str, float]:
+    """The evaluation of step `step` when one is due (every eval_every steps and the last; {}
+    otherwise or without held-out prompts), offered to `best` (select_best) when there is one."""
+    if not held.rows or not (step % config.eval_every == 0 or step == config.max_steps):
+        return {}
+    with accelerator.autocast():
+        metrics = evaluate_held_out(policy, held, config, tokenizer)
+    if best is not None:
+        best.update(metrics, step)
+    return metrics
+
+
+def finish(best, final: dict[str, float]) -> dict[str, float]:
+    """The end of an online loop: with select_best, the best evaluated step's weights back in
+    the policy and `best_step`, `best/<metric>` in the final metrics."""
+    if best is None:
+        return final
+    if best.restore() is None:
+        raise RuntimeError(f"select_best: {best.metric} was never logged (no held-out "
+                           "prompts were evaluated), so no step can be selected")
+    return {**final, **best.summary()}

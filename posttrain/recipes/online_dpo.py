@@ -30,13 +30,17 @@ import torch
 from accelerate import Accelerator
 
 from posttrain import checkpoints
+from posttrain.best import best_state
 from posttrain.config import OnlineDPOConfig
 from posttrain.logprobs import SelectedLogits
 from posttrain.losses.online_dpo import online_dpo_loss
 from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
 from posttrain.recipes.grpo import (
-    _evaluate,
+    Checker,
+    HeldOut,
+    evaluate_due,
+    finish,
     prepare_prompts,
     reference_logps,
     rollout_metrics,
@@ -106,11 +110,15 @@ def train(
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
     checkpoint_dir: Path | None = None,
+    eval_reward_fns: dict[str, Callable] | None = None,
+    eval_weights: dict[str, float] | None = None,
+    checker: Checker | None = None,
 ) -> dict[str, float]:
     """Train `policy` in place with online DPO on prompt rows ({prompt, ...extra columns}).
 
+    The evaluation during training and `select_best` are GRPO's (`grpo.train`).
     With `checkpoint_dir`, resumes from the newest valid checkpoint (policy, optimizer,
-    scheduler, sampling RNG, prompt position).
+    scheduler, sampling RNG, prompt position, the best step so far).
     """
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
@@ -131,6 +139,9 @@ def train(
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
+    best = best_state(policy, config, accelerator)
+    evaluation = HeldOut(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
+                         eval_weights if eval_weights is not None else weights, checker)
     step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(step):  # prompt batches already trained on
         next(batches)
@@ -154,16 +165,15 @@ def train(
             metrics = {**sampled, **_step(net, optimizer, scheduler, params, rollout, rewards,
                                           ref_logps, config, accelerator, guard),
                        "seconds_per_step": time.perf_counter() - t0}
-            if held and (step % config.eval_every == 0 or step == config.max_steps):
-                with accelerator.autocast():
-                    metrics.update(_evaluate(policy, held, config, tokenizer, reward_fns,
-                                             weights))
+            evaluated = evaluate_due(policy, evaluation, config, tokenizer, accelerator, step,
+                                     best)
+            metrics.update(evaluated)
             due = step % config.log_every == 0 or step == config.max_steps
-            if (due or "eval_reward" in metrics) and accelerator.is_main_process and \
+            if (due or evaluated) and accelerator.is_main_process and \
                     log_metrics is not None:
                 log_metrics(metrics, step)
             bar.update(step, {"loss": metrics["loss"]})
             final.update(metrics)
             checkpoints.after_step(accelerator, checkpoint_dir, step,
                                    every=config.checkpoint_every, keep=config.checkpoint_keep)
-    return final
+    return finish(best, final)

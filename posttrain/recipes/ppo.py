@@ -34,12 +34,20 @@ from accelerate import Accelerator
 
 from posttrain import checkpoints
 from posttrain.advantages import gae, whiten
+from posttrain.best import best_state
 from posttrain.config import PPOConfig
 from posttrain.logprobs import SelectedLogits, position_ids_from_mask
 from posttrain.losses.ppo import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
 from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
-from posttrain.recipes.grpo import prepare_prompts, reference_logps
+from posttrain.recipes.grpo import (
+    Checker,
+    HeldOut,
+    evaluate_due,
+    finish,
+    prepare_prompts,
+    reference_logps,
+)
 from posttrain.rewards import RewardScorer
 from posttrain.rollout import Rollout, completion_logps, generate
 from posttrain.training import (
@@ -141,17 +149,29 @@ def train(
     log_metrics: MetricFn | None = None,
     accelerator: Accelerator | None = None,
     checkpoint_dir: Path | None = None,
+    eval_prompts: list[dict] = (),
+    eval_reward_fns: dict[str, Callable] | None = None,
+    eval_weights: dict[str, float] | None = None,
+    checker: Checker | None = None,
 ) -> dict[str, float]:
     """Train `policy` (and `value_model`) in place against the frozen `reward_model`.
 
+    Every `eval_every` rollout batches and at the last, greedy completions of the first
+    `max_eval_rows` `eval_prompts` are scored as GRPO scores them (`grpo.evaluate_held_out`)
+    with `eval_reward_fns` (default: `reward_model`, under the name 'reward_model') and
+    `checker`; with `config.select_best` the policy of the best evaluated step is put back at
+    the end (the value model stays the last one: it is not part of the artifact).
+
     With `checkpoint_dir`, resumes from the newest valid checkpoint (policy and value weights,
-    the shared optimizer, scheduler, sampling RNG, prompt position); one is saved after every
-    `checkpoint_every` rollout batches.
+    the shared optimizer, scheduler, sampling RNG, prompt position, the best step so far); one
+    is saved after every `checkpoint_every` rollout batches.
     """
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-    rows = prepare_prompts(prompts, tokenizer, config.max_length - config.max_completion_length)
+    max_prompt = config.max_length - config.max_completion_length
+    rows = prepare_prompts(prompts, tokenizer, max_prompt)
+    held = prepare_prompts(list(eval_prompts), tokenizer, max_prompt)[: config.max_eval_rows]
     disable_dropout(policy)
     disable_dropout(value_model)
     reference = reference_runner(config.reference, policy, accelerator)
@@ -172,6 +192,14 @@ def train(
     # The reference was copied above from the starting policy, before any restore: it stays
     # the SFT model, as in the uninterrupted run.
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
+    best = best_state(policy, config, accelerator)
+    if eval_reward_fns is None:
+        from posttrain.reward_functions import reward_model_function
+
+        eval_reward_fns = {"reward_model": reward_model_function(reward_model, tokenizer,
+                                                                 tokenizer.pad_token_id)}
+        eval_weights = {"reward_model": 1.0}
+    evaluation = HeldOut(held, eval_reward_fns, eval_weights or {}, checker)
     start = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(start):  # prompt batches already trained on
         next(batches)
@@ -196,14 +224,17 @@ def train(
                                order)
             metrics = {**stats, **sums, "learning_rate": scheduler.get_last_lr()[0],
                        "seconds_per_step": time.perf_counter() - t0}
+            evaluated = evaluate_due(policy, evaluation, config, tokenizer, accelerator, step,
+                                     best)
+            metrics.update(evaluated)
             due = step % config.log_every == 0 or step == config.max_steps
-            if due and accelerator.is_main_process and log_metrics is not None:
+            if (due or evaluated) and accelerator.is_main_process and log_metrics is not None:
                 log_metrics(metrics, step)
             bar.update(step, {"loss": metrics["loss/policy_avg"]})
             final.update(metrics)
             checkpoints.after_step(accelerator, checkpoint_dir, step,
                                    every=config.checkpoint_every, keep=config.checkpoint_keep)
-    return final
+    return finish(best, final)
 
 
 def _minibatch_order(rollout: Rollout, generator: torch.Generator) -> list[int]:

@@ -36,16 +36,16 @@ def reward_function_name(path: str) -> str:
     return path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
 
 
-def _reward_functions(stage: GRPOConfig | RLOOConfig | OnlineDPOConfig, reward_manifest: dict | None, tokenizer,
-                      accelerator):
-    """{name: function} and {name: weight} from the stage's reward_functions; a reward model
-    is placed on the accelerator's device."""
+def _reward_functions(stage, reward_manifest: dict | None, tokenizer, accelerator,
+                      functions: dict[str, float] | None = None):
+    """{name: function} and {name: weight} from `functions` (default: the stage's
+    reward_functions); a reward model is placed on the accelerator's device."""
     from posttrain.reward_functions import load_reward_function, reward_model_function
     from posttrain.rewards import load_reward_model
     from posttrain.training import place
 
     fns, weights = {}, {}
-    for path, weight in stage.reward_functions.items():
+    for path, weight in (stage.reward_functions if functions is None else functions).items():
         name = reward_function_name(path)
         if path == "reward_model":
             model = place(load_reward_model(Path(reward_manifest["path"]) / "model"),
@@ -67,6 +67,40 @@ def prompts(cfg: PipelineConfig, stage, data_manifest: dict, split: str) -> list
     return prompt_rows(read_jsonl(Path(src["dir"]) / name), src["format"], name)
 
 
+def _checker(data_manifest: dict, source: str):
+    """The checker of the stage's source (`checker(prompt, completion_text)`), or None."""
+    if data_manifest["datasets"][source].get("checker") != "demo":
+        return None
+    from posttrain.data import demo
+
+    return lambda prompt, completion: demo.check(demo.prompt_text(prompt), completion)
+
+
+def check_select_best(stage, held: list[dict], checker) -> None:
+    """Refuse, before any training, a select_best that the stage's evaluation cannot give:
+    no held-out prompts, or eval/checker_accuracy on data without a checker."""
+    if stage.select_best is None:
+        return
+    if not held:
+        raise ValueError(f"stage {stage.name!r}: select_best: {stage.select_best} needs "
+                         f"held-out prompts, and data source {stage.data!r} has none")
+    if stage.select_best == "eval/checker_accuracy" and checker is None:
+        raise ValueError(f"stage {stage.name!r}: select_best: eval/checker_accuracy, but data "
+                         f"source {stage.data!r} has no checker (choose eval/reward or "
+                         "eval/rewards/<fn>/mean)")
+
+
+def _record_best(out: artifacts.StageOutput, run_id: str | None, stage, final: dict) -> None:
+    """The selected step in the manifest and as the run's `best_step` tag."""
+    if stage.select_best is None or "best_step" not in final:
+        return
+    out.meta["select_best"] = {"metric": stage.select_best, "mode": stage.best_mode,
+                               "step": int(final["best_step"]),
+                               "value": final[f"best/{stage.select_best}"]}
+    if run_id:
+        tracking.client().set_tag(run_id, "best_step", str(int(final["best_step"])))
+
+
 def run_online_stage(cfg: PipelineConfig,
                      stage: GRPOConfig | RLOOConfig | OnlineDPOConfig | PPOConfig,
                      inputs: dict, *, parent_run_id: str | None = None) -> dict:
@@ -82,16 +116,21 @@ def run_online_stage(cfg: PipelineConfig,
 
         tokenizer = start_tokenizer(cfg, inputs)
         train = prompts(cfg, stage, inputs["data"], "train")
+        held = prompts(cfg, stage, inputs["data"], "eval")
+        checker = _checker(inputs["data"], stage.data)
+        check_select_best(stage, held, checker)
         logger = tracking.MetricLogger(run_id)
 
         def attempt(s):  # from scratch each time: a failed try may have moved weights
             policy = load_policy(cfg, inputs)
             accelerator = make_accelerator(cfg.model.mixed_precision)
             kw = {"log_metrics": logger, "accelerator": accelerator,
-                  "checkpoint_dir": checkpoint_dir(cfg, s, key)}
+                  "checkpoint_dir": checkpoint_dir(cfg, s, key), "checker": checker}
+            if s.eval_reward_functions is not None:
+                kw["eval_reward_fns"], kw["eval_weights"] = _reward_functions(
+                    s, reward_manifest, tokenizer, accelerator, s.eval_reward_functions)
             if s.method in SCORED_METHODS:
                 fns, weights = _reward_functions(s, reward_manifest, tokenizer, accelerator)
-                held = prompts(cfg, stage, inputs["data"], "eval")
                 # one recipe for GRPO and RLOO (GRPO's, with RLOO's advantage and loss)
                 recipe = online_dpo if s.method == "online_dpo" else grpo
                 final = recipe.train(policy, tokenizer, train, held, s, reward_fns=fns,
@@ -99,7 +138,7 @@ def run_online_stage(cfg: PipelineConfig,
             else:
                 rm_dir = Path(reward_manifest["path"]) / "model"
                 final = ppo.train(policy, load_reward_model(rm_dir), load_reward_model(rm_dir),
-                                  tokenizer, train, s, **kw)
+                                  tokenizer, train, s, eval_prompts=held, **kw)
             return policy, accelerator, final
 
         try:
@@ -110,6 +149,7 @@ def run_online_stage(cfg: PipelineConfig,
                 policy, accelerator, final = attempt(stage)
         finally:
             logger.flush()
+        _record_best(out, run_id, stage, final)
         save_trained(accelerator, policy, tokenizer, out.dir / "model")
         return {**final, "train_prompts": len(train)}
 
