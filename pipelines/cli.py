@@ -115,6 +115,16 @@ def _short(v, digits: int = 3) -> str:
     return text
 
 
+def _metric_label(metric: str) -> tuple[str | None, str]:
+    """(group row, row name) of a metric: an lm-evaluation-harness metric
+    (`lm_eval/<task>/<metric>[/filter]`) goes under a `lm_eval/<task>` row as
+    `  <metric>[/filter]`, so the metric column stays as narrow as posttrain's own names."""
+    if not metric.startswith("lm_eval/"):
+        return None, metric
+    task, _, rest = metric[len("lm_eval/"):].partition("/")
+    return f"lm_eval/{task}", f"  {rest}"
+
+
 def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
     """The held-out comparison, one row per metric and one column per model, as tables that fit
     `width` columns without cutting a cell: four significant digits if they fit, else three,
@@ -122,9 +132,12 @@ def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
 
     Under a metric with bootstrap intervals (`<metric>_ci_low`/`_ci_high`), a `±95%` row gives
     each model's half-width (high - low) / 2 in two digits: the interval in a glance (the
-    exact, possibly asymmetric, bounds are in comparison.json and MLflow). `eval_seconds`
-    (each model's evaluation time) comes last."""
-    metrics = [m for m in (*_COMPARISON, "eval_seconds")
+    exact, possibly asymmetric, bounds are in comparison.json and MLflow). lm-evaluation-harness
+    metrics follow posttrain's own, under a row per task (`_metric_label`). `eval_seconds` (each model's
+    evaluation time) comes last."""
+    harness = sorted({k for c in comparison.values() for k in c if k.startswith("lm_eval/")
+                      and not k.endswith(("_ci_low", "_ci_high"))})
+    metrics = [m for m in (*_COMPARISON, *harness, "eval_seconds")
                if any(m in c for c in comparison.values())]
     models = list(comparison)
 
@@ -139,8 +152,13 @@ def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
         t.add_column("metric", no_wrap=True)
         for name in names:
             t.add_column(name, justify="right", no_wrap=True)
+        group = None
         for metric in metrics:
-            t.add_row(metric, *(_short(comparison[n].get(metric, ""), digits) for n in names))
+            heading, label = _metric_label(metric)
+            if heading is not None and heading != group:
+                t.add_row(heading, *([""] * len(names)))
+            group = heading
+            t.add_row(label, *(_short(comparison[n].get(metric, ""), digits) for n in names))
             if any(metric + "_ci_low" in comparison[n] for n in names):
                 t.add_row("  ±95%", *(_short(half_width(comparison[n], metric), min(digits, 2))
                                       for n in names), style="dim")

@@ -501,65 +501,6 @@ class RolloutConfig(TrainingConfig):
         description="Reference for the KL term: a frozen copy of the starting policy, or the "
         "policy with its LoRA adapter disabled (needs model.lora).",
     )
-    eval_reward_functions: dict[str, float] | None = Field(
-        None,
-        description="Reward functions (dotted paths with weights, as reward_functions; "
-        "'reward_model': the stage named in `reward`) that score the greedy completions of the "
-        "held-out prompts every eval_every steps (eval/reward, eval/rewards/<fn>/mean); null: "
-        "the training reward functions (PPO: its reward model).",
-    )
-    select_best: str | None = Field(
-        None,
-        description="An evaluation metric logged during training (eval/reward, "
-        "eval/rewards/<fn>/mean, eval/checker_accuracy, eval/completions/mean_length, "
-        "eval/completions/clipped_ratio): the stage's artifact is the policy of the evaluated "
-        "step (every eval_every steps and the last) where it was best, its step recorded as "
-        "best_step; null: the last step's policy.",
-    )
-    select_best_mode: Literal["max", "min"] | None = Field(
-        None,
-        description="Whether select_best's metric is best high or low; null: min for "
-        "eval/completions/clipped_ratio, max for rewards and accuracies (required for "
-        "eval/completions/mean_length).",
-    )
-
-    def eval_functions(self) -> dict[str, float]:
-        """The reward functions of the evaluation during training, by path, with weights."""
-        if self.eval_reward_functions is not None:
-            return dict(self.eval_reward_functions)
-        return dict(getattr(self, "reward_functions", None) or {"reward_model": 1.0})
-
-    def eval_metric_names(self) -> set[str]:
-        """The eval/... metrics the evaluation during training can log (eval/checker_accuracy
-        only where the data has a checker)."""
-        names = {path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
-                 for path in self.eval_functions()}
-        return {"eval/reward", "eval/checker_accuracy", "eval/completions/mean_length",
-                "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
-
-    @property
-    def best_mode(self) -> str | None:
-        """select_best's direction ('max'/'min'), None without select_best."""
-        if self.select_best is None:
-            return None
-        if self.select_best_mode is not None:
-            return self.select_best_mode
-        return "min" if self.select_best.endswith("clipped_ratio") else "max"
-
-    @model_validator(mode="after")
-    def _select_best_is_logged(self) -> RolloutConfig:
-        if self.select_best is None:
-            return self
-        known = self.eval_metric_names()
-        if self.select_best not in known:
-            raise ValueError(
-                f"select_best: {self.select_best!r} is not a metric this stage's evaluation "
-                f"during training logs; one of {', '.join(sorted(known))}"
-            )
-        if self.select_best == "eval/completions/mean_length" and self.select_best_mode is None:
-            raise ValueError("select_best: eval/completions/mean_length needs select_best_mode "
-                             "(max or min): a longer completion is not better or worse as such")
-        return self
 
 
 class GroupRolloutConfig(RolloutConfig):
@@ -632,7 +573,7 @@ class GRPOConfig(StageFields, GroupRolloutConfig):
 
     @property
     def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
-        return "reward_model" in self.reward_functions or "reward_model" in self.eval_functions()
+        return "reward_model" in self.reward_functions
 
 
 class RLOOConfig(StageFields, GroupRolloutConfig):
@@ -662,7 +603,7 @@ class RLOOConfig(StageFields, GroupRolloutConfig):
 
     @property
     def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
-        return "reward_model" in self.reward_functions or "reward_model" in self.eval_functions()
+        return "reward_model" in self.reward_functions
 
 
 class OnlineDPOConfig(StageFields, RolloutConfig):
@@ -700,7 +641,7 @@ class OnlineDPOConfig(StageFields, RolloutConfig):
 
     @property
     def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
-        return "reward_model" in self.reward_functions or "reward_model" in self.eval_functions()
+        return "reward_model" in self.reward_functions
 
 
 class PPOConfig(StageFields, RolloutConfig):
@@ -783,6 +724,34 @@ class EvalConfig(_Frozen):
     bootstrap_seed: int = Field(
         0, description="Seed of the bootstrap resampling (the same for every model, so that "
         "models evaluated on the same prompts are paired)."
+    )
+    tasks: tuple[str, ...] = Field(
+        (),
+        description="lm-evaluation-harness tasks or groups run on every model (results logged "
+        "as lm_eval/<task>/<metric>), e.g. ['gsm8k', 'ifeval']; 'posttrain_demo' is the local "
+        "exact-match task over this evaluation's own held-out prompts (offline). Empty: none.",
+    )
+    limit: int | float | None = Field(
+        None, gt=0, description="Harness documents per task: a count, or a share below 1.0; "
+        "null: all."
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per harness prompt; null: each task's own."
+    )
+    harness_max_gen_toks: int | None = Field(
+        None, ge=1, description="Generation budget of the harness's generate_until tasks; "
+        "null: each task's own (posttrain_demo: max_new_tokens)."
+    )
+    gen_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Generation settings passed to every harness "
+        "generate_until task (e.g. {temperature: 0.0}); empty: each task's own."
+    )
+    apply_chat_template: bool | None = Field(
+        None, description="Render harness prompts with the tokenizer's chat template; null: "
+        "when the held-out prompts are messages."
+    )
+    include_path: tuple[str, ...] = Field(
+        (), description="Folders of harness task YAMLs of your own, beside lm-eval's tasks."
     )
 
 

@@ -99,6 +99,61 @@ def directions(results: dict, metrics: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def metric_direction(key: str) -> str | None:
+    """"max"/"min" for a flattened metric name by the harness's registry of metric names
+    (`higher_is_better` of exact_match, acc, word_perplexity, ...), None when it does not
+    know the metric."""
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] != PREFIX:
+        return None
+    try:
+        from lm_eval.api.registry import is_higher_better
+
+        with _quiet_harness():
+            better = is_higher_better(parts[2])
+    except Exception:  # noqa: BLE001 - unknown to the registry
+        return None
+    return None if better is None else ("max" if better else "min")
+
+
+def expected_metrics(tasks: Iterable[str], *, include_path=None, manager=None) -> dict[str, str]:
+    """The flattened metrics (-> "max"/"min") that running `tasks` will give, as far as their
+    configs say before anything runs: each leaf task's metric_list under each of its filters,
+    and each group's aggregate_metric_list. A metric a task leaves to its output type's
+    defaults (no metric_list) is not known in advance and is left out; unknown tasks too."""
+    tasks = list(tasks)
+    if not tasks:
+        return {}
+    with _quiet_harness():
+        manager = manager or task_manager(tasks, include_path)
+    out: dict[str, str] = {}
+
+    def add(task: str, metric: Any, filt: str, better: Any) -> None:
+        if not isinstance(metric, str):
+            return  # a metric given as a function: its name is known only when it runs
+        key = metric_key(task, f"{metric},{filt}")
+        if key is None:
+            return
+        direction = ("max" if better else "min") if isinstance(better, bool) \
+            else metric_direction(key)
+        out[key] = direction or "max"
+
+    for name in tasks:
+        if name not in manager.all_tasks:
+            continue
+        entry = manager.task_index.get(name)
+        for agg in ((entry.cfg or {}).get("aggregate_metric_list") or []) if entry else []:
+            filters = agg.get("filter_list", "none")
+            for filt in [filters] if isinstance(filters, str) else filters:
+                add(name, agg.get("metric"), filt, agg.get("higher_is_better"))
+        for leaf, cfg in _leaf_configs(manager, name):
+            filters = [f.get("name", "none") for f in cfg.get("filter_list") or []] or ["none"]
+            for m in cfg.get("metric_list") or []:
+                for filt in filters:
+                    add(leaf, m.get("metric"), filt, m.get("higher_is_better"))
+    return out
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(float(value))
@@ -484,6 +539,24 @@ def _no_environment_report() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """lm-eval draws a progress bar per task for building its requests and one for answering
+    them: two bars per model and task in the middle of posttrain's own output. Off."""
+    from unittest import mock
+
+    from lm_eval.api import task as task_module
+    from lm_eval.models import huggingface
+    from tqdm import tqdm
+
+    def quiet(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    with mock.patch.object(task_module, "tqdm", quiet), \
+            mock.patch.object(huggingface, "tqdm", quiet):
+        yield
+
+
 def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str | None = None):
     """(model, tokenizer) of a model folder as posttrain's evaluation loads it."""
     import torch
@@ -549,7 +622,7 @@ def evaluate_tasks(
     result = HarnessResult(metrics={})
     for name in tasks:  # one harness call per requested name: its time is its own
         clock = time.perf_counter()
-        with _rng_kept(), _quiet_harness(), _no_environment_report():
+        with _rng_kept(), _quiet_harness(), _no_environment_report(), _no_progress_bars():
             out = simple_evaluate(
                 model=lm, tasks=[name], num_fewshot=num_fewshot, limit=limit,
                 gen_kwargs=dict(overrides) or None, task_manager=manager,

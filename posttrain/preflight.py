@@ -283,7 +283,7 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
 def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: Plan) -> list[str]:
     from posttrain.data.formats import eval_rows
     from posttrain.promotion import resolve
-    from posttrain.stages.evaluate import evaluation_metrics
+    from posttrain.stages.evaluate import check_harness, evaluation_metrics
 
     source = cfg.eval_source
     if source is None:
@@ -296,6 +296,12 @@ def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: P
         return [f"evaluate.data: {e}"]
     if not rows[source][1]:
         return [f"evaluate.data: data.{source} has no held-out rows"]
+    if cfg.evaluate.tasks:  # unknown tasks, hub data offline: refused before anything trains
+        held = eval_rows(rows[source][1], fmt, f"data.{source}")
+        held = held[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts else held
+        problems = check_harness(cfg, held, datasets[source]["checker"])
+        if problems:
+            return problems
     result.available_metrics = evaluation_metrics(
         cfg, {n: d["format"] for n, d in datasets.items()},
         datasets[source]["checker"] is not None)

@@ -62,13 +62,27 @@ def resolve(cfg: PipelineConfig, available: set[str]) -> PromotionConfig:
     problems = [f"promotion.{field}: {name!r} will not exist for this pipeline ({gives})"
                 for field, name in [("metric", metric)] + [("guards", g.metric) for g in guards]
                 if name not in available]
-    direction = p.direction or DIRECTIONS.get(metric)
+    direction = p.direction or DIRECTIONS.get(metric) or harness_direction(cfg, metric)
     if direction is None:
         problems.append(f"promotion.direction: say whether {metric!r} is better high ('max') or "
                         "low ('min')")
     if problems:
         raise ConfigError("\n".join(problems))
     return p.model_copy(update={"metric": metric, "direction": direction, "guards": guards})
+
+
+def harness_direction(cfg: PipelineConfig, metric: str) -> str | None:
+    """An `lm_eval/...` metric's direction: its task config's higher_is_better for the
+    configured tasks (`stages.evaluate.harness_metrics`), else the harness's registry of
+    metric names; None for other metrics or when neither says."""
+    from posttrain import harness
+
+    if not metric.startswith(harness.PREFIX + "/"):
+        return None
+    from posttrain.stages.evaluate import harness_metrics
+
+    return harness_metrics(cfg).get(metric) or harness.metric_direction(metric)
+
 
 METRICS_TAG = "posttrain.metrics"
 STAGE_TAG = "posttrain.stage"
@@ -207,7 +221,10 @@ def improvement_interval(candidate: dict | None, champion: dict | None, metric: 
                                "(registered without them)"}
     if samples < 1:
         return out | {"basis": "evaluate.bootstrap_samples is 0"}
-    hash_key = "pairs_hash" if a.get("group") == "pairs" else "prompts_hash"
+    # the items: held-out prompts, preference pairs, or (a harness task's documents) whatever
+    # the evaluation's ground says, which holds the harness tasks' fingerprint
+    group = a.get("group") or "prompts"
+    hash_key = {"pairs": "pairs_hash", "prompts": "prompts_hash"}.get(group, "ground")
     same = (candidate.get(hash_key) is not None and candidate.get(hash_key) ==
             champion.get(hash_key) and len(a["num"]) == len(b["num"]))
     if same:

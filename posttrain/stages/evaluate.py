@@ -39,7 +39,74 @@ def evaluation_metrics(cfg: PipelineConfig, formats: dict[str, str], checker: bo
         out |= {"reward_score", "win_rate_vs_reference"}
     if any(fmt in PAIRS for fmt in formats.values()):
         out.add("chosen_perplexity")
+    return out | set(harness_metrics(cfg))
+
+
+def harness_metrics(cfg: PipelineConfig) -> dict[str, str]:
+    """The `lm_eval/...` metrics the configured harness tasks will give, as far as their task
+    configs say in advance (metric_list x filter_list; `posttrain_demo`: exact_match), each
+    with its direction ("max"/"min"); {} without tasks."""
+    from posttrain import harness
+
+    e = cfg.evaluate
+    if not e.tasks:
+        return {}
+    return harness.expected_metrics(e.tasks, include_path=e.include_path or None)
+
+
+def harness_fingerprint(cfg: PipelineConfig) -> str | None:
+    """`harness.fingerprint` of the configured tasks and harness settings (lm-eval's version,
+    the task configs, local data), for the cache key and the ground; None without tasks. The
+    local `posttrain_demo` is written over the held-out rows, which the key and the ground
+    hold already."""
+    from posttrain import harness
+
+    e = cfg.evaluate
+    if not e.tasks:
+        return None
+    return harness.fingerprint(e.tasks, include_path=e.include_path or None,
+                               **_harness_settings(cfg))
+
+
+def _harness_settings(cfg: PipelineConfig) -> dict:
+    e = cfg.evaluate
+    return {"limit": e.limit, "num_fewshot": e.num_fewshot,
+            "max_gen_toks": e.harness_max_gen_toks, "gen_kwargs": dict(e.gen_kwargs),
+            "apply_chat_template": e.apply_chat_template,
+            "demo_max_gen_toks": e.harness_max_gen_toks or e.max_new_tokens}
+
+
+def demo_task_rows(rows: list[dict], checker: str | None) -> list[dict]:
+    """The harness rows of the local `posttrain_demo` task over the evaluation's held-out
+    rows: the checker's answer as the target when the source has the demo checker, else the
+    reference completion. ValueError when the rows cannot make the task."""
+    from posttrain import harness
+
+    out = harness.task_rows(rows, answer=demo.correct_answer if checker == "demo" else None)
+    if len({r.get("system") for r in out}) > 1:
+        raise ValueError("the held-out prompts carry different system messages; the harness "
+                         "task has one description")
     return out
+
+
+def check_harness(cfg: PipelineConfig, rows: list[dict] | None = None,
+                  checker: str | None = None) -> list[str]:
+    """Why the configured harness tasks cannot run (unknown tasks, hub data offline or
+    unreachable, held-out rows the local task cannot use), or []."""
+    from posttrain import harness
+
+    e = cfg.evaluate
+    if not e.tasks:
+        return []
+    problems = [f"evaluate.tasks: {p}" for p in
+                harness.check_tasks(e.tasks, include_path=e.include_path or None)]
+    if harness.DEMO_TASK in e.tasks and rows is not None:
+        try:
+            demo_task_rows(rows, checker)
+        except (ValueError, KeyError) as err:
+            problems.append(f"evaluate.tasks: {harness.DEMO_TASK} over data."
+                            f"{cfg.eval_source}'s held-out rows: {err}")
+    return problems
 
 
 def eval_stage_key(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
@@ -49,9 +116,10 @@ def eval_stage_key(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
     if reward_manifest is not None:
         upstream["reward"] = digest(reward_manifest)
     data = {n: datasets[n]["fingerprint"] for n in _read_sources(cfg, data_manifest)}
+    harness_params = {"harness": harness_fingerprint(cfg)} if cfg.evaluate.tasks else {}
     return artifacts.stage_key(
         "evaluate", {"evaluate": dump(cfg.evaluate), "model": model_params(cfg),
-                     "eval_source": cfg.eval_source},
+                     "eval_source": cfg.eval_source, **harness_params},
         upstream=upstream, data_fingerprint=artifacts.hash_json(data),
     )
 
@@ -79,7 +147,8 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
     params = {**dump(cfg.evaluate), "data": cfg.eval_source, "candidates": list(candidates)}
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
-        results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest)
+        results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest,
+                                task_dir=out.dir / "harness_tasks")
         ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest,
                                    candidates)
         e = cfg.evaluate
@@ -183,7 +252,11 @@ def evaluate_model_dir(cfg: PipelineConfig, data_manifest: dict, candidates: dic
     reference = cfg.evaluate.reference
     loaders = {name: lambda: load_causal_lm(cfg.model, path=Path(model_dir)),
                reference: _loaders(cfg, candidates)[reference]}
-    results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest, loaders)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="posttrain-harness-") as tmp:
+        results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest, loaders,
+                                task_dir=Path(tmp))
     ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest, candidates)
     r, e = results[name], cfg.evaluate
     metrics = with_intervals(r.metrics, r.per_prompt, e.bootstrap_samples, e.bootstrap_seed)
@@ -192,17 +265,24 @@ def evaluate_model_dir(cfg: PipelineConfig, data_manifest: dict, candidates: dic
 
 
 def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
-                  reward_manifest: dict | None, loaders: dict | None = None) -> dict:
+                  reward_manifest: dict | None, loaders: dict | None = None,
+                  task_dir: Path | None = None) -> dict:
     """Every model's Evaluation, with `win_rate_vs_reference` and `kl_to_reference` added. The
     reference goes last so that, while it is loaded, it scores everyone's completions (one model
     in memory at a time). `loaders` (name -> model factory, the reference among them) replace
-    the base model and the candidates."""
+    the base model and the candidates.
+
+    With `evaluate.tasks`, each model, as placed for the checker, also runs the harness tasks
+    (`lm_eval/<task>/<metric>` in its metrics, per-item values in its per_prompt, the time in
+    its seconds); `posttrain_demo` is written into `task_dir` over the held-out rows, so the
+    harness scores the very prompts the checker sees."""
     from posttrain.evaluate import completion_token_logps, evaluate_candidate
     from posttrain.models import load_tokenizer
     from posttrain.rewards import load_reward_model
     from posttrain.training import make_accelerator, place
 
     rows, pref_rows = _rows(cfg, data_manifest)
+    run_harness = _harness_runner(cfg, data_manifest, rows, task_dir)  # checked before loading
     tokenizer = load_tokenizer(cfg.model)
     accelerator = make_accelerator(cfg.model.mixed_precision)  # the device every model goes to
     scorer = None
@@ -224,6 +304,8 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
             checker=_checker(data_manifest, cfg.eval_source), reward_model=scorer,
             preference_rows=pref_rows,
         )
+        if run_harness is not None:
+            run_harness(model, tokenizer, results[name])
         seconds = results[name].seconds  # generate, loss, reward, chosen_perplexity; + kl, total
         if name != reference:
             t = time.perf_counter()
@@ -240,6 +322,52 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
         del model
     _add_pairwise(results, reference, own_logps, ref_logps)
     return {name: results[name] for name in loaders}  # base, then the stages in config order
+
+
+def _harness_runner(cfg: PipelineConfig, data_manifest: dict, rows: list[dict],
+                    task_dir: Path | None):
+    """None without `evaluate.tasks`; else a function (model, tokenizer, Evaluation) that runs
+    the tasks on the placed model and merges the results into the Evaluation. Checks the tasks
+    first (TaskError naming every problem) and writes `posttrain_demo` over `rows`."""
+    from posttrain import bootstrap, harness
+
+    e = cfg.evaluate
+    if not e.tasks:
+        return None
+    checker = data_manifest["datasets"][cfg.eval_source].get("checker")
+    include = list(e.include_path)
+    if harness.DEMO_TASK in e.tasks:
+        if task_dir is None:
+            raise ValueError(f"{harness.DEMO_TASK} needs a folder to write its task into")
+        harness.write_task(task_dir, demo_task_rows(rows, checker),
+                           max_gen_toks=e.harness_max_gen_toks or e.max_new_tokens)
+        include.append(str(task_dir))  # last: it overrides the shipped posttrain_demo
+    problems = [f"evaluate.tasks: {p}"
+                for p in harness.check_tasks(e.tasks, include_path=include or None)]
+    if problems:
+        raise harness.TaskError("; ".join(problems))
+    chat = e.apply_chat_template if e.apply_chat_template is not None else \
+        bool(rows) and not isinstance(rows[0]["prompt"], str)
+    demo_prefix = f"{harness.PREFIX}/{harness.DEMO_TASK}/"
+
+    def run(model, tokenizer, result) -> None:
+        clock = time.perf_counter()
+        h = harness.evaluate_tasks(
+            None, list(e.tasks), model=model, tokenizer=tokenizer, include_path=include or None,
+            limit=e.limit, num_fewshot=e.num_fewshot, batch_size=e.batch_size,
+            max_gen_toks=e.harness_max_gen_toks, gen_kwargs=dict(e.gen_kwargs) or None,
+            apply_chat_template=chat, bootstrap_iters=0, preflight=False)
+        result.metrics.update(h.metrics)
+        for key, values in h.per_item.items():
+            # the demo task's items are the held-out prompts, in order (paired with the
+            # checker's); another task's items are its own documents
+            group = "prompts" if key.startswith(demo_prefix) else key.split("/")[1]
+            result.per_prompt[key] = bootstrap.per_item(values, group=group)
+        for task, secs in h.seconds.items():
+            result.seconds[f"lm_eval/{task}"] = secs
+        result.seconds["lm_eval"] = time.perf_counter() - clock  # the harness's set-up too
+
+    return run
 
 
 def _rows(cfg: PipelineConfig, data_manifest: dict) -> tuple[list[dict], list[dict] | None]:
@@ -310,6 +438,9 @@ def evaluation_ground(cfg: PipelineConfig, rows: list[dict], pref_rows: list[dic
                 "model": model_params(cfg),
                 "reward": digest(reward_manifest) if reward_manifest is not None else None,
                 "reference": digest(reference) if reference is not None else e.reference}
+    harness_hash = harness_fingerprint(cfg)
+    if harness_hash is not None:
+        settings["harness"] = harness_hash
     return {"prompts_hash": prompts, "pairs_hash": pairs,
             "ground": artifacts.hash_json(settings)}
 
