@@ -14,8 +14,10 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
+from prefect.exceptions import MissingContextError
 from prefect.logging.handlers import APILogHandler
 
+from pipelines.errors import prefect_unreachable
 from posttrain import progress, stages, tracking
 from posttrain.config import PipelineConfig
 from tasks.common import run_training_stage, with_stage_cache
@@ -77,11 +79,28 @@ def link_stage(pipeline: str, stage: str, manifest: dict, folder: Path,
     """Link artifacts of a stage: its MLflow run (the one that produced it, when cached: by
     the stage's own artifact check, `manifest["cached"]`, or by Prefect's cache, `cached`) and
     its output folder. A trained stage never fails for want of a link: a server that does not
-    answer costs a warning in the run's log."""
+    answer costs a warning in the run's log. Once the Prefect server has stopped answering, later
+    stages do not ask it again (each call would wait out the client's retries, about a minute
+    with Prefect's defaults)."""
+    global _prefect_gone
+    if _prefect_gone:
+        _warn(f"no link artifacts for stage {stage}: {_prefect_gone} stopped answering")
+        return
     try:
         _link_stage(pipeline, stage, manifest, folder, cached or bool(manifest.get("cached")))
     except Exception as e:  # noqa: BLE001 - reported, and the stage's result stands
-        get_run_logger().warning(f"no link artifacts for stage {stage}: {type(e).__name__}: {e}")
+        _prefect_gone = prefect_unreachable(e)
+        _warn(f"no link artifacts for stage {stage}: {type(e).__name__}: {e}")
+
+
+_prefect_gone: str | None = None  # the server that stopped answering, once one has
+
+
+def _warn(message: str) -> None:
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:  # outside a flow or task run
+        logging.getLogger(__name__).warning(message)
 
 
 def _link_stage(pipeline: str, stage: str, manifest: dict, folder: Path, cached: bool) -> None:

@@ -320,3 +320,33 @@ def test_cli_run_points_at_the_ports_make_ui_was_given(tmp_path):
     assert ("make ui (Prefect on http://127.0.0.1:4310, MLflow on http://127.0.0.1:5123)"
             in done.output), done.output
     assert "127.0.0.1:4200" not in done.output and "127.0.0.1:5000" not in done.output
+
+
+def test_links_stop_asking_a_prefect_server_that_went_away(tmp_path, monkeypatch, caplog):
+    """The first link artifact that cannot reach the Prefect API costs a warning; the stages
+    after it do not call the API again (each call would wait out the client's retries, about a
+    minute with Prefect's defaults), and say why they have no links."""
+    import logging
+
+    import httpx
+
+    from tasks import train
+
+    calls = []
+
+    def unreachable(**kwargs):
+        calls.append(kwargs["key"])
+        raise httpx.ConnectError("All connection attempts failed")
+
+    monkeypatch.setattr(train, "create_link_artifact", unreachable)
+    monkeypatch.setattr(train, "_prefect_gone", None)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    manifest = {"key": "k", "path": str(tmp_path)}  # no MLflow run: the folder link only
+    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+        for stage in ("sft", "dpo", "grpo"):
+            train.link_stage("ui", stage, manifest, tmp_path)
+    assert calls == ["ui-sft-folder"]  # one attempt, then no more
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("no link artifacts for stage sft: ConnectError")
+    assert said[1:] == [f"no link artifacts for stage {s}: the Prefect server at "
+                        "http://127.0.0.1:9/api stopped answering" for s in ("dpo", "grpo")]
