@@ -501,6 +501,65 @@ class RolloutConfig(TrainingConfig):
         description="Reference for the KL term: a frozen copy of the starting policy, or the "
         "policy with its LoRA adapter disabled (needs model.lora).",
     )
+    eval_reward_functions: dict[str, float] | None = Field(
+        None,
+        description="Reward functions (dotted paths with weights, as reward_functions; "
+        "'reward_model': the stage named in `reward`) that score the greedy completions of the "
+        "held-out prompts every eval_every steps (eval/reward, eval/rewards/<fn>/mean); null: "
+        "the training reward functions (PPO: its reward model).",
+    )
+    select_best: str | None = Field(
+        None,
+        description="An evaluation metric logged during training (eval/reward, "
+        "eval/rewards/<fn>/mean, eval/checker_accuracy, eval/completions/mean_length, "
+        "eval/completions/clipped_ratio): the stage's artifact is the policy of the evaluated "
+        "step (every eval_every steps and the last) where it was best, its step recorded as "
+        "best_step; null: the last step's policy.",
+    )
+    select_best_mode: Literal["max", "min"] | None = Field(
+        None,
+        description="Whether select_best's metric is best high or low; null: min for "
+        "eval/completions/clipped_ratio, max for rewards and accuracies (required for "
+        "eval/completions/mean_length).",
+    )
+
+    def eval_functions(self) -> dict[str, float]:
+        """The reward functions of the evaluation during training, by path, with weights."""
+        if self.eval_reward_functions is not None:
+            return dict(self.eval_reward_functions)
+        return dict(getattr(self, "reward_functions", None) or {"reward_model": 1.0})
+
+    def eval_metric_names(self) -> set[str]:
+        """The eval/... metrics the evaluation during training can log (eval/checker_accuracy
+        only where the data has a checker)."""
+        names = {path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
+                 for path in self.eval_functions()}
+        return {"eval/reward", "eval/checker_accuracy", "eval/completions/mean_length",
+                "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
+
+    @property
+    def best_mode(self) -> str | None:
+        """select_best's direction ('max'/'min'), None without select_best."""
+        if self.select_best is None:
+            return None
+        if self.select_best_mode is not None:
+            return self.select_best_mode
+        return "min" if self.select_best.endswith("clipped_ratio") else "max"
+
+    @model_validator(mode="after")
+    def _select_best_is_logged(self) -> RolloutConfig:
+        if self.select_best is None:
+            return self
+        known = self.eval_metric_names()
+        if self.select_best not in known:
+            raise ValueError(
+                f"select_best: {self.select_best!r} is not a metric this stage's evaluation "
+                f"during training logs; one of {', '.join(sorted(known))}"
+            )
+        if self.select_best == "eval/completions/mean_length" and self.select_best_mode is None:
+            raise ValueError("select_best: eval/completions/mean_length needs select_best_mode "
+                             "(max or min): a longer completion is not better or worse as such")
+        return self
 
 
 class GroupRolloutConfig(RolloutConfig):
@@ -573,7 +632,7 @@ class GRPOConfig(StageFields, GroupRolloutConfig):
 
     @property
     def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
-        return "reward_model" in self.reward_functions
+        return "reward_model" in self.reward_functions or "reward_model" in self.eval_functions()
 
 
 class RLOOConfig(StageFields, GroupRolloutConfig):
@@ -603,7 +662,7 @@ class RLOOConfig(StageFields, GroupRolloutConfig):
 
     @property
     def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
-        return "reward_model" in self.reward_functions
+        return "reward_model" in self.reward_functions or "reward_model" in self.eval_functions()
 
 
 class OnlineDPOConfig(StageFields, RolloutConfig):
@@ -641,7 +700,7 @@ class OnlineDPOConfig(StageFields, RolloutConfig):
 
     @property
     def uses_reward_stage(self) -> bool:  # here, not on the base: StageFields' comes first
-        return "reward_model" in self.reward_functions
+        return "reward_model" in self.reward_functions or "reward_model" in self.eval_functions()
 
 
 class PPOConfig(StageFields, RolloutConfig):
