@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -261,6 +261,71 @@ class TrainingConfig(_Frozen):
         "after this many in a row (no NaN weights are ever saved).",
     )
     seed: int = Field(0, description="Seed of data order and dropout.")
+    select_best: str | None = Field(
+        None,
+        description="A held-out metric the stage logs at its evaluations during training "
+        "(every eval_every steps and the last): the stage's artifact is the model of the "
+        "evaluated step where it was best, that step recorded as best_step; null: the last "
+        "step's model. Online methods: eval/reward, eval/rewards/<fn>/mean, "
+        "eval/checker_accuracy, eval/completions/mean_length, eval/completions/clipped_ratio; "
+        "offline ones their eval_... metrics (e.g. eval_loss, eval_rewards/accuracies).",
+    )
+    select_best_mode: Literal["max", "min"] | None = Field(
+        None,
+        description="Whether select_best's metric is best high (max) or low (min); null: min "
+        "for losses, perplexities and clipped_ratio, max for rewards, accuracies and margins; "
+        "required for any other metric.",
+    )
+
+    # The held-out metrics each offline method's evaluation logs during training.
+    _PAIR_METRICS: ClassVar[tuple[str, ...]] = (
+        "eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
+        "eval_rewards/margins")
+    EVAL_METRICS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sft": ("eval_loss", "eval_perplexity", "eval_mean_token_accuracy"),
+        "reward": ("eval_accuracy", "eval_margin"),
+        "kto": ("eval_loss",),
+        "dpo": (*_PAIR_METRICS, "eval_logps/chosen", "eval_logps/rejected"),
+        "orpo": (*_PAIR_METRICS, "eval_nll_loss", "eval_log_odds_chosen",
+                 "eval_log_odds_ratio"),
+        "simpo": (*_PAIR_METRICS, "eval_nll_loss", "eval_logps/chosen", "eval_logps/rejected"),
+        "cpo": (*_PAIR_METRICS, "eval_nll_loss", "eval_logps/chosen", "eval_logps/rejected"),
+    }
+
+    def eval_metric_names(self) -> set[str]:
+        """The metrics this stage's evaluation during training logs (what select_best may
+        name)."""
+        return set(self.EVAL_METRICS.get(getattr(self, "method", None), ()))
+
+    @property
+    def best_mode(self) -> str | None:
+        """select_best's direction ('max'/'min'); None without select_best or when the
+        metric's name does not say (the validator then asks for select_best_mode)."""
+        if self.select_best is None:
+            return None
+        if self.select_best_mode is not None:
+            return self.select_best_mode
+        name = self.select_best
+        if name.endswith(("loss", "perplexity", "clipped_ratio")):
+            return "min"
+        if name.endswith(("reward", "/mean", "accuracy", "accuracies", "margins", "margin")):
+            return "max"
+        return None
+
+    @model_validator(mode="after")
+    def _select_best_is_logged(self) -> TrainingConfig:
+        if self.select_best is None:
+            return self
+        known = self.eval_metric_names()
+        if self.select_best not in known:
+            raise ValueError(
+                f"select_best: {self.select_best!r} is not a metric this stage's evaluation "
+                f"during training logs; one of {', '.join(sorted(known))}"
+            )
+        if self.best_mode is None:
+            raise ValueError(f"select_best: {self.select_best} needs select_best_mode (max or "
+                             "min): its name does not say whether higher is better")
+        return self
 
 
 STAGE_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -508,20 +573,6 @@ class RolloutConfig(TrainingConfig):
         "held-out prompts every eval_every steps (eval/reward, eval/rewards/<fn>/mean); null: "
         "the training reward functions (PPO: its reward model).",
     )
-    select_best: str | None = Field(
-        None,
-        description="An evaluation metric logged during training (eval/reward, "
-        "eval/rewards/<fn>/mean, eval/checker_accuracy, eval/completions/mean_length, "
-        "eval/completions/clipped_ratio): the stage's artifact is the policy of the evaluated "
-        "step (every eval_every steps and the last) where it was best, its step recorded as "
-        "best_step; null: the last step's policy.",
-    )
-    select_best_mode: Literal["max", "min"] | None = Field(
-        None,
-        description="Whether select_best's metric is best high or low; null: min for "
-        "eval/completions/clipped_ratio, max for rewards and accuracies (required for "
-        "eval/completions/mean_length).",
-    )
 
     def eval_functions(self) -> dict[str, float]:
         """The reward functions of the evaluation during training, by path, with weights."""
@@ -536,30 +587,6 @@ class RolloutConfig(TrainingConfig):
                  for path in self.eval_functions()}
         return {"eval/reward", "eval/checker_accuracy", "eval/completions/mean_length",
                 "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
-
-    @property
-    def best_mode(self) -> str | None:
-        """select_best's direction ('max'/'min'), None without select_best."""
-        if self.select_best is None:
-            return None
-        if self.select_best_mode is not None:
-            return self.select_best_mode
-        return "min" if self.select_best.endswith("clipped_ratio") else "max"
-
-    @model_validator(mode="after")
-    def _select_best_is_logged(self) -> RolloutConfig:
-        if self.select_best is None:
-            return self
-        known = self.eval_metric_names()
-        if self.select_best not in known:
-            raise ValueError(
-                f"select_best: {self.select_best!r} is not a metric this stage's evaluation "
-                f"during training logs; one of {', '.join(sorted(known))}"
-            )
-        if self.select_best == "eval/completions/mean_length" and self.select_best_mode is None:
-            raise ValueError("select_best: eval/completions/mean_length needs select_best_mode "
-                             "(max or min): a longer completion is not better or worse as such")
-        return self
 
 
 class GroupRolloutConfig(RolloutConfig):

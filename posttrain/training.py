@@ -385,16 +385,22 @@ def fit(
     Per optimizer step: `grad_accum` micro-batches through `accumulate`, clip and step, then
     `step_extras(micro, seconds)` for throughput-style metrics, `evaluate()` every `eval_every`
     steps and at the end, and metrics logged every `log_every` steps (rank 0 only).
+
+    With `cfg.select_best`, the model of the evaluated step where that metric was best is put
+    back at the end (posttrain/best.py; the state is in the checkpoints) and `best_step`,
+    `best/<metric>` are in the returned metrics.
     """
     import time
 
     from posttrain import checkpoints
+    from posttrain.best import best_state
     from posttrain.progress import TrainingProgress
 
     net.train()
     final: dict[str, float] = {}
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler)
+    best = best_state(accelerator.unwrap_model(net), cfg, accelerator)
     start = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(start * cfg.grad_accum):  # the data position: batches are deterministic
         next(batches)
@@ -416,6 +422,8 @@ def fit(
                 with torch.no_grad():
                     metrics.update(evaluate())
                 net.train()
+                if best is not None:
+                    best.update(metrics, step)
             due = step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.eval_every == 0
             if due and accelerator.is_main_process and log_metrics is not None:
                 log_metrics(metrics, step)
@@ -423,7 +431,12 @@ def fit(
             final.update(metrics)
             checkpoints.after_step(accelerator, checkpoint_dir, step, every=cfg.checkpoint_every,
                                    keep=cfg.checkpoint_keep)
-    return final
+    if best is None:
+        return final
+    if best.restore() is None:
+        raise RuntimeError(f"select_best: {best.metric} was never logged (no held-out rows "
+                           "were evaluated), so no step can be selected")
+    return {**final, **best.summary()}
 
 
 def reference_runner(mode: str, policy: torch.nn.Module,

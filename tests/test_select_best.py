@@ -213,3 +213,35 @@ def test_stage_refuses_select_best_it_cannot_evaluate():
         check_select_best(cfg, [], lambda p, t: True)
     check_select_best(cfg, PROMPTS, lambda p, t: True)
     check_select_best(GRPOConfig(name="grpo", reward_functions={"m:f": 1.0}), [], None)
+
+
+# ----------------------------------------------------------------------------- as a stage
+
+
+@pytest.mark.slow
+def test_grpo_stage_logs_eval_metrics_and_records_the_best_step(tmp_path):
+    """A GRPO stage on the demo prompts (which have the checker) logs eval/... at its
+    evaluated steps in its MLflow run and records the selected step in its manifest and as
+    the run's best_step tag; the artifact is saved from the restored weights."""
+    from posttrain import stages, tracking
+    from posttrain.config import PipelineConfig, validate
+    from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
+
+    values = tiny_pipeline_values(tmp_path, [
+        SFT_STAGE, stage("grpo", max_steps=3, eval_every=1, max_eval_rows=8,
+                         select_best="eval/checker_accuracy")], evaluate={"enabled": False})
+    manifests = stages.run_all(validate(PipelineConfig, values))
+    m = manifests["grpo"]
+    chosen = m["select_best"]
+    assert chosen["metric"] == "eval/checker_accuracy" and chosen["mode"] == "max"
+    assert chosen["step"] in (1, 2, 3) and m["metrics"]["best_step"] == chosen["step"]
+    client = tracking.client()
+    run = client.get_run(m["mlflow_run_id"])
+    assert run.data.tags["best_step"] == str(chosen["step"])
+    history = client.get_metric_history(run.info.run_id, "eval/checker_accuracy")
+    assert sorted(h.step for h in history) == [1, 2, 3]
+    best = max(history, key=lambda h: (h.value, -h.step))
+    assert best.step == chosen["step"] and chosen["value"] == pytest.approx(best.value)
+    for name in ("eval/reward", "eval/rewards/demo_checker/mean",
+                 "eval/completions/mean_length"):
+        assert name in run.data.metrics, name
