@@ -176,6 +176,17 @@ def test_best_state_copies_only_trainable_parameters_and_round_trips():
         BestState(model, "eval/reward", "min").load_state_dict(best.state_dict())
 
 
+def test_best_state_of_a_lora_policy_copies_the_adapter_only(tokenizer):
+    from posttrain.config import LoraConfig
+    from posttrain.models import apply_lora
+
+    policy = apply_lora(build_tiny_model(TINY, tokenizer), LoraConfig(r=4, alpha=8))
+    best = BestState(policy, "eval/reward", "max")
+    best.update({"eval/reward": 1.0}, 1)
+    assert best.weights and all("lora_" in name for name in best.weights)
+    assert len(best.weights) == sum(p.requires_grad for p in policy.parameters())
+
+
 # --------------------------------------------------------------------- config and preflight
 
 
@@ -229,7 +240,9 @@ def test_grpo_stage_logs_eval_metrics_and_records_the_best_step(tmp_path):
 
     values = tiny_pipeline_values(tmp_path, [
         SFT_STAGE, stage("grpo", max_steps=3, eval_every=1, max_eval_rows=8,
-                         select_best="eval/checker_accuracy")], evaluate={"enabled": False})
+                         select_best="eval/checker_accuracy",
+                         eval_reward_functions={"posttrain.reward_functions:demo_checker": 2.0})],
+        evaluate={"enabled": False})
     manifests = stages.run_all(validate(PipelineConfig, values))
     m = manifests["grpo"]
     chosen = m["select_best"]
@@ -245,3 +258,8 @@ def test_grpo_stage_logs_eval_metrics_and_records_the_best_step(tmp_path):
     for name in ("eval/reward", "eval/rewards/demo_checker/mean",
                  "eval/completions/mean_length"):
         assert name in run.data.metrics, name
+    # the evaluation's own function, weight 2: the checker's reward function agrees with the
+    # data's checker on every evaluated step
+    rewards = {h.step: h.value for h in client.get_metric_history(run.info.run_id,
+                                                                  "eval/reward")}
+    assert rewards == pytest.approx({h.step: 2 * h.value for h in history})
