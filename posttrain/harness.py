@@ -305,14 +305,33 @@ def _include_paths(include_path: str | Path | Iterable[str | Path] | None) -> li
 def task_manager(tasks: Iterable[str] = (), include_path=None):
     """A harness TaskManager knowing posttrain's local tasks (and `include_path`); lm-eval's
     own ~14k task configs are indexed only when a requested name is not a local one (indexing
-    them takes seconds)."""
+    them takes seconds). The full index is kept for the process (keyed by the include folders
+    and the YAML files in them, name, size and mtime), so preflight, the cache key and each
+    model's run do not index it again."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(p) for p in _include_paths(include_path)]
     local = TaskManager(include_path=paths, include_defaults=False)
     if all(t in local.all_tasks for t in tasks):
         return local
-    return TaskManager(include_path=paths)
+    key = (tuple(paths), _yaml_signature(paths))
+    if key not in _FULL_MANAGERS:
+        if len(_FULL_MANAGERS) >= 4:
+            _FULL_MANAGERS.pop(next(iter(_FULL_MANAGERS)))
+        _FULL_MANAGERS[key] = TaskManager(include_path=paths)
+    return _FULL_MANAGERS[key]
+
+
+_FULL_MANAGERS: dict[tuple, Any] = {}
+
+
+def _yaml_signature(paths: list[str]) -> tuple:
+    out = []
+    for folder in paths:
+        for f in sorted(Path(folder).rglob("*.yaml")) if Path(folder).is_dir() else []:
+            st = f.stat()
+            out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def check_tasks(tasks: Iterable[str], *, include_path=None, manager=None) -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 
 from posttrain import bootstrap, harness, preflight, promotion
 from posttrain.config import ConfigError, PipelineConfig, PromotionConfig, validate
+from posttrain.data import demo
 from tests.conftest import SFT_STAGE, tiny_pipeline_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,6 @@ def test_the_stage_checks_the_tasks_again_at_its_start(tmp_path):
 
 def test_the_demo_task_needs_an_answer_for_every_held_out_prompt(tmp_path):
     """Prompt-only held-out rows without the demo's checker have nothing to match: refused."""
-    from posttrain.data import demo
     from posttrain.data.loading import write_jsonl
 
     prompts = [{"prompt": r["prompt"]} for r in demo.generate_sft(
@@ -231,6 +231,50 @@ def test_the_demo_config_runs_the_local_task():
     assert values["evaluate"]["tasks"] == ["posttrain_demo"]
 
 
+def test_the_comparison_chart_draws_a_harness_metric_with_its_interval():
+    from posttrain import tracking
+
+    comparison = {"base": {EM: 0.0, EM + "_ci_low": 0.0, EM + "_ci_high": 0.0},
+                  "sft": {EM: 0.3, EM + "_ci_low": 0.2, EM + "_ci_high": 0.4}}
+    fig = tracking.comparison_chart(comparison)
+    (ax,) = [a for a in fig.axes if a.get_title()]
+    assert ax.get_title() == EM
+    assert [t.get_text() for t in ax.texts] == ["0", "0.3"]
+    assert len(ax.collections) == 1  # the error bars
+    fig.savefig("/dev/null", format="png")
+
+
+def test_the_full_task_index_is_built_once_per_process(tmp_path, monkeypatch):
+    """Indexing lm-eval's own task configs takes seconds: preflight, the cache key and every
+    model's run share one; a changed YAML in an include folder indexes again."""
+    import lm_eval.tasks
+
+    built = []
+
+    class Manager:
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append(include_defaults)
+            self.all_tasks = ["gsm8k"] if include_defaults else []
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
+    monkeypatch.setattr(harness, "_FULL_MANAGERS", {})
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("task: a\n")
+    first = harness.task_manager(["gsm8k"], folder)
+    assert harness.task_manager(["gsm8k"], folder) is first
+    assert built == [False, True, False]  # the local index is cheap and built each time
+    (folder / "a.yaml").write_text("task: a\noutput_type: generate_until\n")
+    assert harness.task_manager(["gsm8k"], folder) is not first
+    assert built.count(True) == 2
+
+
+def _held_out_rows(cfg, data_manifest):
+    from posttrain.stages.evaluate import _held_out
+
+    return _held_out(cfg, data_manifest, cfg.eval_source)
+
+
 # ------------------------------------------------------------------------------ a pipeline
 
 
@@ -274,6 +318,12 @@ def test_a_pipeline_compares_the_harness_exact_match_with_the_checker(tmp_path):
     written = [json.loads(line) for line in
                (folder / "harness_tasks" / "posttrain_demo.jsonl").read_text().splitlines()]
     assert len(written) == 60
+    assert written == harness.task_rows(_held_out_rows(cfg, manifests["data"]),
+                                        answer=demo.correct_answer)
+    # the record names its JSONL where the stage folder lies now: it runs from there
+    task_yaml = (folder / "harness_tasks" / "posttrain_demo.yaml").read_text()
+    assert str(folder.resolve() / "harness_tasks" / "posttrain_demo.jsonl") in task_yaml
+    assert harness.check_tasks(["posttrain_demo"], include_path=folder / "harness_tasks") == []
     paired = ev["paired"]["sft"][EM]
     assert paired["diff"] == pytest.approx(comparison["sft"][EM] - comparison["base"][EM])
     assert paired["ci_low"] <= paired["diff"] <= paired["ci_high"]

@@ -147,8 +147,11 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
     params = {**dump(cfg.evaluate), "data": cfg.eval_source, "candidates": list(candidates)}
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
+        task_dir = out.dir / "harness_tasks"
         results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest,
-                                task_dir=out.dir / "harness_tasks")
+                                task_dir=task_dir)
+        _point_task_at(task_dir, out.dir, artifacts.stage_dir(cfg.artifacts_root, "evaluate",
+                                                              key))
         ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest,
                                    candidates)
         e = cfg.evaluate
@@ -178,6 +181,16 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
         return {f"{n}/{k}": v for n, m in comparison.items() for k, v in m.items()}
 
     return run_stage(cfg, "evaluate", key, params, body, parent_run_id=parent_run_id)
+
+
+def _point_task_at(task_dir: Path, written: Path, final: Path) -> None:
+    """The harness task written into the stage's temporary folder names its JSONL there; once
+    the folder is renamed into place the record names it where it will lie, so the task can be
+    run again from the stage folder (`include_path=<stage>/harness_tasks`)."""
+    for yaml_path in task_dir.glob("*.yaml") if task_dir.is_dir() else []:
+        text = yaml_path.read_text()
+        yaml_path.write_text(text.replace(json.dumps(str(written.resolve()))[1:-1],
+                                          json.dumps(str(final.resolve()))[1:-1]))
 
 
 PER_PROMPT_FILE = "per_prompt.json"
@@ -428,7 +441,9 @@ def evaluation_ground(cfg: PipelineConfig, rows: list[dict], pref_rows: list[dic
     compared: `prompts_hash` (the held-out rows, in order), `pairs_hash` (the preference pairs
     of chosen_perplexity) and `ground`: a hash of those, every evaluation setting that can
     change a number (all of `evaluate` but NOT_GROUND, so settings added later count too), the
-    model settings (tokenizer), the reward model and the reference model (KL, win rate)."""
+    model settings (tokenizer), the reward model and the reference model (KL, win rate), and
+    with `evaluate.tasks` the harness fingerprint (lm-eval's version, the task configs, their
+    local data, the harness settings)."""
     e = cfg.evaluate
     prompts = artifacts.hash_json(rows)
     pairs = artifacts.hash_json(pref_rows) if pref_rows else None
