@@ -401,6 +401,9 @@ def fit(
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler)
     best = best_state(accelerator.unwrap_model(net), cfg, accelerator)
+    if best is not None and evaluate is None:
+        raise ValueError(f"select_best: {cfg.select_best} needs an evaluation during training, "
+                         f"and {name} has none here")
     start = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(start * cfg.grad_accum):  # the data position: batches are deterministic
         next(batches)

@@ -263,3 +263,17 @@ def test_grpo_stage_logs_eval_metrics_and_records_the_best_step(tmp_path):
     rewards = {h.step: h.value for h in client.get_metric_history(run.info.run_id,
                                                                   "eval/reward")}
     assert rewards == pytest.approx({h.step: 2 * h.value for h in history})
+
+
+def test_recipes_refuse_select_best_with_nothing_to_evaluate(tokenizer):
+    """Before any step: no held-out prompts, or eval/checker_accuracy without a checker."""
+    model = build_tiny_model(TINY, tokenizer)
+    before = _weights(model)
+    with pytest.raises(ValueError, match="select_best: eval/reward needs held-out prompts"):
+        grpo.train(model, tokenizer, PROMPTS, [], _grpo_cfg(select_best="eval/reward"),
+                   reward_fns={"sevens": sevens}, weights={"sevens": 1.0})
+    with pytest.raises(ValueError, match="eval/checker_accuracy needs a checker"):
+        grpo.train(model, tokenizer, PROMPTS, PROMPTS[:2],
+                   _grpo_cfg(select_best="eval/checker_accuracy"),
+                   reward_fns={"sevens": sevens}, weights={"sevens": 1.0})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

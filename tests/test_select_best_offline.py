@@ -153,3 +153,14 @@ def test_sft_select_best_resumes_to_the_same_step(data, tokenizer, monkeypatch, 
     assert again["best_step"] == 2 and again["best/eval_loss"] == 0.5
     for a, b in zip(resumed.parameters(), full.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fit_refuses_select_best_without_an_evaluation(tokenizer):
+    from posttrain.training import build_optimizer, fit, make_accelerator
+
+    model = torch.nn.Linear(2, 1)
+    cfg = SFTConfig(max_steps=2, select_best="eval_loss", **SMALL)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg)
+    with pytest.raises(ValueError, match="select_best: eval_loss needs an evaluation"):
+        fit(make_accelerator(), model, optimizer, scheduler, list(model.parameters()),
+            iter([]), cfg, name="sft", count=lambda b: 1, loss_fn=lambda b: (None, {}))

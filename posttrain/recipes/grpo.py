@@ -286,8 +286,8 @@ def train(
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
-    evaluation = HeldOut(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
-                         eval_weights if eval_weights is not None else weights, checker)
+    evaluation = held_out(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
+                          eval_weights if eval_weights is not None else weights, checker, best)
     step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(step // config.num_iterations):  # prompt batches already trained on
         next(batches)
@@ -369,6 +369,17 @@ def evaluate_held_out(policy, held: HeldOut, config, tokenizer) -> dict[str, flo
         correct = [bool(held.checker(r["prompt"], t)) for r, t in zip(held.rows, texts)]
         metrics["eval/checker_accuracy"] = sum(correct) / len(correct)
     return metrics
+
+
+def held_out(rows, reward_fns, weights, checker, best) -> HeldOut:
+    """The HeldOut of a recipe, refused at once when select_best has nothing to evaluate."""
+    if best is not None and not rows:
+        raise ValueError(f"select_best: {best.metric} needs held-out prompts, and there are "
+                         "none")
+    if best is not None and best.metric == "eval/checker_accuracy" and checker is None:
+        raise ValueError("select_best: eval/checker_accuracy needs a checker, and the held-out "
+                         "prompts have none")
+    return HeldOut(rows, reward_fns, weights, checker)
 
 
 def evaluate_due(policy, held: HeldOut, config, tokenizer, accelerator, step: int,

@@ -38,9 +38,9 @@ from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
 from posttrain.recipes.grpo import (
     Checker,
-    HeldOut,
     evaluate_due,
     finish,
+    held_out,
     prepare_prompts,
     reference_logps,
     rollout_metrics,
@@ -140,8 +140,8 @@ def train(
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
-    evaluation = HeldOut(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
-                         eval_weights if eval_weights is not None else weights, checker)
+    evaluation = held_out(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
+                          eval_weights if eval_weights is not None else weights, checker, best)
     step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(step):  # prompt batches already trained on
         next(batches)

@@ -42,9 +42,9 @@ from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
 from posttrain.recipes.grpo import (
     Checker,
-    HeldOut,
     evaluate_due,
     finish,
+    held_out,
     prepare_prompts,
     reference_logps,
 )
@@ -199,7 +199,7 @@ def train(
         eval_reward_fns = {"reward_model": reward_model_function(reward_model, tokenizer,
                                                                  tokenizer.pad_token_id)}
         eval_weights = {"reward_model": 1.0}
-    evaluation = HeldOut(held, eval_reward_fns, eval_weights or {}, checker)
+    evaluation = held_out(held, eval_reward_fns, eval_weights or {}, checker, best)
     start = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(start):  # prompt batches already trained on
         next(batches)
