@@ -277,3 +277,26 @@ def test_recipes_refuse_select_best_with_nothing_to_evaluate(tokenizer):
                    _grpo_cfg(select_best="eval/checker_accuracy"),
                    reward_fns={"sevens": sevens}, weights={"sevens": 1.0})
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_ppo_stage_evaluates_with_its_reward_stage_and_selects(tmp_path):
+    """PPO as a stage: held-out prompts of its source scored by the reward stage's model
+    (eval/rewards/reward_model/mean) and the data's checker, the selected step recorded."""
+    from posttrain import stages, tracking
+    from posttrain.config import PipelineConfig, validate
+    from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
+
+    values = tiny_pipeline_values(tmp_path, [
+        SFT_STAGE, stage("reward", max_steps=4),
+        stage("ppo", max_steps=3, eval_every=1, max_eval_rows=6, select_best="eval/reward")],
+        evaluate={"enabled": False})
+    m = stages.run_all(validate(PipelineConfig, values))["ppo"]
+    run = tracking.client().get_run(m["mlflow_run_id"])
+    history = {h.step: h.value for h in tracking.client().get_metric_history(
+        run.info.run_id, "eval/reward")}
+    assert sorted(history) == [1, 2, 3]
+    assert "eval/checker_accuracy" in run.data.metrics
+    assert "eval/rewards/reward_model/mean" in run.data.metrics
+    best = max(history, key=lambda s: (history[s], -s))
+    assert m["select_best"]["step"] == best == int(run.data.tags["best_step"])
