@@ -103,7 +103,7 @@ def test_online_dpo_recipe_trains_on_ranked_fresh_pairs(tokenizer, monkeypatch):
                 "rewards/accuracies", "logps/chosen", "logps/rejected", "objective/kl",
                 "objective/scores", "objective/scores_margin", "objective/rlhf_reward",
                 "objective/non_score_reward", "objective/entropy", "val/contain_eos_token",
-                "beta", "grad_norm", "learning_rate", "eval_reward"):
+                "beta", "grad_norm", "learning_rate", "eval/reward"):
         assert key in history[-1], key
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for s in seen:
