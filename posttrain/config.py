@@ -290,6 +290,7 @@ class TrainingConfig(_Frozen):
                  "eval_log_odds_ratio"),
         "simpo": (*_PAIR_METRICS, "eval_nll_loss", "eval_logps/chosen", "eval_logps/rejected"),
         "cpo": (*_PAIR_METRICS, "eval_nll_loss", "eval_logps/chosen", "eval_logps/rejected"),
+        "gkd": ("eval_loss", "eval_jsd"),
     }
 
     def eval_metric_names(self) -> set[str]:
@@ -544,6 +545,69 @@ class KTOConfig(StageFields, TrainingConfig):
                 "mismatched (prompt, completion) pairs within a batch"
             )
         return self
+
+
+class GKDConfig(StageFields, TrainingConfig):
+    """On-policy distillation (GKD, Agarwal et al. 2024): the student (the model the stage
+    starts from, or `student`) learns the teacher's token distributions through the generalized
+    Jensen-Shannon divergence, on the data's completions and on its own samples. Defaults are
+    TRL's GKDConfig's (lmbda 0.5, beta 0.5, temperature 0.9, 128 new tokens); the learning rate
+    is the shared default (TRL's is SFT's 2e-5). Data: prompt-completion."""
+
+    method: Literal["gkd"] = Field("gkd", description="The method; selects these settings.")
+
+    teacher: str | None = Field(
+        None,
+        description="The teacher: the name of an earlier language-model stage, or a model "
+        "folder (a saved causal LM). It is frozen; its tokenizer must be the student's.",
+    )
+    student: ModelConfig | None = Field(
+        None,
+        description="A model section for the student when it is not the pipeline's model: the "
+        "stage builds (or loads) the student from it instead of from `start` (which must then "
+        "be 'base'), e.g. a narrower tiny model distilled from a wider teacher stage. Unset: "
+        "the student is the model `start` names.",
+    )
+    lmbda: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Share of micro-batches whose completions the student samples itself "
+        "(on-policy); the others use the data's completions. 0: supervised distillation, "
+        "never generates; 1: fully on-policy.",
+    )
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Interpolation of the generalized JSD: 0 is the forward KL(teacher || "
+        "student), 1 the reverse KL(student || teacher), 0.5 the Jensen-Shannon divergence.",
+    )
+    temperature: float = Field(
+        0.9, gt=0.0, description="Temperature of the student's sampling and of both models' "
+        "distributions in the divergence."
+    )
+    max_new_tokens: int = Field(128, ge=1, description="New tokens per on-policy completion.")
+    generation_backend: Literal["auto", "loop", "static", "compiled"] = Field(
+        "auto", description="How on-policy completions decode (see GRPO's generation_backend)."
+    )
+
+    @model_validator(mode="after")
+    def _student_starts_fresh(self) -> GKDConfig:
+        if self.student is not None and self.start != "base":
+            raise ValueError(f"student: a student model section builds the student itself, so "
+                             f"start must be 'base' (got {self.start!r})")
+        return self
+
+    def teacher_problems(self, earlier: dict) -> list[str]:
+        """What is wrong with `teacher` given the stages before this one."""
+        if self.teacher is None:
+            return ["teacher: name the teacher, an earlier language-model stage or a model "
+                    "folder"]
+        if self.teacher in earlier:
+            if earlier[self.teacher].trains_reward_model:
+                return [f"teacher: {self.teacher!r} is a reward model; name a language model"]
+            return []
+        if not Path(self.teacher).is_dir():
+            return [f"teacher: {self.teacher!r} is neither an earlier stage (earlier: "
+                    f"{', '.join(earlier) or 'none'}) nor an existing model folder"]
+        return []
 
 
 class RolloutConfig(TrainingConfig):
@@ -976,7 +1040,7 @@ class _AnyOf:
 
 StageConfig = Annotated[
     SFTConfig | RewardConfig | DPOConfig | ORPOConfig | SimPOConfig | CPOConfig | KTOConfig
-    | GRPOConfig | RLOOConfig | OnlineDPOConfig | PPOConfig,
+    | GKDConfig | GRPOConfig | RLOOConfig | OnlineDPOConfig | PPOConfig,
     Field(discriminator="method"),
     _AnyOf,
 ]
@@ -1106,6 +1170,8 @@ def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
     if getattr(s, "reward_functions", None) == {}:
         out.append("reward_functions: name at least one, e.g. {'my_pkg.rewards:accuracy': 1.0} "
                    "or {reward_model: 1.0}")
+    if hasattr(s, "teacher_problems"):
+        out += s.teacher_problems(earlier)
     if getattr(s, "reference", None) == "adapter" and cfg.model.lora is None:
         out.append("reference: 'adapter' needs model.lora")
     return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from posttrain.config import (
     CPOConfig,
     DPOConfig,
+    GKDConfig,
     GRPOConfig,
     KTOConfig,
     OnlineDPOConfig,
@@ -97,6 +98,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Kahneman-Tversky optimization (pairs are split into desirable/undesirable)",
            reference=True, unit="unpaired",
            key_metrics=("loss", "kl", "rewards/margins", "eval_loss")),
+    Method("gkd", GKDConfig, (PROMPT_COMPLETION,), "posttrain.stages.gkd:run_gkd_stage",
+           "on-policy distillation (GKD): generalized JSD to a frozen teacher on data and "
+           "student-sampled completions", generates=True,
+           key_metrics=("loss", "jsd", "on_policy_fraction", "eval_jsd")),
     Method("grpo", GRPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
            "group relative policy optimization", reference=True, generates=True,
            unit="completions",

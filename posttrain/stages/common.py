@@ -275,6 +275,7 @@ def training_key(cfg: PipelineConfig, stage, inputs: dict) -> str:
     upstream = {"start": digest(inputs["start"]) if inputs.get("start") else "base"}
     if inputs.get("reward") is not None:
         upstream["reward"] = digest(inputs["reward"])
+    upstream.update(_distillation_upstream(stage, inputs))
     config = {"settings": {k: v for k, v in settings(stage).items() if k not in NOT_IN_KEY},
               "model": model_params(cfg),
               "launch": launch_params(cfg),
@@ -282,6 +283,21 @@ def training_key(cfg: PipelineConfig, stage, inputs: dict) -> str:
                        "max_drop_fraction": source_cfg.max_drop_fraction}}
     return artifacts.stage_key(stage.method, config, upstream=upstream,
                                data_fingerprint=src["fingerprint"])
+
+
+def _distillation_upstream(stage, inputs: dict) -> dict:
+    """GKD's extra upstream: the teacher (its stage's digest, or a folder's content) and a
+    `student` model section's weights by content (as the base model's)."""
+    out = {}
+    if inputs.get("teacher") is not None:
+        out["teacher"] = digest(inputs["teacher"])
+    elif getattr(stage, "teacher", None) is not None and Path(stage.teacher).is_dir():
+        from posttrain.config import ModelConfig
+
+        out["teacher"] = base_fingerprint(ModelConfig(name_or_path=stage.teacher))
+    if getattr(stage, "student", None) is not None:
+        out["student"] = base_fingerprint(stage.student)
+    return out
 
 
 def start_dir(inputs: dict) -> Path | None:

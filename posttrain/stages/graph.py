@@ -11,10 +11,15 @@ from posttrain.stages.common import training_key
 
 def inputs_for(stage, data: dict, manifests: dict[str, dict]) -> dict:
     """The upstream manifests of `stage`: the data, the stage it starts from (None: the base
-    model) and the reward stage it uses (or None)."""
-    return {"data": data,
-            "start": None if stage.start == "base" else manifests[stage.start],
-            "reward": manifests[stage.reward] if stage.reward else None}
+    model), the reward stage it uses (or None) and, for GKD, the teacher stage (absent when the
+    teacher is a folder)."""
+    inputs = {"data": data,
+              "start": None if stage.start == "base" else manifests[stage.start],
+              "reward": manifests[stage.reward] if stage.reward else None}
+    teacher = getattr(stage, "teacher", None)
+    if teacher is not None and teacher != "data" and teacher in manifests:
+        inputs["teacher"] = manifests[teacher]
+    return inputs
 
 
 def needed(cfg: PipelineConfig, targets: list[str] | None = None) -> list:
@@ -30,6 +35,9 @@ def needed(cfg: PipelineConfig, targets: list[str] | None = None) -> list:
             continue
         wanted.add(stage.name)
         todo += [n for n in (stage.start, stage.reward) if n not in (None, "base")]
+        teacher = getattr(stage, "teacher", None)  # GKD: a stage name, or a folder
+        if teacher is not None and teacher in {s.name for s in cfg.stages}:
+            todo.append(teacher)
     return [s for s in cfg.stages if s.name in wanted]
 
 
