@@ -177,6 +177,52 @@ def test_reference_free_settings_are_validated(override, message):
     assert message in str(e.value)
 
 
+def test_distill_example_distils_the_wider_sft_model_into_a_narrower_student():
+    cfg = load_pipeline_config(ROOT / "conf/examples/distill.yaml")
+    sft, gkd = cfg.stages
+    assert (sft.method, gkd.method, gkd.teacher, gkd.start) == ("sft", "gkd", "sft", "base")
+    assert gkd.student is not None and gkd.student.name_or_path == "tiny"
+    assert gkd.student.tiny.hidden_size < cfg.model.tiny.hidden_size
+    assert (gkd.lmbda, gkd.beta, gkd.temperature) == (0.5, 0.5, 0.9)
+    assert cfg.evaluate.reference == "sft" and cfg.promotion.candidates == ("gkd",)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("stages.gkd.teacher=nothing", "stages.gkd.teacher: 'nothing' is neither an earlier stage "
+                                   "(earlier: sft) nor an existing model folder"),
+    ("stages.gkd.teacher=gkd", "stages.gkd.teacher: 'gkd' is neither an earlier stage"),
+    ("stages.gkd.teacher=null", "stages.gkd.teacher: name the teacher"),
+    ("stages.gkd.start=sft", "stages.gkd: student: a student model section builds the student "
+                             "itself, so start must be 'base'"),
+    ("stages.gkd.lmbda=1.5", "stages.gkd.lmbda: Input should be less than or equal to 1"),
+    ("stages.gkd.beta=-0.1", "stages.gkd.beta: Input should be greater than or equal to 0"),
+    ("stages.gkd.temperature=0", "stages.gkd.temperature: Input should be greater than 0"),
+])
+def test_distill_settings_are_validated(override, message):
+    """A teacher that is no earlier stage and no folder, a student section with a start stage
+    and out-of-range settings fail at load, named by stage and field."""
+    from posttrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(ROOT / "conf/examples/distill.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_distill_teacher_may_be_a_folder_but_not_a_reward_model(tmp_path):
+    from posttrain.config import ConfigError
+
+    cfg = load_pipeline_config(ROOT / "conf/examples/distill.yaml",
+                               [f"stages.gkd.teacher={tmp_path}"])
+    assert cfg.stage("gkd").teacher == str(tmp_path)
+    values = {"data": {"sft": {"path": "demo:sft"}, "preference": {"path": "demo:preference"}},
+              "stages": [{"name": "rm", "method": "reward", "data": "preference"},
+                         {"name": "gkd", "method": "gkd", "teacher": "rm", "data": "sft"}]}
+    from posttrain.config import PipelineConfig, validate
+
+    with pytest.raises(ConfigError, match="stages.gkd.teacher: 'rm' is a reward model"):
+        validate(PipelineConfig, values)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=_id)
 def test_preflight_passes_on_every_example(path, tmp_path):
     """In-process preflight (what `posttrain plan` runs) on each example's built-in data."""
@@ -229,3 +275,32 @@ def test_chain_example_runs_end_to_end(tmp_path):
                                .experiment_id])
     assert {r.info.run_name for r in runs} == {"data", "sft", "dpo", "grpo", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_distill_example_runs_end_to_end(tmp_path):
+    """conf/examples/distill.yaml, shortened: the teacher trains, the narrower student is
+    distilled from it (its saved model is narrower, the JSD to the teacher falls) and the
+    evaluation compares base, sft and gkd."""
+    import json
+
+    from posttrain import stages
+
+    overrides = [
+        *SMALL_DEMO, f"artifacts_root={tmp_path / 'artifacts'}",
+        "stages.sft.max_steps=30", "stages.sft.eval_every=15",
+        "stages.gkd.max_steps=8", "stages.gkd.eval_every=4", "stages.gkd.log_every=1",
+        "stages.gkd.per_device_batch_size=8", "stages.gkd.lmbda=0.5",
+        "evaluate.max_prompts=16", f"tracking.experiment=distill-{tmp_path.name}",
+    ]
+    cfg = load_pipeline_config(ROOT / "conf/examples/distill.yaml", overrides)
+    manifests = stages.run_all(cfg)
+    assert list(manifests["evaluate"]["comparison"]) == ["base", "sft", "gkd"]
+    gkd = manifests["gkd"]
+    model_cfg = json.loads((Path(gkd["path"]) / "model" / "config.json").read_text())
+    assert model_cfg["hidden_size"] == 64
+    assert gkd["teacher"] == manifests["sft"]["path"]
+    metrics = gkd["metrics"]
+    assert 0.0 <= metrics["on_policy_fraction"] <= 1.0 and metrics["eval_jsd"] >= 0
+    # the teacher's digest is part of the student's key: a retrained teacher is a new student
+    assert stages.run_all(cfg, ["gkd"])["gkd"]["cached"]
