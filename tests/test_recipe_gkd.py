@@ -116,3 +116,54 @@ def test_mismatched_tokenizers_are_refused(tokenizer):
     with pytest.raises(ValueError, match="teacher: its tokenizer differs"):
         gkd.check_tokenizers(tokenizer, Other())
     gkd.check_tokenizers(tokenizer, tokenizer)
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def _folder_teacher(path, tokenizer):
+    from posttrain.models import save_model
+
+    save_model(build_tiny_model(WIDE, tokenizer), tokenizer, path)
+    return str(path)
+
+
+def _pipeline(tmp_path, teacher: str, **settings):
+    from conftest import SMALL, tiny_pipeline_values
+
+    from posttrain.config import PipelineConfig, validate
+
+    gkd_stage = {"name": "gkd", "method": "gkd", "data": "sft", "teacher": teacher, **SMALL,
+                 "max_steps": 2, "max_new_tokens": 4, **settings}
+    return validate(PipelineConfig, tiny_pipeline_values(tmp_path, [gkd_stage]))
+
+
+def test_stage_with_a_folder_teacher_trains_and_keys_on_the_folder(tmp_path, tokenizer):
+    from posttrain import stages
+
+    folder = _folder_teacher(tmp_path / "teacher", tokenizer)
+    cfg = _pipeline(tmp_path, folder, lmbda=1.0)
+    manifests = stages.run_all(cfg, ["gkd"])
+    gkd_manifest = manifests["gkd"]
+    assert gkd_manifest["teacher"] == folder and not gkd_manifest["cached"]
+    assert gkd_manifest["metrics"]["on_policy_fraction"] == 1.0
+    assert stages.run_all(cfg, ["gkd"])["gkd"]["cached"]
+    # other teacher weights in the same folder: another key, the stage trains again
+    from posttrain.models import save_model
+
+    save_model(build_tiny_model(WIDE.model_copy(update={"seed": 7}), tokenizer), tokenizer,
+               folder)
+    again = stages.run_all(cfg, ["gkd"])["gkd"]
+    assert not again["cached"] and again["key"] != gkd_manifest["key"]
+
+
+def test_stage_refuses_a_teacher_with_another_tokenizer(tmp_path, tokenizer):
+    from posttrain import stages
+    from posttrain.models import build_tiny_tokenizer, save_model
+
+    other = build_tiny_tokenizer()
+    other.add_tokens(["<extra-token>"])
+    save_model(build_tiny_model(WIDE, tokenizer), other, tmp_path / "teacher")
+    cfg = _pipeline(tmp_path, str(tmp_path / "teacher"))
+    with pytest.raises(ValueError, match="teacher: its tokenizer differs from the student's"):
+        stages.run_all(cfg, ["gkd"])
