@@ -128,15 +128,34 @@ def _next_tokens(
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
+    noise,  # vocab -> (N, V) float32 Exp(1) draws
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens (N,), logps (N,)
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, token_logps(logits, tokens)
     scaled = logits / temperature
     probs = filter_logits(scaled, top_k=top_k, top_p=top_p).softmax(-1)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = (probs / noise(probs.shape[-1])).argmax(-1)
     return tokens, token_logps(scaled, tokens)
+
+
+def _row_noise(rows: slice, total: int, device, generator):
+    """The Exp(1) noise of this call's rows for one decoding step: drawn for all `total` rows of
+    the global batch (so that every process of a launch draws the same numbers), sliced."""
+
+    def draw(vocab: int) -> torch.Tensor:
+        e = torch.empty(total, vocab, device=device).exponential_(generator=generator)
+        # exponential_ may return exactly 0: 0 / tiny stays 0 for a filtered token (no NaN).
+        return e[rows].clamp_(min=torch.finfo(torch.float32).tiny)
+
+    return draw
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The sampling seed of the rollout of training step `step` (1-based) of a run seeded
+    `seed`: the recipes reseed their generator with it before every rollout, so that the draws
+    depend only on (seed, step, global row) and not on how far earlier rollouts decoded."""
+    return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
 # ------------------------------------------------------------------------------ decoding paths
@@ -332,6 +351,8 @@ def generate(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    prompt_offset: int = 0,
+    global_prompts: int | None = None,
 ) -> Rollout:
     """Sample `num_samples` completions of every prompt in one batch, with a KV cache.
 
@@ -340,6 +361,15 @@ def generate(
     reproducible, with the same tokens on every `backend` (see `resolve_backend`; the path taken
     is logged, at INFO the first time a model uses it). The model runs in eval mode (no
     dropout) and gets its previous mode back.
+
+    Sampling is the Gumbel-max form of multinomial sampling: token = argmax_v p_v / E_v with
+    E_v ~ Exp(1) i.i.d. (equal in distribution to `torch.multinomial(p)`, p the temperature-
+    scaled, top-k / top-p filtered probabilities). Each step draws E for a GLOBAL batch of
+    `global_prompts` × num_samples rows (default: this call's prompts) and uses the rows of
+    prompts prompt_offset .. prompt_offset + len(prompt_ids): the processes of a launch that
+    hold consecutive shards of a global batch, each with a generator in the same state, then
+    sample exactly the completions one process sampling the whole batch would (the noise of
+    row (prompt i, sample g) at step t depends only on the generator state, i and g).
     """
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
@@ -353,8 +383,15 @@ def generate(
     prompt = prompt.repeat_interleave(num_samples, dim=0)  # (N, P)
     prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # (N, P)
 
+    total = len(prompt_ids) if global_prompts is None else global_prompts
+    if prompt_offset < 0 or prompt_offset + len(prompt_ids) > total:
+        raise ValueError(f"prompts {prompt_offset}..{prompt_offset + len(prompt_ids)} are not "
+                         f"within a global batch of {total}")
+    rows = slice(prompt_offset * num_samples, (prompt_offset + len(prompt_ids)) * num_samples)
+    noise = _row_noise(rows, total * num_samples, device, generator)
+
     def sample(logits):
-        return _next_tokens(logits, temperature, top_k, top_p, generator)
+        return _next_tokens(logits, temperature, top_k, top_p, noise)
 
     def run(path: str):
         _log_path(model, path)

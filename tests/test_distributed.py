@@ -69,6 +69,72 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
     assert losses[-1] < losses[0]  # it trained: equal trajectories are not trivially equal
 
 
+def _rl_worker(out: Path, nproc: int, prompts: int) -> list[dict]:
+    """tests/dist_rl_worker.py under torchrun (or plainly for one process): every process's
+    output, by rank."""
+    worker = ROOT / "tests" / "dist_rl_worker.py"
+    cmd = [sys.executable, str(worker)] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(nproc), str(worker)]
+    done = subprocess.run([*cmd, str(out), "--prompts", str(prompts)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
+
+
+# How the metrics of the shards make the global batch's: the same number of completions on
+# each process (means of per-completion values average), token means weighted by each shard's
+# completion tokens (∝ completions/mean_length), and the values of the synchronized update.
+_RL_KEYS = {
+    "grpo": {"mean": ("loss", "reward", "rewards/sevens/mean", "completions/mean_length"),
+             "tokens": ("kl", "entropy"), "global": ("grad_norm",)},
+    "ppo": {"mean": ("objective/kl", "objective/scores", "objective/rlhf_reward",
+                     "completions/mean_length"),
+            "tokens": ("loss/policy_avg", "policy/approxkl_avg"), "global": ("grad_norm",)},
+}
+
+
+def _combined(shards: list[dict], how: dict) -> dict:
+    weights = [m["completions/mean_length"] for m in shards]
+    out = {k: sum(m[k] for m in shards) / len(shards) for k in how["mean"]}
+    out |= {k: sum(m[k] * w for m, w in zip(shards, weights)) / sum(weights)
+            for k in how["tokens"]}
+    for k in how["global"]:
+        assert all(m[k] == pytest.approx(shards[0][k], abs=1e-6) for m in shards), k
+        out[k] = shards[0][k]
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_grpo_and_ppo_follow_the_one_process_trajectory(tmp_path):
+    """2 processes x 2 prompts vs 1 process x 4 (GRPO: 2 completions each, β = 0.1; PPO: one
+    minibatch, two epochs), temperature 0.9 and top-k 40: each process samples its shard with
+    the global batch's noise, so the two processes score exactly the completions the one process
+    scores, in the same order, and the losses, rewards, KL (each shard's combined as the global
+    batch's), gradient norms and trained weights agree within 1e-5 (fp32). PPO's token-mean
+    losses are rescaled by each shard's share of the minibatch's tokens (`ppo._token_share`):
+    without it the shards' completion lengths would weight the update differently."""
+    two = _rl_worker(tmp_path / "two", 2, 2)
+    (one,) = _rl_worker(tmp_path / "one", 1, 4)
+    assert [s["world_size"] for s in two] == [2, 2] and one["world_size"] == 1
+    steps = len(one["grpo_texts"]) - 1  # the last call scores the held-out prompts
+    assert steps == 4
+    for t in range(steps):
+        assert two[0]["grpo_texts"][t] + two[1]["grpo_texts"][t] == one["grpo_texts"][t], t
+    assert len({tuple(x) for x in one["grpo_texts"][:steps]}) == steps  # each step samples anew
+    for recipe, how in _RL_KEYS.items():
+        assert [m["step"] for m in one[recipe]] == [1, 2, 3, 4]
+        for t, a in enumerate(one[recipe]):
+            b = _combined([s[recipe][t] for s in two], how)
+            for key, value in b.items():
+                assert value == pytest.approx(a[key], abs=1e-5), (recipe, t + 1, key)
+        for s in two:
+            assert s[f"{recipe}_weights"] == pytest.approx(one[f"{recipe}_weights"], rel=1e-6)
+    # They trained and sampled: equal trajectories are not trivially equal.
+    assert one["grpo"][-1]["kl"] > 0 and one["ppo"][-1]["objective/kl"] != 0
+    assert len({m["reward"] for m in one["grpo"]}) > 1
+
+
 @pytest.mark.slow
 def test_two_fsdp_processes_follow_the_one_process_trajectory(tmp_path):
     """FSDP2 (accelerate's `prepare` with an FSDP plugin, gloo on this CPU: see

@@ -55,7 +55,7 @@ from posttrain.losses.rloo import rloo_loss, sequence_kl
 from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
 from posttrain.reward_functions import as_completions, combine_rewards
-from posttrain.rollout import Rollout, completion_logps, generate
+from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
 from posttrain.training import (
     NonFiniteGuard,
     build_optimizer,
@@ -123,13 +123,18 @@ def rollout_metrics(total: torch.Tensor, per_fn: dict, rollout: Rollout, group: 
     return metrics
 
 
-def _sample(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator) -> Rollout:
+def _sample(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
+            shard: tuple[int, int] = (0, 1)) -> Rollout:
+    """`shard` (rank, world size): this process's prompts are shard `rank` of a global batch of
+    world × len(rows) prompts, sampled with the global batch's noise (`generate`)."""
+    rank, world = shard
     return generate(
         policy, [r["prompt_ids"] for r in rows], num_samples=config.num_generations,
         max_new_tokens=config.max_completion_length, temperature=config.temperature,
         top_p=config.top_p, top_k=config.top_k, eos_token_ids=stop_token_ids(policy, tokenizer),
         pad_token_id=tokenizer.pad_token_id, generator=generator,
-        backend=config.generation_backend,
+        backend=config.generation_backend, prompt_offset=rank * len(rows),
+        global_prompts=world * len(rows),
     )
 
 
@@ -297,7 +302,9 @@ def train(
             t0 = time.perf_counter()
             batch = next(batches)
             with accelerator.autocast():  # sampling and reward models in training's precision
-                rollout = _sample(policy, batch, config, tokenizer, generator)
+                generator.manual_seed(rollout_seed(config.seed, step + 1))
+                rollout = _sample(policy, batch, config, tokenizer, generator,
+                                  (accelerator.process_index, accelerator.num_processes))
                 total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G)
             ref_logps = reference_logps(reference, rollout, config.temperature)
             advantages, kl = _advantages(net, rollout, total, ref_logps, config)  # (N,)

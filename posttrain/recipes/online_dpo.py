@@ -46,7 +46,7 @@ from posttrain.recipes.grpo import (
     rollout_metrics,
     score_rollout,
 )
-from posttrain.rollout import Rollout, completion_logps, generate
+from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
 from posttrain.training import (
     NonFiniteGuard,
     build_optimizer,
@@ -150,6 +150,7 @@ def train(
         while step < config.max_steps:
             t0 = time.perf_counter()
             batch = next(batches)
+            generator.manual_seed(rollout_seed(config.seed, step + 1))
             with accelerator.autocast():
                 rollout = generate(
                     policy, [r["prompt_ids"] for r in batch], num_samples=2,
@@ -157,7 +158,9 @@ def train(
                     temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                     eos_token_ids=stop_token_ids(policy, tokenizer),
                     pad_token_id=tokenizer.pad_token_id, generator=generator,
-                    backend=config.generation_backend)
+                    backend=config.generation_backend,
+                    prompt_offset=accelerator.process_index * len(batch),
+                    global_prompts=accelerator.num_processes * len(batch))
                 rewards, _, sampled = scored_pairs(batch, rollout, tokenizer, reward_fns,
                                                    weights, config)
             ref_logps = reference_logps(reference, rollout, config.temperature)

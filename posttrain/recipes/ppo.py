@@ -49,12 +49,13 @@ from posttrain.recipes.grpo import (
     reference_logps,
 )
 from posttrain.rewards import RewardScorer
-from posttrain.rollout import Rollout, completion_logps, generate
+from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
 from posttrain.training import (
     NonFiniteGuard,
     build_optimizer,
     disable_dropout,
     endless_batches,
+    global_sum,
     make_accelerator,
     optimizer_step,
     place,
@@ -104,7 +105,7 @@ def score_completions(reward_model, rollout: Rollout) -> torch.Tensor:
 
 @torch.no_grad()
 def _experience(rollout, policy_value, reward_model, reference, config: PPOConfig,
-                order: list[int]):
+                order: list[int], accelerator=None):
     """Old log-probs, values, rewards, advantages and returns of one rollout batch.
 
     π_old and V_old come from the training forward (the prepared `policy_value`) over the
@@ -126,7 +127,7 @@ def _experience(rollout, policy_value, reward_model, reference, config: PPOConfi
         scores = scores - config.missing_eos_penalty * rollout.truncated.float()
     rewards = kl_penalized_rewards(old_logps, ref_logps, scores, mask, kl_coef=config.kl_coef)
     advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
-    advantages = whiten(advantages, mask)
+    advantages = _whiten_global(accelerator, advantages, mask)
     kl = ((old_logps - ref_logps) * mask).sum(-1)  # (B,) sequence KL estimate
     stats = {
         "objective/kl": kl.mean().item(),
@@ -207,6 +208,7 @@ def train(
         for step in range(start + 1, config.max_steps + 1):
             t0 = time.perf_counter()
             batch = next(batches)
+            generator.manual_seed(rollout_seed(config.seed, step))
             with accelerator.autocast():  # sampling and scoring in the training precision
                 rollout = generate(
                     policy, [r["prompt_ids"] for r in batch],
@@ -215,10 +217,12 @@ def train(
                     eos_token_ids=stop_token_ids(policy, tokenizer),
                     pad_token_id=tokenizer.pad_token_id, generator=generator,
                     backend=config.generation_backend,
+                    prompt_offset=accelerator.process_index * len(batch),
+                    global_prompts=accelerator.num_processes * len(batch),
                 )
                 order = _minibatch_order(rollout, generator)  # the first epoch's
                 old_logps, old_values, adv, returns, stats = _experience(
-                    rollout, policy_value, reward_model, reference, config, order)
+                    rollout, policy_value, reward_model, reference, config, order, accelerator)
             sums = _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps,
                                old_values, adv, returns, config, accelerator, generator, guard,
                                order)
@@ -262,13 +266,39 @@ def _ppo_epochs(policy_value, optimizer, scheduler, params, rollout, old_logps, 
             vf, m2 = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows],
                                     clip=config.cliprange_value)
             loss = pg + config.vf_coef * vf
-            accelerator.backward(loss)
+            accelerator.backward(loss * _token_share(accelerator, mask[rows]))
             grad_norm = optimizer_step(accelerator, optimizer, scheduler, params,
                                        config.max_grad_norm, guard, float(loss.detach()))
             for k, v in {**m1, **m2, "grad_norm": grad_norm}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
     return {k: v / count for k, v in sums.items()}
+
+
+def _whiten_global(accelerator, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`whiten` over the masked entries of every process's rollout (one process: `whiten`
+    itself): the mean and unbiased variance of the global batch, from all-reduced sums, so that
+    each shard's advantages are those one process whitening the whole batch computes."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return whiten(x, mask)
+    m = mask.float()
+    count = global_sum(accelerator, float(m.sum()))
+    if count < 2:
+        raise ValueError("whitening needs at least two valid entries")
+    mean = global_sum(accelerator, float((x * m).sum())) / count
+    var = global_sum(accelerator, float((((x - mean) ** 2) * m).sum())) / (count - 1)
+    return (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8, dtype=x.dtype)) * m
+
+
+def _token_share(accelerator, mask: torch.Tensor) -> float:
+    """world × (this process's minibatch tokens) / (every process's): the losses are token
+    means over this process's minibatch, and scaled by this the gradient averaged over the
+    processes is the one of the token mean over the whole global minibatch (1 on one process)."""
+    if accelerator.num_processes == 1:
+        return 1.0
+    local = float(mask.sum())
+    total = global_sum(accelerator, local)
+    return accelerator.num_processes * local / total if total > 0 else 1.0
 
 
 def _take(rollout: Rollout, rows: torch.Tensor) -> Rollout:
