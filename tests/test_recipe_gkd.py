@@ -167,3 +167,28 @@ def test_stage_refuses_a_teacher_with_another_tokenizer(tmp_path, tokenizer):
     cfg = _pipeline(tmp_path, str(tmp_path / "teacher"))
     with pytest.raises(ValueError, match="teacher: its tokenizer differs from the student's"):
         stages.run_all(cfg, ["gkd"])
+
+
+def test_the_teacher_stage_is_found_when_a_runner_passes_only_start_and_reward(tmp_path):
+    """A runner that knows only data/start/reward (the Prefect task) gives the GKD stage the
+    same key as the graph runner: the teacher's manifest is looked up, and its digest keys
+    the student."""
+    from conftest import SFT_STAGE, SMALL, tiny_pipeline_values
+
+    from posttrain import stages
+    from posttrain.config import PipelineConfig, validate
+    from posttrain.stages.common import training_key
+    from posttrain.stages.gkd import with_teacher
+
+    gkd_stage = {"name": "gkd", "method": "gkd", "data": "sft", "teacher": "sft", **SMALL,
+                 "max_steps": 2, "max_new_tokens": 4}
+    cfg = validate(PipelineConfig, tiny_pipeline_values(
+        tmp_path, [{**SFT_STAGE, "max_steps": 2}, gkd_stage]))
+    manifests = stages.run_all(cfg, ["gkd"])
+    bare = {"data": manifests["data"], "start": None, "reward": None}
+    full = with_teacher(cfg, cfg.stage("gkd"), bare)
+    assert full["teacher"]["digest"] == manifests["sft"]["digest"]
+    assert training_key(cfg, cfg.stage("gkd"), full) == manifests["gkd"]["key"]
+    other = {**full, "teacher": {**full["teacher"], "digest": "another teacher"}}
+    assert training_key(cfg, cfg.stage("gkd"), other) != manifests["gkd"]["key"]
+    assert stages.run_training_stage(cfg, "gkd", bare)["cached"]

@@ -30,14 +30,36 @@ from posttrain.stages.common import (
 
 def with_teacher(cfg: PipelineConfig, stage: GKDConfig, inputs: dict, *,
                  parent_run_id: str | None = None) -> dict:
-    """`inputs` with the teacher stage's manifest under 'teacher' (a folder teacher: as is)."""
+    """`inputs` with the teacher stage's manifest under 'teacher' (a folder teacher: as is):
+    the existing artifact found by its key (a lookup, nothing recorded), else the stage run
+    through the graph (it trains the teacher and what it needs, or finds them cached)."""
     names = {s.name for s in cfg.stages}
     if stage.teacher not in names or inputs.get("teacher") is not None:
         return inputs
-    from posttrain.stages.graph import run_all
+    found = _existing(cfg, stage.teacher, inputs["data"], {})
+    if found is None:
+        from posttrain.stages.graph import run_all
 
-    manifests = run_all(cfg, [stage.teacher], parent_run_id=parent_run_id, evaluate=False)
-    return {**inputs, "teacher": manifests[stage.teacher]}
+        found = run_all(cfg, [stage.teacher], parent_run_id=parent_run_id,
+                        evaluate=False)[stage.teacher]
+    return {**inputs, "teacher": found}
+
+
+def _existing(cfg: PipelineConfig, name: str, data: dict, found: dict) -> dict | None:
+    """The verified artifact of stage `name` as the graph would key it now, or None (it, or a
+    stage it needs, has not run)."""
+    from posttrain import artifacts as store
+    from posttrain.stages.graph import inputs_for
+
+    s = cfg.stage(name)
+    names = {x.name for x in cfg.stages}
+    for dep in (s.start, s.reward, getattr(s, "teacher", None)):
+        if dep in names and dep not in found:
+            found[dep] = _existing(cfg, dep, data, found)
+            if found[dep] is None:
+                return None
+    return store.load_manifest(cfg.artifacts_root, name,
+                               training_key(cfg, s, inputs_for(s, data, found)))
 
 
 def teacher_dir(stage: GKDConfig, inputs: dict) -> Path:
