@@ -192,3 +192,19 @@ def test_the_teacher_stage_is_found_when_a_runner_passes_only_start_and_reward(t
     other = {**full, "teacher": {**full["teacher"], "digest": "another teacher"}}
     assert training_key(cfg, cfg.stage("gkd"), other) != manifests["gkd"]["key"]
     assert stages.run_training_stage(cfg, "gkd", bare)["cached"]
+
+
+def test_select_best_names_the_logged_eval_metrics(tokenizer, examples, teacher):
+    # eval_jsd's name does not say its direction; eval_loss (the same value) does
+    assert _config(select_best="eval_jsd", select_best_mode="min").best_mode == "min"
+    with pytest.raises(ValueError, match="needs select_best_mode"):
+        _config(select_best="eval_jsd")
+    history = []
+    with pytest.raises(ValueError, match="select_best: 'eval/reward' is not a metric"):
+        _config(select_best="eval/reward")
+    cfg = _config(max_steps=4, eval_every=2, lmbda=0.0, select_best="eval_loss")
+    final = gkd.train(build_tiny_model(NARROW, tokenizer), teacher, examples, examples[:8], cfg,
+                      tokenizer=tokenizer, log_metrics=lambda m, s: history.append(dict(m)))
+    logged = {k for m in history for k in m if k.startswith("eval_")}
+    assert logged == cfg.eval_metric_names() == {"eval_loss", "eval_jsd"}
+    assert final["best_step"] in (2, 4)
