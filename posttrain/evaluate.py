@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from posttrain import bootstrap
 from posttrain.data.packing import collate_padded
 from posttrain.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_sft_example
-from posttrain.logprobs import SelectedLogits, sequence_logps, shift_targets
+from posttrain.logprobs import (
+    SelectedLogits,
+    position_ids_from_mask,
+    shift_targets,
+    token_logps,
+)
 from posttrain.models import stop_token_ids
 
 Checker = Callable[[object, str], bool]
@@ -273,28 +278,12 @@ def chosen_perplexity(model: torch.nn.Module, tokenizer, rows: list[dict], *, ma
     return None if record is None else bootstrap.value(record)
 
 
-@torch.no_grad()
 def completion_logps(model: torch.nn.Module, completions: list[dict], pad_token_id: int,
                      batch_size: int) -> torch.Tensor:  # (N,) float32
-    """Summed log-probs of each generated completion (given its prompt) under `model`."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(completions), batch_size):
-        chunk = completions[start : start + batch_size]
-        seqs = [c["prompt_ids"] + c["completion_ids"] for c in chunk]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # (B, T)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-        completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-        for b, (c, s) in enumerate(zip(chunk, seqs)):
-            input_ids[b, : len(s)] = torch.tensor(s)
-            attention[b, : len(s)] = 1
-            completion_mask[b, len(c["prompt_ids"]) : len(s)] = 1
-        logps, _ = sequence_logps(model, input_ids.to(device), attention.to(device),
-                                  completion_mask.to(device))
-        out.append(logps.cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """Summed log-probs of each generated completion (given its prompt) under `model`: the
+    sums of `completion_token_logps`."""
+    per_token = completion_token_logps(model, completions, pad_token_id, batch_size)
+    return torch.stack([t.sum() for t in per_token]) if per_token else torch.zeros(0)
 
 
 def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
@@ -334,10 +323,8 @@ def kl_items(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> dict:
 def completion_token_logps(model: torch.nn.Module, completions: list[dict], pad_token_id: int,
                            batch_size: int) -> list[torch.Tensor]:
     """Per-token log-probs of each generated completion (given its prompt) under `model`: one
-    (len(completion_ids),) float32 tensor per completion, in order (the twin of
-    `completion_logps`, which sums them)."""
-    from posttrain.logprobs import position_ids_from_mask, token_logps
-
+    (len(completion_ids),) float32 tensor per completion, in order (`completion_logps` sums
+    them)."""
     model.eval()
     device = next(model.parameters()).device
     net = SelectedLogits(model)

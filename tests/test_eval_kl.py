@@ -41,7 +41,7 @@ def test_completion_token_logps_sum_to_completion_logps(tokenizer):
     assert [t.numel() for t in per_token] == [2, 4, 0]
     sums = completion_logps(a, completions, tokenizer.pad_token_id, batch_size=3)
     torch.testing.assert_close(torch.stack([t.sum() for t in per_token]), sums,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-5, atol=1e-5)  # batching does not change them
     assert k3_kl_per_token(per_token, per_token) == 0.0
     other = completion_token_logps(b, completions, tokenizer.pad_token_id, batch_size=2)
     assert k3_kl_per_token(per_token, other) > 0.0
