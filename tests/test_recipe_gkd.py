@@ -192,6 +192,12 @@ def test_the_teacher_stage_is_found_when_a_runner_passes_only_start_and_reward(t
     other = {**full, "teacher": {**full["teacher"], "digest": "another teacher"}}
     assert training_key(cfg, cfg.stage("gkd"), other) != manifests["gkd"]["key"]
     assert stages.run_training_stage(cfg, "gkd", bare)["cached"]
+    # the key itself looks the teacher up: the Prefect task's cache key and the plan agree
+    assert training_key(cfg, cfg.stage("gkd"), bare) == manifests["gkd"]["key"]
+    from posttrain.preflight import plan
+
+    rows = {r.stage: r for r in plan(cfg).rows}
+    assert rows["gkd"].status == "cached" and rows["gkd"].key == manifests["gkd"]["key"]
 
 
 def test_select_best_names_the_logged_eval_metrics(tokenizer, examples, teacher):

@@ -275,7 +275,7 @@ def training_key(cfg: PipelineConfig, stage, inputs: dict) -> str:
     upstream = {"start": digest(inputs["start"]) if inputs.get("start") else "base"}
     if inputs.get("reward") is not None:
         upstream["reward"] = digest(inputs["reward"])
-    upstream.update(_distillation_upstream(stage, inputs))
+    upstream.update(_distillation_upstream(cfg, stage, inputs))
     config = {"settings": {k: v for k, v in settings(stage).items() if k not in NOT_IN_KEY},
               "model": model_params(cfg),
               "launch": launch_params(cfg),
@@ -285,11 +285,19 @@ def training_key(cfg: PipelineConfig, stage, inputs: dict) -> str:
                                data_fingerprint=src["fingerprint"])
 
 
-def _distillation_upstream(stage, inputs: dict) -> dict:
+def _distillation_upstream(cfg: PipelineConfig, stage, inputs: dict) -> dict:
     """GKD's extra upstream: the teacher (its stage's digest, or a folder's content) and a
-    `student` model section's weights by content (as the base model's)."""
+    `student` model section's weights by content (as the base model's). A caller whose inputs
+    lack the teacher stage's manifest (a plan, the Prefect task's cache key) gets it looked up
+    by the teacher's own key; a teacher not trained yet keys as such (no artifact has it)."""
     out = {}
-    if inputs.get("teacher") is not None:
+    teacher = getattr(stage, "teacher", None)
+    if inputs.get("teacher") is None and teacher in {s.name for s in cfg.stages}:
+        from posttrain.stages.gkd import existing
+
+        found = existing(cfg, teacher, inputs["data"], {}, full=False)
+        out["teacher"] = digest(found) if found is not None else "not trained yet"
+    elif inputs.get("teacher") is not None:
         out["teacher"] = digest(inputs["teacher"])
     elif getattr(stage, "teacher", None) is not None and Path(stage.teacher).is_dir():
         from posttrain.config import ModelConfig

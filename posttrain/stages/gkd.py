@@ -36,7 +36,7 @@ def with_teacher(cfg: PipelineConfig, stage: GKDConfig, inputs: dict, *,
     names = {s.name for s in cfg.stages}
     if stage.teacher not in names or inputs.get("teacher") is not None:
         return inputs
-    found = _existing(cfg, stage.teacher, inputs["data"], {})
+    found = existing(cfg, stage.teacher, inputs["data"], {})
     if found is None:
         from posttrain.stages.graph import run_all
 
@@ -45,9 +45,10 @@ def with_teacher(cfg: PipelineConfig, stage: GKDConfig, inputs: dict, *,
     return {**inputs, "teacher": found}
 
 
-def _existing(cfg: PipelineConfig, name: str, data: dict, found: dict) -> dict | None:
+def existing(cfg: PipelineConfig, name: str, data: dict, found: dict, *,
+             full: bool = True) -> dict | None:
     """The verified artifact of stage `name` as the graph would key it now, or None (it, or a
-    stage it needs, has not run)."""
+    stage it needs, has not run). `full`: verify every file's hash (False: the listing)."""
     from posttrain import artifacts as store
     from posttrain.stages.graph import inputs_for
 
@@ -55,11 +56,11 @@ def _existing(cfg: PipelineConfig, name: str, data: dict, found: dict) -> dict |
     names = {x.name for x in cfg.stages}
     for dep in (s.start, s.reward, getattr(s, "teacher", None)):
         if dep in names and dep not in found:
-            found[dep] = _existing(cfg, dep, data, found)
+            found[dep] = existing(cfg, dep, data, found, full=full)
             if found[dep] is None:
                 return None
     return store.load_manifest(cfg.artifacts_root, name,
-                               training_key(cfg, s, inputs_for(s, data, found)))
+                               training_key(cfg, s, inputs_for(s, data, found)), full=full)
 
 
 def teacher_dir(stage: GKDConfig, inputs: dict) -> Path:
