@@ -63,7 +63,8 @@ SFT_STAGE = {"name": "sft", "method": "sft", "data": "sft", **SMALL, "max_steps"
 # The data source each method reads in tests, by default.
 TEST_DATA = {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference",
              "simpo": "preference", "cpo": "preference", "kto": "preference",
-             "grpo": "prompts", "rloo": "prompts", "ppo": "prompts", "online_dpo": "prompts"}
+             "grpo": "prompts", "rloo": "prompts", "ppo": "prompts", "online_dpo": "prompts",
+             "gkd": "sft"}
 ONLINE_SMALL = {"max_steps": 2, "max_completion_length": 4}
 
 
@@ -76,6 +77,8 @@ def stage(method: str, name: str | None = None, *, start: str = "sft", **setting
                       reward_functions={"posttrain.reward_functions:demo_checker": 1.0})
     if method == "ppo":
         values.update(ONLINE_SMALL, reward="reward")
+    if method == "gkd":  # distils the SFT stage
+        values.update(teacher="sft", max_new_tokens=4, max_steps=2)
     if method == "online_dpo":
         values.update(ONLINE_SMALL, reward_functions={"reward_model": 1.0}, reward="reward")
     return {**values, **settings}

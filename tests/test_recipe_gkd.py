@@ -173,15 +173,14 @@ def test_the_teacher_stage_is_found_when_a_runner_passes_only_start_and_reward(t
     """A runner that knows only data/start/reward (the Prefect task) gives the GKD stage the
     same key as the graph runner: the teacher's manifest is looked up, and its digest keys
     the student."""
-    from conftest import SFT_STAGE, SMALL, tiny_pipeline_values
+    from conftest import SFT_STAGE, stage, tiny_pipeline_values
 
     from posttrain import stages
     from posttrain.config import PipelineConfig, validate
     from posttrain.stages.common import training_key
     from posttrain.stages.gkd import with_teacher
 
-    gkd_stage = {"name": "gkd", "method": "gkd", "data": "sft", "teacher": "sft", **SMALL,
-                 "max_steps": 2, "max_new_tokens": 4}
+    gkd_stage = stage("gkd", start="base")  # teacher: sft
     cfg = validate(PipelineConfig, tiny_pipeline_values(
         tmp_path, [{**SFT_STAGE, "max_steps": 2}, gkd_stage]))
     manifests = stages.run_all(cfg, ["gkd"])
