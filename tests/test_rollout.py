@@ -220,3 +220,27 @@ def test_validation(model):
         generate(model, [[5]], max_new_tokens=0, eos_token_ids=1, pad_token_id=PAD)
     with pytest.raises(ValueError):
         generate(model, [[5]], max_new_tokens=2, top_p=0.0, eos_token_ids=1, pad_token_id=PAD)
+
+
+def test_a_shard_samples_the_rows_of_the_global_batch(model, prompts):
+    """prompt_offset / global_prompts: the shards of a global batch, each sampled with its own
+    generator in the same state (as the processes of a launch hold it), give exactly the rows
+    the whole batch gives, completion for completion, even where a shard stops decoding earlier
+    or its prompts are padded to another width; a wrong offset is refused."""
+    n = len(prompts)
+    assert n >= 2
+    kw = {"temperature": 0.9, "top_k": 20, "top_p": 0.95}
+    whole = _sample(model, prompts, seed=7, **kw)
+    for lo, hi in ((0, 1), (1, n)):
+        shard = _sample(model, prompts[lo:hi], seed=7, prompt_offset=lo, global_prompts=n, **kw)
+        rows = slice(lo * 4, hi * 4)
+        width = shard.completion_ids.shape[1]
+        assert torch.equal(shard.completion_ids, whole.completion_ids[rows, :width])
+        assert torch.equal(shard.completion_mask, whole.completion_mask[rows, :width])
+        assert (whole.completion_mask[rows, width:] == 0).all()  # only padding beyond
+        assert torch.allclose(shard.logps, whole.logps[rows, :width], atol=1e-5)
+    # Without the offset the second shard draws the first rows' noise: other completions.
+    alone = _sample(model, prompts[1:], seed=7, **kw)
+    assert not torch.equal(alone.completion_ids[:, :3], whole.completion_ids[4:, :3])
+    with pytest.raises(ValueError, match="not within a global batch"):
+        _sample(model, prompts[1:], prompt_offset=1, global_prompts=1)
