@@ -4,6 +4,9 @@
   with batch 2B (the same global batch, the same rows in each step): sharding, DDP's gradient
   averaging and the loss normalization over the global item count add up to the same update. The
   same holds with the parameters sharded by FSDP2.
+- GRPO and PPO too: each process samples its prompts with the global batch's noise, so two
+  processes score the completions one process scores (PPO whitens over the global batch and
+  weights each shard's token-mean loss by its tokens).
 - A stage asking for two processes runs under `accelerate launch` from its Prefect task: one
   artifact and one MLflow run (rank 0's), its output in the task's log; a failing launched stage
   reaches the flow with its own error message.
