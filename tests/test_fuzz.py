@@ -99,7 +99,7 @@ names = st.sampled_from(["sft", "dpo", "reward", "ppo", "grpo", "base", "x"])
 graph_stages = st.lists(
     st.fixed_dictionaries(
         {"method": st.sampled_from(["sft", "reward", "dpo", "orpo", "simpo", "cpo", "kto",
-                                    "grpo", "rloo", "online_dpo", "ppo"])},
+                                    "grpo", "rloo", "online_dpo", "gkd", "ppo"])},
         optional={"name": names, "start": names, "data": st.sampled_from(["sft", "pairs", "nope"]),
                   "reward": names, "beta": st.sampled_from([0.1, -1.0, "x"]),
                   "reward_functions": st.sampled_from([{}, {"reward_model": 1.0},
