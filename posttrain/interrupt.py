@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import rich
+
 GRACE_SECONDS = 4.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -157,6 +159,10 @@ def _watch_launching_command() -> threading.Event | None:
     if command <= 1:
         return None
     done = threading.Event()
+    # The pipe to the command may break before the watcher looks (a progress bar refresh):
+    # rich's console would then exit the process on the spot (SystemExit 1, the run FAILED,
+    # no checkpoint). The broken pipe is the same news, so it stops the stage the same way.
+    rich.get_console().on_broken_pipe = lambda: _command_gone(command)
 
     def watch() -> None:
         while not done.wait(0.5):
@@ -165,19 +171,24 @@ def _watch_launching_command() -> threading.Event | None:
             except psutil.Error:
                 gone = True
             if gone:
-                # Nobody reads this process's output any more: a write to the broken pipe would
-                # end it on the spot (rich's console exits on EPIPE), before its checkpoint.
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                for fd in (1, 2):
-                    os.dup2(devnull, fd)
-                os.close(devnull)
-                if _state.pending is None and not _state.stopping:
-                    _state.note = f"the command that launched it, PID {command}, is gone"
-                    _state.pending = "SIGTERM"
+                _command_gone(command)
                 return
 
     threading.Thread(target=watch, daemon=True, name="posttrain-launch-watch").start()
     return done
+
+
+def _command_gone(command: int) -> None:
+    """The command that launched this process is gone: nobody reads its output any more (a
+    write to the broken pipe would end the process before its checkpoint), so output goes to
+    /dev/null, and the stage stops as on SIGTERM at the next step boundary."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    if _state.pending is None and not _state.stopping:
+        _state.note = f"the command that launched it, PID {command}, is gone"
+        _state.pending = "SIGTERM"
 
 
 def checkpointed(step: int) -> None:
