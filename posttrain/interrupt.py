@@ -49,6 +49,7 @@ class _State:
     timer: threading.Timer | None = None
     forced: bool = False  # set by the grace timer
     note: str | None = None  # why the stop, when no signal came (the launching command died)
+    launching_command: int | None = None  # PID of the command that launched this process
 
 
 _state = _State()
@@ -123,6 +124,7 @@ def stage(name: str) -> Iterator[None]:
     finally:
         if watcher is not None:
             watcher.set()
+            _state.launching_command = None
         _state.stage, _state.step, _state.checkpoint_step, _state.checkpointing = outer
         if previous is not None:
             for sig, old in zip(SIGNALS, previous, strict=True):
@@ -163,6 +165,7 @@ def _watch_launching_command() -> threading.Event | None:
     # rich's console would then exit the process on the spot (SystemExit 1, the run FAILED,
     # no checkpoint). The broken pipe is the same news, so it stops the stage the same way.
     rich.get_console().on_broken_pipe = lambda: _command_gone(command)
+    _state.launching_command = command
 
     def watch() -> None:
         while not done.wait(0.5):
@@ -176,6 +179,15 @@ def _watch_launching_command() -> threading.Event | None:
 
     threading.Thread(target=watch, daemon=True, name="posttrain-launch-watch").start()
     return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except Exception:  # noqa: BLE001 - no psutil: assume it is, say nothing more
+        return True
 
 
 def _command_gone(command: int) -> None:
@@ -229,6 +241,10 @@ def where() -> str:
     text = f"during stage {_state.stage!r}"
     if _state.step is not None:
         text += f" after step {_state.step}"
+    if _state.note is None and _state.launching_command and not _alive(_state.launching_command):
+        # A SIGTERM from the launcher, which ends its processes when the command goes, can
+        # come before the watcher sees the command gone: the same cause, so the same words.
+        _state.note = f"the command that launched it, PID {_state.launching_command}, is gone"
     if _state.note:
         text += f" ({_state.note})"
     if _state.checkpoint_step is not None:
