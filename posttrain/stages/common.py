@@ -158,9 +158,12 @@ def _produce(cfg: PipelineConfig, stage: str, key: str, params: dict, body, run_
         tracking.log_folder(run_id, out.manifest["path"], cfg.tracking.max_artifact_mb)
         tracking.end_run(run_id)
     except BaseException as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
+        stop = interrupt.stopped_by_peer(e)
+        interrupted = stop is not None or isinstance(e, KeyboardInterrupt)
         tracking.end_run(run_id, "KILLED" if interrupted else "FAILED",
-                         reason=f"{type(e).__name__}: {e}")
+                         reason=f"{type(stop or e).__name__}: {stop or e}")
+        if stop is not None:
+            raise stop from e
         raise
     _remove_checkpoints(cfg, stage, key)
     return out.manifest
