@@ -340,7 +340,9 @@ def _graph(cfg: PipelineConfig, stages: list, datasets: dict, *, evaluate: bool)
         manifest = artifacts.load_manifest(cfg.artifacts_root, s.name, key, full=False) \
             if key else None
         known[s.name] = manifest
-        uses = [n for n in (s.reward, "reference" if uses_reference(s) else None) if n]
+        teacher = getattr(s, "teacher", None)  # GKD: a stage name or a model folder
+        uses = [n for n in (s.reward, "reference" if uses_reference(s) else None,
+                            teacher and f"teacher {teacher}") if n]
         out.append(PlanRow(s.name, s.method, s.start, s.data, ", ".join(uses) or "-",
                            "cached" if manifest else "will run", key))
     if evaluate:
