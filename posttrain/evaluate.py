@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import bootstrap
+from posttrain.data.loading import DataError
 from posttrain.data.packing import collate_padded
+from posttrain.data.preference import tokenize_preference_rows
 from posttrain.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_sft_example
 from posttrain.logprobs import (
     SelectedLogits,
@@ -31,6 +33,7 @@ from posttrain.logprobs import (
     token_logps,
 )
 from posttrain.models import stop_token_ids
+from posttrain.rewards import score_texts
 
 Checker = Callable[[object, str], bool]
 
@@ -245,9 +248,6 @@ def chosen_pair_losses(model: torch.nn.Module, tokenizer, rows: list[dict], *,
     """Per-pair (loss sum, token count) of the chosen responses of preference pairs (prompt
     tokens carry no loss) as a `bootstrap.per_item` record whose value is their perplexity;
     indexed by the pairs that fit, in order; None when no pair fits in max_length."""
-    from posttrain.data.loading import DataError
-    from posttrain.data.preference import tokenize_preference_rows
-
     try:
         pairs, _ = tokenize_preference_rows(rows, tokenizer, max_length=max_length,
                                             truncation="drop", source="held-out preference pairs",
@@ -379,9 +379,6 @@ def score_completions(
     reward_model: torch.nn.Module, completions: list[dict], pad_token_id: int, batch_size: int
 ) -> list[float]:
     """Reward-model scores of generated (prompt_ids + completion_ids) sequences."""
-    from posttrain.data.packing import collate_padded
-    from posttrain.rewards import score_texts
-
     sequences = [
         {"input_ids": c["prompt_ids"] + c["completion_ids"],
          "labels": c["prompt_ids"] + c["completion_ids"]}

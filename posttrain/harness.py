@@ -37,6 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.data import demo
+
+# Lazy imports: posttrain.models and lm_eval (torch) load only to run a task; the flows and
+# preflight import this module to name and check the tasks.
+
 LOCAL_TASKS = Path(__file__).resolve().parent / "harness_tasks"
 DEMO_TASK = "posttrain_demo"
 PREFIX = "lm_eval"
@@ -282,8 +287,6 @@ def write_task(folder: str | Path, rows: list[dict], *, name: str = DEMO_TASK,
 def demo_rows(demo_cfg, seed: int | None = None) -> list[dict]:
     """The harness rows of the demo's held-out prompts (`demo.generate_sft(..., "eval")`), the
     target being the checker's answer."""
-    from posttrain.data import demo
-
     seed = demo_cfg.seed if seed is None else seed
     return task_rows(demo.generate_sft(demo_cfg, seed, "eval"), answer=demo.correct_answer)
 

@@ -16,7 +16,10 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
+from posttrain import checkpoints
+from posttrain.best import best_state
 from posttrain.config import TrainingConfig
+from posttrain.progress import TrainingProgress
 
 Batch = dict[str, Any]
 
@@ -391,10 +394,6 @@ def fit(
     `best/<metric>` are in the returned metrics.
     """
     import time
-
-    from posttrain import checkpoints
-    from posttrain.best import best_state
-    from posttrain.progress import TrainingProgress
 
     net.train()
     final: dict[str, float] = {}

@@ -12,8 +12,11 @@
   `if __name__ == "__main__":` block is the script, not the module: it adds no edge.
 - A function-level import of a posttrain module is there for one reason only: to keep a light
   module light (the CLI, the flows and preflight must not pay for torch, transformers or mlflow
-  before they need them). Each such line carries a `# lazy: <why>` comment on the line itself or
-  the line above, so a reader sees why the import is not at the top.
+  before they need them). So the importing module must be light (its module-level imports,
+  followed through the library, load none of HEAVY) and the imported one heavy; anything else
+  belongs at the top of the file. Each module that defers imports says so, and why, in one
+  comment line starting `# Lazy imports:` (one line per module, not per import: the reason is
+  the same for all of them, and the rule above is what the test checks).
 """
 
 from __future__ import annotations
@@ -24,15 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a light module must not load at import time: seconds of start-up on the CLI's path.
+HEAVY = {"torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "mlflow",
+         "lm_eval", "numpy"}
 DOTTED = re.compile(r"(posttrain(?:\.\w+)+):\w+")
 
 
 @dataclass(frozen=True)
 class Import:
     source: str  # importing module, e.g. "posttrain.recipes.sft"
-    target: str  # imported posttrain module, e.g. "posttrain.stages.common"
+    target: str  # imported module, e.g. "posttrain.stages.common" (or "torch": external=True)
     line: int
     in_function: bool
+    external: bool = False
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -122,6 +129,13 @@ def imports_of(source: str, path: Path, modules: dict[str, Path]) -> list[Import
             # Every module runs `posttrain/__init__.py`; it imports nothing, so it is no edge.
             if target != source and target != "posttrain":
                 found.append(Import(source, target, node.lineno, node.lineno in in_function))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if node.level == 0 else [])
+            for top in dict.fromkeys(n.split(".")[0] for n in names):
+                if top in HEAVY:
+                    found.append(Import(source, top, node.lineno, node.lineno in in_function,
+                                        external=True))
     return found
 
 
@@ -131,9 +145,37 @@ def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], list[Import]]:
     everything: list[Import] = []
     for name, path in modules.items():
         for imp in imports_of(name, path, modules):
-            edges[name].add(imp.target)
+            if not imp.external:
+                edges[name].add(imp.target)
             everything.append(imp)
     return edges, everything
+
+
+def heavy_at_import(imports: list[Import]) -> dict[str, set[str]]:
+    """For each library module, the HEAVY packages that importing it loads: its own
+    module-level imports and those of every library module it imports at module level."""
+    direct: dict[str, set[str]] = {}
+    below: dict[str, set[str]] = {}
+    for imp in imports:
+        direct.setdefault(imp.source, set())
+        below.setdefault(imp.source, set())
+        if not imp.in_function:
+            (direct if imp.external else below)[imp.source].add(imp.target)
+    loads: dict[str, set[str]] = {}
+
+    def visit(name: str, seen: set[str]) -> set[str]:
+        if name in loads:
+            return loads[name]
+        seen.add(name)
+        out = set(direct.get(name, ()))
+        for nxt in below.get(name, ()):
+            if nxt not in seen:
+                out |= visit(nxt, seen)
+        return out
+
+    for name in set(direct) | set(below):
+        loads[name] = visit(name, set())
+    return loads
 
 
 def find_cycles(edges: dict[str, set[str]]) -> list[tuple[list[str], list[str]]]:
@@ -203,12 +245,16 @@ def test_graph_builder_sees_function_level_and_submodule_imports(tmp_path):
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from posttrain.sub import b\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from posttrain import a\n    return a\n")
-    (pkg / "c.py").write_text("from .sub.b import f\n")
+    (pkg / "c.py").write_text("from .sub.b import f\n"
+                              "if __name__ == '__main__':\n    from posttrain import a\n")
+    (pkg / "sub" / "d.py").write_text("from posttrain.sub import b\nX = 'posttrain.c:main'\n")
     edges, imports = import_graph(tmp_path)
     assert edges["posttrain.a"] == {"posttrain.sub", "posttrain.sub.b"}
     assert edges["posttrain.sub.b"] == {"posttrain.a"}
     assert edges["posttrain.c"] == {"posttrain.sub", "posttrain.sub.b"}
     assert [i.in_function for i in imports if i.source == "posttrain.sub.b"] == [True]
+    # a sibling inside the started package: no edge to its __init__; a dotted path: an edge
+    assert edges["posttrain.sub.d"] == {"posttrain.sub.b", "posttrain.c"}
     assert find_cycles(edges) == [(["posttrain.a", "posttrain.sub.b", "posttrain.a"],
                                    ["posttrain.a", "posttrain.sub.b"])]
 
@@ -220,3 +266,27 @@ def test_no_import_cycles_in_the_library():
         "\n".join(f"{' -> '.join(cycle)}   (one of the cycles among: {', '.join(knot)})"
                   for cycle, knot in cycles)
     )
+
+
+def test_function_level_imports_only_keep_a_light_module_light():
+    """Every function-level import of a library module: from a light module, of a heavy one,
+    in a module whose `# Lazy imports:` line says why. Any other belongs at the top."""
+    edges, imports = import_graph()
+    loads = heavy_at_import(imports)
+    statements: dict[tuple[str, int], list[str]] = {}
+    for imp in imports:
+        if imp.in_function and not imp.external:
+            statements.setdefault((imp.source, imp.line), []).append(imp.target)
+    wrong = []
+    for (source, line), targets in sorted(statements.items()):
+        if loads.get(source):
+            wrong.append(f"{source}:{line}: the module loads {sorted(loads[source])} anyway; "
+                         "import at the top")
+        elif not any(loads.get(t) for t in targets):
+            wrong.append(f"{source}:{line}: {', '.join(targets)} loads none of torch & co.; "
+                         "import at the top")
+    modules = library_modules()
+    for source in sorted({s for s, _ in statements}):
+        if "# Lazy imports:" not in modules[source].read_text():
+            wrong.append(f"{source}: defers imports; say why in a '# Lazy imports:' line")
+    assert not wrong, "\n".join(wrong)

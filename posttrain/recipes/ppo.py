@@ -48,6 +48,7 @@ from posttrain.recipes.grpo import (
     prepare_prompts,
     reference_logps,
 )
+from posttrain.reward_functions import reward_model_function
 from posttrain.rewards import RewardScorer
 from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
 from posttrain.training import (
@@ -195,8 +196,6 @@ def train(
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
     if eval_reward_fns is None:
-        from posttrain.reward_functions import reward_model_function
-
         eval_reward_fns = {"reward_model": reward_model_function(reward_model, tokenizer,
                                                                  tokenizer.pad_token_id)}
         eval_weights = {"reward_model": 1.0}

@@ -20,6 +20,9 @@ from pathlib import Path
 from posttrain import artifacts, disk, interrupt, tracking
 from posttrain.config import ModelConfig, PipelineConfig
 
+# Lazy imports: models, training and checkpoints (torch, accelerate) load only where a stage
+# trains; every stage module, the flows and preflight import this one.
+
 
 def dump(model) -> dict:
     return model.model_dump(mode="json")

@@ -16,6 +16,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import GKDConfig, PipelineConfig
 from posttrain.data.loading import DataError, read_jsonl
+from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.stages.common import (
     checkpoint_dir,
     load_policy,
@@ -26,6 +27,9 @@ from posttrain.stages.common import (
     start_tokenizer,
     training_key,
 )
+
+# Lazy imports: the recipes, models and training (torch, transformers) load inside the
+# stage's body; the flows, the CLI and preflight import this module without them.
 
 
 def teacher_dir(stage: GKDConfig, inputs: dict) -> Path:
@@ -59,8 +63,6 @@ def load_student(cfg: PipelineConfig, stage: GKDConfig, inputs: dict):
 
 
 def _tokenize(rows: list[dict], tokenizer, source: str, s: GKDConfig) -> tuple[list[dict], dict]:
-    from posttrain.data.tokenize import tokenize_sft_rows
-
     examples, report = tokenize_sft_rows(rows, tokenizer, max_length=s.max_length,
                                          truncation=s.truncation, completion_only_loss=True,
                                          source=source)

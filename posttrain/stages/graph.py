@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from posttrain.config import PipelineConfig
+from posttrain.config import PipelineConfig, load_pipeline_config
 from posttrain.methods import is_policy
 from posttrain.stages import gkd, online, preference, reward, sft
 from posttrain.stages.common import existing, inputs_for, training_key
 from posttrain.stages.data import run_data_stage
 from posttrain.stages.evaluate import run_eval_stage
+
+# Lazy imports: torch (posttrain.training) loads only when a command line ends; the flows and
+# preflight import this module.
 
 # The function that trains each method's stage: (cfg, stage, inputs, parent_run_id=) -> manifest.
 # Stage modules import torch only inside their bodies, so importing them all here is light.
@@ -101,7 +104,6 @@ def command_line(method_name: str, argv: list[str] | None = None) -> None:
     evaluation; prints each artifact's folder."""
     import argparse
 
-    from posttrain.config import load_pipeline_config
     from posttrain.training import end_distributed  # torch: only once a stage has trained
 
     parser = argparse.ArgumentParser(
