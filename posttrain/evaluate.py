@@ -39,7 +39,7 @@ Checker = Callable[[object, str], bool]
 
 
 @torch.no_grad()
-def generate(
+def greedy_completions(
     model: torch.nn.Module,
     tokenizer,
     prompts: list,
@@ -161,7 +161,7 @@ def evaluate_candidate(
         for i in range(0, len(examples), batch_size)
     ]
     device = next(model.parameters()).device
-    completions = generate(
+    completions = greedy_completions(
         model,
         tokenizer,
         [r["prompt"] for r in rows],
@@ -191,7 +191,7 @@ def evaluate_candidate(
     metrics["eos_rate"] = sum(c["eos"] for c in completions) / len(completions)
     scores: list[float | None] = [None] * len(rows)
     if reward_model is not None:
-        scores = score_completions(reward_model, completions, tokenizer.pad_token_id, batch_size)
+        scores = reward_model_scores(reward_model, completions, tokenizer.pad_token_id, batch_size)
         metrics["reward_score"] = sum(scores) / len(scores)
         per_prompt["reward_score"] = bootstrap.per_item(scores)
         seconds["reward"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -278,15 +278,13 @@ def chosen_perplexity(model: torch.nn.Module, tokenizer, rows: list[dict], *, ma
     return None if record is None else bootstrap.value(record)
 
 
-def completion_logps(model: torch.nn.Module, completions: list[dict], pad_token_id: int,
-                     batch_size: int) -> torch.Tensor:  # (N,) float32
-    """Summed log-probs of each generated completion (given its prompt) under `model`: the
-    sums of `completion_token_logps`."""
-    per_token = completion_token_logps(model, completions, pad_token_id, batch_size)
+def summed_logps(per_token: list[torch.Tensor]) -> torch.Tensor:  # (N,)
+    """Each completion's log-prob: the sum of its per-token log-probs
+    (`completion_token_logps`)."""
     return torch.stack([t.sum() for t in per_token]) if per_token else torch.zeros(0)
 
 
-def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
+def mean_log_ratio(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
     """Mean of log pi(y) - log pi_ref(y) over completions y drawn from pi: a Monte-Carlo KL(pi ||
     pi_ref) per sequence. Greedy completions are a biased draw (the mode), so read it as a
     distance the evaluation can track, not an exact KL."""
@@ -375,7 +373,7 @@ def k3_kl_items(policy_token_logps: list[torch.Tensor],
 
 
 @torch.no_grad()
-def score_completions(
+def reward_model_scores(
     reward_model: torch.nn.Module, completions: list[dict], pad_token_id: int, batch_size: int
 ) -> list[float]:
     """Reward-model scores of generated (prompt_ids + completion_ids) sequences."""

@@ -6,7 +6,7 @@ other filter appended: `lm_eval/gsm8k/exact_match/strict-match`). `check_tasks` 
 preflight: it names every requested task that is unknown, or whose data would need the Hugging
 Face Hub when the hub is unreachable or offline mode is on, before any model is loaded.
 
-Identical decoding to posttrain's own evaluation (`posttrain.evaluate.generate`): the harness
+Identical decoding to posttrain's own evaluation (`posttrain.evaluate.greedy_completions`): the harness
 gets an `HFLM` built around the model and tokenizer posttrain loaded (`load_trained`,
 `load_trained_tokenizer`), not `pretrained=<folder>`, so dtype, device, pad token, chat template
 and generation config are exactly those of the checker's run; HFLM then decodes greedily

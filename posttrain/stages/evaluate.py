@@ -390,14 +390,13 @@ def _rows(cfg: PipelineConfig, data_manifest: dict) -> tuple[list[dict], list[di
 
 
 def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dict) -> None:
-    import torch
-
     from posttrain import bootstrap
     from posttrain.evaluate import (
         k3_kl_items,
         k3_kl_per_token,
-        kl_estimate,
         kl_items,
+        mean_log_ratio,
+        summed_logps,
         win_items,
         win_rate,
     )
@@ -412,11 +411,8 @@ def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dic
         else:
             # Per-token log-probs: summed for the sequence log-ratio, per token for k3.
             own_tokens, ref_tokens = own_logps[name], ref_logps[name]
-            own_sums = (torch.stack([t.sum() for t in own_tokens]) if own_tokens
-                        else torch.zeros(0))
-            ref_sums = (torch.stack([t.sum() for t in ref_tokens]) if ref_tokens
-                        else torch.zeros(0))
-            r.metrics["kl_to_reference"] = kl_estimate(own_sums, ref_sums)
+            own_sums, ref_sums = summed_logps(own_tokens), summed_logps(ref_tokens)
+            r.metrics["kl_to_reference"] = mean_log_ratio(own_sums, ref_sums)
             r.per_prompt["kl_to_reference"] = kl_items(own_sums, ref_sums)
             r.metrics["kl_per_token_to_reference"] = k3_kl_per_token(own_tokens, ref_tokens)
             r.per_prompt["kl_per_token_to_reference"] = k3_kl_items(own_tokens, ref_tokens)
