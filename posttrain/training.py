@@ -123,8 +123,11 @@ def gathered_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dic
             if k.startswith(prefix) and k[len(prefix):] in names}
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig):
-    """AdamW with linear warm-up then the configured decay."""
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig, *,
+                    updates_per_step: int = 1):
+    """AdamW with linear warm-up then the configured decay, scheduled over cfg.max_steps steps
+    (and cfg.warmup_steps of warm-up) of `updates_per_step` optimizer updates each: PPO updates
+    num_ppo_epochs x num_mini_batches times per rollout, every other method once."""
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.learning_rate,
@@ -134,8 +137,8 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig):
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
         optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.max_steps,
+        num_warmup_steps=cfg.warmup_steps * updates_per_step,
+        num_training_steps=cfg.max_steps * updates_per_step,
     )
     return optimizer, scheduler
 
@@ -488,10 +491,10 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
-def halve_micro_batch(cfg: TrainingConfig) -> TrainingConfig | None:
+def halve_micro_batch(cfg: TrainingConfig, group: int = 1) -> TrainingConfig | None:
     """Half the micro-batch and twice the accumulation (the same effective batch for even sizes);
-    None when the micro-batch is already 1."""
-    group = getattr(cfg, "num_generations", 1)  # GRPO: a micro-batch holds whole groups
+    None when the micro-batch is already 1 or half of it would not hold whole groups of `group`
+    rows (GRPO's and RLOO's completions of one prompt)."""
     if cfg.per_device_batch_size <= 1 or (cfg.per_device_batch_size // 2) % group:
         return None
     return cfg.model_copy(update={"per_device_batch_size": cfg.per_device_batch_size // 2,
@@ -499,17 +502,19 @@ def halve_micro_batch(cfg: TrainingConfig) -> TrainingConfig | None:
 
 
 def with_oom_backoff(run: Callable[[TrainingConfig], Any], cfg: TrainingConfig,
-                     on_backoff: Callable[[TrainingConfig, TrainingConfig], None]) -> Any:
+                     on_backoff: Callable[[TrainingConfig, TrainingConfig], None], *,
+                     group: int = 1) -> Any:
     """`run(cfg)`, retried after an out-of-memory error with half the micro-batch and twice the
-    accumulation until it fits or the micro-batch is 1. `run` must start from scratch (load its
-    model afresh) each time; `on_backoff(old, new)` records the change."""
+    accumulation until it fits or the micro-batch is 1 (or would split a `group`, see
+    `halve_micro_batch`). `run` must start from scratch (load its model afresh) each time;
+    `on_backoff(old, new)` records the change."""
     import gc
 
     while True:
         try:
             return run(cfg)
         except Exception as error:
-            smaller = halve_micro_batch(cfg) if is_out_of_memory(error) else None
+            smaller = halve_micro_batch(cfg, group) if is_out_of_memory(error) else None
             if smaller is None:
                 raise
             on_backoff(cfg, smaller)

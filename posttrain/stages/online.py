@@ -144,8 +144,9 @@ def run_online_stage(cfg: PipelineConfig,
 
         try:
             if stage.method in SCORED_METHODS:  # micro-batches can shrink; PPO's batch IS the rollout
+                group = stage.num_generations if isinstance(stage, (GRPOConfig, RLOOConfig)) else 1
                 policy, accelerator, final = with_oom_backoff(
-                    attempt, stage, record_oom_backoff(out, run_id))
+                    attempt, stage, record_oom_backoff(out, run_id), group=group)
             else:
                 policy, accelerator, final = attempt(stage)
         finally:
