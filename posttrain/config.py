@@ -211,7 +211,11 @@ class TrainingConfig(_Frozen):
     max_steps: int = Field(
         300, ge=1, description="Optimizer steps (each step = grad_accum micro-batches)."
     )
-    per_device_batch_size: int = Field(32, ge=1, description="Rows per micro-batch per process.")
+    per_device_batch_size: int = Field(
+        32, ge=1, description="Items per micro-batch per process, in the unit the method's loss "
+        "averages over: examples (SFT, GKD; packed rows with packing), pairs (reward model, DPO, "
+        "ORPO, SimPO, CPO, and online DPO: one sampled pair per prompt), unpaired examples "
+        "(KTO), completions (GRPO and RLOO: num_generations per prompt; PPO: one per prompt).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
@@ -760,7 +764,7 @@ class OnlineDPOConfig(StageFields, RolloutConfig):
     """Online DPO (Guo et al. 2024): two fresh completions of each prompt from the current
     policy, ranked by reward functions or a reward stage's model, and the DPO loss on that pair
     against the frozen reference. Defaults are TRL's OnlineDPOConfig's. Batch sizes count
-    prompts, each giving one pair."""
+    pairs, one per prompt (as DPO's count pairs)."""
 
     method: Literal["online_dpo"] = Field(
         "online_dpo", description="The method; selects these settings."
@@ -795,7 +799,8 @@ class OnlineDPOConfig(StageFields, RolloutConfig):
 
 
 class PPOConfig(StageFields, RolloutConfig):
-    """PPO for RLHF: policy, frozen reference, frozen reward model, value model."""
+    """PPO for RLHF: policy, frozen reference, frozen reward model, value model. Batch sizes
+    count completions, one per prompt."""
 
     method: Literal["ppo"] = Field("ppo", description="The method; selects these settings.")
     learning_rate: float = Field(3e-6, gt=0.0, description="Peak learning rate of AdamW.")

@@ -48,9 +48,11 @@ class Method:
     (a stage scores with a reward stage when its config's `uses_reward_stage` says so: PPO
     always, GRPO, RLOO and online DPO with 'reward_model' among their reward functions); generates: it samples
     completions while training; produces: what its artifact holds ('policy' or 'reward_model');
-    unit: what one row of its batch is ('examples': SFT rows, packed rows with packing; 'pairs';
-    'unpaired': KTO's examples, which also form mismatched pairs; 'completions': GRPO,
-    num_generations per prompt; 'prompts': PPO and online DPO, whose rows are prompts).
+    unit: what `per_device_batch_size` counts, in every method the items its loss averages over
+    ('examples': SFT rows, packed rows with packing; 'pairs': reward model, DPO & co., and
+    online DPO, one sampled pair per prompt; 'unpaired': KTO's examples, which also form
+    mismatched pairs; 'completions': GRPO and RLOO, num_generations per prompt, and PPO, one
+    per prompt).
     """
 
     name: str
@@ -104,11 +106,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            key_metrics=("reward", "reward_std", "eval/reward", "kl")),
     Method("online_dpo", OnlineDPOConfig, PROMPTS,
            "online DPO: two fresh completions per prompt ranked by reward functions or a reward "
-           "stage, DPO loss on the pair", reference=True, generates=True, unit="prompts",
+           "stage, DPO loss on the pair", reference=True, generates=True, unit="pairs",
            key_metrics=("objective/scores", "objective/scores_margin", "rewards/accuracies",
                         "eval/reward")),
     Method("ppo", PPOConfig, PROMPTS,
-           "PPO against a reward stage", reference=True, generates=True, unit="prompts",
+           "PPO against a reward stage", reference=True, generates=True, unit="completions",
            key_metrics=("objective/scores", "objective/kl", "objective/rlhf_reward",
                         "loss/value_avg")),
 )}

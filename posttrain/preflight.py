@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain import artifacts, disk
-from posttrain.config import ConfigError, PipelineConfig
+from posttrain.config import ConfigError, GroupRolloutConfig, PipelineConfig
 from posttrain.data.formats import eval_rows, prompt_rows
 from posttrain.data.loading import DataError, fingerprint_rows
 from posttrain.data.tokenize import tokenize_sft_rows
@@ -260,7 +260,9 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
         prompts = prompt_rows(train, fmt, f"data.{stage.data}")
     except DataError as e:
         return [f"{where}: {e}"]
-    per_prompt = stage.num_generations if method(stage).unit == "completions" else 1
+    # GRPO and RLOO count completions, num_generations per prompt; PPO's one completion and
+    # online DPO's one pair per prompt count prompts one for one.
+    per_prompt = stage.num_generations if isinstance(stage, GroupRolloutConfig) else 1
     need = _need(cfg, stage) // per_prompt
     if len(prompts) < need:
         out.append(f"{where}: {len(prompts)} prompts in data.{stage.data} cannot fill one "
