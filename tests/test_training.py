@@ -1,4 +1,4 @@
-"""The shared training pieces (posttrain/training.py) on toy models: gradient accumulation equals
+"""The shared training pieces (posttrain/training/) on toy models: gradient accumulation equals
 one big batch, endless batches reshuffle, drop the ragged tail and shard disjointly, the optimizer
 warms up, `fit` logs and evaluates when configured, and reference runners pick the right model."""
 
