@@ -324,3 +324,12 @@ def test_modules_and_functions_stay_small():
     assert long - LONG_FUNCTIONS == set(), "functions over 80 lines: split them"
     assert OVERSIZED_MODULES - big == set(), "small enough now: take them off OVERSIZED_MODULES"
     assert LONG_FUNCTIONS - long == set(), "short enough now: take them off LONG_FUNCTIONS"
+
+
+def test_every_method_has_a_stage_function():
+    """The method table (posttrain.methods, what a method is) and the stage layer's table of
+    the functions that run them (posttrain.stages.graph) name the same methods."""
+    from posttrain.methods import METHODS
+    from posttrain.stages.graph import STAGE_FUNCTIONS
+
+    assert sorted(STAGE_FUNCTIONS) == sorted(METHODS)
