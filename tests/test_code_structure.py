@@ -302,7 +302,7 @@ OVERSIZED_MODULES = {
     "posttrain/stages/evaluate.py", "posttrain/tracking.py",
 }
 LONG_FUNCTIONS = {
-    "posttrain/evaluate.py:evaluate_candidate", "posttrain/recipes/grpo.py:train",
+    "posttrain/recipes/grpo.py:train",
     "posttrain/recipes/kto.py:train", "posttrain/recipes/online_dpo.py:train",
     "posttrain/recipes/ppo.py:train", "posttrain/rollout.py:generate",
 }
