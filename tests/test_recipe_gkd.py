@@ -178,7 +178,7 @@ def test_the_teacher_stage_is_found_when_a_runner_passes_only_start_and_reward(t
     from posttrain import stages
     from posttrain.config import PipelineConfig, validate
     from posttrain.stages.common import training_key
-    from posttrain.stages.gkd import with_teacher
+    from posttrain.stages.graph import with_teacher
 
     gkd_stage = stage("gkd", start="base")  # teacher: sft
     cfg = validate(PipelineConfig, tiny_pipeline_values(
