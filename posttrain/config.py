@@ -653,6 +653,60 @@ class RolloutConfig(TrainingConfig):
                 "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
 
 
+class EnvironmentConfig(_Frozen):
+    """Multi-turn episodes with tools (posttrain/multiturn.py): the model writes a turn, tools
+    and the environment answer, up to max_turns; the loss covers only the model's tokens.
+    The tokens of one model turn are bounded by the stage's max_completion_length."""
+
+    path: str | None = Field(
+        None,
+        description="The environment class or factory by dotted path ('package.module:Class'), "
+        "called with no arguments once per episode; it has reset(row) -> first messages and "
+        "step(messages) -> posttrain.environments.Step (posttrain/environments.py). null: the "
+        "built-in posttrain.environments:ToolEnvironment, which runs `tools` and ends the "
+        "episode at the first model turn without a tool call.",
+    )
+    tools: tuple[str, ...] = Field(
+        (),
+        description="Tool functions by dotted path ('package.module:function'), with type hints "
+        "and a Google-style docstring (their JSON schema goes into the prompt through the chat "
+        "template's `tools=`), added to the environment's own `tools`.",
+    )
+    max_turns: int = Field(4, ge=1, description="Model turns per episode at most.")
+    max_episode_tokens: int = Field(
+        256, ge=1, description="Tokens after the prompt per episode at most (the model's and "
+        "the observations'); an episode that would exceed it ends, counted as truncated.",
+    )
+    tool_timeout: float = Field(
+        10.0, gt=0.0, description="Seconds one tool call may run; a call past it answers the "
+        "model with an error and the rollout goes on.",
+    )
+    reward_weight: float = Field(
+        1.0, description="Weight of the environment's episode reward (the sum of the rewards "
+        "its steps return) in the total, next to the reward_functions' weights.",
+    )
+    sample_episodes: int = Field(
+        4, ge=0, description="Episodes logged as an MLflow table (episodes/step_<n>.json) at "
+        "the first step and every eval_every steps; 0: none.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_dotted(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.]+[:.][\w.]+", value):
+            raise ValueError(f"{value!r} is not a dotted path; write 'package.module:Class' "
+                             "(an importable module, then the class or factory in it)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_dotted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [t for t in value if not re.fullmatch(r"[\w.]+[:.][\w.]+", t)]
+        if bad:
+            raise ValueError(f"{bad} are not dotted paths; write 'package.module:function'")
+        return value
+
+
 class GroupRolloutConfig(RolloutConfig):
     """Settings shared by the methods that sample a group of completions per prompt and score
     them with reward functions (GRPO, RLOO). Batch sizes count completions, not prompts."""
@@ -684,12 +738,23 @@ class GroupRolloutConfig(RolloutConfig):
         "weights; the name 'reward_model' scores with the stage named in `reward`. At least one.",
     )
 
+    environment: EnvironmentConfig | None = Field(
+        None, description="Multi-turn episodes with tools and an environment (see "
+        "EnvironmentConfig); null: single-turn completions."
+    )
+
     @model_validator(mode="after")
     def _groups_fit(self) -> GroupRolloutConfig:
         if self.per_device_batch_size % self.num_generations:
             raise ValueError(
                 f"per_device_batch_size ({self.per_device_batch_size}) counts completions and "
                 f"must be a multiple of num_generations ({self.num_generations})"
+            )
+        env = self.environment
+        if env is not None and env.max_episode_tokens >= self.max_length:
+            raise ValueError(
+                f"environment.max_episode_tokens ({env.max_episode_tokens}) must leave room for "
+                f"the prompt within max_length ({self.max_length}): lower it or raise max_length"
             )
         return self
 
@@ -1167,9 +1232,9 @@ def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
     elif s.reward is not None and (s.reward not in earlier
                                    or not earlier[s.reward].trains_reward_model):
         out.append(f"reward: {s.reward!r} is not an earlier reward stage")
-    if getattr(s, "reward_functions", None) == {}:
+    if getattr(s, "reward_functions", None) == {} and getattr(s, "environment", None) is None:
         out.append("reward_functions: name at least one, e.g. {'my_pkg.rewards:accuracy': 1.0} "
-                   "or {reward_model: 1.0}")
+                   "or {reward_model: 1.0}, or an environment that gives rewards")
     if hasattr(s, "teacher_problems"):
         out += s.teacher_problems(earlier)
     if getattr(s, "reference", None) == "adapter" and cfg.model.lora is None:

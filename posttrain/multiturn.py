@@ -1,0 +1,428 @@
+"""Multi-turn rollouts: batched episodes of model turns, tool calls and environment replies.
+
+An episode's tokens are prompt + [model turn + observation]*: the model writes a turn (up to a
+stop token), the rollout parses its tool calls and runs them (posttrain/tools.py), the
+environment answers (posttrain/environments.py), and the observation, i.e. what the chat
+template renders for those messages plus the next generation prompt, is appended before the
+model's next turn. The result is a `Rollout` whose completion holds every token after the
+prompt and whose `tool_mask` is 1 on the tokens the model wrote and 0 on observation tokens:
+GRPO and RLOO put their loss and KL on completion_mask · tool_mask only (as TRL's tool_mask).
+
+Batched with one KV cache across turns (a transformers `DynamicCache`, i.e. the "loop" decoding
+path of posttrain/rollout.py): each turn starts with one forward over the appended tokens only,
+the previous turn's last sampled token and the left-padded observation (never the whole
+conversation again), then one forward per new token. Episodes that end drop out of the batch
+(`DynamicCache.batch_select_indices`). The padding inside a row (the pad steps of rows that
+stopped early, an observation's left padding) is masked and skipped by the positions, which
+come from the attention mask, so the recorded log-probs equal one forward over the final,
+unpadded conversation (tested), and `completion_logps` over the Rollout is that forward.
+
+How observations become tokens: the chat template renders a fixed two-message conversation
+(user, assistant) with and without the new messages and the generation prompt; the text it adds
+is the observation, after the template's own end of the assistant turn minus the stop token the
+model already wrote. So observation tokens are exactly the template's, and the model's own
+tokens are never re-tokenized. A template that does not render a longer conversation as a
+prefix extension of the shorter one is refused.
+
+Limits: `max_turns` model turns, `max_turn_tokens` per turn, `max_episode_tokens` after the
+prompt (model and observation tokens). A turn that ends without a stop token, a turn limit
+reached with the environment still going, or an observation that would not fit ends the
+episode as truncated. Sampling is rollout.py's (Gumbel-max with the global batch's noise, so a
+seed gives the same episodes however the batch is sharded over processes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from posttrain.environments import Environment, as_step
+from posttrain.logprobs import position_ids_from_mask
+from posttrain.rollout import Rollout, _cache_kwarg, _next_tokens, _row_noise, left_pad
+from posttrain.tools import ToolCall, parse_tool_calls, run_tool, tool_schema, tools_by_name
+
+_BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+
+
+@dataclass
+class Limits:
+    max_turns: int = 4
+    max_turn_tokens: int = 32
+    max_episode_tokens: int = 256
+    tool_timeout: float = 10.0
+    max_prompt_tokens: int | None = None
+
+
+@dataclass
+class Episode:
+    """One conversation: the first messages, then the model's and the answers' messages."""
+
+    messages: list[dict]
+    prompt_messages: int  # how many of `messages` are the first messages
+    turns: int = 0
+    tool_calls: int = 0
+    parse_failures: int = 0
+    tool_errors: int = 0
+    rewards: list[float] = field(default_factory=list)
+    done: bool = False
+    truncated: bool = False
+
+    @property
+    def prompt(self) -> list[dict]:
+        return self.messages[: self.prompt_messages]
+
+    @property
+    def completion(self) -> list[dict]:
+        return self.messages[self.prompt_messages :]
+
+    @property
+    def reward(self) -> float | None:
+        """The environment's episode reward: the sum of its steps' rewards, None without any."""
+        return sum(self.rewards) if self.rewards else None
+
+    @property
+    def final_answer(self) -> str:
+        """The content of the model's last turn."""
+        turns = [m for m in self.completion if m["role"] == "assistant"]
+        return turns[-1]["content"] if turns else ""
+
+
+# ------------------------------------------------------------------------ messages -> tokens
+
+
+class Renderer:
+    """Token ids of first messages and of observations through the tokenizer's chat template,
+    with the tools' JSON schemas passed as `tools=`."""
+
+    def __init__(self, tokenizer, tools: Sequence[Callable] = ()):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("multi-turn rollouts need a tokenizer with a chat template (set "
+                             "model.chat_template); it has none")
+        self.tokenizer = tokenizer
+        self.schemas = [tool_schema(fn, f"tool {getattr(fn, '__name__', fn)!r}")
+                        for fn in tools] or None
+        self.base = self._render(_BASE)
+        self._tails: dict[int, str] = {}
+
+    def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=self.schemas, add_generation_prompt=generation_prompt,
+            tokenize=False)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self._ids(self._render(messages, generation_prompt=True))
+
+    def _tail(self, stop_id: int) -> str:
+        """What the template writes after an assistant message's content, minus the text of
+        the stop token that ended the model's turn (the model wrote that one)."""
+        if stop_id not in self._tails:
+            tail = self.base[self.base.rindex("y") + 1 :]
+            stop = self.tokenizer.decode([stop_id])
+            self._tails[stop_id] = tail[len(stop):] if stop and tail.startswith(stop) else tail
+        return self._tails[stop_id]
+
+    def observation_ids(self, messages: list[dict], stop_id: int) -> list[int]:
+        full = self._render(_BASE + messages, generation_prompt=True)
+        if not full.startswith(self.base):
+            raise ValueError("the chat template renders a conversation with more messages as "
+                             "something other than the shorter one plus text; multi-turn "
+                             "rollouts need a template that only appends (set "
+                             "model.chat_template)")
+        return self._ids(self._tail(stop_id) + full[len(self.base) :])
+
+
+# ------------------------------------------------------------------- one turn's answer
+
+
+def respond(env, tools: dict[str, Callable], episode: Episode, text: str,
+            timeout: float) -> tuple[list[dict], bool]:
+    """After the model wrote `text`: its message, the tool results and the environment's
+    messages appended to the episode; returns (the messages after the model's, done).
+
+    Unparsable tool calls and failing tools become error messages to the model. An exception
+    from the environment's own `step` is a bug in the environment and is raised, naming it."""
+    calls, errors = parse_tool_calls(text)
+    message: dict = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [_call_message(c) for c in calls]
+    answers = [{"role": "tool", "name": "error", "content": f"error: {e}"} for e in errors]
+    for call in calls:
+        result = run_tool(tools, call, timeout)
+        answers.append({"role": "tool", "name": call.name, "content": result.content})
+        episode.tool_errors += result.error
+    episode.tool_calls += len(calls)
+    episode.parse_failures += len(errors)
+    episode.messages += [message, *answers]
+    where = f"environment {type(env).__name__}"
+    try:
+        step = as_step(env.step(list(episode.messages)), where)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"{where}: step raised {type(exc).__name__}: {exc}") from exc
+    episode.messages += step.messages
+    if step.reward is not None:
+        episode.rewards.append(float(step.reward))
+    replies = answers + list(step.messages)
+    if not step.done and not replies:
+        raise ValueError(f"{where}: step returned no messages and done=False after a turn "
+                         "without tool calls; return the next messages, or done=True")
+    return replies, step.done
+
+
+def _call_message(call: ToolCall) -> dict:
+    return {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class _Cache:
+    """The batch's KV cache and attention mask (A, L) over the rows still in play."""
+
+    def __init__(self, model):
+        self.model, self.kwarg = model, _cache_kwarg(model)
+        self.cache = DynamicCache(config=model.config)
+        self.attention: torch.Tensor | None = None
+        self.fed: list[int] = []  # widths of the forwards (tests: nothing is encoded twice)
+
+    def feed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (A, W) -> (A, V)
+        self.attention = mask if self.attention is None else torch.cat(
+            [self.attention, mask], dim=1)
+        self.fed.append(ids.shape[1])
+        out = self.model(input_ids=ids, attention_mask=self.attention,
+                         position_ids=position_ids_from_mask(self.attention)[:, -ids.shape[1]:],
+                         use_cache=True, logits_to_keep=1, **{self.kwarg: self.cache})
+        return out.logits[:, -1].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.attention = self.attention[rows]
+
+
+def _turn(cache: _Cache, logits, budgets: torch.Tensor, sample, eos, pad_token_id):
+    """One model turn of every row in play: (tokens, logps, masks) each (A, T), whether each
+    row stopped, and the last column (tokens, mask), which is not in the cache yet."""
+    n = budgets.shape[0]
+    stopped = torch.zeros(n, dtype=torch.bool, device=budgets.device)
+    ended = budgets <= 0
+    tokens, logps, masks = [], [], []
+    for i in range(int(budgets.max())):
+        token, logp = sample(logits)
+        alive = ~ended
+        tokens.append(torch.where(alive, token, pad_token_id))
+        logps.append(torch.where(alive, logp, 0.0))
+        masks.append(alive.long())
+        stopped = stopped | (alive & torch.isin(token, eos))
+        ended = ended | stopped | (budgets <= i + 1)
+        if bool(ended.all()):
+            break
+        logits = cache.feed(tokens[-1][:, None], masks[-1][:, None])
+    return (torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(masks, 1), stopped,
+            (tokens[-1], masks[-1]))
+
+
+@dataclass
+class _Stream:
+    """The tokens after an episode's prompt: ids, 1 where the model wrote them, log-probs."""
+
+    ids: list[int] = field(default_factory=list)
+    tool_mask: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+
+    def add(self, ids: list[int], model: bool, logps: list[float] | None = None) -> None:
+        self.ids += ids
+        self.tool_mask += [int(model)] * len(ids)
+        self.logps += logps if logps is not None else [0.0] * len(ids)
+
+
+@torch.no_grad()
+def generate_episodes(
+    model: torch.nn.Module,
+    tokenizer,
+    rows: list[dict],
+    make_env: Callable[[], object],
+    *,
+    tools: Sequence[Callable] = (),
+    num_samples: int = 1,
+    limits: Limits,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_ids: set[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    prompt_offset: int = 0,
+    global_prompts: int | None = None,
+) -> Rollout:
+    """`num_samples` episodes of every row, rows i·G + g as `generate`, batched over all of
+    them; the Rollout's `episodes` hold the conversations and their counts."""
+    device = next(model.parameters()).device
+    envs = [make_env() for _ in rows for _ in range(num_samples)]
+    episodes, renderers, toolsets, prompts = [], [], [], []
+    for k, env in enumerate(envs):
+        first = env.reset(rows[k // num_samples])
+        own = list(getattr(env, "tools", ()) or ())
+        toolsets.append(tools_by_name([*own, *tools]))
+        renderers.append(Renderer(tokenizer, list(toolsets[-1].values())))
+        episodes.append(Episode([dict(m) for m in first], len(first)))
+        prompts.append(renderers[-1].prompt_ids(episodes[-1].messages))
+        if limits.max_prompt_tokens and len(prompts[-1]) > limits.max_prompt_tokens:
+            raise ValueError(f"row {prompt_offset + k // num_samples}: its first messages are "
+                             f"{len(prompts[-1])} tokens, more than the {limits.max_prompt_tokens} "
+                             "max_length leaves after environment.max_episode_tokens")
+    total = (len(rows) if global_prompts is None else global_prompts) * num_samples
+    start = prompt_offset * num_samples
+    draw = _row_noise(slice(start, start + len(envs)), total, device, generator)
+    eos = torch.tensor(sorted(eos_token_ids), device=device)
+    streams = [_Stream() for _ in envs]
+    was_training = model.training
+    model.eval()
+    try:
+        _play(model, tokenizer, envs, episodes, renderers, toolsets, prompts, streams, limits,
+              lambda active: lambda logits: _next_tokens(
+                  logits, temperature, top_k, top_p, lambda v: draw(v)[active]),
+              eos, pad_token_id, device)
+    finally:
+        model.train(was_training)
+    return _as_rollout(prompts, streams, episodes, pad_token_id, device)
+
+
+def _play(model, tokenizer, envs, episodes, renderers, toolsets, prompts, streams, limits,
+          sampler, eos, pad_token_id, device) -> None:
+    """The turn loop: decode a turn for the rows in play, answer it, append the observations,
+    drop the rows whose episode ended."""
+    cache = _Cache(model)
+    active = list(range(len(envs)))
+    ids, mask = left_pad(prompts, pad_token_id, device)
+    while active:
+        logits = cache.feed(ids, mask)
+        used = torch.tensor([len(streams[k].ids) for k in active], device=device)
+        budgets = (limits.max_episode_tokens - used).clamp(max=limits.max_turn_tokens)
+        rows = torch.tensor(active, device=device)
+        tokens, logps, masks, stopped, last = _turn(cache, logits, budgets, sampler(rows), eos,
+                                                    pad_token_id)
+        going, observations = [], []
+        for j, k in enumerate(active):
+            keep = masks[j].bool()
+            own = tokens[j][keep].tolist()
+            streams[k].add(own, True, logps[j][keep].tolist())
+            obs = _after_turn(tokenizer, envs[k], episodes[k], renderers[k], toolsets[k],
+                              own, bool(stopped[j]), len(streams[k].ids), limits)
+            if obs is not None:
+                streams[k].add(obs, False)
+                going.append(j)
+                observations.append(obs)
+        if not going:
+            return
+        keep = torch.tensor(going, device=device)
+        cache.keep(keep)
+        active = [active[j] for j in going]
+        obs_ids, obs_mask = left_pad(observations, pad_token_id, device)
+        # The previous turn's last token (a stop token, or masked padding) goes in first.
+        ids = torch.cat([last[0][keep][:, None], obs_ids], dim=1)
+        mask = torch.cat([last[1][keep][:, None], obs_mask], dim=1)
+
+
+def _after_turn(tokenizer, env, episode: Episode, renderer: Renderer, tools, own: list[int],
+                stopped: bool, used: int, limits: Limits) -> list[int] | None:
+    """The observation ids that continue the episode after the model's turn `own`, or None
+    when the episode ends here (done, truncated or out of turns)."""
+    episode.turns += 1
+    if not stopped:  # out of tokens mid-turn
+        text = tokenizer.decode(own, skip_special_tokens=True)
+        episode.messages.append({"role": "assistant", "content": text})
+        episode.truncated = True
+        return None
+    text = tokenizer.decode(own[:-1], skip_special_tokens=True)
+    replies, done = respond(env, tools, episode, text, limits.tool_timeout)
+    if done:
+        episode.done = True
+        return None
+    if episode.turns >= limits.max_turns:
+        episode.truncated = True
+        return None
+    obs = renderer.observation_ids(replies, own[-1])
+    if used + len(obs) + 1 > limits.max_episode_tokens:  # no room for the model to answer
+        episode.truncated = True
+        return None
+    return obs
+
+
+def _as_rollout(prompts, streams, episodes, pad_token_id, device) -> Rollout:
+    prompt, prompt_mask = left_pad(prompts, pad_token_id, device)
+    width = max(len(s.ids) for s in streams)
+
+    def padded(values, fill, dtype):
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=dtype,
+                            device=device)
+
+    completion_mask = padded([[1] * len(s.ids) for s in streams], 0, torch.long)
+    return Rollout(
+        prompt_ids=prompt, prompt_mask=prompt_mask,
+        completion_ids=padded([s.ids for s in streams], pad_token_id, torch.long),
+        completion_mask=completion_mask,
+        logps=padded([s.logps for s in streams], 0.0, torch.float32),
+        truncated=torch.tensor([e.truncated for e in episodes], device=device),
+        lengths=completion_mask.sum(-1),
+        tool_mask=padded([s.tool_mask for s in streams], 0, torch.long),
+        episodes=episodes,
+    )
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict[str, float]:
+    """Per-step means over a batch of episodes: turns, tool calls, the share of tool-call
+    attempts that did not parse, the share of parsed calls that failed, the environment's
+    reward (episodes that got one), the share truncated."""
+    n = len(episodes)
+    attempts = sum(e.tool_calls + e.parse_failures for e in episodes)
+    calls = sum(e.tool_calls for e in episodes)
+    rewards = [e.reward for e in episodes if e.reward is not None]
+    out = {
+        "episodes/turns_mean": sum(e.turns for e in episodes) / n,
+        "episodes/tool_calls_mean": calls / n,
+        "episodes/tool_call_parse_failure_rate": sum(e.parse_failures for e in episodes)
+        / max(attempts, 1),
+        "episodes/tool_error_rate": sum(e.tool_errors for e in episodes) / max(calls, 1),
+        "episodes/truncated_ratio": sum(e.truncated for e in episodes) / n,
+    }
+    if rewards:
+        out["episodes/reward_mean"] = sum(rewards) / len(rewards)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def episode_table(episodes: list[Episode], rewards: Sequence[float], step: int,
+                  limit: int) -> list[dict]:
+    """Rows of the sample-episode table: the conversation as JSON and its counts."""
+    return [{
+        "step": step,
+        "prompt": json.dumps(e.prompt),
+        "conversation": json.dumps(e.completion),
+        "reward": float(r),
+        "environment_reward": e.reward,
+        "turns": e.turns,
+        "tool_calls": e.tool_calls,
+        "parse_failures": e.parse_failures,
+        "tool_errors": e.tool_errors,
+        "truncated": e.truncated,
+    } for e, r in list(zip(episodes, rewards))[:limit]]
+
+
+def make_env_factory(path: str | None) -> Callable[[], object]:
+    from posttrain.environments import load_environment
+
+    return load_environment(path)
+
+
+__all__ = ["Environment", "Episode", "Limits", "Renderer", "episode_metrics", "episode_table",
+           "generate_episodes", "make_env_factory", "respond"]
