@@ -642,6 +642,8 @@ class RolloutConfig(TrainingConfig):
         """The reward functions of the evaluation during training, by path, with weights."""
         if self.eval_reward_functions is not None:
             return dict(self.eval_reward_functions)
+        if getattr(self, "environment", None) is not None:  # the environment's reward scores
+            return dict(self.reward_functions)
         return dict(getattr(self, "reward_functions", None) or {"reward_model": 1.0})
 
     def eval_metric_names(self) -> set[str]:
@@ -674,7 +676,7 @@ class EnvironmentConfig(_Frozen):
     )
     max_turns: int = Field(4, ge=1, description="Model turns per episode at most.")
     max_episode_tokens: int = Field(
-        256, ge=1, description="Tokens after the prompt per episode at most (the model's and "
+        64, ge=1, description="Tokens after the prompt per episode at most (the model's and "
         "the observations'); an episode that would exceed it ends, counted as truncated.",
     )
     tool_timeout: float = Field(

@@ -45,7 +45,7 @@ class Environment:
     """The default behaviour: the row's prompt first, done at the first turn without a tool
     call, no reward (reward functions score the episode)."""
 
-    tools: list[Callable] = []
+    tools: tuple[Callable, ...] = ()
 
     def reset(self, row: dict) -> list[Message]:
         prompt = row["prompt"]
@@ -69,8 +69,9 @@ def load_environment(path: str | None, field_name: str = "environment.path") -> 
         return ToolEnvironment
     factory = load_object(path, field_name)
     if not callable(factory):
-        raise ValueError(f"{field_name}: {path!r} is a {type(factory).__name__}; name a class "
-                         "or factory that builds an environment")
+        raise ValueError(  # noqa: TRY004 - a bad config value, like every other bad path
+            f"{field_name}: {path!r} is a {type(factory).__name__}; name a class or factory "
+            "that builds an environment")
     missing = [m for m in ("reset", "step") if not callable(getattr(factory, m, None))]
     if isinstance(factory, type) and missing:
         raise ValueError(f"{field_name}: {path!r} has no {' or '.join(missing)}; an environment "

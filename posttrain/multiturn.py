@@ -146,7 +146,9 @@ def respond(env, tools: dict[str, Callable], episode: Episode, text: str,
     """After the model wrote `text`: its message, the tool results and the environment's
     messages appended to the episode; returns (the messages after the model's, done).
 
-    Unparsable tool calls and failing tools become error messages to the model. An exception
+    Unparsable tool calls and failing tools become error messages to the model; a turn with
+    an unparsable call goes back to the model without asking the environment (so the error is
+    seen even where the environment would end a turn without calls). An exception
     from the environment's own `step` is a bug in the environment and is raised, naming it."""
     calls, errors = parse_tool_calls(text)
     message: dict = {"role": "assistant", "content": text}
@@ -160,6 +162,8 @@ def respond(env, tools: dict[str, Callable], episode: Episode, text: str,
     episode.tool_calls += len(calls)
     episode.parse_failures += len(errors)
     episode.messages += [message, *answers]
+    if errors:  # the model gets to see what did not parse and to try again
+        return answers, False
     where = f"environment {type(env).__name__}"
     try:
         step = as_step(env.step(list(episode.messages)), where)
@@ -418,11 +422,32 @@ def episode_table(episodes: list[Episode], rewards: Sequence[float], step: int,
     } for e, r in list(zip(episodes, rewards))[:limit]]
 
 
-def make_env_factory(path: str | None) -> Callable[[], object]:
-    from posttrain.environments import load_environment
+@dataclass
+class Agent:
+    """What a stage's `environment` settings load to: the environment factory, the configured
+    tools, the limits, the weight of the environment's reward, the table size."""
 
-    return load_environment(path)
+    make_env: Callable[[], object]
+    tools: list[Callable]
+    limits: Limits
+    reward_weight: float = 1.0
+    sample_episodes: int = 0
+
+    @classmethod
+    def from_config(cls, env, max_turn_tokens: int, max_length: int) -> Agent | None:
+        """The Agent of an EnvironmentConfig (None: None), every dotted path loaded now so that
+        a bad one fails before training, naming its field."""
+        if env is None:
+            return None
+        from posttrain.environments import load_environment
+        from posttrain.tools import load_tool
+
+        limits = Limits(max_turns=env.max_turns, max_turn_tokens=max_turn_tokens,
+                        max_episode_tokens=env.max_episode_tokens, tool_timeout=env.tool_timeout,
+                        max_prompt_tokens=max_length - env.max_episode_tokens)
+        return cls(load_environment(env.path), [load_tool(t) for t in env.tools], limits,
+                   env.reward_weight, env.sample_episodes)
 
 
-__all__ = ["Environment", "Episode", "Limits", "Renderer", "episode_metrics", "episode_table",
-           "generate_episodes", "make_env_factory", "respond"]
+__all__ = ["Agent", "Environment", "Episode", "Limits", "Renderer", "episode_metrics",
+           "episode_table", "generate_episodes", "respond"]

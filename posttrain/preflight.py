@@ -274,6 +274,13 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
                 check_reward_function(path, columns)
             except ValueError as e:
                 out.append(f"{where}.reward_functions: {e}")
+    if getattr(stage, "environment", None) is not None:
+        from posttrain.multiturn import Agent
+
+        try:  # imports the environment and the tools, builds the tools' schemas
+            Agent.from_config(stage.environment, stage.max_completion_length, stage.max_length)
+        except ValueError as e:
+            out.append(f"{where}.{e}")
     return out
 
 

@@ -54,7 +54,7 @@ def load_tool(path: str, field: str = "environment.tools") -> Callable:
     """A tool function by dotted path, its schema checked (`tool_schema`)."""
     fn = load_object(path, field)
     if not callable(fn):
-        raise ValueError(f"{field}: {path!r} is a {type(fn).__name__}, not a function")
+        raise ValueError(f"{field}: {path!r} is a {type(fn).__name__}, not a function")  # noqa: TRY004
     tool_schema(fn, f"{field}: {path!r}")
     return fn
 
