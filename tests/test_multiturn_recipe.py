@@ -92,3 +92,43 @@ def test_environment_and_reward_function_rewards_add_up():
                                        {"quarter": 3.0}, 2, env_weight=2.0)
     assert total.tolist() == [1.75, 0.75]
     assert per_fn["environment"][0] == 0.5 and math.isnan(per_fn["environment"][1])
+
+
+@pytest.mark.slow
+def test_agentic_example_logs_episode_metrics_and_tables_to_mlflow(tmp_path):
+    """conf/examples/agentic.yaml, shortened, through the library's graph runner: the grpo
+    stage's MLflow run has the episode metrics at every step and the sample-episode tables."""
+    import json
+    from pathlib import Path
+
+    from posttrain import stages, tracking
+    from posttrain.config import load_pipeline_config
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = [
+        "demo.num_train=200", "demo.num_eval=16", f"artifacts_root={tmp_path / 'artifacts'}",
+        "stages.sft.max_steps=40", "stages.sft.eval_every=20",
+        "stages.grpo.max_steps=3", "stages.grpo.per_device_batch_size=16",
+        "stages.grpo.eval_every=2", "evaluate.max_prompts=16",
+        f"tracking.experiment=agentic-{tmp_path.name}",
+    ]
+    cfg = load_pipeline_config(root / "conf/examples/agentic.yaml", overrides)
+    manifests = stages.run_all(cfg)
+    assert list(manifests["evaluate"]["comparison"]) == ["base", "sft", "grpo"]
+    client = tracking.client()
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    run = next(r for r in client.search_runs([experiment]) if r.info.run_name == "grpo")
+    assert run.info.status == "FINISHED"
+    for key in ("episodes/turns_mean", "episodes/tool_calls_mean",
+                "episodes/tool_call_parse_failure_rate", "episodes/tool_error_rate",
+                "episodes/reward_mean", "rewards/environment/mean", "eval/episodes/turns_mean"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert history, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id,
+                                                      "episodes/turns_mean")] == [1, 2, 3]
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "episodes")}
+    assert files == {"episodes/step_000001.json", "episodes/step_000002.json",
+                     "episodes/step_000003.json"}
+    table = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "episodes/step_000001.json", str(tmp_path))).read_text())
+    assert table["columns"][:3] == ["step", "prompt", "conversation"] and len(table["data"]) == 4
