@@ -184,6 +184,29 @@ def test_scripted_episode_masks_exactly_the_tool_result(chat):
     assert (logps.grad[0][mask[0] == 0] == 0).all() and (logps.grad[0][mask[0] == 1] != 0).all()
 
 
+def test_a_hanging_or_failing_tool_never_stops_the_episode(chat):
+    """The model calls a tool that hangs for 30 s and one that raises, then answers: the
+    episode goes on after 0.2 s with both errors shown to the model, and ends normally."""
+    tok, _ = chat
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    calls = ('<tool_call>{"name": "sleepy", "arguments": {"seconds": 30}}</tool_call>'
+             '<tool_call>{"name": "boom", "arguments": {"x": 1}}</tool_call>')
+    script = tok(calls, add_special_tokens=False)["input_ids"] + [end]
+    script += tok("ok", add_special_tokens=False)["input_ids"] + [end]
+    t0 = time.perf_counter()
+    rollout = generate_episodes(
+        ScriptedLM(script, len(tok)), tok, [{"prompt": "hi"}], ToolEnvironment,
+        tools=[sleepy, boom], limits=Limits(max_turn_tokens=128, max_episode_tokens=400,
+                                            tool_timeout=0.2),
+        temperature=0.0, eos_token_ids={end}, pad_token_id=tok.pad_token_id)
+    assert time.perf_counter() - t0 < 5.0
+    episode = rollout.episodes[0]
+    assert episode.done and episode.final_answer == "ok"
+    assert (episode.tool_calls, episode.tool_errors) == (2, 2)
+    assert [m["content"] for m in episode.completion if m["role"] == "tool"] == [
+        "error: sleepy timed out after 0.2 s", "error: RuntimeError: kaput"]
+
+
 # --------------------------------------------------------------------- batched episodes
 
 
