@@ -406,8 +406,10 @@ def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict[str, floa
 
 
 def episode_table(episodes: list[Episode], rewards: Sequence[float], step: int,
-                  limit: int) -> list[dict]:
-    """Rows of the sample-episode table: the conversation as JSON and its counts."""
+                  limit: int, group: int = 1) -> list[dict]:
+    """Rows of the sample-episode table: the conversation as JSON and its counts, for the
+    first episode of each of the first `limit` groups of `group` (one per prompt)."""
+    picked = list(zip(episodes, rewards))[::group][:limit]
     return [{
         "step": step,
         "prompt": json.dumps(e.prompt),
@@ -419,7 +421,7 @@ def episode_table(episodes: list[Episode], rewards: Sequence[float], step: int,
         "parse_failures": e.parse_failures,
         "tool_errors": e.tool_errors,
         "truncated": e.truncated,
-    } for e, r in list(zip(episodes, rewards))[:limit]]
+    } for e, r in picked]
 
 
 @dataclass

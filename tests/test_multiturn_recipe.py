@@ -131,4 +131,4 @@ def test_agentic_example_logs_episode_metrics_and_tables_to_mlflow(tmp_path):
                      "episodes/step_000003.json"}
     table = json.loads(Path(client.download_artifacts(
         run.info.run_id, "episodes/step_000001.json", str(tmp_path))).read_text())
-    assert table["columns"][:3] == ["step", "prompt", "conversation"] and len(table["data"]) == 4
+    assert table["columns"][:3] == ["step", "prompt", "conversation"] and len(table["data"]) == 2

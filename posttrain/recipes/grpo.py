@@ -392,7 +392,8 @@ def _log_episodes(log_table: TableFn | None, agent: Agent | None, rollout: Rollo
     if log_table is None or agent is None or not agent.sample_episodes:
         return
     if step == 1 or step % config.eval_every == 0 or step == config.max_steps:
-        rows = episode_table(rollout.episodes, total.tolist(), step, agent.sample_episodes)
+        rows = episode_table(rollout.episodes, total.tolist(), step, agent.sample_episodes,
+                             config.num_generations)
         log_table(rows, f"episodes/step_{step:06d}.json")
 
 
