@@ -451,5 +451,21 @@ class Agent:
                    env.reward_weight, env.sample_episodes)
 
 
-__all__ = ["Agent", "Environment", "Episode", "Limits", "Renderer", "episode_metrics",
+def agent_problems(env) -> list[str]:
+    """Every problem of an EnvironmentConfig's dotted paths (the environment, each tool and its
+    schema), each naming its field; [] when all load."""
+    from posttrain.environments import load_environment
+    from posttrain.tools import load_tool
+
+    checks = [lambda: load_environment(env.path)] + [lambda t=t: load_tool(t) for t in env.tools]
+    out = []
+    for check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            out.append(str(exc))
+    return out
+
+
+__all__ = ["Agent", "agent_problems", "Environment", "Episode", "Limits", "Renderer", "episode_metrics",
            "episode_table", "generate_episodes", "respond"]

@@ -275,12 +275,10 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
             except ValueError as e:
                 out.append(f"{where}.reward_functions: {e}")
     if getattr(stage, "environment", None) is not None:
-        from posttrain.multiturn import Agent
+        from posttrain.multiturn import agent_problems
 
-        try:  # imports the environment and the tools, builds the tools' schemas
-            Agent.from_config(stage.environment, stage.max_completion_length, stage.max_length)
-        except ValueError as e:
-            out.append(f"{where}.{e}")
+        # imports the environment and the tools, builds the tools' schemas
+        out += [f"{where}.{p}" for p in agent_problems(stage.environment)]
     return out
 
 

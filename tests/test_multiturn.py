@@ -336,3 +336,23 @@ def test_a_stage_with_an_environment_needs_no_reward_functions():
         validate(PipelineConfig, values)
     values["stages"][0]["environment"] = {"path": "posttrain.demo_tools:CalculatorEnv"}
     assert validate(PipelineConfig, values).stages[0].environment.max_turns == 4
+
+
+def test_posttrain_plan_names_a_bad_environment_or_tool(tmp_path):
+    """Preflight imports the environment and the tools and builds their schemas: each bad
+    path is reported with its field before anything trains."""
+    from pathlib import Path
+
+    from posttrain.config import load_pipeline_config
+    from posttrain.preflight import PreflightError, plan
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_pipeline_config(root / "conf/examples/agentic.yaml", [
+        "demo.num_train=300", "demo.num_eval=20", f"artifacts_root={tmp_path}",
+        "stages.grpo.environment.path=posttrain.nope:Env",
+        "stages.grpo.environment.tools=[tests.test_multiturn:ScriptedLM]"])
+    with pytest.raises(PreflightError) as error:
+        plan(cfg)
+    text = str(error.value)
+    assert "stages.grpo.environment.path: cannot import module 'posttrain.nope'" in text
+    assert "stages.grpo.environment.tools: 'tests.test_multiturn:ScriptedLM'" in text
