@@ -3,14 +3,13 @@
 `calculator` parses integer arithmetic (+, -, *, parentheses) with a small recursive-descent
 parser; nothing the model writes is evaluated as Python. `CalculatorEnv` starts from the demo
 prompt, lets the model call the calculator, and ends at the first turn without a tool call,
-rewarding 1.0 when that turn is the right answer (the demo checker) and 0.0 otherwise.
+rewarding 1.0 when that turn is the right sum and 0.0 otherwise.
 """
 
 from __future__ import annotations
 
 import re
 
-from posttrain.data import demo
 from posttrain.environments import Environment, Step
 
 _TOKEN = re.compile(r"\s*(\d+|[-+*()])")
@@ -89,4 +88,9 @@ class CalculatorEnv(Environment):
         if last.get("tool_calls"):
             return Step()
         prompt = next(m for m in messages if m["role"] == "user")["content"]
-        return Step(done=True, reward=1.0 if demo.check(prompt, last["content"]) else 0.0)
+        return Step(done=True, reward=1.0 if last["content"].strip() == answer(prompt) else 0.0)
+
+
+def answer(prompt: str) -> str:
+    """The right answer to a sum prompt such as the demo's "3+4=" or "37+45="."""
+    return calculator(prompt.strip().removesuffix("="))

@@ -104,6 +104,16 @@ def test_calculator_parses_and_never_evaluates():
             calculator(text)
 
 
+def test_calculator_env_rewards_the_right_final_sum():
+    env = CalculatorEnv()
+    first = env.reset({"prompt": "37+45="})
+    call = {"role": "assistant", "content": "...", "tool_calls": [{"function": {}}]}
+    assert env.step([*first, call]) == Step()
+    assert env.step([*first, {"role": "assistant", "content": " 82"}]) == Step(done=True,
+                                                                                reward=1.0)
+    assert env.step([*first, {"role": "assistant", "content": "72"}]).reward == 0.0
+
+
 def test_respond_runs_the_calls_and_sends_parse_errors_back():
     episode = Episode([{"role": "user", "content": "2+3="}], 1)
     env = ToolEnvironment()
