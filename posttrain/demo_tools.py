@@ -1,10 +1,10 @@
-"""The built-in demo's environment with a tool: a calculator for the demo task's sums.
+"""The built-in demo's environment with a tool: a calculator for sums and products.
 
 `calculator` parses integer arithmetic (+, -, *, parentheses) with a small recursive-descent
 parser; nothing the model writes is evaluated as Python. `CalculatorEnv` starts from the demo
 prompt, lets the model call the calculator, and ends at the first turn without a tool call,
-rewarding 1.0 when that turn is the right sum and 0.0 otherwise. `demo_data` makes two-digit
-sums with tool-using demonstrations for conf/agentic-calculator.yaml
+rewarding 1.0 when that turn is the right result and 0.0 otherwise. `demo_data` makes two-digit
+products with tool-using demonstrations for conf/agentic-calculator.yaml
 (`python -m posttrain.demo_tools data/agentic` writes them).
 """
 
@@ -85,7 +85,8 @@ def _atom(tokens: list[str]) -> tuple[int, list[str]]:
 
 
 class CalculatorEnv(Environment):
-    """A demo prompt, the calculator as a tool, reward 1.0 for the right final answer."""
+    """An arithmetic prompt ("3+4=", "37*45="), the calculator as a tool, reward 1.0 for the
+    right final answer."""
 
     tools = (calculator,)
 
@@ -98,7 +99,7 @@ class CalculatorEnv(Environment):
 
 
 def answer(prompt: str) -> str:
-    """The right answer to a sum prompt such as the demo's "3+4=" or "37+45="."""
+    """The right answer to an arithmetic prompt such as the demo's "3+4=" or "37*45="."""
     return calculator(prompt.strip().removesuffix("="))
 
 
@@ -106,38 +107,39 @@ def answer(prompt: str) -> str:
 
 
 def _call_text(a: int, b: int) -> str:
-    arguments = {"expression": f"{a}+{b}"}
+    arguments = {"expression": f"{a}*{b}"}
     return "<tool_call>" + json.dumps({"name": "calculator", "arguments": arguments}) + \
         "</tool_call>"
 
 
-def sum_row(a: int, b: int, use_tool: bool) -> dict:
-    """A prompt-completion row for "a+b=": a calculator call, its result and the answer, or the
+def product_row(a: int, b: int, use_tool: bool) -> dict:
+    """A prompt-completion row for "a*b=": a calculator call, its result and the answer, or the
     answer alone."""
-    prompt = [{"role": "user", "content": f"{a}+{b}="}]
+    prompt = [{"role": "user", "content": f"{a}*{b}="}]
     if not use_tool:
-        return {"prompt": prompt, "completion": [{"role": "assistant", "content": str(a + b)}]}
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": str(a * b)}]}
     return {"prompt": prompt, "completion": [
         {"role": "assistant", "content": _call_text(a, b)},
-        {"role": "tool", "name": "calculator", "content": str(a + b)},
-        {"role": "assistant", "content": str(a + b)}]}
+        {"role": "tool", "name": "calculator", "content": str(a * b)},
+        {"role": "assistant", "content": str(a * b)}]}
 
 
 def demo_data(seed: int = 0, num_sft: int = 3000, num_prompts: int = 2000, num_eval: int = 100,
-              tool_share: float = 0.5) -> dict[str, list[dict]]:
-    """Two-digit sums: SFT demonstrations of which `tool_share` call the calculator (the others
-    answer directly, which a tiny model cannot learn to do right in minutes), prompts for
-    GRPO, and held-out rows; train and held-out sums are disjoint."""
+              tool_share: float = 0.3) -> dict[str, list[dict]]:
+    """Two-digit products: SFT demonstrations of which `tool_share` call the calculator (the
+    others answer directly, which a tiny model does not learn to do right in minutes; it does
+    learn two-digit sums), prompts for GRPO, and held-out rows; train and held-out products
+    are disjoint."""
     rng = random.Random(f"demo_tools:{seed}")
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
     held, sft, prompts = (pairs[:num_eval], pairs[num_eval:num_eval + num_sft],
                           pairs[num_eval + num_sft:num_eval + num_sft + num_prompts])
     return {
-        "sft_train": [sum_row(a, b, rng.random() < tool_share) for a, b in sft],
-        "sft_eval": [sum_row(a, b, True) for a, b in held],
-        "prompts_train": [{"prompt": sum_row(a, b, False)["prompt"]} for a, b in prompts],
-        "prompts_eval": [{"prompt": sum_row(a, b, False)["prompt"]} for a, b in held],
+        "sft_train": [product_row(a, b, rng.random() < tool_share) for a, b in sft],
+        "sft_eval": [product_row(a, b, True) for a, b in held],
+        "prompts_train": [{"prompt": product_row(a, b, False)["prompt"]} for a, b in prompts],
+        "prompts_eval": [{"prompt": product_row(a, b, False)["prompt"]} for a, b in held],
     }
 
 

@@ -467,5 +467,15 @@ def agent_problems(env) -> list[str]:
     return out
 
 
-__all__ = ["Agent", "agent_problems", "Environment", "Episode", "Limits", "Renderer", "episode_metrics",
-           "episode_table", "generate_episodes", "respond"]
+__all__ = [
+    "Agent",
+    "Environment",
+    "Episode",
+    "Limits",
+    "Renderer",
+    "agent_problems",
+    "episode_metrics",
+    "episode_table",
+    "generate_episodes",
+    "respond",
+]

@@ -1,6 +1,7 @@
 """conf/agentic-calculator.yaml as a user runs it (its data written by posttrain.demo_tools):
-SFT on half tool-using demonstrations, then multi-turn GRPO with the calculator raises the
-held-out accuracy and the share of episodes that call the tool. Slow (~3 minutes here)."""
+SFT on two-digit products, half of the demonstrations calling the calculator, then multi-turn
+GRPO with it raises the held-out accuracy and the share of episodes that use the tool. Slow
+(~3 minutes here)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _held_out_episodes(model_dir: Path, chat_template: str, rows: list[dict]):
 
 
 @pytest.mark.slow
-def test_grpo_with_the_calculator_beats_sft_on_held_out_sums(tmp_path):
+def test_grpo_with_the_calculator_beats_sft_on_held_out_products(tmp_path):
     from posttrain import stages
     from posttrain.config import load_pipeline_config
     from posttrain.data.loading import read_jsonl
@@ -53,7 +54,7 @@ def test_grpo_with_the_calculator_beats_sft_on_held_out_sums(tmp_path):
                              cfg.model.chat_template, rows)
     grpo = _held_out_episodes(Path(manifests["grpo"]["path"]) / "model",
                               cfg.model.chat_template, rows)
-    assert sft[0] < 0.8 and sft[1] < 0.8, sft  # SFT uses the tool on about half the sums
+    assert sft[0] < 0.8 and sft[1] < 0.8, sft  # SFT uses the tool on about half the products
     assert grpo[0] >= sft[0] + 0.2, (sft, grpo)  # held-out accuracy
     assert grpo[1] >= sft[1] + 0.2, (sft, grpo)  # episodes with a successful tool call
     assert manifests["grpo"]["metrics"]["eval/reward"] >= grpo[0] - 0.05
