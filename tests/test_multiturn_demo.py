@@ -54,7 +54,8 @@ def test_grpo_with_the_calculator_beats_sft_on_held_out_products(tmp_path):
                              cfg.model.chat_template, rows)
     grpo = _held_out_episodes(Path(manifests["grpo"]["path"]) / "model",
                               cfg.model.chat_template, rows)
-    assert sft[0] < 0.8 and sft[1] < 0.8, sft  # SFT uses the tool on about half the products
-    assert grpo[0] >= sft[0] + 0.2, (sft, grpo)  # held-out accuracy
-    assert grpo[1] >= sft[1] + 0.2, (sft, grpo)  # episodes with a successful tool call
+    # Measured: SFT (0.11, 0.20), GRPO (0.53, 1.0).
+    assert sft[1] < 0.5, sft  # SFT mostly answers directly, and wrongly
+    assert grpo[0] >= sft[0] + 0.25, (sft, grpo)  # held-out accuracy
+    assert grpo[1] >= sft[1] + 0.5, (sft, grpo)  # episodes with a successful tool call
     assert manifests["grpo"]["metrics"]["eval/reward"] >= grpo[0] - 0.05
