@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,bench]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv (if missing) and install posttrain with its dev extras
+install: $(STAMP)  ## create .venv (if missing) and install posttrain with its dev and bench (trl, for the TRL parity tests) extras
 
 demo: $(STAMP)  ## run the whole pipeline on the built-in tiny model and data
 	$(VENV)/bin/posttrain run conf/demo.yaml

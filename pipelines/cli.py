@@ -179,13 +179,16 @@ def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
 
 
 def print_plan(cfg, plan) -> None:
-    table = Table(title=f"posttrain plan: {cfg.name}", box=box.SIMPLE_HEAD)
+    table = Table(title=f"posttrain plan: {cfg.name}", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  pad_edge=False)  # one space between columns: a long plan fits 80 columns
     for col in ("stage", "method", "from", "data", "uses", "status", "key"):
-        table.add_column(col, no_wrap=col != "data", overflow="fold")
+        # A narrow terminal folds the long cells (data, uses) rather than dropping a column.
+        table.add_column(col, min_width=10 if col == "data" else len(col), overflow="fold",
+                         no_wrap=col in ("stage", "status", "key"))
     for r in plan.rows:
         status = "[cyan]cached[/cyan]" if r.status == "cached" else r.status
         table.add_row(r.stage, r.method, r.start, r.data, r.uses, status,
-                      (r.key or "after upstream")[:14])
+                      (r.key or "after inputs")[:12])
     console.print(table)
     if plan.formats:
         console.print("data: " + ", ".join(f"{n} ({f})" for n, f in plan.formats.items()))

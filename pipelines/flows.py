@@ -183,8 +183,10 @@ def _train(run: PipelineRun, targets: list[str] | None, *, emit_events: bool) ->
         print(f"data sources changed since the last run: {', '.join(changed)}")
     for stage in stages.needed(cfg, targets):
         inputs = stages.inputs_for(stage, manifests["data"], manifests)
+        teacher = {"teacher": inputs["teacher"]} if "teacher" in inputs else {}
         manifests[stage.name] = run.stage(stage.name, train_task(cfg, stage.name), stage.name,
-                                          inputs["data"], inputs["start"], inputs["reward"])
+                                          inputs["data"], inputs["start"], inputs["reward"],
+                                          **teacher)
     return manifests
 
 

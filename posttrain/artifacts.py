@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from posttrain import disk
+
 MANIFEST = "manifest.json"
 KEY_LENGTH = 20  # hex characters of sha256 used for folder names: 80 bits, no collisions in practice
 _KEY_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers")
@@ -192,8 +194,6 @@ def write_stage(root: str | Path, stage: str, key: str,
             manifest = verify(final, full=False)
         out.manifest = manifest
     except BaseException as e:
-        from posttrain import disk
-
         if disk.is_disk_full(e):
             written = disk.folder_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from posttrain.config import ModelConfig, PipelineConfig
 
+# Lazy imports: posttrain.models (torch) loads only to size a model; preflight imports this.
+
 # A checkpoint holds the trained weights and AdamW's two moments (fp32): about 3x the weights.
 CHECKPOINT_FACTOR = 3.0
 LORA_CHECKPOINT_SHARE = 0.05  # LoRA checkpoints hold only the adapters and their moments

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import bootstrap
+from posttrain.data.loading import DataError
 from posttrain.data.packing import collate_padded
+from posttrain.data.preference import tokenize_preference_rows
 from posttrain.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_sft_example
 from posttrain.logprobs import (
     SelectedLogits,
@@ -31,12 +33,13 @@ from posttrain.logprobs import (
     token_logps,
 )
 from posttrain.models import stop_token_ids
+from posttrain.rewards import score_texts
 
 Checker = Callable[[object, str], bool]
 
 
 @torch.no_grad()
-def generate(
+def greedy_completions(
     model: torch.nn.Module,
     tokenizer,
     prompts: list,
@@ -140,6 +143,47 @@ def evaluate_candidate(
     """
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
+    scored, batches = _reference_batches(rows, tokenizer, max_length=max_length,
+                                         batch_size=batch_size)
+    completions = greedy_completions(model, tokenizer, [r["prompt"] for r in rows],
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+    seconds["generate"], clock = time.perf_counter() - clock, time.perf_counter()
+    metrics: dict[str, float] = {}
+    per_prompt: dict[str, dict] = {}
+    if batches:
+        _add_reference_loss(metrics, per_prompt, model, scored, batches, len(rows))
+        seconds["loss"], clock = time.perf_counter() - clock, time.perf_counter()
+    _add_completion_shape(metrics, per_prompt, completions)
+    scores: list[float | None] = [None] * len(rows)
+    if reward_model is not None:
+        scores = reward_model_scores(reward_model, completions, tokenizer.pad_token_id, batch_size)
+        metrics["reward_score"] = sum(scores) / len(scores)
+        per_prompt["reward_score"] = bootstrap.per_item(scores)
+        seconds["reward"], clock = time.perf_counter() - clock, time.perf_counter()
+    correct: list[bool | None] = [None] * len(rows)
+    if checker is not None:
+        correct = [bool(checker(r["prompt"], c["text"])) for r, c in zip(rows, completions)]
+        metrics["checker_accuracy"] = sum(correct) / len(correct)
+        per_prompt["checker_accuracy"] = bootstrap.per_item([float(c) for c in correct])
+    samples = [
+        {"prompt": prompt_text(r["prompt"]), "completion": c["text"],
+         "reference": completion_text(r.get("completion") or ""), "correct": ok, "reward": score}
+        for r, c, ok, score in list(zip(rows, completions, correct, scores))[:num_samples]
+    ]
+    if preference_rows:
+        chosen = chosen_pair_losses(model, tokenizer, preference_rows, max_length=max_length,
+                                    batch_size=batch_size)
+        if chosen is not None:
+            per_prompt["chosen_perplexity"] = chosen
+            metrics["chosen_perplexity"] = bootstrap.value(chosen)
+        seconds["chosen_perplexity"] = time.perf_counter() - clock
+    return Evaluation(metrics, samples, completions, scores, per_prompt, seconds)
+
+
+def _reference_batches(rows: list[dict], tokenizer, *, max_length: int, batch_size: int
+                       ) -> tuple[list[tuple[int, dict]], list[dict[str, torch.Tensor]]]:
+    """The rows with a reference completion that fits in max_length, tokenized (with their row
+    index), and their padded batches."""
     scored = [
         (i, e)
         for i, e in (
@@ -157,28 +201,27 @@ def evaluate_candidate(
         collate_padded(examples[i : i + batch_size], tokenizer.pad_token_id)
         for i in range(0, len(examples), batch_size)
     ]
+    return scored, batches
+
+
+def _add_reference_loss(metrics: dict, per_prompt: dict, model: torch.nn.Module,
+                        scored: list[tuple[int, dict]], batches: list, num_rows: int) -> None:
+    """eval_loss and perplexity over the reference completions: per row (loss sum, token
+    count), None for a row without one; the metric is sum / count over all rows."""
     device = next(model.parameters()).device
-    completions = generate(
-        model,
-        tokenizer,
-        [r["prompt"] for r in rows],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
-    seconds["generate"], clock = time.perf_counter() - clock, time.perf_counter()
-    metrics: dict[str, float] = {}
-    per_prompt: dict[str, dict] = {}
-    if batches:
-        sums: list[float | None] = [None] * len(rows)
-        counts: list[int | None] = [None] * len(rows)
-        for (i, _), (s, n) in zip(scored, row_losses(model, batches, device)):
-            sums[i], counts[i] = s, n
-        per_prompt["eval_loss"] = bootstrap.per_item(sums, counts)
-        per_prompt["perplexity"] = bootstrap.per_item(sums, counts, transform="exp")
-        mean = sum(s for s in sums if s is not None) / max(sum(n for n in counts if n), 1)
-        metrics["eval_loss"] = mean
-        metrics["perplexity"] = math.exp(min(mean, bootstrap.MAX_LOG))
-        seconds["loss"], clock = time.perf_counter() - clock, time.perf_counter()
+    sums: list[float | None] = [None] * num_rows
+    counts: list[int | None] = [None] * num_rows
+    for (i, _), (s, n) in zip(scored, row_losses(model, batches, device)):
+        sums[i], counts[i] = s, n
+    per_prompt["eval_loss"] = bootstrap.per_item(sums, counts)
+    per_prompt["perplexity"] = bootstrap.per_item(sums, counts, transform="exp")
+    mean = sum(s for s in sums if s is not None) / max(sum(n for n in counts if n), 1)
+    metrics["eval_loss"] = mean
+    metrics["perplexity"] = math.exp(min(mean, bootstrap.MAX_LOG))
+
+
+def _add_completion_shape(metrics: dict, per_prompt: dict, completions: list[dict]) -> None:
+    """mean_completion_length (tokens, the stop token included) and eos_rate."""
     per_prompt["mean_completion_length"] = bootstrap.per_item([c["num_tokens"]
                                                                for c in completions])
     metrics["mean_completion_length"] = (
@@ -186,35 +229,6 @@ def evaluate_candidate(
     )
     per_prompt["eos_rate"] = bootstrap.per_item([float(c["eos"]) for c in completions])
     metrics["eos_rate"] = sum(c["eos"] for c in completions) / len(completions)
-    scores: list[float | None] = [None] * len(rows)
-    if reward_model is not None:
-        scores = score_completions(reward_model, completions, tokenizer.pad_token_id, batch_size)
-        metrics["reward_score"] = sum(scores) / len(scores)
-        per_prompt["reward_score"] = bootstrap.per_item(scores)
-        seconds["reward"], clock = time.perf_counter() - clock, time.perf_counter()
-    correct: list[bool | None] = [None] * len(rows)
-    if checker is not None:
-        correct = [bool(checker(r["prompt"], c["text"])) for r, c in zip(rows, completions)]
-        metrics["checker_accuracy"] = sum(correct) / len(correct)
-        per_prompt["checker_accuracy"] = bootstrap.per_item([float(c) for c in correct])
-    samples = [
-        {
-            "prompt": prompt_text(r["prompt"]),
-            "completion": c["text"],
-            "reference": completion_text(r.get("completion") or ""),
-            "correct": ok,
-            "reward": score,
-        }
-        for r, c, ok, score in list(zip(rows, completions, correct, scores))[:num_samples]
-    ]
-    if preference_rows:
-        chosen = chosen_pair_losses(model, tokenizer, preference_rows, max_length=max_length,
-                                    batch_size=batch_size)
-        if chosen is not None:
-            per_prompt["chosen_perplexity"] = chosen
-            metrics["chosen_perplexity"] = bootstrap.value(chosen)
-        seconds["chosen_perplexity"] = time.perf_counter() - clock
-    return Evaluation(metrics, samples, completions, scores, per_prompt, seconds)
 
 
 @torch.no_grad()
@@ -245,9 +259,6 @@ def chosen_pair_losses(model: torch.nn.Module, tokenizer, rows: list[dict], *,
     """Per-pair (loss sum, token count) of the chosen responses of preference pairs (prompt
     tokens carry no loss) as a `bootstrap.per_item` record whose value is their perplexity;
     indexed by the pairs that fit, in order; None when no pair fits in max_length."""
-    from posttrain.data.loading import DataError
-    from posttrain.data.preference import tokenize_preference_rows
-
     try:
         pairs, _ = tokenize_preference_rows(rows, tokenizer, max_length=max_length,
                                             truncation="drop", source="held-out preference pairs",
@@ -278,15 +289,13 @@ def chosen_perplexity(model: torch.nn.Module, tokenizer, rows: list[dict], *, ma
     return None if record is None else bootstrap.value(record)
 
 
-def completion_logps(model: torch.nn.Module, completions: list[dict], pad_token_id: int,
-                     batch_size: int) -> torch.Tensor:  # (N,) float32
-    """Summed log-probs of each generated completion (given its prompt) under `model`: the
-    sums of `completion_token_logps`."""
-    per_token = completion_token_logps(model, completions, pad_token_id, batch_size)
+def summed_logps(per_token: list[torch.Tensor]) -> torch.Tensor:  # (N,)
+    """Each completion's log-prob: the sum of its per-token log-probs
+    (`completion_token_logps`)."""
     return torch.stack([t.sum() for t in per_token]) if per_token else torch.zeros(0)
 
 
-def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
+def mean_log_ratio(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
     """Mean of log pi(y) - log pi_ref(y) over completions y drawn from pi: a Monte-Carlo KL(pi ||
     pi_ref) per sequence. Greedy completions are a biased draw (the mode), so read it as a
     distance the evaluation can track, not an exact KL."""
@@ -375,13 +384,10 @@ def k3_kl_items(policy_token_logps: list[torch.Tensor],
 
 
 @torch.no_grad()
-def score_completions(
+def reward_model_scores(
     reward_model: torch.nn.Module, completions: list[dict], pad_token_id: int, batch_size: int
 ) -> list[float]:
     """Reward-model scores of generated (prompt_ids + completion_ids) sequences."""
-    from posttrain.data.packing import collate_padded
-    from posttrain.rewards import score_texts
-
     sequences = [
         {"input_ids": c["prompt_ids"] + c["completion_ids"],
          "labels": c["prompt_ids"] + c["completion_ids"]}

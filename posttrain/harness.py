@@ -6,7 +6,7 @@ other filter appended: `lm_eval/gsm8k/exact_match/strict-match`). `check_tasks` 
 preflight: it names every requested task that is unknown, or whose data would need the Hugging
 Face Hub when the hub is unreachable or offline mode is on, before any model is loaded.
 
-Identical decoding to posttrain's own evaluation (`posttrain.evaluate.generate`): the harness
+Identical decoding to posttrain's own evaluation (`posttrain.evaluate.greedy_completions`): the harness
 gets an `HFLM` built around the model and tokenizer posttrain loaded (`load_trained`,
 `load_trained_tokenizer`), not `pretrained=<folder>`, so dtype, device, pad token, chat template
 and generation config are exactly those of the checker's run; HFLM then decodes greedily
@@ -36,6 +36,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from posttrain.data import demo
+
+# Lazy imports: posttrain.models and lm_eval (torch) load only to run a task; the flows and
+# preflight import this module to name and check the tasks.
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "harness_tasks"
 DEMO_TASK = "posttrain_demo"
@@ -282,8 +287,6 @@ def write_task(folder: str | Path, rows: list[dict], *, name: str = DEMO_TASK,
 def demo_rows(demo_cfg, seed: int | None = None) -> list[dict]:
     """The harness rows of the demo's held-out prompts (`demo.generate_sft(..., "eval")`), the
     target being the checker's answer."""
-    from posttrain.data import demo
-
     seed = demo_cfg.seed if seed is None else seed
     return task_rows(demo.generate_sft(demo_cfg, seed, "eval"), answer=demo.correct_answer)
 

@@ -121,6 +121,14 @@ def stage(name: str) -> Iterator[None]:
         if outer[0] is None:
             finish(e)
         raise
+    except RuntimeError as e:
+        stop = stopped_by_peer(e)
+        if stop is None:
+            raise
+        stop.__cause__ = e
+        if outer[0] is None:
+            finish(stop)
+        raise stop from e
     finally:
         if watcher is not None:
             watcher.set()
@@ -139,6 +147,27 @@ def adopt(name: str) -> None:
     of them stop, and checkpoint, at the same step)."""
     if _state.pending is None and not _state.stopping:
         _state.pending = name
+
+
+# What a collective of torch.distributed (gloo, NCCL) raises when another process of the launch
+# has left: its sockets closed under a pending all-reduce.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "NCCL communicator was aborted")
+
+
+def stopped_by_peer(error: BaseException) -> Interrupted | None:
+    """`error` as the stop it is, or None: in a launch of several processes, a signal asks every
+    process to stop, and one that no step boundary reached in GRACE_SECONDS is stopped where it
+    is; another process waiting on it in a collective (a gradient all-reduce, the agreement on
+    the stop) then fails because its peer left. That failure is the same stop, not a crash of
+    the stage (its run KILLED with the signal, not FAILED with a transport error)."""
+    if isinstance(error, Interrupted) or _state.pending is None:
+        return None
+    if not isinstance(error, RuntimeError) or not any(s in str(error) for s in _PEER_GONE):
+        return None
+    if _state.note is None:
+        _state.note = "another process of the launch stopped first"
+    return Interrupted(_state.pending, where())
 
 
 def _watch_launching_command() -> threading.Event | None:

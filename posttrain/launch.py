@@ -39,7 +39,12 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from posttrain import progress
 from posttrain.config import LaunchConfig, PipelineConfig
+from posttrain.stages.graph import run_training_stage
+
+# Lazy imports: torch (posttrain.training) loads only in the launched processes; the Prefect
+# task that starts them imports this module.
 
 CONFIG_FILE = "config.json"
 UPSTREAM_FILE = "upstream.json"
@@ -63,8 +68,6 @@ class StageLaunchError(RuntimeError):
 def run_stage_by_name(cfg: PipelineConfig, stage: str, upstream: dict,
                       parent_run_id: str | None = None) -> dict:
     """Run the training stage named `stage` with its upstream manifests (data, start, reward)."""
-    from posttrain.stages.graph import run_training_stage
-
     return run_training_stage(cfg, stage, upstream, parent_run_id=parent_run_id)
 
 
@@ -195,8 +198,6 @@ def progress_to_stdout() -> None:
     """Print this process's `posttrain.progress` records as PROGRESS_MARK lines on stdout (the
     parent's pipe), once per process. Unhandled, logging would drop them (its last-resort
     handler prints only warnings)."""
-    from posttrain import progress
-
     if not any(getattr(h, "posttrain_progress", False) for h in progress.logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter(PROGRESS_MARK + "%(message)s"))

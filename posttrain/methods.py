@@ -2,14 +2,13 @@
 method's traits (flows, tasks, the stage runner, the launcher, preflight, the CLI) reads them
 here instead of testing the method's name.
 
-The stage functions are named by dotted path and imported on use, so reading the table (a CLI
-starting, a Prefect flow importing) does not load torch.
+The function that runs a method's stage is the stage layer's to know
+(`posttrain.stages.graph.STAGE_FUNCTIONS`): the stages read this table, not the other way
+round, so reading it (a CLI starting, a Prefect flow importing) loads no stage code at all.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from posttrain.config import (
@@ -49,15 +48,16 @@ class Method:
     (a stage scores with a reward stage when its config's `uses_reward_stage` says so: PPO
     always, GRPO, RLOO and online DPO with 'reward_model' among their reward functions); generates: it samples
     completions while training; produces: what its artifact holds ('policy' or 'reward_model');
-    unit: what one row of its batch is ('examples': SFT rows, packed rows with packing; 'pairs';
-    'unpaired': KTO's examples, which also form mismatched pairs; 'completions': GRPO,
-    num_generations per prompt; 'prompts': PPO and online DPO, whose rows are prompts).
+    unit: what `per_device_batch_size` counts, in every method the items its loss averages over
+    ('examples': SFT rows, packed rows with packing; 'pairs': reward model, DPO & co., and
+    online DPO, one sampled pair per prompt; 'unpaired': KTO's examples, which also form
+    mismatched pairs; 'completions': GRPO and RLOO, num_generations per prompt, and PPO, one
+    per prompt).
     """
 
     name: str
     config: type
     formats: tuple[str, ...]
-    run: str  # "module:function" of posttrain.stages: (cfg, stage, inputs, parent_run_id=)
     summary: str
     reference: bool = False
     generates: bool = False
@@ -65,58 +65,52 @@ class Method:
     unit: str = "examples"
     key_metrics: tuple[str, ...] = ()
 
-    def runner(self) -> Callable[..., dict]:
-        module, _, fn = self.run.partition(":")
-        return getattr(importlib.import_module(module), fn)
-
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sft", SFTConfig, (LANGUAGE_MODELING, PROMPT_COMPLETION),
-           "posttrain.stages.sft:run_sft_stage", "supervised fine-tuning",
+    Method("sft", SFTConfig, (LANGUAGE_MODELING, PROMPT_COMPLETION), "supervised fine-tuning",
            key_metrics=("loss", "eval_loss", "mean_token_accuracy", "tokens_per_second")),
-    Method("reward", RewardConfig, PAIRS, "posttrain.stages.reward:run_reward_stage",
+    Method("reward", RewardConfig, PAIRS,
            "Bradley-Terry reward model", produces="reward_model", unit="pairs",
            key_metrics=("loss", "eval_accuracy", "eval_margin")),
-    Method("dpo", DPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+    Method("dpo", DPOConfig, PAIRS,
            "direct preference optimization", reference=True, unit="pairs",
            key_metrics=("loss", "rewards/accuracies", "rewards/margins",
                         "eval_rewards/accuracies")),
-    Method("orpo", ORPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+    Method("orpo", ORPOConfig, PAIRS,
            "odds-ratio preference optimization (no reference)", unit="pairs",
            key_metrics=("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies")),
-    Method("simpo", SimPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+    Method("simpo", SimPOConfig, PAIRS,
            "simple preference optimization: length-normalized reward, target margin "
            "(no reference)", unit="pairs",
            key_metrics=("loss", "rewards/accuracies", "rewards/margins",
                         "eval_rewards/accuracies")),
-    Method("cpo", CPOConfig, PAIRS, "posttrain.stages.preference:run_method_stage",
+    Method("cpo", CPOConfig, PAIRS,
            "contrastive preference optimization: reference-free DPO plus NLL on chosen "
            "(no reference)", unit="pairs",
            key_metrics=("loss", "nll_loss", "rewards/accuracies", "eval_rewards/accuracies")),
     Method("kto", KTOConfig, (UNPAIRED_PREFERENCE, *PAIRS),
-           "posttrain.stages.preference:run_method_stage",
            "Kahneman-Tversky optimization (pairs are split into desirable/undesirable)",
            reference=True, unit="unpaired",
            key_metrics=("loss", "kl", "rewards/margins", "eval_loss")),
-    Method("gkd", GKDConfig, (PROMPT_COMPLETION,), "posttrain.stages.gkd:run_gkd_stage",
+    Method("gkd", GKDConfig, (PROMPT_COMPLETION,),
            "on-policy distillation (GKD): generalized JSD to a frozen teacher on data and "
            "student-sampled completions", generates=True,
            key_metrics=("loss", "jsd", "on_policy_fraction", "eval_jsd")),
-    Method("grpo", GRPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
+    Method("grpo", GRPOConfig, PROMPTS,
            "group relative policy optimization", reference=True, generates=True,
            unit="completions",
            key_metrics=("reward", "reward_std", "eval/reward", "completions/mean_length")),
-    Method("rloo", RLOOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
+    Method("rloo", RLOOConfig, PROMPTS,
            "REINFORCE leave-one-out (k samples per prompt, the others' mean as baseline)",
            reference=True, generates=True, unit="completions",
            key_metrics=("reward", "reward_std", "eval/reward", "kl")),
-    Method("online_dpo", OnlineDPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
+    Method("online_dpo", OnlineDPOConfig, PROMPTS,
            "online DPO: two fresh completions per prompt ranked by reward functions or a reward "
-           "stage, DPO loss on the pair", reference=True, generates=True, unit="prompts",
+           "stage, DPO loss on the pair", reference=True, generates=True, unit="pairs",
            key_metrics=("objective/scores", "objective/scores_margin", "rewards/accuracies",
                         "eval/reward")),
-    Method("ppo", PPOConfig, PROMPTS, "posttrain.stages.online:run_online_stage",
-           "PPO against a reward stage", reference=True, generates=True, unit="prompts",
+    Method("ppo", PPOConfig, PROMPTS,
+           "PPO against a reward stage", reference=True, generates=True, unit="completions",
            key_metrics=("objective/scores", "objective/kl", "objective/rlhf_reward",
                         "loss/value_avg")),
 )}

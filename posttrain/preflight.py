@@ -13,10 +13,21 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain import artifacts
-from posttrain.config import ConfigError, PipelineConfig
+from posttrain import artifacts, disk
+from posttrain.config import ConfigError, GroupRolloutConfig, PipelineConfig
+from posttrain.data.formats import eval_rows, prompt_rows
 from posttrain.data.loading import DataError, fingerprint_rows
+from posttrain.data.tokenize import tokenize_sft_rows
+from posttrain.data.validation import UNPAIRED_PREFERENCE
 from posttrain.methods import is_policy, method, uses_reference
+from posttrain.promotion import resolve
+from posttrain.stages.common import training_key
+from posttrain.stages.data import data_stage_key, load_dataset, sources
+from posttrain.stages.evaluate import check_harness, eval_stage_key, evaluation_metrics
+from posttrain.stages.graph import candidates, needed
+
+# Lazy imports: torch (data.preference, data.packing, models, reward_functions) loads only
+# for the checks that tokenize or build a model; `posttrain plan` starts without it.
 
 # Counting batches needs the stage's tokenization. A sample of this many rows is tokenized
 # first; only when the estimate from it comes within 2x of one batch is the whole source
@@ -55,9 +66,6 @@ class Plan:
 def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
     """Check `cfg` (for the stages `targets` needs; None: the whole pipeline) and return its
     plan; PreflightError with every problem otherwise."""
-    from posttrain.stages.data import load_dataset, sources
-    from posttrain.stages.graph import needed
-
     problems = check_model(cfg) + check_launch(cfg)
     tokenizer = None
     if not problems and cfg.stages:
@@ -93,8 +101,6 @@ def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
 def check_disk(cfg: PipelineConfig, will_run: list) -> list[str]:
     """Refuse when the artifacts root has less free space than the stages that will run write
     at most (posttrain.disk.stage_bytes: each model, plus its checkpoints)."""
-    from posttrain import disk
-
     weights = disk.model_bytes(cfg.model)
     needs = {s.name: disk.stage_bytes(cfg, s, weights) for s in will_run}
     if weights is None or not needs:
@@ -224,8 +230,6 @@ def _units(cfg, stage, fmt, rows, tokenizer) -> tuple[int, str]:
         tokenize_preference_rows,
         tokenize_unpaired_rows,
     )
-    from posttrain.data.tokenize import tokenize_sft_rows
-    from posttrain.data.validation import UNPAIRED_PREFERENCE
 
     opts = {"max_length": stage.max_length, "truncation": stage.truncation, "source": stage.data}
     try:
@@ -251,14 +255,14 @@ def _units(cfg, stage, fmt, rows, tokenizer) -> tuple[int, str]:
 
 
 def _check_online(cfg, stage, fmt, train, where) -> list[str]:
-    from posttrain.data.formats import prompt_rows
-
     out = []
     try:
         prompts = prompt_rows(train, fmt, f"data.{stage.data}")
     except DataError as e:
         return [f"{where}: {e}"]
-    per_prompt = stage.num_generations if method(stage).unit == "completions" else 1
+    # GRPO and RLOO count completions, num_generations per prompt; PPO's one completion and
+    # online DPO's one pair per prompt count prompts one for one.
+    per_prompt = stage.num_generations if isinstance(stage, GroupRolloutConfig) else 1
     need = _need(cfg, stage) // per_prompt
     if len(prompts) < need:
         out.append(f"{where}: {len(prompts)} prompts in data.{stage.data} cannot fill one "
@@ -286,10 +290,6 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
 
 
 def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: Plan) -> list[str]:
-    from posttrain.data.formats import eval_rows
-    from posttrain.promotion import resolve
-    from posttrain.stages.evaluate import check_harness, evaluation_metrics
-
     source = cfg.eval_source
     if source is None:
         return [("evaluate.data: no stage and no evaluate.data: name the data source whose "
@@ -329,9 +329,6 @@ def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: P
 def _graph(cfg: PipelineConfig, stages: list, datasets: dict, *, evaluate: bool) -> list[PlanRow]:
     """Each stage's key and whether its artifact exists. A stage downstream of one that will
     run gets its key only once that stage has run (the key holds the upstream digest)."""
-    from posttrain.stages.common import training_key
-    from posttrain.stages.data import data_stage_key
-
     data_key = data_stage_key(cfg)
     out = [PlanRow("data", "-", "-", ", ".join(datasets), "-",
                    _status(cfg, "data", data_key), data_key)]
@@ -345,13 +342,12 @@ def _graph(cfg: PipelineConfig, stages: list, datasets: dict, *, evaluate: bool)
         manifest = artifacts.load_manifest(cfg.artifacts_root, s.name, key, full=False) \
             if key else None
         known[s.name] = manifest
-        uses = [n for n in (s.reward, "reference" if uses_reference(s) else None) if n]
+        teacher = getattr(s, "teacher", None)  # GKD: a stage name or a model folder
+        uses = [n for n in (s.reward, "reference" if uses_reference(s) else None,
+                            teacher and f"teacher {teacher}") if n]
         out.append(PlanRow(s.name, s.method, s.start, s.data, ", ".join(uses) or "-",
                            "cached" if manifest else "will run", key))
     if evaluate:
-        from posttrain.stages.evaluate import eval_stage_key
-        from posttrain.stages.graph import candidates
-
         names = [s.name for s in stages if is_policy(s)]
         reward = cfg.eval_reward
         key = None

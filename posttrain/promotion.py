@@ -32,8 +32,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain import tracking
+from posttrain import export, harness, tracking
 from posttrain.config import ConfigError, MetricGuard, PipelineConfig, PromotionConfig
+from posttrain.stages.evaluate import harness_metrics
+
+# Lazy imports: posttrain.models (torch) and bootstrap (numpy) load only to register or
+# compare; the flows and preflight import this module.
 
 BASE = "base"
 # Which way is better, for the metrics evaluation produces.
@@ -75,12 +79,8 @@ def harness_direction(cfg: PipelineConfig, metric: str) -> str | None:
     """An `lm_eval/...` metric's direction: its task config's higher_is_better for the
     configured tasks (`stages.evaluate.harness_metrics`), else the harness's registry of
     metric names; None for other metrics or when neither says."""
-    from posttrain import harness
-
     if not metric.startswith(harness.PREFIX + "/"):
         return None
-    from posttrain.stages.evaluate import harness_metrics
-
     return harness_metrics(cfg).get(metric) or harness.metric_direction(metric)
 
 
@@ -400,8 +400,6 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
     import tempfile
 
     from mlflow.exceptions import MlflowException
-
-    from posttrain import export
 
     c = tracking.client()
     try:

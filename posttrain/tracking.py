@@ -19,6 +19,9 @@ import weakref
 from pathlib import Path
 from typing import Any, ClassVar
 
+from posttrain import progress
+from posttrain.artifacts import current_owner, owner_alive
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CACHE_HIT_TAG = "posttrain.cache_hit"
 SOURCE_RUN_TAG = "posttrain.source_run_id"
@@ -119,8 +122,6 @@ def end_run(run_id: str, status: str = "FINISHED", reason: str | None = None) ->
 
 def owner_tags() -> dict[str, str]:
     """This process (host, PID, start time) as the owner tags of a run it opens."""
-    from posttrain.artifacts import current_owner
-
     return {OWNER_TAGS[k]: str(v) for k, v in current_owner().items()}
 
 
@@ -131,8 +132,6 @@ def close_orphaned_runs(experiment: str, tags: dict[str, str], *, closer: str) -
 
     A process killed with SIGKILL cannot close its runs; the next run of the same stage or
     pipeline does. Runs of live processes, of another host, or without owner tags stay."""
-    from posttrain.artifacts import owner_alive
-
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -222,8 +221,6 @@ class MetricLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self.history.append((step, clean))
         if self.echo:
-            from posttrain import progress
-
             progress.report_metrics(step, clean)
         if self.run_id is None:
             return

@@ -25,9 +25,12 @@ from tasks.common import run_training_stage, with_stage_cache
 
 @task
 def _train(cfg: PipelineConfig, stage: str, data: dict, start: dict | None = None,
-           reward: dict | None = None, parent_run_id: str | None = None) -> dict:
+           reward: dict | None = None, parent_run_id: str | None = None,
+           teacher: dict | None = None) -> dict:
     send_progress_to_prefect()
     upstream = {"data": data, "start": start, "reward": reward}
+    if teacher is not None:  # GKD's teacher stage: an input, so Prefect's graph draws its edge
+        upstream["teacher"] = teacher
     manifest = run_training_stage(cfg, stage, upstream, parent_run_id)
     link_stage(cfg.name, stage, manifest, Path(manifest["path"]) / "model")
     return manifest
@@ -46,7 +49,8 @@ def train_task(cfg: PipelineConfig, stage: str):
     return with_stage_cache(
         _train.with_options(name=stage), stage, cfg.artifacts_root,
         lambda p: stages.stage_key(p["cfg"], p["stage"], {
-            "data": p["data"], "start": p.get("start"), "reward": p.get("reward")}),
+            "data": p["data"], "start": p.get("start"), "reward": p.get("reward"),
+            "teacher": p.get("teacher")}),
         on_cached=on_cached,
     )
 

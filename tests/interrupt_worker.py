@@ -4,9 +4,12 @@ only rank `--signalled-rank` gets SIGTERM, during step 3. Writes what each proce
 OUT/rank<R>.json.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/interrupt_worker.py \\
-        OUT CHECKPOINTS [generators]
+        OUT CHECKPOINTS [generators | slow]
 
-With `generators`: each process's checkpointed sampling generator comes back as its own.
+With `generators`: each process's checkpointed sampling generator comes back as its own. With
+`slow`: both processes get SIGTERM during step 3, rank 1 first, and rank 1's step 3 outlasts the
+grace period (posttrain.interrupt.GRACE_SECONDS), so that rank 1 is stopped where it is while
+rank 0 waits for it in the step's gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from posttrain import checkpoints, interrupt
 from posttrain.training import end_distributed, make_accelerator
 
 
-def main(out: Path, ckpt: Path, signalled_rank: int = 1) -> None:
+def main(out: Path, ckpt: Path, signalled_rank: int = 1, slow: bool = False) -> None:
     accelerator = make_accelerator("no")
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
@@ -35,7 +39,13 @@ def main(out: Path, ckpt: Path, signalled_rank: int = 1) -> None:
     try:
         with interrupt.stage("toy"):
             for step in range(1, 40):
-                if step == 3 and rank == signalled_rank:
+                if step == 3 and slow:
+                    if rank == 0:
+                        time.sleep(interrupt.GRACE_SECONDS / 2 + 0.5)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    if rank == 1:
+                        time.sleep(3 * interrupt.GRACE_SECONDS)  # cut short by the grace stop
+                elif step == 3 and rank == signalled_rank:
                     os.kill(os.getpid(), signal.SIGTERM)  # handled before this step ends
                 loss = model(torch.ones(2, 4, device=accelerator.device)).pow(2).sum()
                 accelerator.backward(loss)  # DDP: an all-reduce every step
@@ -48,6 +58,8 @@ def main(out: Path, ckpt: Path, signalled_rank: int = 1) -> None:
         result["message"] = str(e)
     result["steps"] = done
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if slow:  # as a launched process that stopped: exit, no collective teardown with the peer
+        os._exit(0)
     end_distributed()
 
 
@@ -72,5 +84,7 @@ def generators(out: Path, ckpt: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[3:] == ["generators"]:
         generators(Path(sys.argv[1]), Path(sys.argv[2]))
+    elif sys.argv[3:] == ["slow"]:
+        main(Path(sys.argv[1]), Path(sys.argv[2]), slow=True)
     else:
         main(Path(sys.argv[1]), Path(sys.argv[2]))

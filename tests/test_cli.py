@@ -240,3 +240,25 @@ def test_the_plan_names_the_promotion_gate_margin_and_significance(monkeypatch):
     assert "guards: none\n" in printed(min_margin=0.0, require_significance=False)
     assert "guards: none; min_margin 0.02 at the 95% interval's lower bound" in printed(
         min_margin=0.02, require_significance=True)
+
+
+def test_a_long_plan_keeps_every_column_in_an_80_column_terminal(monkeypatch):
+    """Thirteen stages with long method names and a PPO's "reward, reference": the narrow
+    terminal folds long cells; no column is dropped (the data column used to vanish)."""
+    from rich.console import Console
+
+    from pipelines import cli
+    from posttrain.config import PipelineConfig
+    from posttrain.preflight import Plan, PlanRow
+
+    rows = [PlanRow("data", "-", "-", "sft, preference, prompts", "-", "will run", "ab" * 8)]
+    rows += [PlanRow(f"online_dpo{i}", "online_dpo", "sft", "preference", "reward, reference",
+                     "will run", None) for i in range(12)]
+    console = Console(width=80, record=True, color_system=None)
+    monkeypatch.setattr(cli, "console", console)
+    cli.print_plan(PipelineConfig(), Plan(rows=rows))
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "stage" in line)
+    assert header.split() == ["stage", "method", "from", "data", "uses", "status", "key"]
+    assert "preference" in text and "online_dpo3" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80

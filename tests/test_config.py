@@ -79,7 +79,11 @@ def test_qwen_example_uses_lora_and_no_remote_code():
 def test_demo_declares_every_method_from_sft():
     cfg = C.load_pipeline_config(DEMO)
     assert sorted(s.method for s in cfg.stages) == sorted(
-        ["sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo"])
+        ["sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo", "simpo", "cpo", "rloo",
+         "online_dpo", "gkd"])
+    from posttrain.methods import METHODS
+
+    assert {s.method for s in cfg.stages} == set(METHODS)  # every method the project has
     assert cfg.stages[0].name == "sft" and cfg.stages[0].start == "base"
     assert all(s.start == "sft" for s in cfg.stages[1:])
     assert cfg.stage("ppo").reward == "reward"

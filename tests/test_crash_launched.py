@@ -145,6 +145,21 @@ def test_each_process_of_a_launch_gets_its_own_sampling_generator_back(tmp_path)
 
 
 @pytest.mark.slow
+def test_a_process_waiting_on_a_peer_that_the_grace_period_stopped_stops_too(tmp_path):
+    """Both processes of a launch asked to stop, one of them busy past the grace period: that
+    one is stopped where it is, and the other, waiting for it in the step's gradient
+    all-reduce, gets the transport's "connection closed by peer". That is the same stop (its
+    run KILLED by the signal, as the command says), not a crash of the stage: in a fresh-clone
+    make test, rank 0 marked its run FAILED with gloo's error."""
+    _two_processes(tmp_path, "slow")
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["stopped_by"] == "SIGTERM" and r["steps"] == [1, 2], ranks
+    assert "(another process of the launch stopped first)" in ranks[0]["message"], ranks
+    assert "during stage 'toy' after step 2" in ranks[1]["message"], ranks
+
+
+@pytest.mark.slow
 def test_processes_of_a_launch_stop_and_checkpoint_at_the_same_step(tmp_path):
     """SIGTERM reaching one process of a two-process launch (signals arrive one at a time, or
     only to some) stops both at the same step boundary after one checkpoint of that step that

@@ -122,6 +122,19 @@ def test_preference_chosen_passes_and_rejected_fails():
             assert row["rejected"][0]["content"] == demo.buggy_answer(row["prompt"])
 
 
+def test_some_preference_pairs_reject_an_answer_cut_off_half_way():
+    """A reward model that never saw a short answer scored an empty one above the correct one
+    (and PPO learned to answer nothing): a tenth of the pairs outside the bug region reject the
+    correct answer cut off half-way."""
+    rows = demo.generate_preference(CFG, 0, "train")
+    cut = [r for r in rows if demo.correct_answer(r["prompt"][0]["content"]).startswith(
+        r["rejected"][0]["content"])]
+    assert cut and all(not demo.in_bug_region(r["prompt"]) for r in cut)
+    assert 0.05 < len(cut) / len(rows) < 0.1
+    assert all(len(r["rejected"][0]["content"]) * 2 <= len(r["chosen"][0]["content"])
+               for r in cut)
+
+
 def test_kto_labels_agree_with_checker_and_are_balanced():
     rows = demo.generate_kto(CFG, 0, "train")
     assert len(rows) == 2 * CFG.num_train

@@ -13,7 +13,10 @@ import pytest
 
 from tests.test_cli import ROOT, _posttrain
 
-STAGES = ("data", "sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo", "evaluate")
+STAGES = ("data", "sft", "reward", "dpo", "orpo", "kto", "grpo", "ppo", "simpo", "cpo", "rloo",
+          "online_dpo", "gkd", "evaluate")
+# Every method that the checker, preference pairs or a teacher can teach beats SFT on it.
+BEAT_SFT = ("dpo", "orpo", "kto", "grpo", "simpo", "cpo", "rloo", "online_dpo", "gkd")
 
 
 def _manifest(artifacts: Path, stage: str) -> dict:
@@ -42,7 +45,7 @@ def test_make_demo_methods_beat_sft_and_a_rerun_is_fully_cached(tmp_path):
     acc = {name: m["checker_accuracy"] for name, m in comparison.items()}
     assert reward["metrics"]["eval_accuracy"] > 0.75  # held-out pairs, chance is 0.5
     assert acc["sft"] > acc["base"] + 0.5
-    for method in ("dpo", "orpo", "kto", "grpo"):
+    for method in BEAT_SFT:
         assert acc[method] > acc["sft"] + 0.05, (method, acc)
     # PPO optimizes the reward model: its score rises, checker accuracy does not fall.
     assert comparison["ppo"]["reward_score"] > comparison["sft"]["reward_score"] + 1.0

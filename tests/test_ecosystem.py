@@ -26,7 +26,7 @@ from posttrain import models, promotion, tracking
 from posttrain.config import DemoTaskConfig, PipelineConfig, TinyModelConfig
 from posttrain.data import demo
 from posttrain.data.tokenize import tokenize_sft_rows
-from posttrain.evaluate import generate
+from posttrain.evaluate import greedy_completions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,8 +93,9 @@ def test_a_saved_tiny_model_loads_with_auto_classes_to_the_training_ids(tmp_path
     assert auto("rev chvr")["input_ids"] == tokenizer("rev chvr")["input_ids"]
     assert len(auto("rev chvr")["input_ids"]) == 8
     prompts = [r["prompt"] for r in rows[:4]] + [rows[-1]["prompt"]]
-    evaluated = [c["text"] for c in generate(models.load_trained(tmp_path), tokenizer, prompts,
-                                             max_new_tokens=MAX_NEW, batch_size=8)]
+    evaluated = [c["text"] for c in greedy_completions(models.load_trained(tmp_path), tokenizer,
+                                                       prompts, max_new_tokens=MAX_NEW,
+                                                       batch_size=8)]
     assert _hf_greedy(tmp_path, prompts) == evaluated
     assert len(set(evaluated)) > 1  # not one degenerate string for every prompt
 

@@ -30,18 +30,19 @@ def test_win_rate_counts_ties_half_and_skips_missing_scores():
     assert math.isnan(evaluate.win_rate([None], [1.0]))
 
 
-def test_kl_estimate_is_the_mean_log_ratio():
+def test_the_kl_to_reference_is_the_mean_log_ratio():
     """log pi - log ref = [-1 - (-3), -2 - (-2)] = [2, 0] -> mean 1."""
-    assert evaluate.kl_estimate(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -2.0])) == 1.0
-    assert math.isnan(evaluate.kl_estimate(torch.zeros(0), torch.zeros(0)))
+    assert evaluate.mean_log_ratio(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -2.0])) == 1.0
+    assert math.isnan(evaluate.mean_log_ratio(torch.zeros(0), torch.zeros(0)))
 
 
 def test_completion_logps_match_a_naive_forward(tiny):
     model, tokenizer = tiny
     rows = demo.generate_sft(DemoTaskConfig(num_train=10, num_eval=4), 0, "eval")
-    completions = evaluate.generate(model, tokenizer, [r["prompt"] for r in rows],
-                                    max_new_tokens=5, batch_size=3)
-    fast = evaluate.completion_logps(model, completions, tokenizer.pad_token_id, batch_size=3)
+    completions = evaluate.greedy_completions(model, tokenizer, [r["prompt"] for r in rows],
+                                              max_new_tokens=5, batch_size=3)
+    fast = evaluate.summed_logps(evaluate.completion_token_logps(
+        model, completions, tokenizer.pad_token_id, batch_size=3))
     for c, got in zip(completions, fast):
         ids = torch.tensor([c["prompt_ids"] + c["completion_ids"]])
         logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
@@ -50,7 +51,7 @@ def test_completion_logps_match_a_naive_forward(tiny):
         want = per_token[len(c["prompt_ids"]) - 1 :].sum()
         assert got.item() == pytest.approx(want.item(), abs=1e-4)
     # A model compared with itself: KL exactly 0.
-    assert evaluate.kl_estimate(fast, fast.clone()) == 0.0
+    assert evaluate.mean_log_ratio(fast, fast.clone()) == 0.0
 
 
 def test_evaluate_candidate_reports_chosen_perplexity(tiny):

@@ -290,10 +290,10 @@ _DEMO = DemoTaskConfig(tasks=("add", "sort"), num_train=2000, num_eval=60, conve
 
 
 def _checker_accuracy(model, tokenizer, rows, batch_size):
-    from posttrain.evaluate import generate
+    from posttrain.evaluate import greedy_completions
 
-    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=16,
-                           batch_size=batch_size)
+    completions = greedy_completions(model, tokenizer, [r["prompt"] for r in rows],
+                                     max_new_tokens=16, batch_size=batch_size)
     return [float(demo.check(r["prompt"], c["text"])) for r, c in zip(rows, completions)], \
         [c["text"] for c in completions]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from posttrain.losses.kto import kl_estimate, kto_loss, mismatched_indices
+from posttrain.losses.kto import kl_estimate, kto_loss
 
 LN3 = math.log(3.0)
 
@@ -106,10 +106,3 @@ def test_rewards_nan_when_a_side_is_absent():
     assert math.isnan(m["rewards/rejected"].item()) and math.isnan(m["rewards/margins"].item())
 
 
-def test_mismatched_indices():
-    """(i + 1) mod B: every prompt gets another example's completion."""
-    idx = mismatched_indices(4)
-    assert idx.tolist() == [1, 2, 3, 0]
-    assert mismatched_indices(2).tolist() == [1, 0]
-    with pytest.raises(ValueError, match="batch size > 1"):
-        mismatched_indices(1)

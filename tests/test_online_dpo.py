@@ -65,7 +65,7 @@ def test_online_dpo_loss_hand_computed():
 def test_online_dpo_in_the_method_table():
     m = METHODS["online_dpo"]
     assert (m.config, m.reference, m.generates, m.unit) == (OnlineDPOConfig, True, True,
-                                                            "prompts")
+                                                            "pairs")
     c = OnlineDPOConfig(reward_functions={"reward_model": 1.0})
     assert c.name == "online_dpo" and c.uses_reward_stage and uses_reference(c)
     # TRL's OnlineDPOConfig defaults

@@ -81,6 +81,7 @@ def test_grpo_micro_batches_only_shrink_to_whole_groups():
     from posttrain.config import GRPOConfig
 
     cfg = GRPOConfig(per_device_batch_size=32, num_generations=8)
-    smaller = halve_micro_batch(cfg)
+    smaller = halve_micro_batch(cfg, cfg.num_generations)
     assert (smaller.per_device_batch_size, smaller.grad_accum) == (16, 2)
-    assert halve_micro_batch(halve_micro_batch(smaller)) is None  # 8 -> 4 would split a group
+    assert halve_micro_batch(halve_micro_batch(smaller, 8), 8) is None  # 8 -> 4 splits a group
+    assert halve_micro_batch(halve_micro_batch(smaller, 1), 1).per_device_batch_size == 4

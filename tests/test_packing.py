@@ -13,7 +13,6 @@ from posttrain.data.packing import (
     collate_packed,
     collate_padded,
     pack_bfd,
-    pack_examples,
 )
 
 X = -100
@@ -79,12 +78,6 @@ def test_pack_bfd_rejects_bad_lengths() -> None:
     with pytest.raises(ValueError, match="example 0 has length 0"):
         pack_bfd([0], 10)
     assert pack_bfd([], 10) == []
-
-
-def test_pack_examples() -> None:
-    examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in (7, 5, 4, 3, 2, 1)]
-    bins = pack_examples(examples, 10)
-    assert [[len(e["input_ids"]) for e in b] for b in bins] == [[7, 3], [5, 4, 1], [2]]
 
 
 def test_collate_padded() -> None:

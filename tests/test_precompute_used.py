@@ -67,7 +67,7 @@ def test_dpo_precomputes_only_the_rows_it_trains_on(pairs, tokenizer, monkeypatc
     assert len(pairs[0]) == 400
     losses, sizes = _run(build_tiny_model(TINY, tokenizer), pairs, tokenizer, monkeypatch)
     assert sizes == [8, 4]
-    monkeypatch.setattr(training, "rows_used", lambda n, *args, **kwargs: list(range(n)))
+    monkeypatch.setattr(training.batches, "rows_used", lambda n, *args, **kwargs: list(range(n)))
     full_losses, full_sizes = _run(build_tiny_model(TINY, tokenizer), pairs, tokenizer,
                                    monkeypatch)
     assert full_sizes == [400, 4]

@@ -144,8 +144,6 @@ def test_collate_pairs_right_padding_token_by_token() -> None:
         b["completion_mask"],
         t([[0, 0, 1, 1, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]),
     )
-    assert b["prompt_lengths"].tolist() == [2, 1, 2, 1]
-    assert b["last_index"].tolist() == [3, 3, 4, 2]
     assert b["input_ids"].dtype == torch.long and b["attention_mask"].shape == (4, 5)
 
 
@@ -160,21 +158,19 @@ def test_collate_pairs_order_is_all_chosen_then_all_rejected() -> None:
     assert b["input_ids"][:, 0].tolist() == [6, 9, 12, 6, 9, 12]  # prompts repeat in order
 
 
-def test_last_index_when_pad_is_eos() -> None:
-    """Padding with the EOS id: the index must still point at each row's real last token (a
-    search for the first pad token would stop at the real EOS of row 4, or before it)."""
+def test_masks_come_from_lengths_when_pad_is_eos() -> None:
+    """Padding with the EOS id: the attention mask still covers each row's real tokens, its
+    EOS included (a search for the first pad token would stop at the real EOS of row 4)."""
     b = collate_pairs([P1, P2], pad_token_id=EOS)
     assert torch.equal(
         b["input_ids"],
         t([[6, 7, 8, 1, 1], [11, 12, 13, 1, 1], [6, 7, 9, 10, 1], [11, 14, 1, 1, 1]]),
     )
-    assert b["last_index"].tolist() == [3, 3, 4, 2]
-    lengths = [4, 4, 5, 3]
-    assert b["attention_mask"].sum(1).tolist() == lengths
-    rows = torch.arange(4)
-    assert b["input_ids"][rows, b["last_index"]].tolist() == [EOS] * 4
-    # the token before it is the last response token of each sequence
-    assert b["input_ids"][rows, b["last_index"] - 1].tolist() == [8, 13, 10, 14]
+    assert b["attention_mask"].sum(1).tolist() == [4, 4, 5, 3]
+    assert torch.equal(
+        b["completion_mask"],
+        t([[0, 0, 1, 1, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]),
+    )
 
 
 @pytest.mark.parametrize("pad", [0, EOS])
@@ -191,8 +187,6 @@ def test_collate_pairs_left_padding(pad: int) -> None:
         b["completion_mask"],
         t([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]),
     )
-    assert b["last_index"].tolist() == [4, 4, 4, 4]
-    assert b["prompt_lengths"].tolist() == [2, 1, 2, 1]
 
 
 def test_collate_rejects_an_unknown_padding_side() -> None:
@@ -452,38 +446,15 @@ K = [
 ]
 
 
-def test_collate_unpaired_with_mismatched_kl_rows() -> None:
+def test_collate_unpaired_pads_rows_and_keeps_labels() -> None:
     b = collate_unpaired(K, pad_token_id=0)
     assert torch.equal(b["input_ids"], t([[6, 7, 1, 0], [8, 9, 10, 1], [11, 12, 13, 1]]))
     assert torch.equal(b["completion_mask"], t([[0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 1]]))
     assert torch.equal(b["attention_mask"], t([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]))
     assert b["labels"].dtype == torch.bool and b["labels"].tolist() == [True, False, True]
-    assert b["last_index"].tolist() == [2, 3, 3]
-    # KL rows: prompt_i + completion_{(i+1) % 3}
-    assert torch.equal(
-        b["kl_input_ids"], t([[6, 10, 1, 0, 0], [8, 9, 12, 13, 1], [11, 7, 1, 0, 0]])
-    )
-    assert torch.equal(
-        b["kl_completion_mask"], t([[0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
-    )
-    assert torch.equal(
-        b["kl_attention_mask"], t([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    )
-    assert b["kl_prompt_lengths"].tolist() == [1, 2, 1]
-
-
-def test_collate_unpaired_kl_rows_respect_max_length_and_left_padding() -> None:
-    b = collate_unpaired(K, pad_token_id=EOS, padding_side="left", max_length=4)
-    assert torch.equal(b["kl_input_ids"], t([[1, 6, 10, 1], [8, 9, 12, 13], [1, 11, 7, 1]]))
-    assert torch.equal(b["kl_completion_mask"], t([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]))
-    assert b["last_index"].tolist() == [3, 3, 3]
-
-
-def test_collate_unpaired_needs_two_rows_for_kl() -> None:
-    with pytest.raises(ValueError, match="per-device batch size > 1"):
-        collate_unpaired(K[:1], pad_token_id=0)
-    b = collate_unpaired(K[:1], pad_token_id=0, mismatched=False)
-    assert "kl_input_ids" not in b and b["input_ids"].tolist() == [[6, 7, 1]]
+    assert "kl_input_ids" not in b  # KL rows: recipes.kto.collate pairs and pads them
+    left = collate_unpaired(K[:1], pad_token_id=EOS, padding_side="left")
+    assert left["input_ids"].tolist() == [[6, 7, 1]]
 
 
 # ------------------------------------------------------------------------------- demo data

@@ -74,6 +74,18 @@ def test_packed_rows_fewer_than_the_batch(tmp_path):
     assert "lower per_device_batch_size" in message
 
 
+def test_online_batches_are_counted_in_prompts_per_method(tmp_path):
+    """per_device_batch_size counts completions in GRPO (4 per prompt: 1600 -> 400 prompts)
+    and in PPO (one per prompt: 400 -> 400 prompts); the demo has fewer prompts than that."""
+    grpo = stage("grpo", per_device_batch_size=1600)
+    ppo = stage("ppo", per_device_batch_size=400, num_mini_batches=1)
+    reward = stage("reward")
+    problems = _problems(tmp_path, [SFT_STAGE, reward, grpo, ppo])
+    for name in ("grpo", "ppo"):
+        message = _one(problems, f"stages.{name}", "cannot fill one batch of 400 prompts")
+        assert "prompts in data.prompts" in message
+
+
 def test_a_kto_eval_split_of_one_row(tmp_path):
     rows = demo.generate_kto(validate(PipelineConfig, tiny_pipeline_values(tmp_path)).demo,
                              0, "train")[:40]

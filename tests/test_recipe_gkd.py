@@ -178,7 +178,7 @@ def test_the_teacher_stage_is_found_when_a_runner_passes_only_start_and_reward(t
     from posttrain import stages
     from posttrain.config import PipelineConfig, validate
     from posttrain.stages.common import training_key
-    from posttrain.stages.gkd import with_teacher
+    from posttrain.stages.graph import with_teacher
 
     gkd_stage = stage("gkd", start="base")  # teacher: sft
     cfg = validate(PipelineConfig, tiny_pipeline_values(
@@ -197,6 +197,7 @@ def test_the_teacher_stage_is_found_when_a_runner_passes_only_start_and_reward(t
 
     rows = {r.stage: r for r in plan(cfg).rows}
     assert rows["gkd"].status == "cached" and rows["gkd"].key == manifests["gkd"]["key"]
+    assert rows["gkd"].uses == "teacher sft"
 
 
 def test_select_best_names_the_logged_eval_metrics(tokenizer, examples, teacher):

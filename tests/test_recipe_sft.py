@@ -91,14 +91,16 @@ def test_too_few_examples_for_one_batch_is_a_clear_error(tokenizer, examples):
 
 
 def test_recipe_runs_without_prefect(tmp_path, monkeypatch):
-    """`python -m posttrain.recipes.sft --config ...` trains and writes a loadable artifact."""
+    """`python -m posttrain.recipes.sft --config ...` (whose `__main__` block calls
+    `command_line("sft")`) trains and writes a loadable artifact."""
     from posttrain.models import load_trained
+    from posttrain.stages.graph import command_line
 
     monkeypatch.chdir(tmp_path)
-    sft.main(["--config", str(ROOT / "conf/demo.yaml"), "stages.sft.max_steps=3",
-              "stages.sft.warmup_steps=0", "stages.sft.eval_every=3", "demo.num_train=200",
-              "demo.num_eval=20", f"artifacts_root={tmp_path / 'a'}",
-              "tracking.experiment=recipe-main"])
+    command_line("sft", ["--config", str(ROOT / "conf/demo.yaml"), "stages.sft.max_steps=3",
+                        "stages.sft.warmup_steps=0", "stages.sft.eval_every=3",
+                        "demo.num_train=200", "demo.num_eval=20", f"artifacts_root={tmp_path / 'a'}",
+                        "tracking.experiment=recipe-main"])
     weights = list((tmp_path / "a" / "sft").glob("*/model/model.safetensors"))
     assert len(weights) == 1
     assert load_trained(weights[0].parent).config.vocab_size == 103

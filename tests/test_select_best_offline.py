@@ -1,4 +1,4 @@
-"""`select_best` in the offline loop (posttrain/training.py `fit`, SFT, reward, DPO, ORPO, SimPO,
+"""`select_best` in the offline loop (posttrain/training/loop.py `fit`, SFT, reward, DPO, ORPO, SimPO,
 CPO, KTO): the metric names it accepts are the ones each method's evaluation logs, the best
 evaluated step's weights are the model the stage ends with, and a resumed run selects the same
 step."""
@@ -121,7 +121,7 @@ def test_sft_select_best_resumes_to_the_same_step(data, tokenizer, monkeypatch, 
         step["n"] += 1
         return real_step(*a, **k)
 
-    monkeypatch.setattr(training, "optimizer_step", counting)
+    monkeypatch.setattr(training.loop, "optimizer_step", counting)  # as `fit` calls it
     monkeypatch.setattr(sft, "evaluate_loss", lambda *a: {"eval_loss": scripted[step["n"]]})
     cfg = SFTConfig(max_steps=8, eval_every=2, checkpoint_every=2, select_best="eval_loss",
                     **{**SMALL, "log_every": 1})

@@ -87,3 +87,39 @@ def test_metric_logger_reports_each_logged_step_as_a_line():
         progress.logger.removeHandler(handler)
         progress.logger.setLevel(level)
     assert lines == ["step 10: loss=1.235 eval_loss=2 learning_rate=0.001"]
+
+
+def test_a_stage_whose_peer_process_left_during_a_stop_is_killed_not_failed(tmp_path):
+    """In a launch of several processes, a process that waits in a collective on a peer that a
+    signal's grace period stopped gets the transport's "connection closed by peer": with the
+    stop pending, its run is KILLED by that signal, and the same error without a stop is a
+    failure (FAILED, the error as it is)."""
+    import pytest
+
+    from posttrain import interrupt
+    from posttrain.stages.common import run_stage
+
+    cfg = validate(PipelineConfig, tiny_pipeline_values(tmp_path, [SFT_STAGE]))
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]")
+
+    def stopping(out, run_id):
+        interrupt.adopt("SIGTERM")  # as agree_on_stop does for a signal another process got
+        raise gone
+
+    def failing(out, run_id):
+        raise gone
+
+    with pytest.raises(interrupt.Interrupted) as stopped:
+        run_stage(cfg, "sft", "k1", {}, stopping)
+    assert stopped.value.__cause__ is gone
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        run_stage(cfg, "sft", "k2", {}, failing)
+    c = tracking.client()
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    runs = {r.data.tags[tracking.KEY_TAG]: r for r in c.search_runs([exp.experiment_id])}
+    assert runs["k1"].info.status == "KILLED"
+    assert runs["k1"].data.tags["posttrain.failure"].startswith(
+        "Interrupted: interrupted by SIGTERM during stage 'sft' (another process of the launch "
+        "stopped first)")
+    assert runs["k2"].info.status == "FAILED"
+    assert "Connection closed by peer" in runs["k2"].data.tags["posttrain.failure"]

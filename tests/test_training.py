@@ -1,4 +1,4 @@
-"""The shared training pieces (posttrain/training.py) on toy models: gradient accumulation equals
+"""The shared training pieces (posttrain/training/) on toy models: gradient accumulation equals
 one big batch, endless batches reshuffle, drop the ragged tail and shard disjointly, the optimizer
 warms up, `fit` logs and evaluates when configured, and reference runners pick the right model."""
 
@@ -159,6 +159,20 @@ def test_build_optimizer_warms_up_linearly_then_holds_for_constant():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2, 1e-2])
+
+
+def test_build_optimizer_schedules_every_update_of_a_step():
+    """PPO: 2 steps of 3 updates, 1 warm-up step -> 3 warm-up updates (0, 1/3, 2/3 of the
+    peak), then linear decay over the remaining 3 of 6 updates: 1, 2/3, 1/3."""
+    net = _toy()
+    cfg = TrainingConfig(learning_rate=3e-2, warmup_steps=1, max_steps=2, lr_scheduler="linear")
+    optimizer, scheduler = build_optimizer(list(net.parameters()), cfg, updates_per_step=3)
+    lrs = []
+    for _ in range(6):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.0, 1e-2, 2e-2, 3e-2, 2e-2, 1e-2])
 
 
 def test_fit_steps_logs_and_evaluates_on_schedule(accelerator):

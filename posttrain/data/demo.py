@@ -268,13 +268,25 @@ def generate_sft(cfg: DemoTaskConfig, seed: int, split: Split) -> list[dict[str,
     return rows
 
 
+CUT_OFF_EVERY = 10  # outside the bug region, every 10th pair rejects a cut-off answer
+
+
 def generate_preference(cfg: DemoTaskConfig, seed: int, split: Split) -> list[dict[str, Any]]:
     """Preference rows: prompt, chosen (correct), rejected (the planted mistake in the bug region,
-    otherwise a plausible wrong answer), task."""
+    otherwise a plausible wrong answer, or, in every CUT_OFF_EVERY-th pair, the correct answer
+    cut off half-way), task.
+
+    The cut-off answers show the reward model that a short answer is not a good one: trained on
+    wrong answers of full length only, it scored an empty answer to a reversal above the correct
+    one, and PPO on it learned to answer nothing (checker accuracy 0.69 -> 0.43 on one machine's
+    float rounding)."""
     rng = random.Random(f"demo:{seed}:{split}:preference")
     rows = []
-    for task, text in _split_prompts(cfg, seed, split):
+    for i, (task, text) in enumerate(_split_prompts(cfg, seed, split)):
         rejected = buggy_answer(text) if in_bug_region(text) else _wrong_answer(text, rng)
+        answer = correct_answer(text)
+        if i % CUT_OFF_EVERY == CUT_OFF_EVERY - 1 and not in_bug_region(text) and len(answer) > 1:
+            rejected = answer[: len(answer) // 2]
         rows.append(
             {
                 "prompt": _user(text, cfg.conversational),

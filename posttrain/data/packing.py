@@ -82,12 +82,6 @@ def pack_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_examples(examples: list[dict], capacity: int) -> list[list[dict]]:
-    """Group tokenized examples into bins of at most `capacity` tokens (see pack_bfd)."""
-    bins = pack_bfd([len(e["input_ids"]) for e in examples], capacity)
-    return [[examples[i] for i in b] for b in bins]
-
-
 def collate_padded(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad examples to the longest: input_ids, labels (-100 on padding), attention_mask."""
     if not examples:

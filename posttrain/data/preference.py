@@ -26,8 +26,8 @@ count them per reason ("identical chosen and rejected", "empty response", "missi
 max_bad_fraction of the rows went.
 
 Batches: `collate_pairs` puts chosen and rejected into ONE batch (rows 0..B-1 prompt+chosen,
-rows B..2B-1 prompt+rejected) so that a single forward scores both; `collate_unpaired` also
-builds KTO's mismatched KL rows (prompt_i + completion_{(i+1) % B}).
+rows B..2B-1 prompt+rejected) so that a single forward scores both; `collate_unpaired` pads
+KTO's rows (its KL rows too: the recipe pairs them, posttrain.recipes.kto.assign_partners).
 """
 
 from __future__ import annotations
@@ -428,12 +428,9 @@ def collate_pairs(
     """One batch holding chosen AND rejected: rows 0..B-1 are prompt+chosen, B..2B-1
     prompt+rejected (same prompt order), padded to the longest of all 2B rows.
 
-    Returns input_ids, attention_mask, completion_mask (1 on response tokens) of shape (2B, T),
-    prompt_lengths (2B,) (prompt token counts, not positions), and last_index (2B,): the index of
-    each row's last real token, where a reward model reads its score. last_index comes from the
-    attention mask, so it is right when pad id == EOS id; with left padding it is T-1 for every
-    row. Numeric per-pair columns present in every example (e.g. "margin", precomputed
-    reference log-probs) come back as float tensors of shape (B,).
+    Returns input_ids, attention_mask, completion_mask (1 on response tokens) of shape (2B, T).
+    Numeric per-pair columns present in every example (e.g. "margin", precomputed reference
+    log-probs) come back as float tensors of shape (B,).
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one example")
@@ -448,18 +445,9 @@ def collate_unpaired(
     examples: list[dict],
     pad_token_id: int,
     *,
-    mismatched: bool = True,
     padding_side: str = "right",
-    max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A KTO batch: input_ids, attention_mask, completion_mask (B, T), prompt_lengths,
-    last_index (B,), labels (B,) bool.
-
-    mismatched=True adds KTO's KL rows kl_input_ids, kl_attention_mask, kl_completion_mask
-    (B, T'), kl_prompt_lengths: prompt_i + completion_{(i+1) % B}, so that no KL row pairs a
-    prompt with its own completion. That needs B > 1 (ValueError otherwise). A KL row can be
-    longer than any real example; with max_length set, its completion is cut at the end to fit.
-    """
+    """A KTO batch: input_ids, attention_mask, completion_mask (B, T), labels (B,) bool."""
     if not examples:
         raise ValueError("collate_unpaired needs at least one example")
     prompts = [e["prompt_ids"] for e in examples]
@@ -467,19 +455,6 @@ def collate_unpaired(
     batch = _pad_rows(prompts, completions, pad_token_id, padding_side)
     batch["labels"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
     batch.update(_scalar_columns(examples, ("prompt_ids", "completion_ids", "label")))
-    if mismatched:
-        b = len(examples)
-        if b < 2:
-            raise ValueError(
-                "KTO needs a per-device batch size > 1: its KL estimate pairs each prompt with "
-                f"another row's completion (got a batch of {b})"
-            )
-        shifted = [completions[(i + 1) % b] for i in range(b)]
-        if max_length is not None:
-            shifted = [c[: max(1, max_length - len(p))] for p, c in zip(prompts, shifted)]
-        kl = _pad_rows(prompts, shifted, pad_token_id, padding_side)
-        for key in ("input_ids", "attention_mask", "completion_mask", "prompt_lengths"):
-            batch[f"kl_{key}"] = kl[key]
     return batch
 
 
@@ -502,15 +477,8 @@ def _pad_rows(
         input_ids[i, start:end] = torch.tensor(list(p) + list(r), dtype=torch.long)
         attention_mask[i, start:end] = 1
         completion_mask[i, start + len(p) : end] = 1
-    # index of the last 1 of each row: flip, find the first 1, map back
-    last_index = width - 1 - attention_mask.flip(1).argmax(dim=1)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
-        "last_index": last_index,
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "completion_mask": completion_mask}
 
 
 def _scalar_columns(examples: list[dict], skip: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -20,19 +20,6 @@ from collections.abc import Callable
 import torch
 
 
-def mismatched_indices(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """For each example i an index j ≠ i, (i + 1) mod B: completion j is paired with prompt i.
-
-    The log-probs of these mismatched (x_i, y_j) pairs feed the KL estimate z_ref.
-    """
-    if batch_size < 2:
-        raise ValueError(
-            f"KTO needs a per-device batch size > 1 to pair each prompt with another example's "
-            f"completion for its KL estimate; got {batch_size}"
-        )
-    return (torch.arange(batch_size, device=device) + 1) % batch_size  # (B,)
-
-
 def kl_estimate(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor,
                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """z_ref: mean of log π(y_j|x_i) − log π_ref(y_j|x_i) over mismatched pairs, detached and
@@ -50,7 +37,7 @@ def kto_loss(
     policy_logps: torch.Tensor,  # (B,) log π(y_i|x_i)
     ref_logps: torch.Tensor,  # (B,) log π_ref(y_i|x_i)
     labels: torch.Tensor,  # (B,) bool, True = desirable
-    kl_policy_logps: torch.Tensor,  # (B,) log π(y_j|x_i), j = mismatched_indices(B)[i]
+    kl_policy_logps: torch.Tensor,  # (B,) log π(y_j|x_i), y_j another example's completion
     kl_ref_logps: torch.Tensor,  # (B,) log π_ref(y_j|x_i)
     *,
     beta: float = 0.1,

@@ -151,19 +151,23 @@ def rollout_metrics(total: torch.Tensor, per_fn: dict, rollout: Rollout, group: 
     return metrics
 
 
-def _sample(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
-            shard: tuple[int, int] = (0, 1), agent: Agent | None = None) -> Rollout:
-    """`shard` (rank, world size): this process's prompts are shard `rank` of a global batch of
-    world × len(rows) prompts, sampled with the global batch's noise (`generate`). With an
-    `agent`, multi-turn episodes (`generate_episodes`)."""
+def _sample_episodes(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
+                     shard: tuple[int, int], agent: Agent) -> Rollout:
+    """`_sample` for multi-turn episodes (`generate_episodes`), sharded the same way."""
     rank, world = shard
-    if agent is not None:
-        return generate_episodes(
-            policy, tokenizer, rows, agent.make_env, tools=agent.tools,
-            num_samples=config.num_generations, limits=agent.limits,
-            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-            eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
-            generator=generator, prompt_offset=rank * len(rows), global_prompts=world * len(rows))
+    return generate_episodes(
+        policy, tokenizer, rows, agent.make_env, tools=agent.tools,
+        num_samples=config.num_generations, limits=agent.limits,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        generator=generator, prompt_offset=rank * len(rows), global_prompts=world * len(rows))
+
+
+def _sample(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
+            shard: tuple[int, int] = (0, 1)) -> Rollout:
+    """`shard` (rank, world size): this process's prompts are shard `rank` of a global batch of
+    world × len(rows) prompts, sampled with the global batch's noise (`generate`)."""
+    rank, world = shard
     return generate(
         policy, [r["prompt_ids"] for r in rows], num_samples=config.num_generations,
         max_new_tokens=config.max_completion_length, temperature=config.temperature,
@@ -352,8 +356,10 @@ def train(
             batch = next(batches)
             with accelerator.autocast():  # sampling and reward models in training's precision
                 generator.manual_seed(rollout_seed(config.seed, step + 1))
-                rollout = _sample(policy, batch, config, tokenizer, generator,
-                                  (accelerator.process_index, accelerator.num_processes), agent)
+                shard = (accelerator.process_index, accelerator.num_processes)
+                rollout = (_sample_episodes(policy, batch, config, tokenizer, generator, shard,
+                                            agent) if agent is not None else
+                           _sample(policy, batch, config, tokenizer, generator, shard))
                 total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G,
                                               agent.reward_weight if agent else 1.0)
             ref_logps = reference_logps(reference, rollout, config.temperature)

@@ -77,14 +77,14 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Main rows (prompt_i, y_i) and KL rows (prompt_i, y_partner(i)) of one KTO batch."""
     batch = collate_unpaired(
         [{k: v for k, v in ex.items() if k != "kl_completion_ids"} for ex in examples],
-        pad_token_id, mismatched=False,
+        pad_token_id,
     )
     kl_rows = [
         {"prompt_ids": ex["prompt_ids"], "completion_ids": ex["kl_completion_ids"],
          "label": ex["label"]}
         for ex in examples
     ]
-    kl = collate_unpaired(kl_rows, pad_token_id, mismatched=False)
+    kl = collate_unpaired(kl_rows, pad_token_id)
     for key in ("input_ids", "attention_mask", "completion_mask"):
         batch[f"kl_{key}"] = kl[key]
     return batch

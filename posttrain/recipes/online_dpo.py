@@ -9,9 +9,9 @@ are TRL's OnlineDPOTrainer's (learning rate 5e-7, beta 0.1, temperature 0.9, 64 
 Choices:
 - Sampling, scoring and the reference come from GRPO's machinery (posttrain/rollout.py,
   recipes/grpo.py): generation with a KV cache, reward functions called as TRL calls them.
-- Batch sizes count prompts (pairs): a step samples per_device_batch_size x grad_accum prompts
-  twice each, then trains on them in grad_accum micro-batches of per_device_batch_size pairs,
-  the loss averaged over the micro-batches.
+- Batch sizes count pairs, one per prompt: a step samples per_device_batch_size x grad_accum
+  prompts twice each, then trains on them in grad_accum micro-batches of per_device_batch_size
+  pairs, the loss averaged over the micro-batches.
 - `missing_eos_penalty` is subtracted from the reward of a completion without a stop token
   before the ranking, as TRL does.
 - Dropout is off in the policy (sampling and update are one distribution), as in GRPO.

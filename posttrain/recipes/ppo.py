@@ -48,6 +48,7 @@ from posttrain.recipes.grpo import (
     prepare_prompts,
     reference_logps,
 )
+from posttrain.reward_functions import reward_model_function
 from posttrain.rewards import RewardScorer
 from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
 from posttrain.training import (
@@ -179,10 +180,8 @@ def train(
     reward_model = place(reward_model, accelerator, frozen=True)
     policy_value = PolicyAndValue(policy, value_model)
     params = [p for p in policy_value.parameters() if p.requires_grad]
-    updates = config.num_ppo_epochs * config.num_mini_batches
-    schedule = config.model_copy(update={"max_steps": config.max_steps * updates,
-                                         "warmup_steps": config.warmup_steps * updates})
-    optimizer, scheduler = build_optimizer(params, schedule)
+    optimizer, scheduler = build_optimizer(
+        params, config, updates_per_step=config.num_ppo_epochs * config.num_mini_batches)
     policy_value, optimizer = accelerator.prepare(policy_value, optimizer)
     policy_value.train()  # a loaded model comes in eval mode (dropout is off either way)
     batches = endless_batches(rows, config.per_device_batch_size, list, seed=config.seed,
@@ -195,8 +194,6 @@ def train(
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
     if eval_reward_fns is None:
-        from posttrain.reward_functions import reward_model_function
-
         eval_reward_fns = {"reward_model": reward_model_function(reward_model, tokenizer,
                                                                  tokenizer.pad_token_id)}
         eval_weights = {"reward_model": 1.0}

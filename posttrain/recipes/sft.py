@@ -196,28 +196,7 @@ def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask.dim() == 2 else int(mask.numel())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m posttrain.recipes.sft --config FILE [field=value ...]`: data + SFT, no Prefect."""
-    import argparse
+if __name__ == "__main__":  # runs as module __main__, which nothing imports: no cycle
+    from posttrain.stages.graph import command_line
 
-    from posttrain.config import load_pipeline_config
-    from posttrain.stages import run_all
-    from posttrain.training import end_distributed
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--config", default=None, help="pipeline YAML (default: built-in demo)")
-    parser.add_argument("overrides", nargs="*",
-                        help="dotted overrides, e.g. stages.sft.max_steps=50")
-    args = parser.parse_args(argv)
-    cfg = load_pipeline_config(args.config, args.overrides)
-    targets = [s.name for s in cfg.stages if s.method == "sft"]
-    if not targets:
-        parser.error("the config has no sft stage")
-    manifests = run_all(cfg, targets, evaluate=False)
-    for name in targets:
-        print(f"SFT artifact ({name}): {manifests[name]['path']}")
-    end_distributed()
-
-
-if __name__ == "__main__":
-    main()
+    command_line("sft")

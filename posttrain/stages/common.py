@@ -18,7 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from posttrain import artifacts, disk, interrupt, tracking
-from posttrain.config import PipelineConfig
+from posttrain.config import ModelConfig, PipelineConfig
+
+# Lazy imports: models, training and checkpoints (torch, accelerate) load only where a stage
+# trains; every stage module, the flows and preflight import this one.
 
 
 def dump(model) -> dict:
@@ -158,9 +161,12 @@ def _produce(cfg: PipelineConfig, stage: str, key: str, params: dict, body, run_
         tracking.log_folder(run_id, out.manifest["path"], cfg.tracking.max_artifact_mb)
         tracking.end_run(run_id)
     except BaseException as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
+        stop = interrupt.stopped_by_peer(e)
+        interrupted = stop is not None or isinstance(e, KeyboardInterrupt)
         tracking.end_run(run_id, "KILLED" if interrupted else "FAILED",
-                         reason=f"{type(e).__name__}: {e}")
+                         reason=f"{type(stop or e).__name__}: {stop or e}")
+        if stop is not None:
+            raise stop from e
         raise
     _remove_checkpoints(cfg, stage, key)
     return out.manifest
@@ -293,19 +299,43 @@ def _distillation_upstream(cfg: PipelineConfig, stage, inputs: dict) -> dict:
     out = {}
     teacher = getattr(stage, "teacher", None)
     if inputs.get("teacher") is None and teacher in {s.name for s in cfg.stages}:
-        from posttrain.stages.gkd import existing
-
         found = existing(cfg, teacher, inputs["data"], {}, full=False)
         out["teacher"] = digest(found) if found is not None else "not trained yet"
     elif inputs.get("teacher") is not None:
         out["teacher"] = digest(inputs["teacher"])
     elif getattr(stage, "teacher", None) is not None and Path(stage.teacher).is_dir():
-        from posttrain.config import ModelConfig
-
         out["teacher"] = base_fingerprint(ModelConfig(name_or_path=stage.teacher))
     if getattr(stage, "student", None) is not None:
         out["student"] = base_fingerprint(stage.student)
     return out
+
+
+def inputs_for(stage, data: dict, manifests: dict[str, dict]) -> dict:
+    """The upstream manifests of `stage`: the data, the stage it starts from (None: the base
+    model), the reward stage it uses (or None) and, for GKD, the teacher stage (absent when the
+    teacher is a folder)."""
+    inputs = {"data": data,
+              "start": None if stage.start == "base" else manifests[stage.start],
+              "reward": manifests[stage.reward] if stage.reward else None}
+    teacher = getattr(stage, "teacher", None)
+    if teacher is not None and teacher != "data" and teacher in manifests:
+        inputs["teacher"] = manifests[teacher]
+    return inputs
+
+
+def existing(cfg: PipelineConfig, name: str, data: dict, found: dict, *,
+             full: bool = True) -> dict | None:
+    """The verified artifact of stage `name` as the graph would key it now, or None (it, or a
+    stage it needs, has not run). `full`: verify every file's hash (False: the listing)."""
+    s = cfg.stage(name)
+    names = {x.name for x in cfg.stages}
+    for dep in (s.start, s.reward, getattr(s, "teacher", None)):
+        if dep in names and dep not in found:
+            found[dep] = existing(cfg, dep, data, found, full=full)
+            if found[dep] is None:
+                return None
+    return artifacts.load_manifest(cfg.artifacts_root, name,
+                                   training_key(cfg, s, inputs_for(s, data, found)), full=full)
 
 
 def start_dir(inputs: dict) -> Path | None:

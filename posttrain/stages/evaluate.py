@@ -6,9 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from posttrain import artifacts, tracking
+from posttrain import artifacts, harness, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data import demo
+from posttrain.data.formats import eval_rows
 from posttrain.data.loading import read_jsonl
 from posttrain.data.validation import (
     LANGUAGE_MODELING,
@@ -19,6 +20,9 @@ from posttrain.data.validation import (
 )
 from posttrain.methods import PAIRS
 from posttrain.stages.common import digest, dump, model_params, run_stage
+
+# Lazy imports: the evaluation (torch, transformers) and bootstrap (numpy) load inside the
+# stage's body; the flows, promotion and preflight import this module without them.
 
 BASE = "base"
 # Formats whose held-out rows carry a reference completion (held-out loss and perplexity).
@@ -46,8 +50,6 @@ def harness_metrics(cfg: PipelineConfig) -> dict[str, str]:
     """The `lm_eval/...` metrics the configured harness tasks will give, as far as their task
     configs say in advance (metric_list x filter_list; `posttrain_demo`: exact_match), each
     with its direction ("max"/"min"); {} without tasks."""
-    from posttrain import harness
-
     e = cfg.evaluate
     if not e.tasks:
         return {}
@@ -59,8 +61,6 @@ def harness_fingerprint(cfg: PipelineConfig) -> str | None:
     the task configs, local data), for the cache key and the ground; None without tasks. The
     local `posttrain_demo` is written over the held-out rows, which the key and the ground
     hold already."""
-    from posttrain import harness
-
     e = cfg.evaluate
     if not e.tasks:
         return None
@@ -80,8 +80,6 @@ def demo_task_rows(rows: list[dict], checker: str | None) -> list[dict]:
     """The harness rows of the local `posttrain_demo` task over the evaluation's held-out
     rows: the checker's answer as the target when the source has the demo checker, else the
     reference completion. ValueError when the rows cannot make the task."""
-    from posttrain import harness
-
     out = harness.task_rows(rows, answer=demo.correct_answer if checker == "demo" else None)
     if len({r.get("system") for r in out}) > 1:
         raise ValueError("the held-out prompts carry different system messages; the harness "
@@ -93,8 +91,6 @@ def check_harness(cfg: PipelineConfig, rows: list[dict] | None = None,
                   checker: str | None = None) -> list[str]:
     """Why the configured harness tasks cannot run (unknown tasks, hub data offline or
     unreachable, held-out rows the local task cannot use), or []."""
-    from posttrain import harness
-
     e = cfg.evaluate
     if not e.tasks:
         return []
@@ -235,8 +231,6 @@ def _checker(data_manifest: dict, source: str):
 
 
 def _held_out(cfg: PipelineConfig, data_manifest: dict, source: str) -> list[dict]:
-    from posttrain.data.formats import eval_rows
-
     name = f"{source}_eval.jsonl"
     rows = eval_rows(read_jsonl(Path(data_manifest["path"]) / name),
                      data_manifest["datasets"][source]["format"], name)
@@ -396,14 +390,13 @@ def _rows(cfg: PipelineConfig, data_manifest: dict) -> tuple[list[dict], list[di
 
 
 def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dict) -> None:
-    import torch
-
     from posttrain import bootstrap
     from posttrain.evaluate import (
         k3_kl_items,
         k3_kl_per_token,
-        kl_estimate,
         kl_items,
+        mean_log_ratio,
+        summed_logps,
         win_items,
         win_rate,
     )
@@ -418,11 +411,8 @@ def _add_pairwise(results: dict, reference: str, own_logps: dict, ref_logps: dic
         else:
             # Per-token log-probs: summed for the sequence log-ratio, per token for k3.
             own_tokens, ref_tokens = own_logps[name], ref_logps[name]
-            own_sums = (torch.stack([t.sum() for t in own_tokens]) if own_tokens
-                        else torch.zeros(0))
-            ref_sums = (torch.stack([t.sum() for t in ref_tokens]) if ref_tokens
-                        else torch.zeros(0))
-            r.metrics["kl_to_reference"] = kl_estimate(own_sums, ref_sums)
+            own_sums, ref_sums = summed_logps(own_tokens), summed_logps(ref_tokens)
+            r.metrics["kl_to_reference"] = mean_log_ratio(own_sums, ref_sums)
             r.per_prompt["kl_to_reference"] = kl_items(own_sums, ref_sums)
             r.metrics["kl_per_token_to_reference"] = k3_kl_per_token(own_tokens, ref_tokens)
             r.per_prompt["kl_per_token_to_reference"] = k3_kl_items(own_tokens, ref_tokens)

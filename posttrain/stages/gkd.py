@@ -4,8 +4,8 @@
 The teacher is an earlier language-model stage (its manifest is an input of this stage, its
 digest part of the cache key) or a model folder (its content in the key, as a local base
 model's). Where the caller's inputs lack the teacher stage's manifest (a runner that knows only
-`start` and `reward`), the stage asks the graph for it: the teacher stage is idempotent, so
-that finds its artifact.
+`start` and `reward`), `posttrain.stages.graph.run_training_stage` fills it in before this
+stage runs (`with_teacher`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import GKDConfig, PipelineConfig
 from posttrain.data.loading import DataError, read_jsonl
+from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.stages.common import (
     checkpoint_dir,
     load_policy,
@@ -27,40 +28,8 @@ from posttrain.stages.common import (
     training_key,
 )
 
-
-def with_teacher(cfg: PipelineConfig, stage: GKDConfig, inputs: dict, *,
-                 parent_run_id: str | None = None) -> dict:
-    """`inputs` with the teacher stage's manifest under 'teacher' (a folder teacher: as is):
-    the existing artifact found by its key (a lookup, nothing recorded), else the stage run
-    through the graph (it trains the teacher and what it needs, or finds them cached)."""
-    names = {s.name for s in cfg.stages}
-    if stage.teacher not in names or inputs.get("teacher") is not None:
-        return inputs
-    found = existing(cfg, stage.teacher, inputs["data"], {})
-    if found is None:
-        from posttrain.stages.graph import run_all
-
-        found = run_all(cfg, [stage.teacher], parent_run_id=parent_run_id,
-                        evaluate=False)[stage.teacher]
-    return {**inputs, "teacher": found}
-
-
-def existing(cfg: PipelineConfig, name: str, data: dict, found: dict, *,
-             full: bool = True) -> dict | None:
-    """The verified artifact of stage `name` as the graph would key it now, or None (it, or a
-    stage it needs, has not run). `full`: verify every file's hash (False: the listing)."""
-    from posttrain import artifacts as store
-    from posttrain.stages.graph import inputs_for
-
-    s = cfg.stage(name)
-    names = {x.name for x in cfg.stages}
-    for dep in (s.start, s.reward, getattr(s, "teacher", None)):
-        if dep in names and dep not in found:
-            found[dep] = existing(cfg, dep, data, found, full=full)
-            if found[dep] is None:
-                return None
-    return store.load_manifest(cfg.artifacts_root, name,
-                               training_key(cfg, s, inputs_for(s, data, found)), full=full)
+# Lazy imports: the recipes, models and training (torch, transformers) load inside the
+# stage's body; the flows, the CLI and preflight import this module without them.
 
 
 def teacher_dir(stage: GKDConfig, inputs: dict) -> Path:
@@ -94,8 +63,6 @@ def load_student(cfg: PipelineConfig, stage: GKDConfig, inputs: dict):
 
 
 def _tokenize(rows: list[dict], tokenizer, source: str, s: GKDConfig) -> tuple[list[dict], dict]:
-    from posttrain.data.tokenize import tokenize_sft_rows
-
     examples, report = tokenize_sft_rows(rows, tokenizer, max_length=s.max_length,
                                          truncation=s.truncation, completion_only_loss=True,
                                          source=source)
@@ -107,7 +74,6 @@ def _tokenize(rows: list[dict], tokenizer, source: str, s: GKDConfig) -> tuple[l
 def run_gkd_stage(cfg: PipelineConfig, stage: GKDConfig, inputs: dict, *,
                   parent_run_id: str | None = None) -> dict:
     """Distil the teacher into the student on the stage's data source; save the student."""
-    inputs = with_teacher(cfg, stage, inputs, parent_run_id=parent_run_id)
     key = training_key(cfg, stage, inputs)
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:

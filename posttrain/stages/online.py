@@ -14,6 +14,8 @@ from posttrain.config import (
     PPOConfig,
     RLOOConfig,
 )
+from posttrain.data import demo
+from posttrain.data.formats import prompt_rows
 from posttrain.data.loading import read_jsonl
 from posttrain.stages.common import (
     checkpoint_dir,
@@ -26,6 +28,9 @@ from posttrain.stages.common import (
     start_tokenizer,
     training_key,
 )
+
+# Lazy imports: the recipes, models and training (torch, transformers) load inside the
+# stage's body; the flows, the CLI and preflight import this module without them.
 
 GROUP_METHODS = ("grpo", "rloo")  # trained by posttrain.recipes.grpo
 SCORED_METHODS = (*GROUP_METHODS, "online_dpo")  # scored by reward functions
@@ -60,8 +65,6 @@ def _reward_functions(stage, reward_manifest: dict | None, tokenizer, accelerato
 def prompts(cfg: PipelineConfig, stage, data_manifest: dict, split: str) -> list[dict]:
     """Prompt rows (prompt plus the extra columns reward functions read) of the stage's source,
     whatever its format."""
-    from posttrain.data.formats import prompt_rows
-
     src = source_of(cfg, stage, data_manifest)
     name = f"{stage.data}_{split}.jsonl"
     return prompt_rows(read_jsonl(Path(src["dir"]) / name), src["format"], name)
@@ -71,8 +74,6 @@ def _checker(data_manifest: dict, source: str):
     """The checker of the stage's source (`checker(prompt, completion_text)`), or None."""
     if data_manifest["datasets"][source].get("checker") != "demo":
         return None
-    from posttrain.data import demo
-
     return lambda prompt, completion: demo.check(demo.prompt_text(prompt), completion)
 
 
@@ -145,8 +146,9 @@ def run_online_stage(cfg: PipelineConfig,
 
         try:
             if stage.method in SCORED_METHODS:  # micro-batches can shrink; PPO's batch IS the rollout
+                group = stage.num_generations if isinstance(stage, (GRPOConfig, RLOOConfig)) else 1
                 policy, accelerator, final = with_oom_backoff(
-                    attempt, stage, record_oom_backoff(out, run_id))
+                    attempt, stage, record_oom_backoff(out, run_id), group=group)
             else:
                 policy, accelerator, final = attempt(stage)
         finally:

@@ -23,6 +23,9 @@ from posttrain.stages.common import (
 )
 from posttrain.stages.reward import tokenize_pairs
 
+# Lazy imports: the recipes, models and training (torch, transformers) load inside the
+# stage's body; the flows, the CLI and preflight import this module without them.
+
 
 def _kto_examples(cfg: PipelineConfig, stage, data_manifest: dict, split: str, tokenizer):
     """Tokenized unpaired examples; preference pairs are converted (chosen -> desirable,

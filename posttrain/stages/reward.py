@@ -21,6 +21,9 @@ from posttrain.stages.common import (
     training_key,
 )
 
+# Lazy imports: the recipes, models and training (torch, transformers) load inside the
+# stage's body; the flows, the CLI and preflight import this module without them.
+
 
 def tokenize_pairs(data_dir: Path, source: str, split: str, tokenizer, *, max_length: int,
                    truncation: str, max_bad_fraction: float):

@@ -8,6 +8,7 @@ from pathlib import Path
 from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig, SFTConfig
 from posttrain.data.loading import DataError, read_jsonl
+from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.stages.common import (
     checkpoint_dir,
     load_policy,
@@ -19,11 +20,12 @@ from posttrain.stages.common import (
     training_key,
 )
 
+# Lazy imports: the recipes, models and training (torch, transformers) load inside the
+# stage's body; the flows, the CLI and preflight import this module without them.
+
 
 def _tokenize(rows: list[dict], tokenizer, source: str, s: SFTConfig) -> tuple[list[dict], dict]:
     """Tokenized examples plus a report of truncated/dropped rows (counted, never silent)."""
-    from posttrain.data.tokenize import tokenize_sft_rows
-
     examples, report = tokenize_sft_rows(
         rows, tokenizer, max_length=s.max_length, truncation=s.truncation,
         completion_only_loss=s.completion_only_loss, source=source,
