@@ -366,3 +366,12 @@ def test_posttrain_plan_names_a_bad_environment_or_tool(tmp_path):
     text = str(error.value)
     assert "stages.grpo.environment.path: cannot import module 'posttrain.nope'" in text
     assert "stages.grpo.environment.tools: 'tests.test_multiturn:ScriptedLM'" in text
+
+
+def test_select_best_may_pick_an_episode_metric():
+    cfg = GRPOConfig(per_device_batch_size=8, select_best="eval/rewards/environment/mean",
+                     environment={"path": "posttrain.demo_tools:CalculatorEnv"})
+    assert cfg.best_mode == "max"
+    with pytest.raises(ValueError, match="eval/rewards/environment/mean"):
+        GRPOConfig(per_device_batch_size=8, select_best="eval/rewards/environment/mean",
+                   reward_functions={"posttrain.reward_functions:demo_checker": 1.0})

@@ -56,8 +56,13 @@ class RolloutConfig(TrainingConfig):
         only where the data has a checker)."""
         names = {path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
                  for path in self.eval_functions()}
-        return {"eval/reward", "eval/checker_accuracy", "eval/completions/mean_length",
-                "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
+        names_out = {"eval/reward", "eval/checker_accuracy", "eval/completions/mean_length",
+                     "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
+        if getattr(self, "environment", None) is not None:  # posttrain.environments' metrics
+            names_out |= {"eval/rewards/environment/mean", *(f"eval/episodes/{m}" for m in (
+                "turns_mean", "tool_calls_mean", "tool_call_parse_failure_rate",
+                "tool_error_rate", "truncated_ratio", "reward_mean"))}
+        return names_out
 
 
 class EnvironmentConfig(_Frozen):
