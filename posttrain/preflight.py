@@ -278,6 +278,11 @@ def _check_online(cfg, stage, fmt, train, where) -> list[str]:
                 check_reward_function(path, columns)
             except ValueError as e:
                 out.append(f"{where}.reward_functions: {e}")
+    if getattr(stage, "environment", None) is not None:
+        from posttrain.multiturn import agent_problems
+
+        # imports the environment and the tools, builds the tools' schemas
+        out += [f"{where}.{p}" for p in agent_problems(stage.environment)]
     return out
 
 

@@ -66,6 +66,18 @@ class Rollout:
     logps: torch.Tensor  # (N, C) float32, log-probs of the sampled tokens (0 on padding)
     truncated: torch.Tensor  # (N,) bool, no EOS within max_new_tokens
     lengths: torch.Tensor  # (N,) long, completion_mask.sum(-1)
+    # Multi-turn rollouts (posttrain/multiturn.py) only: 1 on the tokens the model wrote, 0 on
+    # tool results and environment messages (TRL's tool_mask); None: every completion token is
+    # the model's. `episodes` holds their conversations.
+    tool_mask: torch.Tensor | None = None  # (N, C) long
+    episodes: list | None = None
+
+    @property
+    def model_mask(self) -> torch.Tensor:
+        """(N, C): the completion tokens the model wrote (completion_mask · tool_mask)."""
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.tool_mask
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, completion_mask), each (N, P + C), for training forwards.

@@ -56,6 +56,7 @@ from posttrain.config.offline import (
     SimPOConfig,
 )
 from posttrain.config.online import (
+    EnvironmentConfig,
     GroupRolloutConfig,
     GRPOConfig,
     OnlineDPOConfig,
@@ -88,6 +89,7 @@ __all__ = [
     "DPOConfig",
     "DatasetSource",
     "DemoTaskConfig",
+    "EnvironmentConfig",
     "EvalConfig",
     "GKDConfig",
     "GRPOConfig",

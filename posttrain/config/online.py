@@ -1,7 +1,8 @@
-"""The online methods' settings: rollouts, GRPO, RLOO, online DPO, PPO."""
+"""The online methods' settings: rollouts, environments, GRPO, RLOO, online DPO, PPO."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import (
@@ -10,6 +11,7 @@ from pydantic import (
     model_validator,
 )
 
+from posttrain.config.base import _Frozen
 from posttrain.config.training import StageFields, TrainingConfig
 
 
@@ -45,6 +47,8 @@ class RolloutConfig(TrainingConfig):
         """The reward functions of the evaluation during training, by path, with weights."""
         if self.eval_reward_functions is not None:
             return dict(self.eval_reward_functions)
+        if getattr(self, "environment", None) is not None:  # the environment's reward scores
+            return dict(self.reward_functions)
         return dict(getattr(self, "reward_functions", None) or {"reward_model": 1.0})
 
     def eval_metric_names(self) -> set[str]:
@@ -52,8 +56,67 @@ class RolloutConfig(TrainingConfig):
         only where the data has a checker)."""
         names = {path if path == "reward_model" else path.replace(":", ".").rsplit(".", 1)[-1]
                  for path in self.eval_functions()}
-        return {"eval/reward", "eval/checker_accuracy", "eval/completions/mean_length",
-                "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
+        names_out = {"eval/reward", "eval/checker_accuracy", "eval/completions/mean_length",
+                     "eval/completions/clipped_ratio", *(f"eval/rewards/{n}/mean" for n in names)}
+        if getattr(self, "environment", None) is not None:  # posttrain.environments' metrics
+            names_out |= {"eval/rewards/environment/mean", *(f"eval/episodes/{m}" for m in (
+                "turns_mean", "tool_calls_mean", "tool_call_parse_failure_rate",
+                "tool_error_rate", "truncated_ratio", "reward_mean"))}
+        return names_out
+
+
+class EnvironmentConfig(_Frozen):
+    """Multi-turn episodes with tools (posttrain/multiturn.py): the model writes a turn, tools
+    and the environment answer, up to max_turns; the loss covers only the model's tokens.
+    The tokens of one model turn are bounded by the stage's max_completion_length."""
+
+    path: str | None = Field(
+        None,
+        description="The environment class or factory by dotted path ('package.module:Class'), "
+        "called with no arguments once per episode; it has reset(row) -> first messages and "
+        "step(messages) -> posttrain.environments.Step (posttrain/environments.py). null: the "
+        "built-in posttrain.environments:ToolEnvironment, which runs `tools` and ends the "
+        "episode at the first model turn without a tool call.",
+    )
+    tools: tuple[str, ...] = Field(
+        (),
+        description="Tool functions by dotted path ('package.module:function'), with type hints "
+        "and a Google-style docstring (their JSON schema goes into the prompt through the chat "
+        "template's `tools=`), added to the environment's own `tools`.",
+    )
+    max_turns: int = Field(4, ge=1, description="Model turns per episode at most.")
+    max_episode_tokens: int = Field(
+        64, ge=1, description="Tokens after the prompt per episode at most (the model's and "
+        "the observations'); an episode that would exceed it ends, counted as truncated.",
+    )
+    tool_timeout: float = Field(
+        10.0, gt=0.0, description="Seconds one tool call may run; a call past it answers the "
+        "model with an error and the rollout goes on.",
+    )
+    reward_weight: float = Field(
+        1.0, description="Weight of the environment's episode reward (the sum of the rewards "
+        "its steps return) in the total, next to the reward_functions' weights.",
+    )
+    sample_episodes: int = Field(
+        4, ge=0, description="Episodes logged as an MLflow table (episodes/step_<n>.json) at "
+        "the first step and every eval_every steps; 0: none.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_dotted(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.]+[:.][\w.]+", value):
+            raise ValueError(f"{value!r} is not a dotted path; write 'package.module:Class' "
+                             "(an importable module, then the class or factory in it)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_dotted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [t for t in value if not re.fullmatch(r"[\w.]+[:.][\w.]+", t)]
+        if bad:
+            raise ValueError(f"{bad} are not dotted paths; write 'package.module:function'")
+        return value
 
 
 class GroupRolloutConfig(RolloutConfig):
@@ -87,12 +150,23 @@ class GroupRolloutConfig(RolloutConfig):
         "weights; the name 'reward_model' scores with the stage named in `reward`. At least one.",
     )
 
+    environment: EnvironmentConfig | None = Field(
+        None, description="Multi-turn episodes with tools and an environment (see "
+        "EnvironmentConfig); null: single-turn completions."
+    )
+
     @model_validator(mode="after")
     def _groups_fit(self) -> GroupRolloutConfig:
         if self.per_device_batch_size % self.num_generations:
             raise ValueError(
                 f"per_device_batch_size ({self.per_device_batch_size}) counts completions and "
                 f"must be a multiple of num_generations ({self.num_generations})"
+            )
+        env = self.environment
+        if env is not None and env.max_episode_tokens >= self.max_length:
+            raise ValueError(
+                f"environment.max_episode_tokens ({env.max_episode_tokens}) must leave room for "
+                f"the prompt within max_length ({self.max_length}): lower it or raise max_length"
             )
         return self
 

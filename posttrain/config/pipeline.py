@@ -204,9 +204,9 @@ def _stage_problems(cfg: PipelineConfig, s, earlier: dict) -> list[str]:
     elif s.reward is not None and (s.reward not in earlier
                                    or not earlier[s.reward].trains_reward_model):
         out.append(f"reward: {s.reward!r} is not an earlier reward stage")
-    if getattr(s, "reward_functions", None) == {}:
+    if getattr(s, "reward_functions", None) == {} and getattr(s, "environment", None) is None:
         out.append("reward_functions: name at least one, e.g. {'my_pkg.rewards:accuracy': 1.0} "
-                   "or {reward_model: 1.0}")
+                   "or {reward_model: 1.0}, or an environment that gives rewards")
     if hasattr(s, "teacher_problems"):
         out += s.teacher_problems(earlier)
     if getattr(s, "reference", None) == "adapter" and cfg.model.lora is None:

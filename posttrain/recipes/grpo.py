@@ -31,10 +31,17 @@ Choices and departures:
   the importance ratio (posttrain/losses/grpo.py).
 - `entropy` is logged as the mean negative log-prob of the sampled tokens, a Monte-Carlo estimate
   of the policy's entropy that needs no full-vocabulary pass.
+- With an `environment` (posttrain/multiturn.py) a "completion" is a whole episode: the model's
+  turns with the tool results and environment messages between them. Advantages stay one per
+  episode; the loss, the KL and every token count (dapo's included) cover only the tokens the
+  model wrote (completion_mask · tool_mask), dr_grpo divides by environment.max_episode_tokens,
+  and the reward is the environment's episode reward (times environment.reward_weight) plus the
+  reward functions', which get the episode's messages after the first ones as `completions`.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -53,6 +60,7 @@ from posttrain.logprobs import SelectedLogits
 from posttrain.losses.grpo import grpo_loss
 from posttrain.losses.rloo import rloo_loss, sequence_kl
 from posttrain.models import stop_token_ids
+from posttrain.multiturn import Agent, episode_metrics, episode_table, generate_episodes
 from posttrain.progress import TrainingProgress
 from posttrain.reward_functions import as_completions, combine_rewards
 from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
@@ -68,6 +76,7 @@ from posttrain.training import (
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
+TableFn = Callable[[list[dict], str], None]  # (rows, artifact file) -> logged as an MLflow table
 RewardFns = dict[str, Callable]
 Checker = Callable[[object, str], bool]
 # Row keys that are not dataset columns for reward functions: the prompt (passed as `prompts`)
@@ -92,24 +101,41 @@ def decode_completions(rollout: Rollout, tokenizer) -> list[str]:
     return texts
 
 
-def score_rollout(rows, rollout, tokenizer, reward_fns: RewardFns, weights, group: int):
+def score_rollout(rows, rollout, tokenizer, reward_fns: RewardFns, weights, group: int,
+                  env_weight: float = 1.0):
     """Total reward per completion (N,) and the per-function rewards, for rows repeated G times.
 
     Reward functions are called as TRL calls them (posttrain/reward_functions.py): keyword
     arguments `prompts`, `completions` (assistant message lists for conversational prompts) and
-    every dataset column but `prompt` and the internal `prompt_ids`, by its name.
+    every dataset column but `prompt` and the internal `prompt_ids`, by its name. A multi-turn
+    rollout is scored per episode (`_score_episodes`).
     """
-    prompts = [r["prompt"] for r in rows for _ in range(group)]
     extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in INTERNAL_COLUMNS]
     columns = {k: [r.get(k) for r in rows for _ in range(group)] for k in extra}
+    if rollout.episodes is not None:
+        return _score_episodes(rollout.episodes, reward_fns, weights, columns, env_weight)
+    prompts = [r["prompt"] for r in rows for _ in range(group)]
     completions = as_completions(prompts, decode_completions(rollout, tokenizer))
     return combine_rewards(reward_fns, weights, prompts, completions, columns)
 
 
+def _score_episodes(episodes, reward_fns, weights, columns, env_weight: float):
+    """Episode rewards: reward functions on (first messages, later messages), plus the
+    environment's reward (`rewards/environment/mean`; None, i.e. NaN, adds 0)."""
+    prompts = [e.prompt for e in episodes]
+    completions = [e.completion for e in episodes]
+    total, per_fn = combine_rewards(reward_fns, weights, prompts, completions, columns)
+    env = torch.tensor([math.nan if e.reward is None else e.reward for e in episodes])
+    if not bool(env.isnan().all()):
+        per_fn["environment"] = env
+        total = total + env_weight * torch.nan_to_num(env, nan=0.0)
+    return total, per_fn
+
+
 def rollout_metrics(total: torch.Tensor, per_fn: dict, rollout: Rollout, group: int) -> dict:
     grouped = total.view(-1, group)  # (P, G)
-    lengths = rollout.completion_mask.sum(-1).float()
-    mask = rollout.completion_mask.bool()
+    lengths = rollout.model_mask.sum(-1).float()  # the model's tokens (multi-turn: all turns)
+    mask = rollout.model_mask.bool()
     metrics = {
         "reward": total.mean().item(),
         "reward_std": grouped.std(dim=1).mean().item(),
@@ -120,7 +146,21 @@ def rollout_metrics(total: torch.Tensor, per_fn: dict, rollout: Rollout, group: 
     }
     for name, values in per_fn.items():
         metrics[f"rewards/{name}/mean"] = torch.nanmean(values).item()
+    if rollout.episodes is not None:
+        metrics.update(episode_metrics(rollout.episodes))
     return metrics
+
+
+def _sample_episodes(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
+                     shard: tuple[int, int], agent: Agent) -> Rollout:
+    """`_sample` for multi-turn episodes (`generate_episodes`), sharded the same way."""
+    rank, world = shard
+    return generate_episodes(
+        policy, tokenizer, rows, agent.make_env, tools=agent.tools,
+        num_samples=config.num_generations, limits=agent.limits,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        generator=generator, prompt_offset=rank * len(rows), global_prompts=world * len(rows))
 
 
 def _sample(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
@@ -167,7 +207,7 @@ def _advantages(net, rollout: Rollout, total, ref_logps, config) -> tuple[torch.
     metrics = {}
     if ref_logps is not None and config.kl_placement == "reward":
         old = _policy_logps(net, rollout, config)
-        mask = rollout.completion_mask
+        mask = rollout.model_mask
         total = total - config.beta * sequence_kl(old, ref_logps, mask)
         metrics["kl"] = float(((old - ref_logps) * mask).sum() / mask.sum().clamp(min=1))
     advantages = leave_one_out_advantages(total, config.num_generations,
@@ -186,15 +226,23 @@ def _loss(logps, old_logps, advantages, mask, ref_logps, config, num_items):
     return grpo_loss(
         logps, old_logps, advantages, mask, epsilon=config.epsilon,
         epsilon_high=config.epsilon_high, beta=config.beta, ref_logps=ref_logps,
-        loss_type=config.loss_type, max_completion_length=config.max_completion_length,
+        loss_type=config.loss_type, max_completion_length=completion_budget(config),
         num_items_in_batch=num_items, use_bias_correction_kl=config.use_bias_correction_kl,
     )
 
 
+def completion_budget(config) -> int:
+    """The most completion tokens a row can have: max_completion_length, or with an
+    environment its max_episode_tokens (dr_grpo's denominator)."""
+    env = getattr(config, "environment", None)
+    return config.max_completion_length if env is None else env.max_episode_tokens
+
+
 def loss_mask(rollout: Rollout, config: GRPOConfig | RLOOConfig) -> torch.Tensor:
-    """The tokens that carry a loss (N, C): the completion tokens, minus every token of a
-    truncated completion with `mask_truncated_completions`."""
-    mask = rollout.completion_mask
+    """The tokens that carry a loss (N, C): the completion tokens the model wrote (not tool
+    results or environment messages), minus every token of a truncated completion with
+    `mask_truncated_completions`."""
+    mask = rollout.model_mask
     if config.mask_truncated_completions:
         mask = mask * (~rollout.truncated.bool()).to(mask.dtype)[:, None]
     return mask
@@ -255,9 +303,11 @@ def train(
     eval_reward_fns: RewardFns | None = None,
     eval_weights: dict[str, float] | None = None,
     checker: Checker | None = None,
+    log_table: TableFn | None = None,
 ) -> dict[str, float]:
     """Train `policy` in place on prompt rows ({prompt, ...extra columns}) with GRPO or RLOO
-    (`config.method`).
+    (`config.method`); with `config.environment`, on multi-turn episodes (module docstring),
+    a few of which go to `log_table` at the first step and every `eval_every` steps.
 
     Every `eval_every` steps and at the last, `evaluate_held_out` scores greedy completions of
     the first `max_eval_rows` `eval_prompts` with `eval_reward_fns` (default: the training
@@ -273,6 +323,8 @@ def train(
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
     G = config.num_generations
     max_prompt = config.max_length - config.max_completion_length
+    agent = Agent.from_config(getattr(config, "environment", None),
+                              config.max_completion_length, config.max_length)
     rows = prepare_prompts(prompts, tokenizer, max_prompt)
     held = prepare_prompts(eval_prompts, tokenizer, max_prompt)[: config.max_eval_rows]
     disable_dropout(policy)  # before the reference copy: the reference runs in eval mode anyway
@@ -292,7 +344,8 @@ def train(
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
     evaluation = held_out(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
-                          eval_weights if eval_weights is not None else weights, checker, best)
+                          eval_weights if eval_weights is not None else weights, checker, best,
+                          agent=agent)
     step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
     for _ in range(step // config.num_iterations):  # prompt batches already trained on
         next(batches)
@@ -303,12 +356,17 @@ def train(
             batch = next(batches)
             with accelerator.autocast():  # sampling and reward models in training's precision
                 generator.manual_seed(rollout_seed(config.seed, step + 1))
-                rollout = _sample(policy, batch, config, tokenizer, generator,
-                                  (accelerator.process_index, accelerator.num_processes))
-                total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G)
+                shard = (accelerator.process_index, accelerator.num_processes)
+                rollout = (_sample_episodes(policy, batch, config, tokenizer, generator, shard,
+                                            agent) if agent is not None else
+                           _sample(policy, batch, config, tokenizer, generator, shard))
+                total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G,
+                                              agent.reward_weight if agent else 1.0)
             ref_logps = reference_logps(reference, rollout, config.temperature)
             advantages, kl = _advantages(net, rollout, total, ref_logps, config)  # (N,)
             sampled = {**rollout_metrics(total, per_fn, rollout, G), **kl}
+            if accelerator.is_main_process:
+                _log_episodes(log_table, agent, rollout, total, step + 1, config)
             old_logps = None  # the first pass sets π_old
             for _ in range(config.num_iterations):
                 if step >= config.max_steps:
@@ -333,6 +391,18 @@ def train(
     return finish(best, final)
 
 
+def _log_episodes(log_table: TableFn | None, agent: Agent | None, rollout: Rollout, total,
+                  step: int, config) -> None:
+    """A few episodes of step `step` as an MLflow table, at the first step, every eval_every
+    steps and the last."""
+    if log_table is None or agent is None or not agent.sample_episodes:
+        return
+    if step == 1 or step % config.eval_every == 0 or step == config.max_steps:
+        rows = episode_table(rollout.episodes, total.tolist(), step, agent.sample_episodes,
+                             config.num_generations)
+        log_table(rows, f"episodes/step_{step:06d}.json")
+
+
 # ------------------------------------------------------------ evaluation during training
 
 
@@ -346,6 +416,7 @@ class HeldOut:
     reward_fns: RewardFns
     weights: dict[str, float]
     checker: Checker | None = None
+    agent: Agent | None = None  # multi-turn: greedy episodes, the checker on the final answer
 
 
 @torch.no_grad()
@@ -354,31 +425,43 @@ def evaluate_held_out(policy, held: HeldOut, config, tokenizer) -> dict[str, flo
     held-out prompts: `eval/reward` (weighted sum of the evaluation's reward functions, mean),
     `eval/rewards/<fn>/mean`, `eval/checker_accuracy` (with a checker),
     `eval/completions/mean_length` (tokens, the stop token included) and
-    `eval/completions/clipped_ratio` (no stop token within max_completion_length)."""
-    rollout = generate(
-        policy, [r["prompt_ids"] for r in held.rows], num_samples=1,
-        max_new_tokens=config.max_completion_length, temperature=0.0,
-        eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
-        backend=config.generation_backend,
-    )
+    `eval/completions/clipped_ratio` (no stop token within max_completion_length). With an
+    environment: greedy episodes, `eval/episodes/...` too, the environment's reward in
+    eval/reward, and the checker on each episode's final answer."""
+    if held.agent is not None:
+        rollout = generate_episodes(
+            policy, tokenizer, held.rows, held.agent.make_env, tools=held.agent.tools,
+            limits=held.agent.limits, temperature=0.0,
+            eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    else:
+        rollout = generate(
+            policy, [r["prompt_ids"] for r in held.rows], num_samples=1,
+            max_new_tokens=config.max_completion_length, temperature=0.0,
+            eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
+            backend=config.generation_backend,
+        )
     metrics = {
-        "eval/completions/mean_length": rollout.completion_mask.sum(-1).float().mean().item(),
+        "eval/completions/mean_length": rollout.model_mask.sum(-1).float().mean().item(),
         "eval/completions/clipped_ratio": rollout.truncated.float().mean().item(),
     }
-    if held.reward_fns:
+    if held.agent is not None:
+        metrics.update(episode_metrics(rollout.episodes, "eval/"))
+    if held.reward_fns or held.agent is not None:
         total, per_fn = score_rollout(held.rows, rollout, tokenizer, held.reward_fns,
-                                      held.weights, 1)
+                                      held.weights, 1,
+                                      held.agent.reward_weight if held.agent else 1.0)
         metrics["eval/reward"] = total.mean().item()
         for name, values in per_fn.items():
             metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(values).item()
     if held.checker is not None:
-        texts = decode_completions(rollout, tokenizer)
+        texts = ([e.final_answer for e in rollout.episodes] if rollout.episodes is not None
+                 else decode_completions(rollout, tokenizer))
         correct = [bool(held.checker(r["prompt"], t)) for r, t in zip(held.rows, texts)]
         metrics["eval/checker_accuracy"] = sum(correct) / len(correct)
     return metrics
 
 
-def held_out(rows, reward_fns, weights, checker, best) -> HeldOut:
+def held_out(rows, reward_fns, weights, checker, best, agent: Agent | None = None) -> HeldOut:
     """The HeldOut of a recipe, refused at once when select_best has nothing to evaluate."""
     if best is not None and not rows:
         raise ValueError(f"select_best: {best.metric} needs held-out prompts, and there are "
@@ -386,7 +469,7 @@ def held_out(rows, reward_fns, weights, checker, best) -> HeldOut:
     if best is not None and best.metric == "eval/checker_accuracy" and checker is None:
         raise ValueError("select_best: eval/checker_accuracy needs a checker, and the held-out "
                          "prompts have none")
-    return HeldOut(rows, reward_fns, weights, checker)
+    return HeldOut(rows, reward_fns, weights, checker, agent)
 
 
 def evaluate_due(policy, held: HeldOut, config, tokenizer, accelerator, step: int,

@@ -302,4 +302,5 @@ def _take(rollout: Rollout, rows: torch.Tensor) -> Rollout:
     """The rows of a rollout (a minibatch), as a Rollout."""
     from dataclasses import fields, replace
 
-    return replace(rollout, **{f.name: getattr(rollout, f.name)[rows] for f in fields(rollout)})
+    return replace(rollout, **{f.name: getattr(rollout, f.name)[rows] for f in fields(rollout)
+                               if getattr(rollout, f.name) is not None})  # multi-turn's unset

@@ -134,6 +134,8 @@ def run_online_stage(cfg: PipelineConfig,
                 fns, weights = _reward_functions(s, reward_manifest, tokenizer, accelerator)
                 # one recipe for GRPO and RLOO (GRPO's, with RLOO's advantage and loss)
                 recipe = online_dpo if s.method == "online_dpo" else grpo
+                if getattr(s, "environment", None) is not None and run_id:  # sample episodes
+                    kw["log_table"] = lambda rows, name: tracking.log_table(run_id, rows, name)
                 final = recipe.train(policy, tokenizer, train, held, s, reward_fns=fns,
                                      weights=weights, **kw)
             else:
