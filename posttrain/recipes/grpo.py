@@ -207,7 +207,7 @@ def _advantages(net, rollout: Rollout, total, ref_logps, config) -> tuple[torch.
     metrics = {}
     if ref_logps is not None and config.kl_placement == "reward":
         old = _policy_logps(net, rollout, config)
-        mask = rollout.model_mask
+        mask = loss_mask(rollout, config)  # as TRL: a masked truncated completion has no KL
         total = total - config.beta * sequence_kl(old, ref_logps, mask)
         metrics["kl"] = float(((old - ref_logps) * mask).sum() / mask.sum().clamp(min=1))
     advantages = leave_one_out_advantages(total, config.num_generations,
