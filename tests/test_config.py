@@ -272,8 +272,8 @@ REWARD = stage("reward", start="sft")
          "promotion.candidates: 'reward' is not a language-model stage"),
         ([SFT_STAGE], {"promotion": {"require_significance": True},
                        "evaluate": {"bootstrap_samples": 0}},
-         "promotion.require_significance needs confidence intervals: set "
-         "evaluate.bootstrap_samples above 0"),
+         ("promotion.require_significance needs confidence intervals: set "
+         "evaluate.bootstrap_samples above 0")),
     ],
 )
 def test_graph_problems_name_the_stage_and_field(tmp_path, stages, sections, problem):

@@ -188,12 +188,12 @@ def test_distill_example_distils_the_wider_sft_model_into_a_narrower_student():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("stages.gkd.teacher=nothing", "stages.gkd.teacher: 'nothing' is neither an earlier stage "
-                                   "(earlier: sft) nor an existing model folder"),
+    ("stages.gkd.teacher=nothing", ("stages.gkd.teacher: 'nothing' is neither an earlier stage "
+                                   "(earlier: sft) nor an existing model folder")),
     ("stages.gkd.teacher=gkd", "stages.gkd.teacher: 'gkd' is neither an earlier stage"),
     ("stages.gkd.teacher=null", "stages.gkd.teacher: name the teacher"),
-    ("stages.gkd.start=sft", "stages.gkd: student: a student model section builds the student "
-                             "itself, so start must be 'base'"),
+    ("stages.gkd.start=sft", ("stages.gkd: student: a student model section builds the student "
+                             "itself, so start must be 'base'")),
     ("stages.gkd.lmbda=1.5", "stages.gkd.lmbda: Input should be less than or equal to 1"),
     ("stages.gkd.beta=-0.1", "stages.gkd.beta: Input should be greater than or equal to 0"),
     ("stages.gkd.temperature=0", "stages.gkd.temperature: Input should be greater than 0"),

@@ -237,13 +237,13 @@ class GKDConfig(StageFields, TrainingConfig):
     def teacher_problems(self, earlier: dict) -> list[str]:
         """What is wrong with `teacher` given the stages before this one."""
         if self.teacher is None:
-            return ["teacher: name the teacher, an earlier language-model stage or a model "
-                    "folder"]
+            return [("teacher: name the teacher, an earlier language-model stage or a model "
+                    "folder")]
         if self.teacher in earlier:
             if earlier[self.teacher].trains_reward_model:
                 return [f"teacher: {self.teacher!r} is a reward model; name a language model"]
             return []
         if not Path(self.teacher).is_dir():
-            return [f"teacher: {self.teacher!r} is neither an earlier stage (earlier: "
-                    f"{', '.join(earlier) or 'none'}) nor an existing model folder"]
+            return [(f"teacher: {self.teacher!r} is neither an earlier stage (earlier: "
+                    f"{', '.join(earlier) or 'none'}) nor an existing model folder")]
         return []
