@@ -99,12 +99,8 @@ def test_flow_run_logs_progress_and_creates_artifacts(tmp_path):
 
     values = tiny_pipeline_values(tmp_path, [{**SFT_STAGE, "log_every": 2}], name="ui")
     result = pipeline(validate(PipelineConfig, values))
-    flow_run_id = tracking.client().get_run(result["mlflow_run_id"]).data.tags[
-        "prefect.flow_run_id"]
+    flow_run_id, by_name = _task_runs(result)
     with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_run_id])))
-        by_name = {t.name.rsplit("-", 1)[0]: t for t in tasks}
         assert {"sft", "evaluate", "promote"} <= set(by_name)
 
         def lines(task_name: str, want: int) -> list[str]:
@@ -356,22 +352,27 @@ def test_the_flow_run_graph_draws_the_gkd_teacher_edge(tmp_path):
     """A GKD stage's teacher stage is an input of its task run, as `start` is: the flow run's
     graph in the Prefect UI draws the teacher -> student edge (it used to show the student
     depending on the data alone when the student started from the base model)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from pipelines.flows import pipeline
-    from posttrain import tracking
     from tests.conftest import stage
 
     values = tiny_pipeline_values(tmp_path, [{**SFT_STAGE, "max_steps": 2},
                                              stage("gkd", start="base", max_steps=2)],
                                   name="teacher-edge", evaluate={"enabled": False})
-    result = pipeline(validate(PipelineConfig, values))
+    _, by_name = _task_runs(pipeline(validate(PipelineConfig, values)))
+    assert by_name["sft"].id in {i.id for i in by_name["gkd"].task_inputs["teacher"]}
+    assert by_name["gkd"].task_inputs["start"] == []
+
+
+def _task_runs(result: dict) -> tuple[str, dict]:
+    """The Prefect flow run of a pipeline's `result` and its task runs by stage name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from posttrain import tracking
+
     flow_run_id = tracking.client().get_run(result["mlflow_run_id"]).data.tags[
         "prefect.flow_run_id"]
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[flow_run_id])))
-    by_name = {t.name.rsplit("-", 1)[0]: t for t in tasks}
-    assert by_name["sft"].id in {i.id for i in by_name["gkd"].task_inputs["teacher"]}
-    assert by_name["gkd"].task_inputs["start"] == []
+    return flow_run_id, {t.name.rsplit("-", 1)[0]: t for t in tasks}
