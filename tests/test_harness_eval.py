@@ -116,12 +116,10 @@ def test_expected_metrics_come_from_the_task_configs(tmp_path):
 
 
 def test_resolve_takes_the_direction_of_a_harness_metric(tmp_path, monkeypatch):
-    from posttrain.stages import evaluate as ev
-
     cfg = _cfg(tmp_path, evaluate={"tasks": ["posttrain_demo"]}, promotion={"metric": EM})
     assert promotion.resolve(cfg, {EM, "eval_loss"}).direction == "max"
     # a task whose config says lower is better: min
-    monkeypatch.setattr(ev, "harness_metrics", lambda cfg: {EM: "min"})
+    monkeypatch.setattr(promotion, "harness_metrics", lambda cfg: {EM: "min"})
     assert promotion.resolve(cfg, {EM, "eval_loss"}).direction == "min"
     # an explicit direction wins
     cfg = _cfg(tmp_path, evaluate={"tasks": ["posttrain_demo"]},

@@ -172,7 +172,7 @@ def test_grpo_defaults_keep_ours():
 
 @pytest.mark.parametrize("on", [False, True])
 def test_mask_truncated_completions(on):
-    rollout = SimpleNamespace(completion_mask=torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]]),
+    rollout = SimpleNamespace(model_mask=torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]]),
                               truncated=torch.tensor([False, True, False]))
     config = GRPOConfig(name="grpo", per_device_batch_size=8, mask_truncated_completions=on)
     mask = grpo_recipe.loss_mask(rollout, config)
