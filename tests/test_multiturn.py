@@ -360,12 +360,17 @@ def test_posttrain_plan_names_a_bad_environment_or_tool(tmp_path):
     cfg = load_pipeline_config(root / "conf/examples/agentic.yaml", [
         "demo.num_train=300", "demo.num_eval=20", f"artifacts_root={tmp_path}",
         "stages.grpo.environment.path=posttrain.nope:Env",
-        "stages.grpo.environment.tools=[tests.test_multiturn:ScriptedLM]"])
+        "stages.grpo.environment.tools=[tests.test_multiturn:untyped_tool]"])
     with pytest.raises(PreflightError) as error:
         plan(cfg)
     text = str(error.value)
     assert "stages.grpo.environment.path: cannot import module 'posttrain.nope'" in text
-    assert "stages.grpo.environment.tools: 'tests.test_multiturn:ScriptedLM'" in text
+    assert "stages.grpo.environment.tools: 'tests.test_multiturn:untyped_tool'" in text
+    assert "cannot build its JSON schema" in text
+
+
+def untyped_tool(x):  # no type hint, no docstring: no schema a chat template could render
+    return x
 
 
 def test_select_best_may_pick_an_episode_metric():
