@@ -121,3 +121,15 @@ def stage_runs(parent_run_id: str) -> dict:
 def statuses(result: dict) -> dict[str, str]:
     """{stage: 'ran' | 'cached'} from a flow's result."""
     return {r["stage"]: r["status"] for r in result["stages"]}
+
+
+# The longest test files (minutes each: whole pipelines, killed commands, servers) start first, so
+# that the workers of `make test` (one file per worker at a time) do not end on one of them alone.
+LONGEST_FIRST = ("test_demo_quality.py", "test_multiturn_demo.py", "test_crash_launched.py",
+                 "test_crash.py", "test_server_outages.py", "test_servers.py", "test_examples.py",
+                 "test_trl_parity.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as before
