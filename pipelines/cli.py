@@ -90,6 +90,7 @@ def _run_flow(flow_fn, cfg, verbose: bool) -> dict:
         raise typer.Exit(1) from None
     finally:
         errors.release(log)
+        stop.uninstall()
 
 
 def _fmt(v) -> str:

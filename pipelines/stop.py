@@ -67,6 +67,12 @@ def install(cfg: PipelineConfig, command: str) -> None:
     interrupt.install(stopper)
 
 
+def uninstall() -> None:
+    """After the flow: the process's signals as before `install` (see interrupt.uninstall)."""
+    interrupt.uninstall()
+    note_flow_run(None)
+
+
 def note_flow_run(flow_run_id: str | None) -> None:
     """The flow run to mark Cancelled if this process is interrupted."""
     global _flow_run_id

@@ -55,14 +55,31 @@ class _State:
 _state = _State()
 Stopper = Callable[[str, str], None]  # (signal name, where) -> never returns
 _stopper: Stopper | None = None
+_before_install: list | None = None  # the SIGINT and SIGTERM handlers `install` replaced
 
 
 def install(stopper: Stopper | None) -> None:
     """Handle SIGINT and SIGTERM in this (main) thread; `stopper` ends the process."""
-    global _stopper
+    global _stopper, _before_install
+    if _before_install is None and threading.current_thread() is threading.main_thread():
+        _before_install = [signal.getsignal(s) for s in SIGNALS]
     _stopper = stopper
     reset()
     rearm()
+
+
+def uninstall() -> None:
+    """Undo `install`: no stopper, the signal handlers from before it. The `posttrain` command
+    exits after its flow anyway; this is for the same command run in-process (typer's
+    CliRunner, a notebook), where a stopper left behind would end the host process (os._exit)
+    at its next Ctrl-C or at a stage's grace stop."""
+    global _stopper, _before_install
+    _stopper = None
+    reset()
+    if _before_install is not None and threading.current_thread() is threading.main_thread():
+        for sig, old in zip(SIGNALS, _before_install, strict=True):
+            signal.signal(sig, old)
+        _before_install = None
 
 
 def rearm() -> None:

@@ -262,3 +262,28 @@ def test_a_long_plan_keeps_every_column_in_an_80_column_terminal(monkeypatch):
     assert header.split() == ["stage", "method", "from", "data", "uses", "status", "key"]
     assert "preference" in text and "online_dpo3" in text
     assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+
+
+def test_the_command_run_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """`_run_flow` installs a stopper that ends the process (os._exit) on Ctrl-C; run in-process
+    (CliRunner, a notebook, a pytest worker), it must not outlive the flow: a later Ctrl-C
+    is the host's KeyboardInterrupt again, not an exit of the host."""
+    import signal
+
+    import yaml
+
+    from pipelines.cli import _run_flow
+    from posttrain.config import load_pipeline_config
+    from tests.conftest import tiny_pipeline_values
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(tiny_pipeline_values(tmp_path)))
+    cfg = load_pipeline_config(config)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    seen = []
+    assert _run_flow(lambda c: seen.append(signal.getsignal(signal.SIGINT)) or {"ok": 1},
+                     cfg, verbose=False) == {"ok": 1}
+    assert seen and seen[0] not in before  # the stopper's handler while the flow ran
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
