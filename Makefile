@@ -17,10 +17,10 @@ demo: $(STAMP)  ## run the whole pipeline on the built-in tiny model and data
 	$(VENV)/bin/posttrain run conf/demo.yaml
 
 test: $(STAMP)  ## the whole test suite, slow end-to-end tests included (3 workers: most wait on subprocesses and servers)
-	$(PY) -m pytest -q -n 3 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)  ## the test suite without the slow end-to-end tests
-	$(PY) -m pytest -q -n 3 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 ui: $(STAMP)  ## start a local Prefect server and MLflow UI on 127.0.0.1
 	VENV=$(VENV) bash infra/ui.sh start

@@ -18,11 +18,10 @@ import copy
 import json
 import logging
 import string
+import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -35,6 +34,8 @@ from transformers import (
 )
 
 from posttrain.config import LoraConfig, ModelConfig, TinyModelConfig
+
+# Lazy imports: peft (apply_lora, is_peft), seconds of start-up that only LoRA stages need.
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,23 @@ def load_trained(
 # ------------------------------------------------------------------------------ LoRA and saving
 
 
-def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig) -> PeftModel:
-    """Wrap `model` with LoRA adapters; only adapter weights stay trainable."""
+def is_peft(model: object) -> bool:
+    """Whether `model` is a peft model. peft is imported where LoRA is applied, not with this
+    module (it costs seconds of start-up to every command, most of which never use it): a
+    process that never imported it holds no peft model."""
+    if "peft" not in sys.modules:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig):
+    """Wrap `model` with LoRA adapters (a peft PeftModel); only adapter weights stay
+    trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
     target = lora_cfg.target_modules
     peft_cfg = PeftLoraConfig(
         r=lora_cfg.r,
@@ -252,7 +268,7 @@ def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig) -> PeftModel:
 
 
 def save_model(
-    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
 ) -> Path:
     """Save a stage's model and tokenizer as a plain model directory (safetensors).
 
@@ -262,7 +278,7 @@ def save_model(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, PeftModel):
+    if is_peft(model):
         model.save_pretrained(str(out / "adapter"), safe_serialization=True)
         model = copy.deepcopy(model).merge_and_unload()
     # transformers 5 always writes safetensors (4.x defaults to it); ties are saved once.
@@ -338,7 +354,7 @@ def packed_attention(implementation: str, device_type: str,
 def set_attention(model: torch.nn.Module, implementation: str) -> str:
     """Switch a transformers model (or a peft model around one) to `implementation`; return
     the one it had, so the caller can switch back."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = model.get_base_model() if is_peft(model) else model
     before = base.config._attn_implementation
     if implementation != before:
         base.set_attn_implementation(implementation)

@@ -15,7 +15,10 @@ from tasks.common import with_stage_cache
 from tasks.train import link_stage, send_progress_to_prefect
 
 
-@task(name="evaluate")
+# Not the flows' log_prints: dill (under datasets' fingerprinting in the harness) finds a
+# function's globals by disassembling it with print into a swapped sys.stdout, which Prefect's
+# print-as-log patch sent to the run's log instead (hundreds of bytecode lines per model).
+@task(name="evaluate", log_prints=False)
 def _evaluate(
     cfg: PipelineConfig,
     data: dict,

@@ -9,6 +9,11 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread in every process the tests start too (`posttrain` commands, launched stages,
+# benchmark workers): beside make test's workers on a 2-core machine, a second spinning OpenMP
+# thread per process made each command several times slower (the one_thread fixture below does
+# the same for this process).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never reach a hub: an id that is not cached fails at once instead of after timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -125,6 +130,8 @@ def statuses(result: dict) -> dict[str, str]:
 
 # The longest test files (minutes each: whole pipelines, killed commands, servers) start first, so
 # that the workers of `make test` (one file per worker at a time) do not end on one of them alone.
+# (xdist's loadfile would otherwise put the files with the most tests first:
+# --no-loadscope-reorder in the Makefile keeps this order.)
 LONGEST_FIRST = ("test_demo_quality.py", "test_multiturn_demo.py", "test_crash_launched.py",
                  "test_crash.py", "test_server_outages.py", "test_servers.py", "test_examples.py",
                  "test_trl_parity.py")

@@ -79,8 +79,8 @@ def _hub_task(folder: Path, name: str = "needs_hub") -> Path:
     return folder
 
 
-def test_check_tasks_names_an_unknown_task(tmp_path):
-    problems = harness.check_tasks(["posttrain_demo", "no_such_task_xyz"], include_path=tmp_path)
+def test_check_tasks_names_an_unknown_task():
+    problems = harness.check_tasks(["posttrain_demo", "no_such_task_xyz"])
     assert len(problems) == 1
     assert "'no_such_task_xyz' is unknown" in problems[0]
     assert str(harness.LOCAL_TASKS) in problems[0]
