@@ -303,7 +303,7 @@ OVERSIZED_MODULES = {
 }
 LONG_FUNCTIONS = {
     "posttrain/recipes/grpo.py:train",
-    "posttrain/recipes/kto.py:train", "posttrain/recipes/online_dpo.py:train",
+    "posttrain/recipes/online_dpo.py:train",
     "posttrain/recipes/ppo.py:train", "posttrain/rollout.py:generate",
 }
 
