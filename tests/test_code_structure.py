@@ -298,14 +298,10 @@ MAX_FUNCTION_LINES = 80
 # longer needed, so this list only shrinks.
 OVERSIZED_MODULES = {
     "posttrain/data/preference.py", "posttrain/harness.py",
-    "posttrain/promotion.py", "posttrain/recipes/grpo.py", "posttrain/rollout.py",
+    "posttrain/promotion.py", "posttrain/rollout.py",
     "posttrain/stages/evaluate.py", "posttrain/tracking.py",
 }
-LONG_FUNCTIONS = {
-    "posttrain/recipes/grpo.py:train",
-    "posttrain/recipes/online_dpo.py:train",
-    "posttrain/recipes/ppo.py:train", "posttrain/rollout.py:generate",
-}
+LONG_FUNCTIONS = {"posttrain/rollout.py:generate"}
 
 
 def test_modules_and_functions_stay_small():
