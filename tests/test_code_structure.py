@@ -298,10 +298,9 @@ MAX_FUNCTION_LINES = 80
 # longer needed, so this list only shrinks.
 OVERSIZED_MODULES = {
     "posttrain/data/preference.py", "posttrain/harness.py",
-    "posttrain/promotion.py", "posttrain/rollout.py",
-    "posttrain/stages/evaluate.py", "posttrain/tracking.py",
+    "posttrain/promotion.py", "posttrain/stages/evaluate.py", "posttrain/tracking.py",
 }
-LONG_FUNCTIONS = {"posttrain/rollout.py:generate"}
+LONG_FUNCTIONS: set[str] = set()
 
 
 def test_modules_and_functions_stay_small():
