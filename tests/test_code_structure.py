@@ -297,7 +297,7 @@ MAX_FUNCTION_LINES = 80
 # Known exceptions, each to be split by concern (issue 19); the test fails when one is no
 # longer needed, so this list only shrinks.
 OVERSIZED_MODULES = {
-    "posttrain/data/preference.py", "posttrain/harness.py",
+    "posttrain/data/preference.py",
     "posttrain/promotion.py", "posttrain/stages/evaluate.py", "posttrain/tracking.py",
 }
 LONG_FUNCTIONS: set[str] = set()

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from posttrain import artifacts, harness, tracking
+from posttrain import artifacts, harness, harness_local, harness_preflight, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data import demo
 from posttrain.data.formats import eval_rows
@@ -57,14 +57,14 @@ def harness_metrics(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def harness_fingerprint(cfg: PipelineConfig) -> str | None:
-    """`harness.fingerprint` of the configured tasks and harness settings (lm-eval's version,
+    """`harness_preflight.fingerprint` of the configured tasks and harness settings (lm-eval's version,
     the task configs, local data), for the cache key and the ground; None without tasks. The
     local `posttrain_demo` is written over the held-out rows, which the key and the ground
     hold already."""
     e = cfg.evaluate
     if not e.tasks:
         return None
-    return harness.fingerprint(e.tasks, include_path=e.include_path or None,
+    return harness_preflight.fingerprint(e.tasks, include_path=e.include_path or None,
                                **_harness_settings(cfg))
 
 
@@ -80,7 +80,7 @@ def demo_task_rows(rows: list[dict], checker: str | None) -> list[dict]:
     """The harness rows of the local `posttrain_demo` task over the evaluation's held-out
     rows: the checker's answer as the target when the source has the demo checker, else the
     reference completion. ValueError when the rows cannot make the task."""
-    out = harness.task_rows(rows, answer=demo.correct_answer if checker == "demo" else None)
+    out = harness_local.task_rows(rows, answer=demo.correct_answer if checker == "demo" else None)
     if len({r.get("system") for r in out}) > 1:
         raise ValueError("the held-out prompts carry different system messages; the harness "
                          "task has one description")
@@ -95,12 +95,12 @@ def check_harness(cfg: PipelineConfig, rows: list[dict] | None = None,
     if not e.tasks:
         return []
     problems = [f"evaluate.tasks: {p}" for p in
-                harness.check_tasks(e.tasks, include_path=e.include_path or None)]
-    if harness.DEMO_TASK in e.tasks and rows is not None:
+                harness_preflight.check_tasks(e.tasks, include_path=e.include_path or None)]
+    if harness_local.DEMO_TASK in e.tasks and rows is not None:
         try:
             demo_task_rows(rows, checker)
         except (ValueError, KeyError) as err:
-            problems.append(f"evaluate.tasks: {harness.DEMO_TASK} over data."
+            problems.append(f"evaluate.tasks: {harness_local.DEMO_TASK} over data."
                             f"{cfg.eval_source}'s held-out rows: {err}")
     return problems
 
@@ -343,19 +343,19 @@ def _harness_runner(cfg: PipelineConfig, data_manifest: dict, rows: list[dict],
         return None
     checker = data_manifest["datasets"][cfg.eval_source].get("checker")
     include = list(e.include_path)
-    if harness.DEMO_TASK in e.tasks:
+    if harness_local.DEMO_TASK in e.tasks:
         if task_dir is None:
-            raise ValueError(f"{harness.DEMO_TASK} needs a folder to write its task into")
-        harness.write_task(task_dir, demo_task_rows(rows, checker),
+            raise ValueError(f"{harness_local.DEMO_TASK} needs a folder to write its task into")
+        harness_local.write_task(task_dir, demo_task_rows(rows, checker),
                            max_gen_toks=e.harness_max_gen_toks or e.max_new_tokens)
         include.append(str(task_dir))  # last: it overrides the shipped posttrain_demo
     problems = [f"evaluate.tasks: {p}"
-                for p in harness.check_tasks(e.tasks, include_path=include or None)]
+                for p in harness_preflight.check_tasks(e.tasks, include_path=include or None)]
     if problems:
         raise harness.TaskError("; ".join(problems))
     chat = e.apply_chat_template if e.apply_chat_template is not None else \
         bool(rows) and not isinstance(rows[0]["prompt"], str)
-    demo_prefix = f"{harness.PREFIX}/{harness.DEMO_TASK}/"
+    demo_prefix = f"{harness.PREFIX}/{harness_local.DEMO_TASK}/"
 
     def run(model, tokenizer, result) -> None:
         clock = time.perf_counter()
