@@ -230,11 +230,11 @@ def test_the_demo_config_runs_the_local_task():
 
 
 def test_the_comparison_chart_draws_a_harness_metric_with_its_interval():
-    from posttrain import tracking
+    from posttrain import charts
 
     comparison = {"base": {EM: 0.0, EM + "_ci_low": 0.0, EM + "_ci_high": 0.0},
                   "sft": {EM: 0.3, EM + "_ci_low": 0.2, EM + "_ci_high": 0.4}}
-    fig = tracking.comparison_chart(comparison)
+    fig = charts.comparison_chart(comparison)
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert ax.get_title() == EM
     assert [t.get_text() for t in ax.texts] == ["0", "0.3"]

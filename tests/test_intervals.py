@@ -101,7 +101,7 @@ def test_pairing_shrinks_the_interval_of_a_difference_of_correlated_values():
 def test_the_chart_draws_intervals_as_error_bars_not_panels():
     from matplotlib.container import ErrorbarContainer
 
-    from posttrain import tracking
+    from posttrain import charts
 
     comparison = {
         "base": {"checker_accuracy": 0.0, "checker_accuracy_ci_low": 0.0,
@@ -111,7 +111,7 @@ def test_the_chart_draws_intervals_as_error_bars_not_panels():
         "dpo": {"checker_accuracy": 0.6, "checker_accuracy_ci_low": 0.4,
                 "checker_accuracy_ci_high": 0.9, "eval_seconds": 2.5},
     }
-    fig = tracking.comparison_chart(comparison)
+    fig = charts.comparison_chart(comparison)
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert set(panels) == {"checker_accuracy", "eval_seconds"}
     acc = panels["checker_accuracy"]
