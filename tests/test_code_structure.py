@@ -298,7 +298,7 @@ MAX_FUNCTION_LINES = 80
 # longer needed, so this list only shrinks.
 OVERSIZED_MODULES = {
     "posttrain/data/preference.py",
-    "posttrain/promotion.py", "posttrain/stages/evaluate.py",
+    "posttrain/stages/evaluate.py",
 }
 LONG_FUNCTIONS: set[str] = set()
 
