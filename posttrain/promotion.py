@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from posttrain import harness
 from posttrain.config import ConfigError, MetricGuard, PipelineConfig, PromotionConfig
-from posttrain.stages.evaluate import harness_metrics
+from posttrain.stages.evaluate_harness import harness_metrics
 
 # Lazy imports: bootstrap (numpy) loads only to compare; the flows and preflight import this
 # module.
@@ -71,7 +71,7 @@ def resolve(cfg: PipelineConfig, available: set[str]) -> PromotionConfig:
 
 def harness_direction(cfg: PipelineConfig, metric: str) -> str | None:
     """An `lm_eval/...` metric's direction: its task config's higher_is_better for the
-    configured tasks (`stages.evaluate.harness_metrics`), else the harness's registry of
+    configured tasks (`stages.evaluate_harness.harness_metrics`), else the harness's registry of
     metric names; None for other metrics or when neither says."""
     if not metric.startswith(harness.PREFIX + "/"):
         return None

@@ -60,13 +60,13 @@ def test_a_hub_task_offline_is_refused_in_preflight(tmp_path, monkeypatch):
 def test_the_stage_checks_the_tasks_again_at_its_start(tmp_path):
     """The evaluation refuses an unknown task before loading any model (the tasks may have
     changed since preflight, e.g. a task folder removed)."""
-    from posttrain.stages.evaluate import _harness_runner
+    from posttrain.stages.evaluate_harness import harness_runner
 
     cfg = _cfg(tmp_path, evaluate={"tasks": ["no_such_task_xyz"]})
     manifest = {"datasets": {"sft": {"checker": "demo"}}}
     with pytest.raises(harness.TaskError, match="no_such_task_xyz' is unknown"):
-        _harness_runner(cfg, manifest, [{"prompt": "1+2=", "completion": "3"}], tmp_path)
-    assert _harness_runner(_cfg(tmp_path), manifest, [], tmp_path) is None  # no tasks
+        harness_runner(cfg, manifest, [{"prompt": "1+2=", "completion": "3"}], tmp_path)
+    assert harness_runner(_cfg(tmp_path), manifest, [], tmp_path) is None  # no tasks
 
 
 def test_the_demo_task_needs_an_answer_for_every_held_out_prompt(tmp_path):
@@ -184,11 +184,11 @@ def test_the_cache_key_and_the_ground_move_with_the_harness_settings(tmp_path):
             change
         seen.append(moved)
     # the fingerprint is part of both (lm-eval's version, the task configs)
-    from posttrain.stages import evaluate as ev
+    from posttrain.stages import evaluate_harness as ev
 
     cfg = _cfg(tmp_path, evaluate={"tasks": ["posttrain_demo"]})
     assert ev.harness_fingerprint(cfg) == harness_preflight.fingerprint(
-        ["posttrain_demo"], **ev._harness_settings(cfg))
+        ["posttrain_demo"], **ev.harness_settings(cfg))
     assert ev.harness_fingerprint(_cfg(tmp_path)) is None
 
 
