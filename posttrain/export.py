@@ -276,7 +276,7 @@ def export(source: str | Path, out_dir: str | Path, *, name: str | None = None) 
 
 
 def _export_registered(uri: str, out: Path) -> None:
-    """A registered version (an MLflow transformers model, as `promotion.register_champion`
+    """A registered version (an MLflow transformers model, as `registry.register_champion`
     logs it) to a Hugging Face folder; its card and lineage come with it."""
     import mlflow
 

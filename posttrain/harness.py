@@ -2,9 +2,8 @@
 
 `run_tasks` runs harness tasks on one model with the harness's Hugging Face backend (`HFLM`) and
 returns flat metrics named `lm_eval/<task>/<metric>` (the harness's "none" filter dropped, any
-other filter appended: `lm_eval/gsm8k/exact_match/strict-match`). `check_tasks` is the offline
-preflight: it names every requested task that is unknown, or whose data would need the Hugging
-Face Hub when the hub is unreachable or offline mode is on, before any model is loaded.
+other filter appended: `lm_eval/gsm8k/exact_match/strict-match`). The offline preflight of the
+tasks (`check_tasks`, `fingerprint`) is posttrain/harness_preflight.py.
 
 Identical decoding to posttrain's own evaluation (`posttrain.evaluate.greedy_completions`): the harness
 gets an `HFLM` built around the model and tokenizer posttrain loaded (`load_trained`,
@@ -16,39 +15,31 @@ Chat prompts: with `apply_chat_template=True` the harness renders [system?, user
 tokenizer's template and the generation prompt, and it is told not to add special tokens to that
 text (`add_bos_token=False`), as `apply_chat_template(tokenize=True)` does in posttrain.
 
-The local task `posttrain_demo` (posttrain/harness_tasks/) runs over a JSONL of {prompt, answer}
-rows: `generate_until`, exact match after stripping surrounding whitespace, as `demo.check` does.
-`write_task` writes the same task over any held-out rows (e.g. the evaluation stage's own, so the
-harness and the checker see the very same prompts).
+The local tasks (`posttrain_demo` and those `write_task` writes over held-out rows) are
+posttrain/harness_local.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.data import demo
+# The local tasks' YAML names their reader `posttrain.harness.load_docs`: it stays importable here.
+from posttrain.harness_local import load_docs  # noqa: F401
+from posttrain.harness_preflight import check_tasks, leaf_configs, task_manager
 
 # Lazy imports: posttrain.models and lm_eval (torch) load only to run a task; the flows and
 # preflight import this module to name and check the tasks.
 
-LOCAL_TASKS = Path(__file__).resolve().parent / "harness_tasks"
-DEMO_TASK = "posttrain_demo"
 PREFIX = "lm_eval"
-# Builders of the `datasets` library that read local files (no hub download when data_files are
-# local paths).
-_FILE_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset"})
-_TRUTHY = frozenset({"1", "true", "yes", "on"})
 # MLflow metric names allow these characters; anything else becomes "_".
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ :]")
 
@@ -151,7 +142,7 @@ def expected_metrics(tasks: Iterable[str], *, include_path=None, manager=None) -
             filters = agg.get("filter_list", "none")
             for filt in [filters] if isinstance(filters, str) else filters:
                 add(name, agg.get("metric"), filt, agg.get("higher_is_better"))
-        for leaf, cfg in _leaf_configs(manager, name):
+        for leaf, cfg in leaf_configs(manager, name):
             filters = [f.get("name", "none") for f in cfg.get("filter_list") or []] or ["none"]
             for m in cfg.get("metric_list") or []:
                 for filt in filters:
@@ -162,338 +153,6 @@ def expected_metrics(tasks: Iterable[str], *, include_path=None, manager=None) -
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(float(value))
-
-
-# ------------------------------------------------------------------------------ local tasks
-
-
-def load_docs(data_file: str | None = None, **_metadata: Any):
-    """The `custom_dataset` of the local tasks: a JSONL of {prompt, answer, ...} rows as the
-    task's test split, read into memory (nothing written to the datasets cache, no download).
-    A relative `data_file` is relative to posttrain/harness_tasks/."""
-    import datasets
-
-    if not data_file:
-        raise ValueError("a posttrain harness task needs dataset_kwargs.data_file (a JSONL)")
-    path = Path(data_file)
-    path = path if path.is_absolute() else LOCAL_TASKS / path
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-
-
-def task_rows(rows: Iterable[dict], answer: Callable[[Any], str] | None = None) -> list[dict]:
-    """Harness rows {prompt, answer} (plus `task` where the row has it) from held-out rows with
-    a `prompt` (a string, or [user] / [system, user] messages).
-
-    `answer(prompt)` gives the exact-match target (for the demo, `demo.correct_answer`, the
-    checker's answer); without it the row's reference completion is the target.
-    """
-    out = []
-    for i, row in enumerate(rows):
-        system, text = _split_prompt(row["prompt"], i)
-        if answer is not None:
-            target = answer(row["prompt"])
-        elif "completion" in row:
-            target = _completion_text(row["completion"]).strip()
-        else:
-            raise ValueError(f"row {i}: no completion to match and no answer function")
-        item = {"prompt": text, "answer": target}
-        if system is not None:
-            item["system"] = system
-        if "task" in row:
-            item["task"] = row["task"]
-        out.append(item)
-    return out
-
-
-def _split_prompt(prompt: Any, i: int) -> tuple[str | None, str]:
-    """(system message or None, user text): the harness renders one user turn (after the
-    task description as the system message), so longer conversations cannot be evaluated."""
-    if isinstance(prompt, str):
-        return None, prompt
-    roles = [m.get("role") for m in prompt]
-    if roles == ["user"]:
-        return None, prompt[0]["content"]
-    if roles == ["system", "user"]:
-        return prompt[0]["content"], prompt[1]["content"]
-    raise ValueError(
-        f"row {i}: the harness renders a prompt as [system, user] or [user]; roles {roles}")
-
-
-def _completion_text(completion: Any) -> str:
-    if isinstance(completion, str):
-        return completion
-    return "".join(m.get("content", "") for m in completion if m.get("role") == "assistant")
-
-
-def task_config(name: str, data_file: str | Path, *, max_gen_toks: int = 16,
-                system: str | None = None) -> str:
-    """The YAML of a local exact-match task over `data_file`."""
-    lines = [
-        "# A posttrain local task: generate until EOS, exact match against the checker's",
-        "# answer (surrounding whitespace ignored, as posttrain.data.demo.check does).",
-        f"task: {name}",
-        "custom_dataset: !function posttrain.harness.load_docs",
-        "dataset_kwargs:",
-        f"  data_file: {json.dumps(str(data_file))}",
-        "output_type: generate_until",
-        "test_split: test",
-        "fewshot_split: test  # few-shot examples: other held-out rows (the doc itself excluded)",
-        "doc_to_text: prompt",
-        "doc_to_target: answer",
-        "target_delimiter: ' '",
-    ]
-    if system is not None:
-        lines.append(f"description: {json.dumps(system)}  # the system message (chat)")
-    lines += [
-        "generation_kwargs:",
-        "  until: []  # the tokenizer's EOS is always added",
-        "  do_sample: false",
-        f"  max_gen_toks: {max_gen_toks}",
-        "metric_list:",
-        "  - metric: exact_match",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "    regexes_to_ignore: ['^\\s+|\\s+$']",
-        "metadata:",
-        "  version: 1.0",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_task(folder: str | Path, rows: list[dict], *, name: str = DEMO_TASK,
-               max_gen_toks: int = 16) -> Path:
-    """Write `<name>.yaml` and `<name>.jsonl` (harness rows from `task_rows`) into `folder`;
-    returns the YAML's path. Pass `folder` to `run_tasks(include_path=...)`. Every row must
-    carry the same system message (or none): it becomes the task's description."""
-    if not rows:
-        raise ValueError("no rows for the harness task")
-    systems = {r.get("system") for r in rows}
-    if len(systems) > 1:
-        raise ValueError("the rows carry different system messages; a task has one description")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(
-        json.dumps({k: v for k, v in r.items() if k != "system"}) + "\n" for r in rows))
-    yaml_path = folder / f"{name}.yaml"
-    yaml_path.write_text(task_config(name, data.resolve(), max_gen_toks=max_gen_toks,
-                                     system=systems.pop()))
-    return yaml_path
-
-
-def demo_rows(demo_cfg, seed: int | None = None) -> list[dict]:
-    """The harness rows of the demo's held-out prompts (`demo.generate_sft(..., "eval")`), the
-    target being the checker's answer."""
-    seed = demo_cfg.seed if seed is None else seed
-    return task_rows(demo.generate_sft(demo_cfg, seed, "eval"), answer=demo.correct_answer)
-
-
-# ------------------------------------------------------------------------------ preflight
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in _TRUTHY
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _include_paths(include_path: str | Path | Iterable[str | Path] | None) -> list[Path]:
-    extra = [] if include_path is None else (
-        [include_path] if isinstance(include_path, (str, Path)) else list(include_path))
-    return [LOCAL_TASKS, *(Path(p) for p in extra)]
-
-
-def task_manager(tasks: Iterable[str] = (), include_path=None):
-    """A harness TaskManager knowing posttrain's local tasks (and `include_path`); lm-eval's
-    own ~14k task configs are indexed only when a requested name is not a local one (indexing
-    them takes seconds). The full index is kept for the process (keyed by the include folders
-    and the YAML files in them, name, size and mtime), so preflight, the cache key and each
-    model's run do not index it again."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(p) for p in _include_paths(include_path)]
-    local = TaskManager(include_path=paths, include_defaults=False)
-    if all(t in local.all_tasks for t in tasks):
-        return local
-    key = (tuple(paths), _yaml_signature(paths))
-    if key not in _FULL_MANAGERS:
-        if len(_FULL_MANAGERS) >= 4:
-            _FULL_MANAGERS.pop(next(iter(_FULL_MANAGERS)))
-        _FULL_MANAGERS[key] = TaskManager(include_path=paths)
-    return _FULL_MANAGERS[key]
-
-
-_FULL_MANAGERS: dict[tuple, Any] = {}
-
-
-def _yaml_signature(paths: list[str]) -> tuple:
-    out = []
-    for folder in paths:
-        for f in sorted(Path(folder).rglob("*.yaml")) if Path(folder).is_dir() else []:
-            st = f.stat()
-            out.append((str(f), st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-def check_tasks(tasks: Iterable[str], *, include_path=None, manager=None) -> list[str]:
-    """Problems that would stop `run_tasks` on `tasks`, found without loading a model or any
-    data: unknown task names, local data files that are missing, and hub datasets that cannot
-    be had (offline mode on and not in the local cache, or the hub unreachable). Empty: go."""
-    tasks = list(tasks)
-    if not tasks:
-        return []
-    manager = manager or task_manager(tasks, include_path)
-    problems: list[str] = []
-    hub_ok: dict[str, str | None] = {}
-    for name in tasks:
-        if name not in manager.all_tasks:
-            problems.append(
-                f"lm-eval task {name!r} is unknown: not one of lm-eval's tasks nor a local task "
-                f"in {', '.join(str(p) for p in _include_paths(include_path))}")
-            continue
-        for leaf, cfg in _leaf_configs(manager, name):
-            problem = _data_problem(leaf, cfg, hub_ok)
-            if problem:
-                problems.append(problem if leaf == name else f"{problem} (in {name!r})")
-    return problems
-
-
-def _leaf_configs(manager, name: str, seen: set[str] | None = None) -> Iterator[tuple[str, dict]]:
-    """(task name, raw YAML config) of every task a task/group/tag name stands for."""
-    from lm_eval.tasks._index import Kind
-
-    seen = set() if seen is None else seen
-    if name in seen:
-        return
-    seen.add(name)
-    entry = manager.task_index.get(name)
-    if entry is None:
-        return
-    cfg = entry.cfg or {}
-    if entry.kind is Kind.TAG:
-        for other, e in manager.task_index.items():
-            if name in e.tags and e.kind in (Kind.TASK, Kind.PY_TASK):
-                yield from _leaf_configs(manager, other, seen)
-    elif entry.kind is Kind.GROUP:
-        children = cfg.get("task") or []
-        for child in children if isinstance(children, list) else [children]:
-            if isinstance(child, str):
-                yield from _leaf_configs(manager, child, seen)
-            elif isinstance(child, dict):
-                base = manager.task_index.get(child.get("task", ""))
-                merged = {**((base.cfg or {}) if base else {}), **child}
-                yield str(child.get("task")), merged
-    else:
-        yield name, cfg
-
-
-def _data_problem(task: str, cfg: dict, hub_ok: dict[str, str | None]) -> str | None:
-    """Why the data of one task config cannot be had offline, or None."""
-    if cfg.get("custom_dataset"):
-        kwargs = cfg.get("dataset_kwargs") or {}
-        data_file = kwargs.get("data_file")
-        if data_file:
-            path = Path(data_file)
-            path = path if path.is_absolute() else LOCAL_TASKS / path
-            if not path.is_file():
-                return f"lm-eval task {task!r}: its data file {path} does not exist"
-        return None
-    path = cfg.get("dataset_path")
-    if not path:
-        return None  # a Python task or a config the harness resolves itself
-    if Path(str(path)).expanduser().exists():
-        return None
-    if path in _FILE_BUILDERS:
-        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
-        missing = [f for f in _flat_files(files) if "://" not in f and not Path(f).exists()]
-        remote = [f for f in _flat_files(files) if "://" in f]
-        if missing:
-            return f"lm-eval task {task!r}: data files not found: {', '.join(missing)}"
-        if not remote:
-            return None
-    if path not in hub_ok:
-        hub_ok[path] = _hub_problem(str(path))
-    reason = hub_ok[path]
-    return f"lm-eval task {task!r} needs dataset {path!r} from the Hugging Face Hub: {reason}" \
-        if reason else None
-
-
-def _flat_files(files: Any) -> list[str]:
-    if files is None:
-        return []
-    if isinstance(files, str):
-        return [files]
-    if isinstance(files, dict):
-        return [f for v in files.values() for f in _flat_files(v)]
-    return [str(f) for f in files]
-
-
-def _hub_problem(repo: str) -> str | None:
-    """None when the dataset can be had: in the local cache under offline mode, or the hub
-    answers for it; else why not."""
-    if _offline():
-        if dataset_cached(repo):
-            return None
-        return ("not in the local cache and offline mode is on (HF_HUB_OFFLINE / "
-                "HF_DATASETS_OFFLINE); download it once with the hub reachable, or use a local "
-                f"task ({DEMO_TASK}, or a YAML of your own through include_path)")
-    try:
-        from huggingface_hub import HfApi
-
-        HfApi().dataset_info(repo, timeout=10)
-        return None
-    except Exception as err:  # noqa: BLE001 - any failure to reach it is the answer
-        kind = type(err).__name__
-        if "NotFound" in kind or "Gated" in kind:
-            return f"the hub refuses it ({kind}: {str(err).splitlines()[0][:200]})"
-        if dataset_cached(repo):
-            return ("the hub is unreachable; a cached copy exists: set HF_HUB_OFFLINE=1 and "
-                    "HF_DATASETS_OFFLINE=1 to use it")
-        return (f"the hub is unreachable ({kind}); set HF_HUB_OFFLINE=1 with a cached copy, "
-                f"or use a local task ({DEMO_TASK}, or a YAML of your own through "
-                "include_path)")
-
-
-def dataset_cached(repo: str) -> bool:
-    """Whether a hub dataset has a copy in the hub cache or in the datasets cache."""
-    import datasets
-    from huggingface_hub import constants
-
-    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "snapshots"
-    processed = Path(datasets.config.HF_DATASETS_CACHE) / repo.replace("/", "___")
-    return any(d.is_dir() and any(d.iterdir()) for d in (hub, processed))
-
-
-def fingerprint(tasks: Iterable[str], *, include_path=None, manager=None,
-                **settings: Any) -> str:
-    """A hash of what a harness result depends on besides the model: lm-eval's version, each
-    leaf task's config (includes resolved), the bytes of local tasks' data files, and the
-    run's `settings` (limit, num_fewshot, max_gen_toks, apply_chat_template, ...); not where
-    the task files lie. For the evaluation's cache key and for telling whether two results are
-    on the same ground."""
-    import hashlib
-    from importlib.metadata import version
-
-    tasks = list(tasks)
-    manager = manager or task_manager(tasks, include_path)
-    h = hashlib.sha256()
-    h.update(json.dumps({"lm_eval": version("lm_eval"), "tasks": tasks,
-                         "settings": settings}, sort_keys=True, default=str).encode())
-    for name in tasks:
-        for leaf, cfg in _leaf_configs(manager, name):
-            data_file = (cfg.get("dataset_kwargs") or {}).get("data_file") \
-                if cfg.get("custom_dataset") else None
-            if data_file:  # its bytes count, not where it lies
-                cfg = {**cfg, "dataset_kwargs": {**cfg["dataset_kwargs"], "data_file": None}}
-            cfg = {k: v for k, v in cfg.items() if k != "custom_dataset"}  # a resolved path
-            h.update(json.dumps([leaf, cfg], sort_keys=True, default=str).encode())
-            if data_file:
-                path = Path(data_file)
-                path = path if path.is_absolute() else LOCAL_TASKS / path
-                h.update(path.read_bytes() if path.is_file() else b"<missing>")
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ running

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from posttrain.decoding import cache_kwarg
 from posttrain.environments import (
     Environment,
     Episode,
@@ -49,7 +50,7 @@ from posttrain.environments import (
     respond,
 )
 from posttrain.logprobs import position_ids_from_mask
-from posttrain.rollout import Rollout, _cache_kwarg, _next_tokens, _row_noise, left_pad
+from posttrain.rollout import Rollout, _next_tokens, _row_noise, left_pad
 from posttrain.tools import load_tool, tools_by_name
 
 
@@ -69,7 +70,7 @@ class _Cache:
     """The batch's KV cache and attention mask (A, L) over the rows still in play."""
 
     def __init__(self, model):
-        self.model, self.kwarg = model, _cache_kwarg(model)
+        self.model, self.kwarg = model, cache_kwarg(model)
         self.cache = DynamicCache(config=model.config)
         self.attention: torch.Tensor | None = None
         self.fed: list[int] = []  # widths of the forwards (tests: nothing is encoded twice)

@@ -23,7 +23,8 @@ from posttrain.methods import is_policy, method, uses_reference
 from posttrain.promotion import resolve
 from posttrain.stages.common import training_key
 from posttrain.stages.data import data_stage_key, load_dataset, sources
-from posttrain.stages.evaluate import check_harness, eval_stage_key, evaluation_metrics
+from posttrain.stages.evaluate import eval_stage_key, evaluation_metrics
+from posttrain.stages.evaluate_harness import check_harness
 from posttrain.stages.graph import candidates, needed
 
 # Lazy imports: torch (data.preference, data.packing, models, reward_functions) loads only

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from posttrain import promotion, stages, tracking
+from posttrain import promotion, registry, stages, tracking
 from posttrain.config import PipelineConfig
 
 
@@ -23,8 +23,8 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
     as a markdown artifact and as tags on the parent run."""
     comparison = evaluation.get("comparison", {})
     p = promotion.resolve(cfg, stages.available_metrics(cfg, data))
-    name = promotion.registered_model_name(p, cfg.name)
-    champion = promotion.champion_metrics(name, p.alias) if p.enabled else None
+    name = registry.registered_model_name(p, cfg.name)
+    champion = registry.champion_metrics(name, p.alias) if p.enabled else None
     per_prompt = _per_prompt(evaluation)
     intervals, basis = None, None
     if champion is not None and comparison:
@@ -42,7 +42,7 @@ def promote_task(cfg: PipelineConfig, evaluation: dict, candidates: dict[str, di
     if basis:
         result["reasons"] = [*result["reasons"], f"champion: {basis}"]
     if decision.promote:
-        result["version"] = promotion.register_champion(
+        result["version"] = registry.register_champion(
             name, decision.winner, candidates[decision.winner], comparison[decision.winner],
             alias=p.alias, tags={"posttrain.parent_run_id": parent_run_id or ""},
             per_prompt=_model_values(per_prompt, decision.winner),
@@ -79,12 +79,12 @@ def champion_on_current_ground(cfg: PipelineConfig, name: str, alias: str, evalu
     from posttrain.stages.evaluate import evaluate_model_dir
 
     ground = (evaluation.get("ground") or {}).get("ground")
-    if promotion.same_ground(name, ground, alias):
-        return (promotion.champion_metrics(name, alias), promotion.champion_per_prompt(name, alias),
+    if registry.same_ground(name, ground, alias):
+        return (registry.champion_metrics(name, alias), registry.champion_per_prompt(name, alias),
                 "its registered numbers (evaluated on the same held-out set and settings)")
     try:
         with tempfile.TemporaryDirectory(prefix="posttrain-champion-") as tmp:
-            model_dir = promotion.download_champion(name, tmp, alias)
+            model_dir = registry.download_champion(name, tmp, alias)
             again = evaluate_model_dir(
                 cfg, data, candidates, evaluation.get("reward_manifest"), model_dir)
     except Exception as error:  # noqa: BLE001 - any failure: compare nothing, say why

@@ -1,4 +1,4 @@
-"""Decoding paths of posttrain.rollout.generate: the static-cache and compiled steps give the
+"""Decoding paths (posttrain/decoding.py) of posttrain.rollout.generate: the static-cache and compiled steps give the
 loop's tokens for the same seed, record the same log-probs as a forward pass, and "auto" picks
 and falls back as documented."""
 
@@ -12,6 +12,7 @@ import torch
 from pydantic import ValidationError
 from transformers import CompileConfig
 
+from posttrain import decoding
 from posttrain import rollout as rollout_module
 from posttrain.config import GRPOConfig, TinyModelConfig
 from posttrain.logprobs import position_ids_from_mask
@@ -111,25 +112,25 @@ def _eager_dynamo(device):
 
 
 def test_compiled_step_captures_one_graph_and_gives_the_loops_tokens(model, prompts, monkeypatch):
-    monkeypatch.setattr(rollout_module, "_compile_config", _eager_dynamo)
+    monkeypatch.setattr(decoding, "_compile_config", _eager_dynamo)
     torch._dynamo.reset()
     loop = _sample(model, prompts, "loop", max_new_tokens=6)
     compiled = _sample(model, prompts, "compiled", max_new_tokens=6)
     _assert_same(loop, compiled)
-    cache = rollout_module._CACHES[model][1]
+    cache = decoding._CACHES[model][1]
     keys = cache.layers[0].keys.data_ptr()
     again = _sample(model, prompts, "compiled", seed=1, max_new_tokens=6)  # reuses the graph
     _assert_same(_sample(model, prompts, "loop", seed=1, max_new_tokens=6), again)
     # ... and the cache, reset in place (fixed addresses for CUDA graphs)
-    assert rollout_module._CACHES[model][1] is cache and cache.layers[0].keys.data_ptr() == keys
+    assert decoding._CACHES[model][1] is cache and cache.layers[0].keys.data_ptr() == keys
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the decode step, whole
     model.__dict__.pop("_compiled_call", None)
     model.__dict__.pop("_last_compile_config", None)
-    rollout_module._CACHES.pop(model)
+    decoding._CACHES.pop(model)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(rollout_module.compile_available(torch.device("cpu")) is not None,
+@pytest.mark.skipif(decoding.compile_available(torch.device("cpu")) is not None,
                     reason="torch.compile cannot build on this CPU")
 def test_inductor_compiled_step_gives_the_loops_tokens(tok, prompts):
     """The real compiled path on the CPU (inductor's C++ kernels; 10-90 s to build)."""
@@ -187,7 +188,7 @@ def test_auto_falls_back_to_the_loop_with_the_same_draws(tok, prompts, monkeypat
         fallback = _sample(fresh, prompts, "auto")
     _assert_same(_sample(fresh, prompts, "loop"), fallback)
     assert calls == [1] and "compiled step failed (RuntimeError: inductor: no luck)" in caplog.text
-    assert fresh in rollout_module._COMPILE_FAILED
+    assert fresh in decoding.COMPILE_FAILED
     assert real(fresh, "auto") == "loop"
     with pytest.raises(RuntimeError, match="no luck"):  # an explicit choice does not fall back
         _sample(fresh, prompts, "compiled")

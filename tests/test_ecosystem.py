@@ -22,7 +22,7 @@ from conftest import SFT_STAGE, tiny_pipeline_values
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain import models, promotion, tracking
+from posttrain import models, registry, tracking
 from posttrain.config import DemoTaskConfig, PipelineConfig, TinyModelConfig
 from posttrain.data import demo
 from posttrain.data.tokenize import tokenize_sft_rows
@@ -144,7 +144,7 @@ def champion(pipeline_run):
     cfg, manifests, _ = pipeline_run
     name = f"eco-{Path(cfg.artifacts_root).parent.name}"
     comparison = manifests["evaluate"]["comparison"]
-    version = promotion.register_champion(name, "sft", manifests["sft"], comparison["sft"])
+    version = registry.register_champion(name, "sft", manifests["sft"], comparison["sft"])
     return name, version
 
 
@@ -210,7 +210,7 @@ def test_a_lora_stage_registers_the_merged_model_and_keeps_the_adapter(tmp_path,
                               "lora": {"r": 4}}
     manifest = out.manifest
     name = f"eco-lora-{tmp_path.name}"
-    promotion.register_champion(name, "sft", manifest, {"checker_accuracy": 0.5},
+    registry.register_champion(name, "sft", manifest, {"checker_accuracy": 0.5},
                                 experiment="eco-lora")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@champion",
                                                      dst_path=str(tmp_path / "dl")))

@@ -152,7 +152,7 @@ def _artifact_paths(run_id: str) -> set[str]:
 @pytest.mark.slow
 def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path):
     from pipelines.flows import pipeline
-    from posttrain import promotion
+    from posttrain import registry
 
     name = f"reg-{tmp_path.name}"
     values = tiny_pipeline_values(
@@ -176,9 +176,9 @@ def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path)
     decision = first["promotion"]
     best = max(("sft", "dpo"), key=lambda s: comparison[s]["reward_score"])
     assert decision["promote"] and decision["winner"] == best
-    champion = promotion.champion_version(name)
+    champion = registry.champion_version(name)
     assert str(champion.version) == decision["version"]
-    assert champion.tags[promotion.STAGE_TAG] == best
+    assert champion.tags[registry.STAGE_TAG] == best
     parent = tracking.client().get_run(first["mlflow_run_id"])
     assert parent.data.tags["posttrain.promoted_stage"] == best
 
@@ -187,12 +187,12 @@ def test_evaluation_compares_every_stage_and_promotes_through_the_gate(tmp_path)
     assert not second["promotion"]["promote"]
     # Same held-out set and settings: the champion's registered numbers, not a re-evaluation.
     assert second["promotion"]["champion_basis"].startswith("its registered numbers")
-    assert str(promotion.champion_version(name).version) == decision["version"]
+    assert str(registry.champion_version(name).version) == decision["version"]
 
 
 def test_failed_evaluation_promotes_nothing(tmp_path, monkeypatch):
     from pipelines.flows import pipeline
-    from posttrain import promotion
+    from posttrain import registry
     from posttrain.stages import evaluate as eval_stage
 
     def broken(*args, **kwargs):
@@ -203,7 +203,7 @@ def test_failed_evaluation_promotes_nothing(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, promotion={"registered_model": name})
     with pytest.raises(RuntimeError, match="evaluation broke"):
         pipeline(cfg)
-    assert promotion.champion_version(name) is None
+    assert registry.champion_version(name) is None
 
 
 @pytest.mark.slow

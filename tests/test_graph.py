@@ -193,7 +193,7 @@ def test_a_messages_pipeline_evaluates_and_promotes_on_held_out_loss(tmp_path, c
     last assistant turn as the prompt, and promotion, with no checker and no reward model,
     defaults to eval_loss (lower is better)."""
     from pipelines.flows import pipeline
-    from posttrain import preflight, promotion
+    from posttrain import preflight, registry
 
     chats = tmp_path / "chats.jsonl"
     write_jsonl(_ultrachat_rows(80), chats)
@@ -213,4 +213,4 @@ def test_a_messages_pipeline_evaluates_and_promotes_on_held_out_loss(tmp_path, c
     assert comparison["sft"]["eval_loss"] < comparison["base"]["eval_loss"]
     assert "checker_accuracy" not in comparison["sft"]
     assert result["promotion"]["promote"] and result["promotion"]["winner"] == "sft"
-    assert promotion.champion_version(name).tags[promotion.STAGE_TAG] == "sft"
+    assert registry.champion_version(name).tags[registry.STAGE_TAG] == "sft"

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from posttrain import harness
+from posttrain import harness, harness_local, harness_preflight
 from posttrain.config import DemoTaskConfig, DPOConfig, SFTConfig, TinyModelConfig
 from posttrain.data import demo
 
@@ -80,24 +80,24 @@ def _hub_task(folder: Path, name: str = "needs_hub") -> Path:
 
 
 def test_check_tasks_names_an_unknown_task():
-    problems = harness.check_tasks(["posttrain_demo", "no_such_task_xyz"])
+    problems = harness_preflight.check_tasks(["posttrain_demo", "no_such_task_xyz"])
     assert len(problems) == 1
     assert "'no_such_task_xyz' is unknown" in problems[0]
-    assert str(harness.LOCAL_TASKS) in problems[0]
+    assert str(harness_local.LOCAL_TASKS) in problems[0]
 
 
 def test_check_tasks_offline_refuses_an_uncached_hub_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(harness, "dataset_cached", lambda repo: False)
+    monkeypatch.setattr(harness_preflight, "dataset_cached", lambda repo: False)
     include = _hub_task(tmp_path / "tasks")
-    assert harness.check_tasks(["posttrain_demo"], include_path=include) == []
-    (problem,) = harness.check_tasks(["needs_hub"], include_path=include)
+    assert harness_preflight.check_tasks(["posttrain_demo"], include_path=include) == []
+    (problem,) = harness_preflight.check_tasks(["needs_hub"], include_path=include)
     assert "'needs_hub'" in problem and "'someone/some_dataset'" in problem
     assert "Hugging Face Hub" in problem and "HF_HUB_OFFLINE" in problem
     assert "local task" in problem
     # a cached copy is fine offline
-    monkeypatch.setattr(harness, "dataset_cached", lambda repo: True)
-    assert harness.check_tasks(["needs_hub"], include_path=include) == []
+    monkeypatch.setattr(harness_preflight, "dataset_cached", lambda repo: True)
+    assert harness_preflight.check_tasks(["needs_hub"], include_path=include) == []
 
 
 def test_check_tasks_online_says_the_hub_is_unreachable(tmp_path, monkeypatch):
@@ -112,10 +112,10 @@ def test_check_tasks_online_says_the_hub_is_unreachable(tmp_path, monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
-    monkeypatch.setattr(harness, "dataset_cached", lambda repo: False)
+    monkeypatch.setattr(harness_preflight, "dataset_cached", lambda repo: False)
     include = _hub_task(tmp_path / "tasks")
     _hub_task(include, "needs_hub_too")  # same dataset: asked once
-    problems = harness.check_tasks(["needs_hub", "needs_hub_too"], include_path=include)
+    problems = harness_preflight.check_tasks(["needs_hub", "needs_hub_too"], include_path=include)
     assert len(problems) == 2 and calls == ["someone/some_dataset"]
     assert all("unreachable" in p and "HF_HUB_OFFLINE=1" in p for p in problems)
 
@@ -124,8 +124,8 @@ def test_check_tasks_knows_lm_evals_own_tasks_and_groups(monkeypatch):
     """Real harness configs: gsm8k (one hub dataset) and the mmlu group (57 subtasks, one hub
     dataset): each leaf is named once, offline and uncached."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(harness, "dataset_cached", lambda repo: False)
-    problems = harness.check_tasks(["gsm8k", "mmlu"])
+    monkeypatch.setattr(harness_preflight, "dataset_cached", lambda repo: False)
+    problems = harness_preflight.check_tasks(["gsm8k", "mmlu"])
     gsm = [p for p in problems if "'gsm8k'" in p]
     assert len(gsm) == 1 and "'openai/gsm8k'" in gsm[0]
     mmlu = [p for p in problems if "(in 'mmlu')" in p]
@@ -138,47 +138,47 @@ def test_dataset_cached_looks_in_the_hub_and_datasets_caches(tmp_path, monkeypat
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
-    assert not harness.dataset_cached("openai/gsm8k")
+    assert not harness_preflight.dataset_cached("openai/gsm8k")
     (tmp_path / "hub/datasets--openai--gsm8k/snapshots").mkdir(parents=True)
-    assert not harness.dataset_cached("openai/gsm8k")  # an empty snapshots folder is no copy
+    assert not harness_preflight.dataset_cached("openai/gsm8k")  # an empty snapshots folder is no copy
     (tmp_path / "hub/datasets--openai--gsm8k/snapshots/abc").mkdir()
-    assert harness.dataset_cached("openai/gsm8k")
+    assert harness_preflight.dataset_cached("openai/gsm8k")
     (tmp_path / "datasets/cais___mmlu/all").mkdir(parents=True)
-    assert harness.dataset_cached("cais/mmlu")
+    assert harness_preflight.dataset_cached("cais/mmlu")
 
 
 def test_run_tasks_fails_in_preflight_before_loading_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(harness, "dataset_cached", lambda repo: False)
+    monkeypatch.setattr(harness_preflight, "dataset_cached", lambda repo: False)
     include = _hub_task(tmp_path / "tasks")
     with pytest.raises(harness.TaskError, match="needs_hub.*offline mode is on"):
         harness.run_tasks(tmp_path / "no_model_here", ["needs_hub"], include_path=include)
 
 
 def test_check_tasks_names_a_missing_local_data_file(tmp_path):
-    yaml_path = harness.write_task(tmp_path, harness.task_rows(
+    yaml_path = harness_local.write_task(tmp_path, harness_local.task_rows(
         [{"prompt": "1+2=", "completion": " 3"}]))
     (tmp_path / "posttrain_demo.jsonl").unlink()
-    (problem,) = harness.check_tasks(["posttrain_demo"], include_path=yaml_path.parent)
+    (problem,) = harness_preflight.check_tasks(["posttrain_demo"], include_path=yaml_path.parent)
     assert "data file" in problem and "does not exist" in problem
 
 
 def test_fingerprint_moves_with_the_data_the_config_and_the_settings(tmp_path):
-    rows = harness.task_rows([{"prompt": "1+2=", "completion": " 3"},
+    rows = harness_local.task_rows([{"prompt": "1+2=", "completion": " 3"},
                               {"prompt": "2+2=", "completion": " 4"}])
-    folder = harness.write_task(tmp_path, rows).parent
-    first = harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None)
-    assert harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None) == first
-    assert harness.fingerprint(["posttrain_demo"], include_path=folder, limit=1) != first
-    harness.write_task(tmp_path, rows, max_gen_toks=8)  # the YAML changed
-    second = harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None)
+    folder = harness_local.write_task(tmp_path, rows).parent
+    first = harness_preflight.fingerprint(["posttrain_demo"], include_path=folder, limit=None)
+    assert harness_preflight.fingerprint(["posttrain_demo"], include_path=folder, limit=None) == first
+    assert harness_preflight.fingerprint(["posttrain_demo"], include_path=folder, limit=1) != first
+    harness_local.write_task(tmp_path, rows, max_gen_toks=8)  # the YAML changed
+    second = harness_preflight.fingerprint(["posttrain_demo"], include_path=folder, limit=None)
     assert second != first
-    harness.write_task(tmp_path, rows[:1], max_gen_toks=8)  # the JSONL changed
-    assert harness.fingerprint(["posttrain_demo"], include_path=folder, limit=None) != second
+    harness_local.write_task(tmp_path, rows[:1], max_gen_toks=8)  # the JSONL changed
+    assert harness_preflight.fingerprint(["posttrain_demo"], include_path=folder, limit=None) != second
     # the same task written elsewhere is the same ground; the shipped one (200 rows) is not
-    elsewhere = harness.write_task(tmp_path / "elsewhere", rows).parent
-    assert harness.fingerprint(["posttrain_demo"], include_path=elsewhere, limit=None) == first
-    assert harness.fingerprint(["posttrain_demo"], limit=None) != first
+    elsewhere = harness_local.write_task(tmp_path / "elsewhere", rows).parent
+    assert harness_preflight.fingerprint(["posttrain_demo"], include_path=elsewhere, limit=None) == first
+    assert harness_preflight.fingerprint(["posttrain_demo"], limit=None) != first
 
 
 # ------------------------------------------------------------------------------ the local task
@@ -186,16 +186,16 @@ def test_fingerprint_moves_with_the_data_the_config_and_the_settings(tmp_path):
 
 def test_task_rows_use_the_checkers_answer_and_the_user_turn():
     rows = demo.generate_sft(DemoTaskConfig(num_eval=9, conversational=True), 0, "eval")
-    out = harness.task_rows(rows, answer=demo.correct_answer)
+    out = harness_local.task_rows(rows, answer=demo.correct_answer)
     assert [r["prompt"] for r in out] == [r["prompt"][0]["content"] for r in rows]
     assert [r["answer"] for r in out] == [demo.correct_answer(r["prompt"]) for r in rows]
     assert [r["task"] for r in out] == [r["task"] for r in rows]
     # without an answer function, the reference completion (stripped) is the target
     plain = demo.generate_sft(DemoTaskConfig(num_eval=3, conversational=False), 0, "eval")
-    assert [r["answer"] for r in harness.task_rows(plain)] == \
+    assert [r["answer"] for r in harness_local.task_rows(plain)] == \
         [r["completion"].strip() for r in plain]
     with pytest.raises(ValueError, match="roles"):
-        harness.task_rows([{"prompt": [{"role": "user", "content": "a"},
+        harness_local.task_rows([{"prompt": [{"role": "user", "content": "a"},
                                        {"role": "assistant", "content": "b"},
                                        {"role": "user", "content": "c"}], "completion": "d"}])
 
@@ -204,7 +204,7 @@ def test_write_task_writes_a_yaml_the_harness_reads_over_the_jsonl(tmp_path):
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    rows = harness.task_rows([
+    rows = harness_local.task_rows([
         {"prompt": [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "rev abcd"}], "completion": [
             {"role": "assistant", "content": "dcba"}]},
@@ -212,10 +212,10 @@ def test_write_task_writes_a_yaml_the_harness_reads_over_the_jsonl(tmp_path):
                     {"role": "user", "content": "2+2="}], "completion": [
             {"role": "assistant", "content": "4"}]},
     ])
-    yaml_path = harness.write_task(tmp_path / "t", rows, name="mine", max_gen_toks=7)
+    yaml_path = harness_local.write_task(tmp_path / "t", rows, name="mine", max_gen_toks=7)
     cfg = load_yaml(yaml_path, resolve_func=True)
     assert cfg["task"] == "mine" and cfg["output_type"] == "generate_until"
-    assert cfg["custom_dataset"] is harness.load_docs
+    assert cfg["custom_dataset"] is harness_local.load_docs
     assert cfg["description"] == "Be brief."  # the shared system message
     assert cfg["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": 7}
     assert (cfg["doc_to_text"], cfg["doc_to_target"]) == ("prompt", "answer")
@@ -229,20 +229,20 @@ def test_write_task_writes_a_yaml_the_harness_reads_over_the_jsonl(tmp_path):
         regexes_to_ignore=metric["regexes_to_ignore"])
     assert score["exact_match"] == 0.5
     with pytest.raises(ValueError, match="different system messages"):
-        harness.write_task(tmp_path / "u", [dict(rows[0]), {**rows[1], "system": "Other."}])
+        harness_local.write_task(tmp_path / "u", [dict(rows[0]), {**rows[1], "system": "Other."}])
 
 
 def test_the_shipped_task_is_conf_demos_held_out_prompts():
     demo_cfg = DemoTaskConfig(**yaml.safe_load((ROOT / "conf/demo.yaml").read_text())["demo"])
-    shipped = harness.LOCAL_TASKS / "posttrain_demo.jsonl"
+    shipped = harness_local.LOCAL_TASKS / "posttrain_demo.jsonl"
     rows = [json.loads(line) for line in shipped.read_text().splitlines()]
-    assert rows == harness.demo_rows(demo_cfg)
+    assert rows == harness_local.demo_rows(demo_cfg)
     assert len(rows) == demo_cfg.num_eval
     assert all(demo.check(r["prompt"], r["answer"]) for r in rows)
-    cfg = yaml.safe_load((harness.LOCAL_TASKS / "posttrain_demo.yaml").read_text()
+    cfg = yaml.safe_load((harness_local.LOCAL_TASKS / "posttrain_demo.yaml").read_text()
                          .replace("!function ", ""))
     assert cfg["dataset_kwargs"] == {"data_file": "posttrain_demo.jsonl"}  # next to the YAML
-    docs = harness.load_docs(**cfg["dataset_kwargs"])["test"]
+    docs = harness_local.load_docs(**cfg["dataset_kwargs"])["test"]
     assert len(docs) == demo_cfg.num_eval
 
 
@@ -250,10 +250,10 @@ def test_the_task_folder_is_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     patterns = setuptools["package-data"]["posttrain.harness_tasks"]
-    shipped = [p.name for p in harness.LOCAL_TASKS.iterdir() if p.suffix in (".yaml", ".jsonl")]
+    shipped = [p.name for p in harness_local.LOCAL_TASKS.iterdir() if p.suffix in (".yaml", ".jsonl")]
     assert sorted(shipped) == ["posttrain_demo.jsonl", "posttrain_demo.yaml"]
     assert all(any(fnmatch(name, pat) for pat in patterns) for name in shipped)
-    assert (harness.LOCAL_TASKS / "__init__.py").is_file()  # a package: found by packages.find
+    assert (harness_local.LOCAL_TASKS / "__init__.py").is_file()  # a package: found by packages.find
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.startswith("lm-eval") for d in deps)
 
@@ -277,7 +277,7 @@ def test_running_the_harness_keeps_the_callers_random_streams(tokenizer, tmp_pat
     assert len(result.per_item["lm_eval/posttrain_demo/exact_match"]) == 3
     assert [o["target"] for o in result.outputs["posttrain_demo"]] == \
         [json.loads(line)["answer"] for line in
-         (harness.LOCAL_TASKS / "posttrain_demo.jsonl").read_text().splitlines()[:3]]
+         (harness_local.LOCAL_TASKS / "posttrain_demo.jsonl").read_text().splitlines()[:3]]
     assert set(result.seconds) == {"posttrain_demo"}
     err = capfd.readouterr().err
     assert "fatal" not in err
@@ -325,14 +325,14 @@ def test_harness_exact_match_equals_checker_accuracy_for_sft_and_dpo(tmp_path, t
     save_model(model, tokenizer, tmp_path / "dpo")
 
     held_out = demo.generate_sft(_DEMO, 0, "eval")
-    include = harness.write_task(tmp_path / "task", harness.task_rows(
+    include = harness_local.write_task(tmp_path / "task", harness_local.task_rows(
         held_out, answer=demo.correct_answer)).parent
     accuracy, texts = {}, {}
     for name in ("sft", "dpo"):
         loaded, tok = harness.load_model(tmp_path / name, device="cpu")
         checker, texts[name] = _checker_accuracy(loaded, tok, held_out, batch_size=16)
         result = harness.evaluate_tasks(
-            None, [harness.DEMO_TASK], model=loaded, tokenizer=tok, include_path=include,
+            None, [harness_local.DEMO_TASK], model=loaded, tokenizer=tok, include_path=include,
             batch_size=16, max_gen_toks=16, apply_chat_template=True)
         em = result.metrics["lm_eval/posttrain_demo/exact_match"]
         accuracy[name] = sum(checker) / len(checker)
@@ -367,11 +367,11 @@ def test_harness_agrees_with_the_checker_on_plain_text_prompts(tmp_path, tokeniz
         max_length=48, eval_every=10**6, log_every=10**6), pad_token_id=tokenizer.pad_token_id)
     held_out = demo.generate_sft(plain, 0, "eval")
     assert isinstance(held_out[0]["prompt"], str)
-    include = harness.write_task(tmp_path, harness.task_rows(
+    include = harness_local.write_task(tmp_path, harness_local.task_rows(
         held_out, answer=demo.correct_answer)).parent
     checker, texts = _checker_accuracy(model, tokenizer, held_out, batch_size=16)
     result = harness.evaluate_tasks(
-        None, [harness.DEMO_TASK], model=model, tokenizer=tokenizer, include_path=include,
+        None, [harness_local.DEMO_TASK], model=model, tokenizer=tokenizer, include_path=include,
         batch_size=16, max_gen_toks=16, apply_chat_template=False)
     accuracy = sum(checker) / len(checker)
     assert 0.2 < accuracy < 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain import bootstrap, harness, preflight, promotion
+from posttrain import bootstrap, harness, harness_local, harness_preflight, preflight, promotion
 from posttrain.config import ConfigError, PipelineConfig, PromotionConfig, validate
 from posttrain.data import demo
 from tests.conftest import SFT_STAGE, tiny_pipeline_values
@@ -39,12 +39,12 @@ def test_an_unknown_task_is_refused_in_preflight_before_training(tmp_path):
     cfg = _cfg(tmp_path, evaluate={"tasks": ["posttrain_demo", "no_such_task_xyz"]})
     (problem,) = _problems(cfg, tmp_path)
     assert problem.startswith("evaluate.tasks: ")
-    assert "'no_such_task_xyz' is unknown" in problem and str(harness.LOCAL_TASKS) in problem
+    assert "'no_such_task_xyz' is unknown" in problem and str(harness_local.LOCAL_TASKS) in problem
 
 
 def test_a_hub_task_offline_is_refused_in_preflight(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(harness, "dataset_cached", lambda repo: False)
+    monkeypatch.setattr(harness_preflight, "dataset_cached", lambda repo: False)
     tasks = tmp_path / "my_tasks"
     tasks.mkdir()
     (tasks / "needs_hub.yaml").write_text(
@@ -60,13 +60,13 @@ def test_a_hub_task_offline_is_refused_in_preflight(tmp_path, monkeypatch):
 def test_the_stage_checks_the_tasks_again_at_its_start(tmp_path):
     """The evaluation refuses an unknown task before loading any model (the tasks may have
     changed since preflight, e.g. a task folder removed)."""
-    from posttrain.stages.evaluate import _harness_runner
+    from posttrain.stages.evaluate_harness import harness_runner
 
     cfg = _cfg(tmp_path, evaluate={"tasks": ["no_such_task_xyz"]})
     manifest = {"datasets": {"sft": {"checker": "demo"}}}
     with pytest.raises(harness.TaskError, match="no_such_task_xyz' is unknown"):
-        _harness_runner(cfg, manifest, [{"prompt": "1+2=", "completion": "3"}], tmp_path)
-    assert _harness_runner(_cfg(tmp_path), manifest, [], tmp_path) is None  # no tasks
+        harness_runner(cfg, manifest, [{"prompt": "1+2=", "completion": "3"}], tmp_path)
+    assert harness_runner(_cfg(tmp_path), manifest, [], tmp_path) is None  # no tasks
 
 
 def test_the_demo_task_needs_an_answer_for_every_held_out_prompt(tmp_path):
@@ -184,11 +184,11 @@ def test_the_cache_key_and_the_ground_move_with_the_harness_settings(tmp_path):
             change
         seen.append(moved)
     # the fingerprint is part of both (lm-eval's version, the task configs)
-    from posttrain.stages import evaluate as ev
+    from posttrain.stages import evaluate_harness as ev
 
     cfg = _cfg(tmp_path, evaluate={"tasks": ["posttrain_demo"]})
-    assert ev.harness_fingerprint(cfg) == harness.fingerprint(
-        ["posttrain_demo"], **ev._harness_settings(cfg))
+    assert ev.harness_fingerprint(cfg) == harness_preflight.fingerprint(
+        ["posttrain_demo"], **ev.harness_settings(cfg))
     assert ev.harness_fingerprint(_cfg(tmp_path)) is None
 
 
@@ -230,11 +230,11 @@ def test_the_demo_config_runs_the_local_task():
 
 
 def test_the_comparison_chart_draws_a_harness_metric_with_its_interval():
-    from posttrain import tracking
+    from posttrain import charts
 
     comparison = {"base": {EM: 0.0, EM + "_ci_low": 0.0, EM + "_ci_high": 0.0},
                   "sft": {EM: 0.3, EM + "_ci_low": 0.2, EM + "_ci_high": 0.4}}
-    fig = tracking.comparison_chart(comparison)
+    fig = charts.comparison_chart(comparison)
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert ax.get_title() == EM
     assert [t.get_text() for t in ax.texts] == ["0", "0.3"]
@@ -255,15 +255,15 @@ def test_the_full_task_index_is_built_once_per_process(tmp_path, monkeypatch):
             self.all_tasks = ["gsm8k"] if include_defaults else []
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
-    monkeypatch.setattr(harness, "_FULL_MANAGERS", {})
+    monkeypatch.setattr(harness_preflight, "_FULL_MANAGERS", {})
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "a.yaml").write_text("task: a\n")
-    first = harness.task_manager(["gsm8k"], folder)
-    assert harness.task_manager(["gsm8k"], folder) is first
+    first = harness_preflight.task_manager(["gsm8k"], folder)
+    assert harness_preflight.task_manager(["gsm8k"], folder) is first
     assert built == [False, True, False]  # the local index is cheap and built each time
     (folder / "a.yaml").write_text("task: a\noutput_type: generate_until\n")
-    assert harness.task_manager(["gsm8k"], folder) is not first
+    assert harness_preflight.task_manager(["gsm8k"], folder) is not first
     assert built.count(True) == 2
 
 
@@ -316,12 +316,12 @@ def test_a_pipeline_compares_the_harness_exact_match_with_the_checker(tmp_path):
     written = [json.loads(line) for line in
                (folder / "harness_tasks" / "posttrain_demo.jsonl").read_text().splitlines()]
     assert len(written) == 60
-    assert written == harness.task_rows(_held_out_rows(cfg, manifests["data"]),
+    assert written == harness_local.task_rows(_held_out_rows(cfg, manifests["data"]),
                                         answer=demo.correct_answer)
     # the record names its JSONL where the stage folder lies now: it runs from there
     task_yaml = (folder / "harness_tasks" / "posttrain_demo.yaml").read_text()
     assert str(folder.resolve() / "harness_tasks" / "posttrain_demo.jsonl") in task_yaml
-    assert harness.check_tasks(["posttrain_demo"], include_path=folder / "harness_tasks") == []
+    assert harness_preflight.check_tasks(["posttrain_demo"], include_path=folder / "harness_tasks") == []
     paired = ev["paired"]["sft"][EM]
     assert paired["diff"] == pytest.approx(comparison["sft"][EM] - comparison["base"][EM])
     assert paired["ci_low"] <= paired["diff"] <= paired["ci_high"]

@@ -101,7 +101,7 @@ def test_pairing_shrinks_the_interval_of_a_difference_of_correlated_values():
 def test_the_chart_draws_intervals_as_error_bars_not_panels():
     from matplotlib.container import ErrorbarContainer
 
-    from posttrain import tracking
+    from posttrain import charts
 
     comparison = {
         "base": {"checker_accuracy": 0.0, "checker_accuracy_ci_low": 0.0,
@@ -111,7 +111,7 @@ def test_the_chart_draws_intervals_as_error_bars_not_panels():
         "dpo": {"checker_accuracy": 0.6, "checker_accuracy_ci_low": 0.4,
                 "checker_accuracy_ci_high": 0.9, "eval_seconds": 2.5},
     }
-    fig = tracking.comparison_chart(comparison)
+    fig = charts.comparison_chart(comparison)
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert set(panels) == {"checker_accuracy", "eval_seconds"}
     acc = panels["checker_accuracy"]
@@ -166,7 +166,7 @@ def test_cli_table_shows_half_widths_under_each_metric_within_80_columns(monkeyp
 @pytest.mark.slow
 def test_a_pipeline_evaluation_has_intervals_per_prompt_values_and_a_pairable_champion(
         tmp_path):
-    from posttrain import promotion, stages
+    from posttrain import promotion, registry, stages
     from posttrain.config import PipelineConfig, validate
     from tests.conftest import tiny_pipeline_values
 
@@ -209,12 +209,12 @@ def test_a_pipeline_evaluation_has_intervals_per_prompt_values_and_a_pairable_ch
     from tasks.promote import _model_values
 
     sft = _model_values(per_prompt, "sft")
-    promotion.register_champion(name, "sft", manifests["sft"], comparison["sft"],
+    registry.register_champion(name, "sft", manifests["sft"], comparison["sft"],
                                 per_prompt=sft)
-    stored = promotion.champion_per_prompt(name)
+    stored = registry.champion_per_prompt(name)
     assert stored == sft
-    version = promotion.champion_version(name)
-    assert version.tags[promotion.PROMPTS_TAG] == per_prompt["prompts_hash"]
+    version = registry.champion_version(name)
+    assert version.tags[registry.PROMPTS_TAG] == per_prompt["prompts_hash"]
     same = promotion.improvement_interval(sft, stored, "checker_accuracy", "max", samples=100,
                                           seed=0)
     assert same["paired"] and (same["diff"], same["ci_low"], same["ci_high"]) == (0, 0, 0)
@@ -230,7 +230,7 @@ def test_a_pipeline_evaluation_has_intervals_per_prompt_values_and_a_pairable_ch
                                                         manifests["data"], None)
     assert values == sft and "registered numbers" in basis
     assert metrics["checker_accuracy"] == comparison["sft"]["checker_accuracy"]
-    promotion.register_champion(name, "sft", manifests["sft"], {"checker_accuracy": 0.123},
+    registry.register_champion(name, "sft", manifests["sft"], {"checker_accuracy": 0.123},
                                 per_prompt={**sft, "ground": "another set"})
     metrics, values, basis = champion_on_current_ground(cfg, name, "champion", ev,
                                                         {"sft": manifests["sft"]},

@@ -13,7 +13,7 @@ from posttrain.config import GRPOConfig, RLOOConfig, TinyModelConfig
 from posttrain.environments import Environment, Step
 from posttrain.models import build_tiny_model
 from posttrain.multiturn import Episode
-from posttrain.recipes import grpo
+from posttrain.recipes import grpo, online_common
 from posttrain.rollout import Rollout
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
@@ -88,7 +88,7 @@ def test_environment_and_reward_function_rewards_add_up():
     rollout = Rollout(empty.long(), empty.long(), empty.long(), empty.long(), empty,
                       torch.zeros(2, dtype=torch.bool), torch.zeros(2).long(),
                       tool_mask=empty.long(), episodes=episodes)
-    total, per_fn = grpo.score_rollout([{"prompt": "q"}], rollout, None, {"quarter": quarter},
+    total, per_fn = online_common.score_rollout([{"prompt": "q"}], rollout, None, {"quarter": quarter},
                                        {"quarter": 3.0}, 2, env_weight=2.0)
     assert total.tolist() == [1.75, 0.75]
     assert per_fn["environment"][0] == 0.5 and math.isnan(per_fn["environment"][1])

@@ -15,15 +15,13 @@ from posttrain.config import DemoTaskConfig
 from posttrain.data.demo import generate_kto, generate_preference
 from posttrain.data.loading import DataError
 from posttrain.data.preference import (
-    BadPairError,
     collate_pairs,
     collate_unpaired,
     pairs_to_unpaired,
-    tokenize_pair,
     tokenize_preference_rows,
-    tokenize_unpaired,
     tokenize_unpaired_rows,
 )
+from posttrain.data.preference_pairs import BadPairError, tokenize_pair, tokenize_unpaired
 from posttrain.data.tokenize import tokenize_prompt
 from posttrain.models import build_tiny_tokenizer as build_project_tokenizer
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from posttrain import promotion, tracking
+from posttrain import promotion, registry, tracking
 from posttrain.config import ConfigError, MetricGuard, PipelineConfig, PromotionConfig
 
 GUARD = MetricGuard(metric="eval_loss", direction="min", tolerance=0.1)
@@ -112,20 +112,20 @@ def test_register_champion_moves_the_alias_and_keeps_old_versions(tmp_path):
     manifest = {"path": str(folder), "mlflow_run_id": run_id, "key": "k1", "stage": "sft"}
     name = f"test-promotion-{tmp_path.name}"
 
-    assert promotion.champion_metrics(name) is None
-    v1 = promotion.register_champion(name, "sft", manifest, _m(0.7))
-    assert promotion.champion_metrics(name) == _m(0.7)
-    v2 = promotion.register_champion(name, "dpo", {**manifest, "mlflow_run_id": None}, _m(0.8),
+    assert registry.champion_metrics(name) is None
+    v1 = registry.register_champion(name, "sft", manifest, _m(0.7))
+    assert registry.champion_metrics(name) == _m(0.7)
+    v2 = registry.register_champion(name, "dpo", {**manifest, "mlflow_run_id": None}, _m(0.8),
                                      experiment="test-promotion")
     assert v2 != v1
-    champion = promotion.champion_version(name)
-    assert str(champion.version) == v2 and champion.tags[promotion.STAGE_TAG] == "dpo"
-    assert json.loads(champion.tags[promotion.METRICS_TAG]) == _m(0.8)
+    champion = registry.champion_version(name)
+    assert str(champion.version) == v2 and champion.tags[registry.STAGE_TAG] == "dpo"
+    assert json.loads(champion.tags[registry.METRICS_TAG]) == _m(0.8)
     first = tracking.client().get_model_version(name, v1)
     # the version is an MLflow model logged on the run that trained the stage
-    assert first.source.endswith(promotion.MODEL_ARTIFACT) and first.run_id == run_id
+    assert first.source.endswith(registry.MODEL_ARTIFACT) and first.run_id == run_id
     assert champion.run_id != run_id  # no run: a run of its own holds the model
-    assert champion.source.endswith(promotion.MODEL_ARTIFACT)
+    assert champion.source.endswith(registry.MODEL_ARTIFACT)
     assert "checker_accuracy | 0.8" in champion.description  # the model card
 
 

@@ -12,7 +12,7 @@ import torch
 from posttrain import config as C
 from posttrain.config import GRPOConfig, PPOConfig, RLOOConfig, TinyModelConfig
 from posttrain.models import build_tiny_model, save_model
-from posttrain.recipes import grpo, ppo
+from posttrain.recipes import grpo, online_common, ppo
 from posttrain.rewards import load_reward_model
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
@@ -256,7 +256,7 @@ def test_ppo_values_read_the_positions_that_predict_completion_tokens(tokenizer,
 
     save_model(build_tiny_model(TINY, tokenizer), tokenizer, tmp_path)
     value_model = load_reward_model(tmp_path, new_head=True).eval()
-    prompt = grpo.prepare_prompts(PROMPTS[:1], tokenizer, 16)[0]["prompt_ids"]
+    prompt = online_common.prepare_prompts(PROMPTS[:1], tokenizer, 16)[0]["prompt_ids"]
     rollout = generate(build_tiny_model(TINY, tokenizer), [prompt], max_new_tokens=4,
                        eos_token_ids={tokenizer.eos_token_id}, pad_token_id=0,
                        generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ import torch
 from posttrain.best import BestState
 from posttrain.config import GRPOConfig, OnlineDPOConfig, PPOConfig, TinyModelConfig
 from posttrain.models import build_tiny_model, save_model
-from posttrain.recipes import grpo, online_dpo, ppo
+from posttrain.recipes import grpo, online_common, online_dpo, ppo
 from posttrain.rewards import load_reward_model
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, seed=0)
@@ -42,9 +42,9 @@ def _weights(model) -> list[torch.Tensor]:
 
 def _scripted(monkeypatch, values: list[float], metric: str = "eval/reward"):
     """evaluate_held_out returning `values` in turn (one per evaluation), for GRPO, RLOO,
-    online DPO and PPO (they all evaluate through grpo.evaluate_due)."""
+    online DPO and PPO (they all evaluate through online_common.evaluate_due)."""
     calls = iter(values)
-    monkeypatch.setattr(grpo, "evaluate_held_out",
+    monkeypatch.setattr(online_common, "evaluate_held_out",
                         lambda *a, **k: {metric: next(calls), "eval/completions/mean_length": 1.0})
 
 

@@ -209,7 +209,7 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from posttrain import promotion, tracking
+    from posttrain import registry, tracking
 
     with get_client(sync_client=True) as client:
         dep = _deployment(client, "posttrain-pipeline/srv", served)
@@ -246,10 +246,10 @@ def test_deployment_run_with_custom_parameters_tracks_and_promotes(servers, serv
         assert all(c.info.status == "FINISHED" for c in children.values())
         artifacts = {a.path for a in tracking.client().list_artifacts(parent.info.run_id)}
         assert {"comparison.json", "comparison.png"} <= artifacts
-        champion = promotion.champion_version("srv-model")
+        champion = registry.champion_version("srv-model")
         assert champion is not None and champion.aliases == ["champion"]
-        assert champion.tags[promotion.STAGE_TAG] == parent.data.tags["posttrain.promoted_stage"]
-        assert champion.tags[promotion.STAGE_TAG] in {"sft", "dpo", "grpo"}
+        assert champion.tags[registry.STAGE_TAG] == parent.data.tags["posttrain.promoted_stage"]
+        assert champion.tags[registry.STAGE_TAG] in {"sft", "dpo", "grpo"}
         assert parent.data.tags["posttrain.promoted_version"] == str(champion.version)
         assert any(a.type == "markdown" and "Promotion decision" in str(a.data)
                    for a in client.read_artifacts())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from posttrain import tracking
+from posttrain import charts, tracking
 from posttrain.config import PipelineConfig, validate
 from tests.conftest import SFT_STAGE, stage, tiny_pipeline_values
 
@@ -41,7 +41,7 @@ def test_comparison_chart_scales_each_metric_to_the_trained_models():
         "sft": {"perplexity": 2.1, "kl_to_reference": 0.05, "win_rate_vs_reference": 0.45},
         "dpo": {"perplexity": 2.3, "kl_to_reference": 0.1, "win_rate_vs_reference": 0.6},
     }
-    fig = tracking.comparison_chart(comparison)
+    fig = charts.comparison_chart(comparison)
     panels = _panels(fig)
     assert set(panels) == {"perplexity", "kl_to_reference", "win_rate_vs_reference"}
     ppl = panels["perplexity"]
@@ -63,7 +63,7 @@ def test_comparison_chart_handles_missing_and_negative_values():
     trained -0.2 and 0.1 -> span 0.3, limits -0.2 - 0.075 .. 0.1 + 0.075."""
     comparison = {"base": {"reward_score": -3.0}, "sft": {"reward_score": -0.2},
                   "dpo": {"reward_score": 0.1, "eos_rate": 1.0}}
-    panels = _panels(tracking.comparison_chart(comparison))
+    panels = _panels(charts.comparison_chart(comparison))
     lo, hi = panels["reward_score"].get_ylim()
     assert (round(lo, 6), round(hi, 6)) == (-0.275, 0.175)
     assert [t.get_text() for t in panels["reward_score"].texts] == ["-3 (cut)", "-0.2", "0.1"]

@@ -65,7 +65,7 @@ from posttrain.data.preference import (
 )
 from posttrain.data.tokenize import tokenize_sft_rows
 from posttrain.models import build_tiny_model, save_model
-from posttrain.recipes import grpo, kto, preference, reward, sft
+from posttrain.recipes import grpo, kto, online_common, preference, reward, sft
 from posttrain.rewards import load_reward_model
 from posttrain.rollout import Rollout
 
@@ -376,7 +376,7 @@ def test_online_on_a_fixed_batch(tmp_path, tokenizer, policy, prompts, monkeypat
                             normalize_advantages=False, **online)
         trl_settings.update(beta=0.05, normalize_advantages=False)
         trainer_cls, config_cls = trl.RLOOTrainer, trl.RLOOConfig
-    rows = grpo.prepare_prompts(prompts, tokenizer, 64 - NEW_TOKENS)
+    rows = online_common.prepare_prompts(prompts, tokenizer, 64 - NEW_TOKENS)
     table = _completion_table([r["prompt_ids"] for r in rows], tokenizer)
     monkeypatch.setattr(grpo, "_sample", _fixed_rollout(table, tokenizer))
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from posttrain.config import DemoTaskConfig
-from posttrain.harness import DEMO_TASK, LOCAL_TASKS, demo_rows, task_config
+from posttrain.harness_local import DEMO_TASK, LOCAL_TASKS, demo_rows, task_config
 
 # conf/demo.yaml's `demo:` block (the held-out split depends on tasks, num_eval and seed only).
 DEMO = DemoTaskConfig(tasks=("add", "reverse", "sort"), num_eval=200, conversational=True, seed=0)

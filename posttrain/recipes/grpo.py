@@ -41,11 +41,9 @@ Choices and departures:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,100 +53,38 @@ from posttrain import checkpoints
 from posttrain.advantages import group_advantages, leave_one_out_advantages
 from posttrain.best import best_state
 from posttrain.config import GRPOConfig, RLOOConfig
-from posttrain.data.tokenize import tokenize_prompt
-from posttrain.logprobs import SelectedLogits
 from posttrain.losses.grpo import grpo_loss
 from posttrain.losses.rloo import rloo_loss, sequence_kl
 from posttrain.models import stop_token_ids
-from posttrain.multiturn import Agent, episode_metrics, episode_table, generate_episodes
+from posttrain.multiturn import Agent, episode_table, generate_episodes
 from posttrain.progress import TrainingProgress
-from posttrain.reward_functions import as_completions, combine_rewards
+from posttrain.recipes.online_common import (
+    Checker,
+    MetricFn,
+    RewardFns,
+    evaluate_due,
+    evaluation_of,
+    finish,
+    log_due,
+    prepare_policy,
+    prompt_batches,
+    prompt_rows,
+    reference_logps,
+    restore_position,
+    rollout_metrics,
+    score_rollout,
+)
 from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
 from posttrain.training import (
     NonFiniteGuard,
-    build_optimizer,
     disable_dropout,
-    endless_batches,
     global_sum,
     make_accelerator,
     optimizer_step,
     reference_runner,
 )
 
-MetricFn = Callable[[dict[str, float], int], None]
 TableFn = Callable[[list[dict], str], None]  # (rows, artifact file) -> logged as an MLflow table
-RewardFns = dict[str, Callable]
-Checker = Callable[[object, str], bool]
-# Row keys that are not dataset columns for reward functions: the prompt (passed as `prompts`)
-# and what prepare_prompts adds.
-INTERNAL_COLUMNS = ("prompt", "prompt_ids")
-
-
-def prepare_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
-    """Rows with `prompt_ids` (cut from the left to fit) next to their original columns."""
-    out = []
-    for row in rows:
-        ids = tokenize_prompt(row["prompt"], tokenizer)
-        out.append({**row, "prompt_ids": ids[-max_prompt_length:]})
-    return out
-
-
-def decode_completions(rollout: Rollout, tokenizer) -> list[str]:
-    texts = []
-    for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
-        kept = [t for t, m in zip(ids, mask) if m]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-    return texts
-
-
-def score_rollout(rows, rollout, tokenizer, reward_fns: RewardFns, weights, group: int,
-                  env_weight: float = 1.0):
-    """Total reward per completion (N,) and the per-function rewards, for rows repeated G times.
-
-    Reward functions are called as TRL calls them (posttrain/reward_functions.py): keyword
-    arguments `prompts`, `completions` (assistant message lists for conversational prompts) and
-    every dataset column but `prompt` and the internal `prompt_ids`, by its name. A multi-turn
-    rollout is scored per episode (`_score_episodes`).
-    """
-    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in INTERNAL_COLUMNS]
-    columns = {k: [r.get(k) for r in rows for _ in range(group)] for k in extra}
-    if rollout.episodes is not None:
-        return _score_episodes(rollout.episodes, reward_fns, weights, columns, env_weight)
-    prompts = [r["prompt"] for r in rows for _ in range(group)]
-    completions = as_completions(prompts, decode_completions(rollout, tokenizer))
-    return combine_rewards(reward_fns, weights, prompts, completions, columns)
-
-
-def _score_episodes(episodes, reward_fns, weights, columns, env_weight: float):
-    """Episode rewards: reward functions on (first messages, later messages), plus the
-    environment's reward (`rewards/environment/mean`; None, i.e. NaN, adds 0)."""
-    prompts = [e.prompt for e in episodes]
-    completions = [e.completion for e in episodes]
-    total, per_fn = combine_rewards(reward_fns, weights, prompts, completions, columns)
-    env = torch.tensor([math.nan if e.reward is None else e.reward for e in episodes])
-    if not bool(env.isnan().all()):
-        per_fn["environment"] = env
-        total = total + env_weight * torch.nan_to_num(env, nan=0.0)
-    return total, per_fn
-
-
-def rollout_metrics(total: torch.Tensor, per_fn: dict, rollout: Rollout, group: int) -> dict:
-    grouped = total.view(-1, group)  # (P, G)
-    lengths = rollout.model_mask.sum(-1).float()  # the model's tokens (multi-turn: all turns)
-    mask = rollout.model_mask.bool()
-    metrics = {
-        "reward": total.mean().item(),
-        "reward_std": grouped.std(dim=1).mean().item(),
-        "frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/clipped_ratio": rollout.truncated.float().mean().item(),
-        "entropy": (-rollout.logps[mask]).mean().item() if mask.any() else 0.0,
-    }
-    for name, values in per_fn.items():
-        metrics[f"rewards/{name}/mean"] = torch.nanmean(values).item()
-    if rollout.episodes is not None:
-        metrics.update(episode_metrics(rollout.episodes))
-    return metrics
 
 
 def _sample_episodes(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
@@ -176,15 +112,6 @@ def _sample(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
         backend=config.generation_backend, prompt_offset=rank * len(rows),
         global_prompts=world * len(rows),
     )
-
-
-def reference_logps(reference, rollout: Rollout, temperature: float) -> torch.Tensor | None:
-    """Per-token reference log-probs of a rollout (B, C), or None without a reference."""
-    if reference is None:
-        return None
-    return reference(lambda ref: completion_logps(
-        ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-        rollout.completion_mask, temperature=temperature))
 
 
 @torch.no_grad()
@@ -321,50 +248,31 @@ def train(
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-    G = config.num_generations
-    max_prompt = config.max_length - config.max_completion_length
     agent = Agent.from_config(getattr(config, "environment", None),
                               config.max_completion_length, config.max_length)
-    rows = prepare_prompts(prompts, tokenizer, max_prompt)
-    held = prepare_prompts(eval_prompts, tokenizer, max_prompt)[: config.max_eval_rows]
+    rows, held = prompt_rows(prompts, eval_prompts, tokenizer,
+                             config.max_length - config.max_completion_length,
+                             config.max_eval_rows)
     disable_dropout(policy)  # before the reference copy: the reference runs in eval mode anyway
-    reference = reference_runner(config.reference, policy, accelerator) if config.beta > 0 \
-        else None
-    net = SelectedLogits(policy)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, config)
-    net, optimizer = accelerator.prepare(net, optimizer)
-    net.train()  # a loaded model comes in eval mode (dropout is off either way)
-    per_generation = config.per_device_batch_size * config.grad_accum // G  # prompts
-    batches = endless_batches(rows, per_generation, list, seed=config.seed,
-                              rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, what="prompts")
+    reference = _reference(policy, config, accelerator)
+    net, params, optimizer, scheduler = prepare_policy(policy, config, accelerator)
+    per_generation = config.per_device_batch_size * config.grad_accum // config.num_generations
+    batches = prompt_batches(rows, per_generation, config.seed, accelerator)  # of prompts
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
-    evaluation = held_out(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
-                          eval_weights if eval_weights is not None else weights, checker, best,
-                          agent=agent)
-    step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
-    for _ in range(step // config.num_iterations):  # prompt batches already trained on
-        next(batches)
+    evaluation = evaluation_of(held, reward_fns, weights, eval_reward_fns, eval_weights,
+                               checker, best, agent)
+    step = restore_position(accelerator, checkpoint_dir, batches, config.num_iterations)
     with TrainingProgress(config.method, config.max_steps,
                           enabled=accelerator.is_main_process) as bar:
         while step < config.max_steps:
             t0 = time.perf_counter()
             batch = next(batches)
-            with accelerator.autocast():  # sampling and reward models in training's precision
-                generator.manual_seed(rollout_seed(config.seed, step + 1))
-                shard = (accelerator.process_index, accelerator.num_processes)
-                rollout = (_sample_episodes(policy, batch, config, tokenizer, generator, shard,
-                                            agent) if agent is not None else
-                           _sample(policy, batch, config, tokenizer, generator, shard))
-                total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G,
-                                              agent.reward_weight if agent else 1.0)
-            ref_logps = reference_logps(reference, rollout, config.temperature)
-            advantages, kl = _advantages(net, rollout, total, ref_logps, config)  # (N,)
-            sampled = {**rollout_metrics(total, per_fn, rollout, G), **kl}
+            rollout, total, advantages, ref_logps, sampled = _experience(
+                policy, net, batch, config, tokenizer, generator, accelerator, agent,
+                reward_fns, weights, reference, step + 1)
             if accelerator.is_main_process:
                 _log_episodes(log_table, agent, rollout, total, step + 1, config)
             old_logps = None  # the first pass sets π_old
@@ -379,16 +287,47 @@ def train(
                 evaluated = evaluate_due(policy, evaluation, config, tokenizer, accelerator,
                                          step, best)
                 metrics.update(evaluated)
-                due = step % config.log_every == 0 or step == config.max_steps
-                if (due or evaluated) and accelerator.is_main_process and \
-                        log_metrics is not None:
-                    log_metrics(metrics, step)
+                log_due(log_metrics, metrics, step, evaluated, log_every=config.log_every,
+                        max_steps=config.max_steps, is_main_process=accelerator.is_main_process)
                 bar.update(step, {"loss": metrics["loss"]})
                 final.update(metrics)
             checkpoints.after_step(accelerator, checkpoint_dir, step,
                                    every=config.checkpoint_every, keep=config.checkpoint_keep,
                                    can_save=step % config.num_iterations == 0)
     return finish(best, final)
+
+
+def _reference(policy, config: GRPOConfig | RLOOConfig, accelerator):
+    """The reference runner; with β = 0 none (no reference model is loaded at all)."""
+    return reference_runner(config.reference, policy, accelerator) if config.beta > 0 else None
+
+
+def _experience(policy, net, batch, config: GRPOConfig | RLOOConfig, tokenizer, generator,
+                accelerator, agent: Agent | None, reward_fns: RewardFns, weights, reference,
+                step: int):
+    """The generation batch of step `step` (the sampling noise's seed): its rollout, rewards
+    (N,), advantages (N,), reference log-probs (N, C; None without a reference) and sampling
+    metrics."""
+    G = config.num_generations
+    generator.manual_seed(rollout_seed(config.seed, step))
+    with accelerator.autocast():  # sampling and reward models in training's precision
+        rollout = _sample_batch(policy, batch, config, tokenizer, generator, accelerator, agent)
+        total, per_fn = score_rollout(batch, rollout, tokenizer, reward_fns, weights, G,
+                                      agent.reward_weight if agent else 1.0)
+    ref_logps = reference_logps(reference, rollout, config.temperature)
+    advantages, kl = _advantages(net, rollout, total, ref_logps, config)  # (N,)
+    sampled = {**rollout_metrics(total, per_fn, rollout, G), **kl}
+    return rollout, total, advantages, ref_logps, sampled
+
+
+def _sample_batch(policy, rows, config: GRPOConfig | RLOOConfig, tokenizer, generator,
+                  accelerator, agent: Agent | None) -> Rollout:
+    """This process's rollout of a prompt batch: episodes with an environment, else
+    completions (`_sample`)."""
+    shard = (accelerator.process_index, accelerator.num_processes)
+    if agent is not None:
+        return _sample_episodes(policy, rows, config, tokenizer, generator, shard, agent)
+    return _sample(policy, rows, config, tokenizer, generator, shard)
 
 
 def _log_episodes(log_table: TableFn | None, agent: Agent | None, rollout: Rollout, total,
@@ -402,95 +341,3 @@ def _log_episodes(log_table: TableFn | None, agent: Agent | None, rollout: Rollo
                              config.num_generations)
         log_table(rows, f"episodes/step_{step:06d}.json")
 
-
-# ------------------------------------------------------------ evaluation during training
-
-
-@dataclass
-class HeldOut:
-    """What the evaluation during training scores: prepared held-out prompt rows (with
-    `prompt_ids`), the evaluation's reward functions and weights, and the data's checker
-    (`checker(prompt, completion_text)`, None where the data has none)."""
-
-    rows: list[dict]
-    reward_fns: RewardFns
-    weights: dict[str, float]
-    checker: Checker | None = None
-    agent: Agent | None = None  # multi-turn: greedy episodes, the checker on the final answer
-
-
-@torch.no_grad()
-def evaluate_held_out(policy, held: HeldOut, config, tokenizer) -> dict[str, float]:
-    """`eval/...` metrics of greedy completions (the rollout code at temperature 0) of the
-    held-out prompts: `eval/reward` (weighted sum of the evaluation's reward functions, mean),
-    `eval/rewards/<fn>/mean`, `eval/checker_accuracy` (with a checker),
-    `eval/completions/mean_length` (tokens, the stop token included) and
-    `eval/completions/clipped_ratio` (no stop token within max_completion_length). With an
-    environment: greedy episodes, `eval/episodes/...` too, the environment's reward in
-    eval/reward, and the checker on each episode's final answer."""
-    if held.agent is not None:
-        rollout = generate_episodes(
-            policy, tokenizer, held.rows, held.agent.make_env, tools=held.agent.tools,
-            limits=held.agent.limits, temperature=0.0,
-            eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
-    else:
-        rollout = generate(
-            policy, [r["prompt_ids"] for r in held.rows], num_samples=1,
-            max_new_tokens=config.max_completion_length, temperature=0.0,
-            eos_token_ids=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
-            backend=config.generation_backend,
-        )
-    metrics = {
-        "eval/completions/mean_length": rollout.model_mask.sum(-1).float().mean().item(),
-        "eval/completions/clipped_ratio": rollout.truncated.float().mean().item(),
-    }
-    if held.agent is not None:
-        metrics.update(episode_metrics(rollout.episodes, "eval/"))
-    if held.reward_fns or held.agent is not None:
-        total, per_fn = score_rollout(held.rows, rollout, tokenizer, held.reward_fns,
-                                      held.weights, 1,
-                                      held.agent.reward_weight if held.agent else 1.0)
-        metrics["eval/reward"] = total.mean().item()
-        for name, values in per_fn.items():
-            metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(values).item()
-    if held.checker is not None:
-        texts = ([e.final_answer for e in rollout.episodes] if rollout.episodes is not None
-                 else decode_completions(rollout, tokenizer))
-        correct = [bool(held.checker(r["prompt"], t)) for r, t in zip(held.rows, texts)]
-        metrics["eval/checker_accuracy"] = sum(correct) / len(correct)
-    return metrics
-
-
-def held_out(rows, reward_fns, weights, checker, best, agent: Agent | None = None) -> HeldOut:
-    """The HeldOut of a recipe, refused at once when select_best has nothing to evaluate."""
-    if best is not None and not rows:
-        raise ValueError(f"select_best: {best.metric} needs held-out prompts, and there are "
-                         "none")
-    if best is not None and best.metric == "eval/checker_accuracy" and checker is None:
-        raise ValueError("select_best: eval/checker_accuracy needs a checker, and the held-out "
-                         "prompts have none")
-    return HeldOut(rows, reward_fns, weights, checker, agent)
-
-
-def evaluate_due(policy, held: HeldOut, config, tokenizer, accelerator, step: int,
-                 best) -> dict[str, float]:
-    """The evaluation of step `step` when one is due (every eval_every steps and the last; {}
-    otherwise or without held-out prompts), offered to `best` (select_best) when there is one."""
-    if not held.rows or not (step % config.eval_every == 0 or step == config.max_steps):
-        return {}
-    with accelerator.autocast():
-        metrics = evaluate_held_out(policy, held, config, tokenizer)
-    if best is not None:
-        best.update(metrics, step)
-    return metrics
-
-
-def finish(best, final: dict[str, float]) -> dict[str, float]:
-    """The end of an online loop: with select_best, the best evaluated step's weights back in
-    the policy and `best_step`, `best/<metric>` in the final metrics."""
-    if best is None:
-        return final
-    if best.restore() is None:
-        raise RuntimeError(f"select_best: {best.metric} was never logged (no held-out "
-                           "prompts were evaluated), so no step can be selected")
-    return {**final, **best.summary()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -123,6 +124,68 @@ def precompute_reference(policy, examples: list[dict], *, pad_token_id: int,
     return out
 
 
+def _precompute_references(net, train_examples: list[dict], eval_examples: list[dict], *,
+                           pad_token_id: int, batch_size: int, num_batches: int, seed: int,
+                           accelerator: Accelerator) -> tuple[list[dict], list[dict]]:
+    """Reference log-probs through the prepared net: on the device, in the training forward's
+    precision; only the examples the run trains on, and every held-out one."""
+    precompute = partial(precompute_reference, net, pad_token_id=pad_token_id,
+                         batch_size=batch_size, device=accelerator.device)
+    train_examples = precompute_used(
+        train_examples, precompute, batch_size=batch_size, num_batches=num_batches, seed=seed,
+        world_size=accelerator.num_processes)
+    return train_examples, precompute(eval_examples)
+
+
+def _terms(net, reference, accelerator: Accelerator, batch: dict, *, global_batch: bool,
+           beta: float, desirable_weight: float,
+           undesirable_weight: float) -> tuple[torch.Tensor, dict]:
+    """The KTO loss and metrics of one batch."""
+    policy_logps = _logps(net, batch)
+    with torch.no_grad():
+        kl_policy = _logps(net, batch, "kl_")
+    ref, kl_ref = _reference_logps(reference, batch)
+    # Training micro-batches are sharded across processes: z_ref over all shards. Every
+    # process evaluates the whole held-out set, so there the local estimate is the global one.
+    spread = global_batch and accelerator.num_processes > 1
+    z_ref = kl_estimate(kl_policy, kl_ref, partial(accelerator.reduce, reduction="sum")
+                        if spread else None)
+    return kto_loss(
+        policy_logps, ref, batch["labels"], kl_policy, kl_ref, beta=beta,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, z_ref=z_ref,
+    )
+
+
+def _loss_sums(terms: Callable, batch: dict) -> tuple[torch.Tensor, dict]:
+    """`terms` of a training micro-batch as sums, for gradient accumulation."""
+    loss, m = terms(batch, global_batch=True)
+    n = batch["input_ids"].shape[0]
+    # Rewards of desirable / undesirable rows are means over those rows alone: (sum, count)
+    # pairs, so a micro-batch or shard without one side adds nothing instead of a NaN.
+    desirable = int(batch["labels"].bool().sum())
+    for key, rows in (("rewards/chosen", desirable), ("rewards/rejected", n - desirable)):
+        m[key] = (float(m[key]) * rows if rows else 0.0, rows)
+    del m["rewards/margins"]  # derived after accumulation (_with_margins)
+    return as_sums(loss, m, n)
+
+
+def _with_margins(log_metrics: MetricFn | None, metrics: dict[str, float], step: int) -> None:
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    if log_metrics is not None:
+        log_metrics(metrics, step)
+
+
+def _evaluate(terms: Callable, eval_batches: list[dict], device: torch.device) -> dict[str, float]:
+    """The held-out loss, a mean over rows."""
+    total, n_total = 0.0, 0
+    for batch in eval_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, _ = terms(batch, global_batch=False)
+        n_total += batch["input_ids"].shape[0]
+        total += float(loss) * batch["input_ids"].shape[0]
+    return {"eval_loss": total / max(n_total, 1)}
+
+
 def train(
     policy: torch.nn.Module,
     train_examples: list[dict],
@@ -147,74 +210,26 @@ def train(
     optimizer, scheduler = build_optimizer(params, config)
     net, optimizer, params = prepare(accelerator, net, optimizer, config)
     if reference is None:
-        # Through the prepared net: on the device, in the training forward's precision; only
-        # the examples the run trains on.
-        def precompute(examples: list[dict]) -> list[dict]:
-            return precompute_reference(net, examples, pad_token_id=pad_token_id,
-                                        batch_size=config.per_device_batch_size,
-                                        device=accelerator.device)
-
-        train_examples = precompute_used(
-            train_examples, precompute, batch_size=config.per_device_batch_size,
+        train_examples, eval_examples = _precompute_references(
+            net, train_examples, eval_examples, pad_token_id=pad_token_id,
+            batch_size=config.per_device_batch_size,
             num_batches=config.max_steps * config.grad_accum, seed=config.seed,
-            world_size=accelerator.num_processes)
-        eval_examples = precompute(eval_examples)
-
-    def across_processes(sums: torch.Tensor) -> torch.Tensor:
-        return accelerator.reduce(sums, "sum")
-
-    def terms(batch: dict, global_batch: bool) -> tuple[torch.Tensor, dict]:
-        policy_logps = _logps(net, batch)
-        with torch.no_grad():
-            kl_policy = _logps(net, batch, "kl_")
-        ref, kl_ref = _reference_logps(reference, batch)
-        # Training micro-batches are sharded across processes: z_ref over all shards. Every
-        # process evaluates the whole held-out set, so there the local estimate is the global one.
-        spread = global_batch and accelerator.num_processes > 1
-        z_ref = kl_estimate(kl_policy, kl_ref, across_processes if spread else None)
-        return kto_loss(
-            policy_logps, ref, batch["labels"], kl_policy, kl_ref, beta=config.beta,
-            desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
-            z_ref=z_ref,
-        )
-
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, m = terms(batch, global_batch=True)
-        n = batch["input_ids"].shape[0]
-        # Rewards of desirable / undesirable rows are means over those rows alone: (sum, count)
-        # pairs, so a micro-batch or shard without one side adds nothing instead of a NaN.
-        desirable = int(batch["labels"].bool().sum())
-        for key, rows in (("rewards/chosen", desirable), ("rewards/rejected", n - desirable)):
-            m[key] = (float(m[key]) * rows if rows else 0.0, rows)
-        del m["rewards/margins"]  # derived after accumulation (with_margins)
-        return as_sums(loss, m, n)
-
-    def with_margins(metrics: dict[str, float], step: int) -> None:
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        if log_metrics is not None:
-            log_metrics(metrics, step)
-
+            accelerator=accelerator)
+    terms = partial(_terms, net, reference, accelerator, beta=config.beta,
+                    desirable_weight=config.desirable_weight,
+                    undesirable_weight=config.undesirable_weight)
     eval_batches = [
         collate(eval_examples[i : i + config.per_device_batch_size], pad_token_id)
         for i in range(0, len(eval_examples), config.per_device_batch_size)
     ]
-
-    def evaluate() -> dict[str, float]:
-        total, n_total = 0.0, 0
-        for batch in eval_batches:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss, _ = terms(batch, global_batch=False)
-            n_total += batch["input_ids"].shape[0]
-            total += float(loss) * batch["input_ids"].shape[0]
-        return {"eval_loss": total / max(n_total, 1)}
-
     batches = endless_batches(
-        train_examples, config.per_device_batch_size, lambda ex: collate(ex, pad_token_id),
+        train_examples, config.per_device_batch_size, partial(collate, pad_token_id=pad_token_id),
         seed=config.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         what="KTO examples",
     )
     return fit(
         accelerator, net, optimizer, scheduler, params, batches, config, name="kto",
-        count=lambda b: b["input_ids"].shape[0], loss_fn=loss_fn, evaluate=evaluate,
-        log_metrics=with_margins, checkpoint_dir=checkpoint_dir,
+        count=lambda b: b["input_ids"].shape[0], loss_fn=partial(_loss_sums, terms),
+        evaluate=partial(_evaluate, terms, eval_batches, accelerator.device),
+        log_metrics=partial(_with_margins, log_metrics), checkpoint_dir=checkpoint_dir,
     )

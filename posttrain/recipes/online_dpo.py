@@ -8,7 +8,7 @@ are TRL's OnlineDPOTrainer's (learning rate 5e-7, beta 0.1, temperature 0.9, 64 
 
 Choices:
 - Sampling, scoring and the reference come from GRPO's machinery (posttrain/rollout.py,
-  recipes/grpo.py): generation with a KV cache, reward functions called as TRL calls them.
+  recipes/online_common.py): generation with a KV cache, reward functions called as TRL calls them.
 - Batch sizes count pairs, one per prompt: a step samples per_device_batch_size x grad_accum
   prompts twice each, then trains on them in grad_accum micro-batches of per_device_batch_size
   pairs, the loss averaged over the micro-batches.
@@ -32,32 +32,32 @@ from accelerate import Accelerator
 from posttrain import checkpoints
 from posttrain.best import best_state
 from posttrain.config import OnlineDPOConfig
-from posttrain.logprobs import SelectedLogits
 from posttrain.losses.online_dpo import online_dpo_loss
 from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
-from posttrain.recipes.grpo import (
+from posttrain.recipes.online_common import (
     Checker,
+    MetricFn,
     evaluate_due,
+    evaluation_of,
     finish,
-    held_out,
-    prepare_prompts,
+    log_due,
+    prepare_policy,
+    prompt_batches,
+    prompt_rows,
     reference_logps,
+    restore_position,
     rollout_metrics,
     score_rollout,
 )
 from posttrain.rollout import Rollout, completion_logps, generate, rollout_seed
 from posttrain.training import (
     NonFiniteGuard,
-    build_optimizer,
     disable_dropout,
-    endless_batches,
     make_accelerator,
     optimizer_step,
     reference_runner,
 )
-
-MetricFn = Callable[[dict[str, float], int], None]
 
 
 def scored_pairs(rows, rollout: Rollout, tokenizer, reward_fns, weights,
@@ -70,6 +70,21 @@ def scored_pairs(rows, rollout: Rollout, tokenizer, reward_fns, weights,
     sampled = rollout_metrics(total, per_fn, rollout, 2)
     sampled["val/contain_eos_token"] = (~rollout.truncated.bool()).float().mean().item()
     return total, per_fn, sampled
+
+
+def _sample_pairs(policy, rows, config: OnlineDPOConfig, tokenizer, generator,
+                  accelerator) -> Rollout:
+    """Two completions of each of this process's prompts, shard `process_index` of the global
+    batch, sampled with the global batch's noise (`generate`)."""
+    return generate(
+        policy, [r["prompt_ids"] for r in rows], num_samples=2,
+        max_new_tokens=config.max_completion_length,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        eos_token_ids=stop_token_ids(policy, tokenizer),
+        pad_token_id=tokenizer.pad_token_id, generator=generator,
+        backend=config.generation_backend,
+        prompt_offset=accelerator.process_index * len(rows),
+        global_prompts=accelerator.num_processes * len(rows))
 
 
 def _step(net, optimizer, scheduler, params, rollout: Rollout, rewards, ref_logps,
@@ -123,28 +138,21 @@ def train(
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-    max_prompt = config.max_length - config.max_completion_length
-    rows = prepare_prompts(prompts, tokenizer, max_prompt)
-    held = prepare_prompts(eval_prompts, tokenizer, max_prompt)[: config.max_eval_rows]
+    rows, held = prompt_rows(prompts, eval_prompts, tokenizer,
+                             config.max_length - config.max_completion_length,
+                             config.max_eval_rows)
     disable_dropout(policy)
     reference = reference_runner(config.reference, policy, accelerator)
-    net = SelectedLogits(policy)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, config)
-    net, optimizer = accelerator.prepare(net, optimizer)
-    net.train()
-    batches = endless_batches(rows, config.per_device_batch_size * config.grad_accum, list,
-                              seed=config.seed, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, what="prompts")
+    net, params, optimizer, scheduler = prepare_policy(policy, config, accelerator)
+    batches = prompt_batches(rows, config.per_device_batch_size * config.grad_accum,
+                             config.seed, accelerator)
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
-    evaluation = held_out(held, eval_reward_fns if eval_reward_fns is not None else reward_fns,
-                          eval_weights if eval_weights is not None else weights, checker, best)
-    step = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
-    for _ in range(step):  # prompt batches already trained on
-        next(batches)
+    evaluation = evaluation_of(held, reward_fns, weights, eval_reward_fns, eval_weights,
+                               checker, best)
+    step = restore_position(accelerator, checkpoint_dir, batches)
     with TrainingProgress("online_dpo", config.max_steps,
                           enabled=accelerator.is_main_process) as bar:
         while step < config.max_steps:
@@ -152,15 +160,8 @@ def train(
             batch = next(batches)
             generator.manual_seed(rollout_seed(config.seed, step + 1))
             with accelerator.autocast():
-                rollout = generate(
-                    policy, [r["prompt_ids"] for r in batch], num_samples=2,
-                    max_new_tokens=config.max_completion_length,
-                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                    eos_token_ids=stop_token_ids(policy, tokenizer),
-                    pad_token_id=tokenizer.pad_token_id, generator=generator,
-                    backend=config.generation_backend,
-                    prompt_offset=accelerator.process_index * len(batch),
-                    global_prompts=accelerator.num_processes * len(batch))
+                rollout = _sample_pairs(policy, batch, config, tokenizer, generator,
+                                        accelerator)
                 rewards, _, sampled = scored_pairs(batch, rollout, tokenizer, reward_fns,
                                                    weights, config)
             ref_logps = reference_logps(reference, rollout, config.temperature)
@@ -171,10 +172,8 @@ def train(
             evaluated = evaluate_due(policy, evaluation, config, tokenizer, accelerator, step,
                                      best)
             metrics.update(evaluated)
-            due = step % config.log_every == 0 or step == config.max_steps
-            if (due or evaluated) and accelerator.is_main_process and \
-                    log_metrics is not None:
-                log_metrics(metrics, step)
+            log_due(log_metrics, metrics, step, evaluated, log_every=config.log_every,
+                    max_steps=config.max_steps, is_main_process=accelerator.is_main_process)
             bar.update(step, {"loss": metrics["loss"]})
             final.update(metrics)
             checkpoints.after_step(accelerator, checkpoint_dir, step,

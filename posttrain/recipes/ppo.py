@@ -40,13 +40,17 @@ from posttrain.logprobs import SelectedLogits, position_ids_from_mask
 from posttrain.losses.ppo import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
 from posttrain.models import stop_token_ids
 from posttrain.progress import TrainingProgress
-from posttrain.recipes.grpo import (
+from posttrain.recipes.online_common import (
     Checker,
+    MetricFn,
     evaluate_due,
     finish,
     held_out,
-    prepare_prompts,
+    log_due,
+    prompt_batches,
+    prompt_rows,
     reference_logps,
+    restore_position,
 )
 from posttrain.reward_functions import reward_model_function
 from posttrain.rewards import RewardScorer
@@ -55,15 +59,12 @@ from posttrain.training import (
     NonFiniteGuard,
     build_optimizer,
     disable_dropout,
-    endless_batches,
     global_sum,
     make_accelerator,
     optimizer_step,
     place,
     reference_runner,
 )
-
-MetricFn = Callable[[dict[str, float], int], None]
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -159,7 +160,7 @@ def train(
     """Train `policy` (and `value_model`) in place against the frozen `reward_model`.
 
     Every `eval_every` rollout batches and at the last, greedy completions of the first
-    `max_eval_rows` `eval_prompts` are scored as GRPO scores them (`grpo.evaluate_held_out`)
+    `max_eval_rows` `eval_prompts` are scored as GRPO scores them (`online_common.evaluate_held_out`)
     with `eval_reward_fns` (default: `reward_model`, under the name 'reward_model') and
     `checker`; with `config.select_best` the policy of the best evaluated step is put back at
     the end (the value model stays the last one: it is not part of the artifact).
@@ -171,52 +172,33 @@ def train(
     accelerator = accelerator or make_accelerator()
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-    max_prompt = config.max_length - config.max_completion_length
-    rows = prepare_prompts(prompts, tokenizer, max_prompt)
-    held = prepare_prompts(list(eval_prompts), tokenizer, max_prompt)[: config.max_eval_rows]
+    rows, held = prompt_rows(prompts, eval_prompts, tokenizer,
+                             config.max_length - config.max_completion_length,
+                             config.max_eval_rows)
     disable_dropout(policy)
     disable_dropout(value_model)
     reference = reference_runner(config.reference, policy, accelerator)
     reward_model = place(reward_model, accelerator, frozen=True)
-    policy_value = PolicyAndValue(policy, value_model)
-    params = [p for p in policy_value.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(
-        params, config, updates_per_step=config.num_ppo_epochs * config.num_mini_batches)
-    policy_value, optimizer = accelerator.prepare(policy_value, optimizer)
-    policy_value.train()  # a loaded model comes in eval mode (dropout is off either way)
-    batches = endless_batches(rows, config.per_device_batch_size, list, seed=config.seed,
-                              rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, what="prompts")
+    policy_value, params, optimizer, scheduler = _prepare(policy, value_model, config,
+                                                          accelerator)
+    batches = prompt_batches(rows, config.per_device_batch_size, config.seed, accelerator)
     final: dict[str, float] = {}
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     # The reference was copied above from the starting policy, before any restore: it stays
     # the SFT model, as in the uninterrupted run.
     accelerator.register_for_checkpointing(scheduler, checkpoints.GeneratorState(generator))
     best = best_state(policy, config, accelerator)
-    if eval_reward_fns is None:
-        eval_reward_fns = {"reward_model": reward_model_function(reward_model, tokenizer,
-                                                                 tokenizer.pad_token_id)}
-        eval_weights = {"reward_model": 1.0}
+    if eval_reward_fns is None:  # the reward model scores the held-out completions too
+        eval_reward_fns, eval_weights = _reward_model_scoring(reward_model, tokenizer)
     evaluation = held_out(held, eval_reward_fns, eval_weights or {}, checker, best)
-    start = checkpoints.restore(accelerator, checkpoint_dir) if checkpoint_dir else 0
-    for _ in range(start):  # prompt batches already trained on
-        next(batches)
+    start = restore_position(accelerator, checkpoint_dir, batches)
     with TrainingProgress("ppo", config.max_steps, enabled=accelerator.is_main_process) as bar:
         for step in range(start + 1, config.max_steps + 1):
             t0 = time.perf_counter()
             batch = next(batches)
             generator.manual_seed(rollout_seed(config.seed, step))
             with accelerator.autocast():  # sampling and scoring in the training precision
-                rollout = generate(
-                    policy, [r["prompt_ids"] for r in batch],
-                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
-                    top_p=config.top_p, top_k=config.top_k,
-                    eos_token_ids=stop_token_ids(policy, tokenizer),
-                    pad_token_id=tokenizer.pad_token_id, generator=generator,
-                    backend=config.generation_backend,
-                    prompt_offset=accelerator.process_index * len(batch),
-                    global_prompts=accelerator.num_processes * len(batch),
-                )
+                rollout = _sample(policy, batch, config, tokenizer, generator, accelerator)
                 order = _minibatch_order(rollout, generator)  # the first epoch's
                 old_logps, old_values, adv, returns, stats = _experience(
                     rollout, policy_value, reward_model, reference, config, order, accelerator)
@@ -228,14 +210,47 @@ def train(
             evaluated = evaluate_due(policy, evaluation, config, tokenizer, accelerator, step,
                                      best)
             metrics.update(evaluated)
-            due = step % config.log_every == 0 or step == config.max_steps
-            if (due or evaluated) and accelerator.is_main_process and log_metrics is not None:
-                log_metrics(metrics, step)
+            log_due(log_metrics, metrics, step, evaluated, log_every=config.log_every,
+                    max_steps=config.max_steps, is_main_process=accelerator.is_main_process)
             bar.update(step, {"loss": metrics["loss/policy_avg"]})
             final.update(metrics)
             checkpoints.after_step(accelerator, checkpoint_dir, step,
                                    every=config.checkpoint_every, keep=config.checkpoint_keep)
     return finish(best, final)
+
+
+def _prepare(policy, value_model, config: PPOConfig, accelerator) -> tuple:
+    """Policy and value model under one prepared parent with their shared optimizer and
+    scheduler: (policy_value, params, optimizer, scheduler)."""
+    policy_value = PolicyAndValue(policy, value_model)
+    params = [p for p in policy_value.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(
+        params, config, updates_per_step=config.num_ppo_epochs * config.num_mini_batches)
+    policy_value, optimizer = accelerator.prepare(policy_value, optimizer)
+    policy_value.train()  # a loaded model comes in eval mode (dropout is off either way)
+    return policy_value, params, optimizer, scheduler
+
+
+def _reward_model_scoring(reward_model, tokenizer) -> tuple[dict[str, Callable], dict]:
+    """The reward model as the held-out evaluation's one reward function, 'reward_model'."""
+    return ({"reward_model": reward_model_function(reward_model, tokenizer,
+                                                   tokenizer.pad_token_id)},
+            {"reward_model": 1.0})
+
+
+def _sample(policy, rows, config: PPOConfig, tokenizer, generator, accelerator) -> Rollout:
+    """One completion of each of this process's prompts, shard `process_index` of the global
+    batch, sampled with the global batch's noise (`generate`)."""
+    return generate(
+        policy, [r["prompt_ids"] for r in rows],
+        max_new_tokens=config.max_completion_length, temperature=config.temperature,
+        top_p=config.top_p, top_k=config.top_k,
+        eos_token_ids=stop_token_ids(policy, tokenizer),
+        pad_token_id=tokenizer.pad_token_id, generator=generator,
+        backend=config.generation_backend,
+        prompt_offset=accelerator.process_index * len(rows),
+        global_prompts=accelerator.num_processes * len(rows),
+    )
 
 
 def _minibatch_order(rollout: Rollout, generator: torch.Generator) -> list[int]:

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from posttrain import artifacts, harness, tracking
+from posttrain import artifacts, tracking
 from posttrain.config import PipelineConfig
 from posttrain.data import demo
 from posttrain.data.formats import eval_rows
@@ -20,6 +20,12 @@ from posttrain.data.validation import (
 )
 from posttrain.methods import PAIRS
 from posttrain.stages.common import digest, dump, model_params, run_stage
+from posttrain.stages.evaluate_harness import (
+    harness_fingerprint,
+    harness_metrics,
+    harness_runner,
+    point_task_at,
+)
 
 # Lazy imports: the evaluation (torch, transformers) and bootstrap (numpy) load inside the
 # stage's body; the flows, promotion and preflight import this module without them.
@@ -44,65 +50,6 @@ def evaluation_metrics(cfg: PipelineConfig, formats: dict[str, str], checker: bo
     if any(fmt in PAIRS for fmt in formats.values()):
         out.add("chosen_perplexity")
     return out | set(harness_metrics(cfg))
-
-
-def harness_metrics(cfg: PipelineConfig) -> dict[str, str]:
-    """The `lm_eval/...` metrics the configured harness tasks will give, as far as their task
-    configs say in advance (metric_list x filter_list; `posttrain_demo`: exact_match), each
-    with its direction ("max"/"min"); {} without tasks."""
-    e = cfg.evaluate
-    if not e.tasks:
-        return {}
-    return harness.expected_metrics(e.tasks, include_path=e.include_path or None)
-
-
-def harness_fingerprint(cfg: PipelineConfig) -> str | None:
-    """`harness.fingerprint` of the configured tasks and harness settings (lm-eval's version,
-    the task configs, local data), for the cache key and the ground; None without tasks. The
-    local `posttrain_demo` is written over the held-out rows, which the key and the ground
-    hold already."""
-    e = cfg.evaluate
-    if not e.tasks:
-        return None
-    return harness.fingerprint(e.tasks, include_path=e.include_path or None,
-                               **_harness_settings(cfg))
-
-
-def _harness_settings(cfg: PipelineConfig) -> dict:
-    e = cfg.evaluate
-    return {"limit": e.limit, "num_fewshot": e.num_fewshot,
-            "max_gen_toks": e.harness_max_gen_toks, "gen_kwargs": dict(e.gen_kwargs),
-            "apply_chat_template": e.apply_chat_template,
-            "demo_max_gen_toks": e.harness_max_gen_toks or e.max_new_tokens}
-
-
-def demo_task_rows(rows: list[dict], checker: str | None) -> list[dict]:
-    """The harness rows of the local `posttrain_demo` task over the evaluation's held-out
-    rows: the checker's answer as the target when the source has the demo checker, else the
-    reference completion. ValueError when the rows cannot make the task."""
-    out = harness.task_rows(rows, answer=demo.correct_answer if checker == "demo" else None)
-    if len({r.get("system") for r in out}) > 1:
-        raise ValueError("the held-out prompts carry different system messages; the harness "
-                         "task has one description")
-    return out
-
-
-def check_harness(cfg: PipelineConfig, rows: list[dict] | None = None,
-                  checker: str | None = None) -> list[str]:
-    """Why the configured harness tasks cannot run (unknown tasks, hub data offline or
-    unreachable, held-out rows the local task cannot use), or []."""
-    e = cfg.evaluate
-    if not e.tasks:
-        return []
-    problems = [f"evaluate.tasks: {p}" for p in
-                harness.check_tasks(e.tasks, include_path=e.include_path or None)]
-    if harness.DEMO_TASK in e.tasks and rows is not None:
-        try:
-            demo_task_rows(rows, checker)
-        except (ValueError, KeyError) as err:
-            problems.append(f"evaluate.tasks: {harness.DEMO_TASK} over data."
-                            f"{cfg.eval_source}'s held-out rows: {err}")
-    return problems
 
 
 def eval_stage_key(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str, dict],
@@ -146,7 +93,7 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
         task_dir = out.dir / "harness_tasks"
         results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest,
                                 task_dir=task_dir)
-        _point_task_at(task_dir, out.dir, artifacts.stage_dir(cfg.artifacts_root, "evaluate",
+        point_task_at(task_dir, out.dir, artifacts.stage_dir(cfg.artifacts_root, "evaluate",
                                                               key))
         ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest,
                                    candidates)
@@ -177,16 +124,6 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
         return {f"{n}/{k}": v for n, m in comparison.items() for k, v in m.items()}
 
     return run_stage(cfg, "evaluate", key, params, body, parent_run_id=parent_run_id)
-
-
-def _point_task_at(task_dir: Path, written: Path, final: Path) -> None:
-    """The harness task written into the stage's temporary folder names its JSONL there; once
-    the folder is renamed into place the record names it where it will lie, so the task can be
-    run again from the stage folder (`include_path=<stage>/harness_tasks`)."""
-    for yaml_path in task_dir.glob("*.yaml") if task_dir.is_dir() else []:
-        text = yaml_path.read_text()
-        yaml_path.write_text(text.replace(json.dumps(str(written.resolve()))[1:-1],
-                                          json.dumps(str(final.resolve()))[1:-1]))
 
 
 PER_PROMPT_FILE = "per_prompt.json"
@@ -289,7 +226,7 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
     from posttrain.training import make_accelerator, place
 
     rows, pref_rows = _rows(cfg, data_manifest)
-    run_harness = _harness_runner(cfg, data_manifest, rows, task_dir)  # checked before loading
+    run_harness = harness_runner(cfg, data_manifest, rows, task_dir)  # checked before loading
     tokenizer = load_tokenizer(cfg.model)
     accelerator = make_accelerator(cfg.model.mixed_precision)  # the device every model goes to
     scorer = None
@@ -329,52 +266,6 @@ def _evaluate_all(cfg: PipelineConfig, data_manifest: dict, candidates: dict[str
         del model
     _add_pairwise(results, reference, own_logps, ref_logps)
     return {name: results[name] for name in loaders}  # base, then the stages in config order
-
-
-def _harness_runner(cfg: PipelineConfig, data_manifest: dict, rows: list[dict],
-                    task_dir: Path | None):
-    """None without `evaluate.tasks`; else a function (model, tokenizer, Evaluation) that runs
-    the tasks on the placed model and merges the results into the Evaluation. Checks the tasks
-    first (TaskError naming every problem) and writes `posttrain_demo` over `rows`."""
-    from posttrain import bootstrap, harness
-
-    e = cfg.evaluate
-    if not e.tasks:
-        return None
-    checker = data_manifest["datasets"][cfg.eval_source].get("checker")
-    include = list(e.include_path)
-    if harness.DEMO_TASK in e.tasks:
-        if task_dir is None:
-            raise ValueError(f"{harness.DEMO_TASK} needs a folder to write its task into")
-        harness.write_task(task_dir, demo_task_rows(rows, checker),
-                           max_gen_toks=e.harness_max_gen_toks or e.max_new_tokens)
-        include.append(str(task_dir))  # last: it overrides the shipped posttrain_demo
-    problems = [f"evaluate.tasks: {p}"
-                for p in harness.check_tasks(e.tasks, include_path=include or None)]
-    if problems:
-        raise harness.TaskError("; ".join(problems))
-    chat = e.apply_chat_template if e.apply_chat_template is not None else \
-        bool(rows) and not isinstance(rows[0]["prompt"], str)
-    demo_prefix = f"{harness.PREFIX}/{harness.DEMO_TASK}/"
-
-    def run(model, tokenizer, result) -> None:
-        clock = time.perf_counter()
-        h = harness.evaluate_tasks(
-            None, list(e.tasks), model=model, tokenizer=tokenizer, include_path=include or None,
-            limit=e.limit, num_fewshot=e.num_fewshot, batch_size=e.batch_size,
-            max_gen_toks=e.harness_max_gen_toks, gen_kwargs=dict(e.gen_kwargs) or None,
-            apply_chat_template=chat, bootstrap_iters=0, preflight=False)
-        result.metrics.update(h.metrics)
-        for key, values in h.per_item.items():
-            # the demo task's items are the held-out prompts, in order (paired with the
-            # checker's); another task's items are its own documents
-            group = "prompts" if key.startswith(demo_prefix) else key.split("/")[1]
-            result.per_prompt[key] = bootstrap.per_item(values, group=group)
-        for task, secs in h.seconds.items():
-            result.seconds[f"lm_eval/{task}"] = secs
-        result.seconds["lm_eval"] = time.perf_counter() - clock  # the harness's set-up too
-
-    return run
 
 
 def _rows(cfg: PipelineConfig, data_manifest: dict) -> tuple[list[dict], list[dict] | None]:
