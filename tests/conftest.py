@@ -131,10 +131,13 @@ def statuses(result: dict) -> dict[str, str]:
 # The longest test files (minutes each: whole pipelines, killed commands, servers) start first, so
 # that the workers of `make test` (one file per worker at a time) do not end on one of them alone.
 # (xdist's loadfile would otherwise put the files with the most tests first:
-# --no-loadscope-reorder in the Makefile keeps this order.)
-LONGEST_FIRST = ("test_demo_quality.py", "test_multiturn_demo.py", "test_crash_launched.py",
-                 "test_crash.py", "test_server_outages.py", "test_servers.py", "test_examples.py",
-                 "test_trl_parity.py")
+# --no-loadscope-reorder in the Makefile keeps this order.) Each worker starts with two files
+# (items 1-3, then 4-6 in turn), so the demo is paired with a shorter one.
+LONGEST_FIRST = ("test_demo_quality.py", "test_server_outages.py", "test_crash.py", "test_flows.py",
+                 "test_multiturn_demo.py", "test_distributed.py", "test_crash_launched.py",
+                 "test_servers.py", "test_infra.py", "test_harness.py", "test_examples.py",
+                 "test_ecosystem.py", "test_concurrency.py", "test_harness_eval.py",
+                 "test_prefect_ui.py", "test_trl_parity.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -279,11 +279,16 @@ def test_the_command_run_in_process_leaves_the_signal_handlers_as_it_found_them(
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(tiny_pipeline_values(tmp_path)))
     cfg = load_pipeline_config(config)
-    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    seen = []
-    assert _run_flow(lambda c: seen.append(signal.getsignal(signal.SIGINT)) or {"ok": 1},
-                     cfg, verbose=False) == {"ok": 1}
-    assert seen and seen[0] not in before  # the stopper's handler while the flow ran
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
+    host = signal.getsignal(signal.SIGINT)  # a pytest-xdist worker may ignore SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own: KeyboardInterrupt
+    try:
+        before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+        seen = []
+        assert _run_flow(lambda c: seen.append(signal.getsignal(signal.SIGINT)) or {"ok": 1},
+                         cfg, verbose=False) == {"ok": 1}
+        assert seen and seen[0] not in before  # the stopper's handler while the flow ran
+        assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, host)
