@@ -12,7 +12,7 @@ whose embedded server the same Ctrl-C to the process group has usually stopped a
   which run in a session of their own and so get no Ctrl-C from the terminal): sent the same
   signal first, so that a launched stage stops at a step boundary (after a checkpoint on
   SIGTERM) and closes its own MLflow run while this process closes the rest; waited for until
-  shortly before the deadline, then killed;
+  shortly before the deadline, then killed, and the runs a killed one left RUNNING closed;
 - exit status 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
 """
 
@@ -60,6 +60,12 @@ def install(cfg: PipelineConfig, command: str) -> None:
             step = _newest_checkpoint(cfg, launched[0])
             reason += (f"; a rerun resumes it from the checkpoint at step {step}"
                        if step is not None else "; a rerun starts it again")
+            try:  # what the launched processes could not close before the deadline killed them
+                tracking.close_own_runs(cfg.tracking.experiment, status="KILLED",
+                                        reason=f"Interrupted: {reason}",
+                                        pids=[c.pid for c in children])
+            except Exception as e:  # noqa: BLE001 - the exit must still happen
+                notes.append(f"could not close the launched stage's runs: {type(e).__name__}: {e}")
         resume = f"{reason}. To resume, run the same command again: {command}"
         interrupt.say("\n".join([*notes, resume]))
         os._exit(code)

@@ -164,10 +164,13 @@ def close_orphaned_runs(experiment: str, tags: dict[str, str], *, closer: str) -
     return closed
 
 
-def close_own_runs(experiment: str, *, status: str, reason: str) -> list[str]:
+def close_own_runs(experiment: str, *, status: str, reason: str,
+                   pids: list[int] | None = None) -> list[str]:
     """End every run of `experiment` that this process opened and left RUNNING (children first),
     after flushing the metrics still buffered: what an interrupted command does before it
-    exits."""
+    exits. With `pids`: the runs that those processes of this host opened instead (a launched
+    stage's processes, which its command killed at the stop's deadline before they closed
+    their own)."""
     for logger in list(MetricLogger.live):
         with contextlib.suppress(Exception):  # closing the runs matters more than the points
             logger.flush(wait_seconds=2.0)
@@ -176,10 +179,12 @@ def close_own_runs(experiment: str, *, status: str, reason: str) -> list[str]:
     if exp is None:
         return []
     me = owner_tags()
+    keys = ("pid", "start_time") if pids is None else ("host",)
     where = " and ".join(["attributes.status = 'RUNNING'",
-                          *(f"tags.`{OWNER_TAGS[k]}` = '{me[OWNER_TAGS[k]]}'"
-                            for k in ("pid", "start_time"))])
+                          *(f"tags.`{OWNER_TAGS[k]}` = '{me[OWNER_TAGS[k]]}'" for k in keys)])
     runs = c.search_runs([exp.experiment_id], where, max_results=1000)
+    if pids is not None:
+        runs = [r for r in runs if r.data.tags.get(OWNER_TAGS["pid"]) in {str(p) for p in pids}]
     runs.sort(key=lambda r: "mlflow.parentRunId" not in r.data.tags)  # children first
     for run in runs:
         end_run(run.info.run_id, status, reason=reason)

@@ -123,3 +123,26 @@ def test_a_stage_whose_peer_process_left_during_a_stop_is_killed_not_failed(tmp_
         "stopped first)")
     assert runs["k2"].info.status == "FAILED"
     assert "Connection closed by peer" in runs["k2"].data.tags["posttrain.failure"]
+
+
+def test_the_runs_a_killed_launched_process_left_running_are_closed_by_its_command(tmp_path):
+    """pipelines.stop: a launched stage's processes killed at the stop's deadline (under load,
+    SIGTERM's checkpoint took longer) cannot close their runs; the command closes the RUNNING
+    runs those PIDs opened on this host, children first, and no other run."""
+    from posttrain.artifacts import current_owner
+
+    experiment = f"launched-{tmp_path.name}"
+    me = current_owner()
+    theirs = {tracking.OWNER_TAGS["pid"]: "999991", tracking.OWNER_TAGS["host"]: str(me["host"])}
+    parent = tracking.start_run(experiment, "sft", tags=theirs)
+    child = tracking.start_run(experiment, "eval", parent_run_id=parent, tags=theirs)
+    other = tracking.start_run(experiment, "other", tags={
+        tracking.OWNER_TAGS["pid"]: "999992", tracking.OWNER_TAGS["host"]: str(me["host"])})
+    closed = tracking.close_own_runs(experiment, status="KILLED",
+                                     reason="Interrupted: interrupted by SIGTERM", pids=[999991])
+    assert closed == [child, parent]
+    c = tracking.client()
+    assert [c.get_run(r).info.status for r in (parent, child, other)] == [
+        "KILLED", "KILLED", "RUNNING"]
+    assert c.get_run(parent).data.tags["posttrain.failure"].startswith("Interrupted: interrupted")
+    tracking.end_run(other)
