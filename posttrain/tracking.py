@@ -171,7 +171,8 @@ def close_own_runs(experiment: str, *, status: str, reason: str,
     exits. With `pids`: the runs that those processes of this host opened instead (a launched
     stage's processes, which its command killed at the stop's deadline before they closed
     their own)."""
-    for logger in list(MetricLogger.live):
+    # the points this process still buffers (a launched process buffered its own)
+    for logger in list(MetricLogger.live) if pids is None else []:
         with contextlib.suppress(Exception):  # closing the runs matters more than the points
             logger.flush(wait_seconds=2.0)
     c = client()
