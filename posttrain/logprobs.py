@@ -18,6 +18,14 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 
+def multimodal_backbone(lm: torch.nn.Module) -> torch.nn.Module:
+    """The part of a transformers vision-language model (or a peft model around one) that takes
+    token ids and image tensors and returns hidden states: its `.model` (LlavaModel,
+    Qwen2VLModel...), which holds the vision tower, the projector and the language model."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return base.model
+
+
 class SelectedLogits(torch.nn.Module):
     """Wraps a causal LM: decoder on all positions, LM head on selected positions only.
 
@@ -37,6 +45,7 @@ class SelectedLogits(torch.nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T)
         targets: torch.Tensor | None = None,  # (N,) long: the next token at each selected position
         chunk_size: int | None = None,
+        image_inputs: dict[str, torch.Tensor] | None = None,  # pixel_values & co. (VLM rows)
     ):
         """Without `targets`: the (N, V) logits at the selected positions (N = select.sum()).
 
@@ -44,13 +53,21 @@ class SelectedLogits(torch.nn.Module):
         whether it is the argmax (N,) bool, computed `chunk_size` rows at a time (None: sized by
         memory, `default_chunk_rows`) so that no (N, V) tensor exists (module docstring).
         """
-        decoder = self.lm.get_decoder()
         # No KV cache: nothing is decoded after this forward, and with a cache transformers does
         # not derive packed-sequence boundaries from position ids when no mask is given.
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, T, H)
+        if image_inputs:
+            # A vision-language model's backbone encodes the images into its image tokens'
+            # places; it derives its own position ids (Qwen2-VL's are 3D), from unpacked,
+            # right-padded rows.
+            hidden = multimodal_backbone(self.lm)(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                **image_inputs,
+            ).last_hidden_state  # (B, T, H)
+        else:
+            hidden = self.lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state  # (B, T, H)
         if targets is None:
             return self._logits(hidden[select])  # (N, V)
         return self._chunked_logps(hidden[select], targets, chunk_size)
@@ -196,6 +213,7 @@ def sequence_logps(
     *,
     average: bool = False,
     chunk_size: int | None = None,
+    image_inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # logps (B,) float32, num_tokens (B,) long
     """Summed (or, with `average`, per-token averaged) log-probs of each row's completion tokens.
 
@@ -207,7 +225,7 @@ def sequence_logps(
     `model` is a causal LM, or a `SelectedLogits` (possibly inside a DDP/FSDP wrapper exposing it
     as `.module`), which is then called as is so that the wrapper's gradient hooks run.
     Returns the log-probs and the number of completion tokens of each row; a row without any gets
-    0 (and 0 for its average).
+    0 (and 0 for its average). `image_inputs`: the rows' image tensors (a vision-language model).
     """
     is_selected = isinstance(getattr(model, "module", model), SelectedLogits)
     net = model if is_selected else SelectedLogits(model)
@@ -215,7 +233,8 @@ def sequence_logps(
     select[:, :-1] = completion_mask[:, 1:].bool()
     targets = input_ids[:, 1:][select[:, :-1]]  # (N,)
     per_token, _ = net(input_ids, attention_mask, select, position_ids_from_mask(attention_mask),
-                       targets=targets, chunk_size=chunk_size)  # (N,) float32, no (N, V) logits
+                       targets=targets, chunk_size=chunk_size,
+                       image_inputs=image_inputs)  # (N,) float32, no (N, V) logits
     # Boolean indexing and nonzero() both enumerate in row-major order: row i of `per_token`
     # belongs to sequence batch_index[i].
     batch_index = select.nonzero()[:, 0]  # (N,)

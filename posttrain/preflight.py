@@ -22,10 +22,13 @@ from posttrain.data.validation import UNPAIRED_PREFERENCE
 from posttrain.methods import is_policy, method, uses_reference
 from posttrain.promotion import resolve
 from posttrain.stages.common import training_key
-from posttrain.stages.data import data_stage_key, load_dataset, sources
+from posttrain.stages.data import checker_of, data_stage_key, load_dataset, sources
 from posttrain.stages.evaluate import eval_stage_key, evaluation_metrics
 from posttrain.stages.evaluate_harness import check_harness
 from posttrain.stages.graph import candidates, needed
+from posttrain.vision.checks import check_vision
+from posttrain.vision.images import has_images
+from posttrain.vision.models import TINY_VLM, is_vision_model, load_processor
 
 # Lazy imports: torch (data.preference, data.packing, models, reward_functions) loads only
 # for the checks that tokenize or build a model; `posttrain plan` starts without it.
@@ -81,11 +84,14 @@ def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
             continue
         rows[name] = (train, held)
         datasets[name] = {"format": fmt, "fingerprint": fingerprint_rows(train + held),
-                          "checker": "demo" if src.is_demo else None}
+                          "checker": checker_of(src), "images": has_images(train)}
     stages = needed(cfg, targets)
     if problems:  # the model or the data is unusable: the checks below would only add noise
         raise PreflightError(problems)
-    problems += _check_stages(cfg, stages, datasets, rows, tokenizer)
+    vision = is_vision_model(cfg.model)
+    problems += check_vision(cfg, stages, datasets, vision)
+    if not vision:  # a VLM's rows are counted by its own tokenization, in the stage
+        problems += _check_stages(cfg, stages, datasets, rows, tokenizer)
     result = Plan(formats={n: d["format"] for n, d in datasets.items()})
     if targets is None and cfg.evaluate.enabled:
         problems += _check_evaluation(cfg, datasets, rows, result)
@@ -123,7 +129,7 @@ def check_model(cfg: PipelineConfig) -> list[str]:
     """The base model is the built-in one, a local folder with safetensors weights, or a
     well-formed hub id."""
     name = cfg.model.name_or_path
-    if name == "tiny":
+    if name in ("tiny", TINY_VLM):
         return []
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -150,6 +156,8 @@ def _tokenizer(cfg: PipelineConfig):
     from posttrain.models import load_tokenizer
 
     try:
+        if is_vision_model(cfg.model):
+            return load_processor(cfg.model).tokenizer, []
         return load_tokenizer(cfg.model), []
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -61,7 +61,7 @@ BAD_ROWS = [
     ("prompt_completion", {"prompt": [{"role": "human", "content": "hi"}], "completion": A},
      "prompt", "role 'human'", "bad role"),
     ("prompt_completion", {"prompt": [{"role": "user", "content": 3}], "completion": A},
-     "prompt", "message 1 content: expected a string, got int", "wrong type"),
+     "prompt", "message 1 content: expected a string or a list of parts, got int", "wrong type"),
     ("prompt_completion", {"prompt": [{"role": "user"}], "completion": A}, "prompt",
      "message 1 is not a", "bad message"),
     ("prompt_completion", {"prompt": U, "completion": "a"}, "completion",

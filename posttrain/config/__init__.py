@@ -21,8 +21,10 @@ from posttrain.config.base import (
 )
 from posttrain.config.data import (
     DEMO_SOURCES,
+    VISION_DEMO_SOURCES,
     DatasetSource,
     DemoTaskConfig,
+    VisionDemoConfig,
 )
 from posttrain.config.evaluation import (
     EvalConfig,
@@ -43,6 +45,7 @@ from posttrain.config.model import (
     LoraConfig,
     ModelConfig,
     TinyModelConfig,
+    TinyVisionConfig,
 )
 from posttrain.config.offline import (
     CPOConfig,
@@ -84,6 +87,7 @@ __all__ = [
     "RESERVED_NAMES",
     "SOURCE_NAME",
     "STAGE_NAME",
+    "VISION_DEMO_SOURCES",
     "CPOConfig",
     "ConfigError",
     "DPOConfig",
@@ -114,8 +118,10 @@ __all__ = [
     "StageConfig",
     "StageFields",
     "TinyModelConfig",
+    "TinyVisionConfig",
     "TrackingConfig",
     "TrainingConfig",
+    "VisionDemoConfig",
     "apply_overrides",
     "load_pipeline_config",
     "merge",

@@ -34,7 +34,22 @@ class DemoTaskConfig(_Frozen):
     seed: int = Field(0, description="Seed of the generator (which prompts, which mistakes).")
 
 
+class VisionDemoConfig(_Frozen):
+    """The built-in image task (see posttrain.vision.demo): name the colour of the square."""
+
+    num_train: int = Field(2000, ge=1, description="Number of training images generated.")
+    num_eval: int = Field(120, ge=1, description="Number of held-out images generated.")
+    bug_rate: float = Field(
+        0.8, ge=0.0, le=1.0,
+        description="Share of SFT demonstrations of the task's 'bug colour' that name the wrong "
+        "colour; above 0.5 the SFT model learns the mistake, which DPO's pairs then correct.",
+    )
+    image_size: int = Field(32, ge=8, description="Side of the generated images, in pixels.")
+    seed: int = Field(0, description="Seed of the generator (which images, which mistakes).")
+
+
 DEMO_SOURCES = ("demo:sft", "demo:preference", "demo:kto", "demo:prompts")
+VISION_DEMO_SOURCES = ("demo:vision-sft", "demo:vision-preference")
 
 
 class DatasetSource(_Frozen):
@@ -44,7 +59,8 @@ class DatasetSource(_Frozen):
         description="A local .jsonl/.json/.parquet/.csv file, a Hugging Face hub dataset id, or "
         "the built-in synthetic data: 'demo:sft' (prompt-completion), 'demo:preference' "
         "(prompt/chosen/rejected), 'demo:kto' (prompt/completion/label) or 'demo:prompts' "
-        "(prompt-only)."
+        "(prompt-only); 'demo:vision-sft' and 'demo:vision-preference' are the built-in image "
+        "task's (rows with an `images` column)."
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     subset: str | None = Field(None, description="Hub dataset configuration name, if any.")
@@ -77,12 +93,13 @@ class DatasetSource(_Frozen):
     @model_validator(mode="after")
     def _demo_names_its_kind(self) -> DatasetSource:
         if self.path == "demo" or (self.path.startswith("demo:")
-                                   and self.path not in DEMO_SOURCES):
+                                   and self.path not in DEMO_SOURCES + VISION_DEMO_SOURCES):
             raise ValueError(
-                f"path {self.path!r}: the built-in data is one of {', '.join(DEMO_SOURCES)}"
+                f"path {self.path!r}: the built-in data is one of "
+                f"{', '.join(DEMO_SOURCES + VISION_DEMO_SOURCES)}"
             )
         return self
 
     @property
     def is_demo(self) -> bool:
-        return self.path in DEMO_SOURCES
+        return self.path in DEMO_SOURCES + VISION_DEMO_SOURCES

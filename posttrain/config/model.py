@@ -26,6 +26,27 @@ class TinyModelConfig(_Frozen):
     seed: int = Field(0, description="Seed of the random initialization.")
 
 
+class TinyVisionConfig(_Frozen):
+    """The vision side of the built-in tiny vision-language model (name_or_path='tiny-vlm'): a
+    CLIP vision tower whose patch features a projector maps into the tiny language model
+    (transformers' Llava architecture), built from scratch."""
+
+    image_size: int = Field(32, ge=8, description="Side of the square input images, in pixels.")
+    patch_size: int = Field(8, ge=2, description="Side of one patch; (image_size / patch_size)^2 "
+                            "image tokens per image.")
+    hidden_size: int = Field(64, ge=8, description="Width of the vision tower.")
+    num_hidden_layers: int = Field(2, ge=1, description="Vision transformer blocks.")
+    num_attention_heads: int = Field(4, ge=1, description="Heads per vision block.")
+    intermediate_size: int = Field(128, ge=8, description="Width of the vision MLP.")
+
+    @model_validator(mode="after")
+    def _patches_tile_the_image(self) -> TinyVisionConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+        return self
+
+
 class LoraConfig(_Frozen):
     """Low-rank adapters through peft."""
 
@@ -42,8 +63,10 @@ class ModelConfig(_Frozen):
 
     name_or_path: str = Field(
         "tiny",
-        description="'tiny' builds the built-in model and tokenizer; otherwise a hub model id or "
-        "a local directory.",
+        description="'tiny' builds the built-in model and tokenizer, 'tiny-vlm' the built-in "
+        "vision-language model and its processor; otherwise a hub model id or a local directory "
+        "(a vision-language model is recognized by its config and loads with AutoProcessor and "
+        "AutoModelForImageTextToText).",
     )
     revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -62,8 +85,18 @@ class ModelConfig(_Frozen):
     tiny: TinyModelConfig = Field(
         TinyModelConfig(), description="Architecture of the built-in model (name_or_path='tiny')."
     )
+    vision: TinyVisionConfig = Field(
+        TinyVisionConfig(),
+        description="Vision tower of the built-in vision-language model (name_or_path='tiny-vlm').",
+    )
+    train_vision_tower: bool = Field(
+        False,
+        description="Vision-language models: also train the vision tower (frozen by default; "
+        "the language model, and without LoRA the projector, train).",
+    )
     lora: LoraConfig | None = Field(
-        None, description="Train LoRA adapters instead of all weights when set."
+        None, description="Train LoRA adapters instead of all weights when set (on a "
+        "vision-language model: on the language model's layers only)."
     )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",

@@ -10,7 +10,7 @@ from pydantic import (
 )
 
 from posttrain.config.base import ConfigError, _Frozen
-from posttrain.config.data import DatasetSource, DemoTaskConfig
+from posttrain.config.data import DatasetSource, DemoTaskConfig, VisionDemoConfig
 from posttrain.config.evaluation import EvalConfig, PromotionConfig, RetrainConfig
 from posttrain.config.model import ModelConfig
 from posttrain.config.offline import (
@@ -105,6 +105,10 @@ class PipelineConfig(_Frozen):
     )
     demo: DemoTaskConfig = Field(
         DemoTaskConfig(), description="Generator of the built-in data (sources 'demo:...')."
+    )
+    vision_demo: VisionDemoConfig = Field(
+        VisionDemoConfig(),
+        description="Generator of the built-in image task (sources 'demo:vision-...').",
     )
     model: ModelConfig = Field(ModelConfig(), description="Base model (the stages' 'base').")
     stages: tuple[StageConfig, ...] = Field(

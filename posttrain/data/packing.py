@@ -96,7 +96,19 @@ def collate_padded(examples: list[dict], pad_token_id: int) -> dict[str, torch.T
         input_ids[b, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
         labels[b, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
         attention_mask[b, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            **stack_image_inputs(examples)}
+
+
+def stack_image_inputs(examples: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """{"image_inputs": the examples' image tensors concatenated along the first axis, as
+    transformers' processors batch them} for image examples (posttrain.vision.tokenize);
+    {} for text."""
+    if not any(e.get("image_inputs") for e in examples):
+        return {}
+    keys = dict.fromkeys(k for e in examples for k in e["image_inputs"])
+    return {"image_inputs": {k: torch.cat([e["image_inputs"][k] for e in examples])
+                             for k in keys}}
 
 
 PACKED_LAYOUTS = ("dense_mask", "flex_attention", "varlen")

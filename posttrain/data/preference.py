@@ -42,6 +42,7 @@ import torch
 
 from posttrain.data.formats import split_implicit as _split_raw
 from posttrain.data.loading import DataError
+from posttrain.data.packing import stack_image_inputs
 from posttrain.data.preference_pairs import (
     _MAX_EXAMPLES,
     MISSING_MARGIN,
@@ -190,7 +191,8 @@ def collate_pairs(
 
     Returns input_ids, attention_mask, completion_mask (1 on response tokens) of shape (2B, T).
     Numeric per-pair columns present in every example (e.g. "margin", precomputed reference
-    log-probs) come back as float tensors of shape (B,).
+    log-probs) come back as float tensors of shape (B,). Image pairs add "image_inputs"
+    (posttrain.data.packing.stack_image_inputs): the images of rows 0..B-1, then again B..2B-1.
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one example")
@@ -198,6 +200,7 @@ def collate_pairs(
     responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     batch = _pad_rows(prompts + prompts, responses, pad_token_id, padding_side)
     batch.update(_scalar_columns(examples, ("prompt_ids", "chosen_ids", "rejected_ids")))
+    batch.update(stack_image_inputs(examples + examples))  # a pair's image in both halves
     return batch
 
 

@@ -200,11 +200,37 @@ def _check_messages(messages: list) -> tuple[str, str] | None:
             return "bad message", f"message {j} is not a {{'role', 'content'}} object: {m!r:.80}"
         if m["role"] not in ROLES:
             return "bad role", f"message {j} has role {m['role']!r}; expected one of {ROLES}"
-        if not isinstance(m["content"], str):
+        content = m["content"]
+        if isinstance(content, list):  # parts: {"type": "text", "text": ...} / {"type": "image"}
+            problem = _check_parts(content, j)
+            if problem is not None:
+                return problem
+        elif not isinstance(content, str):
             return "wrong type", (
-                f"message {j} content: expected a string, got {type(m['content']).__name__}"
+                f"message {j} content: expected a string or a list of parts, got "
+                f"{type(content).__name__}"
             )
     return None
+
+
+def _check_parts(parts: list, j: int) -> tuple[str, str] | None:
+    """Content given as parts (vision-language data): text parts hold a string, image parts
+    stand for the row's next entry of `images` (checked by the data stage)."""
+    for k, p in enumerate(parts, start=1):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("text"), str):
+            continue
+        if kind != "image":
+            return "bad message", (f"message {j} content part {k}: expected {{'type': 'text', "
+                                   f"'text': ...}} or {{'type': 'image'}}, got {p!r:.60}")
+    return None
+
+
+def content_text(content: str | list) -> str:
+    """The text of a message's content: the string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if p.get("type") == "text")
 
 
 def _check_assistant_output(messages: list, implicit: bool) -> tuple[str, str] | None:
@@ -218,6 +244,6 @@ def _check_assistant_output(messages: list, implicit: bool) -> tuple[str, str] |
         return "empty completion", "last message is not from the assistant"
     if not assistant:
         return "empty completion", "no assistant message"
-    if any(not m["content"].strip() for m in assistant):
+    if any(not content_text(m["content"]).strip() for m in assistant):
         return "empty completion", "empty assistant content"
     return None

@@ -67,7 +67,7 @@ def _pair_logps(net, batch: dict, average: bool):
     """Policy log-probs of chosen and rejected halves: ((B,), (B,), (B,), (B,)) incl. counts."""
     logps, counts = sequence_logps(
         net, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-        average=average,
+        average=average, image_inputs=batch.get("image_inputs"),
     )
     half = logps.shape[0] // 2
     return logps[:half], logps[half:], counts[:half], counts[half:]
@@ -225,7 +225,7 @@ def train(
         totals: dict[str, float] = {}
         n_total = 0
         for batch in eval_batches:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = to_device(batch, accelerator.device)
             loss, m = terms(batch)
             n = batch["input_ids"].shape[0] // 2
             n_total += n

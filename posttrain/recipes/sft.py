@@ -36,6 +36,7 @@ from posttrain.training import (
     global_sum,
     make_accelerator,
     prepare,
+    to_device,
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
@@ -79,10 +80,11 @@ def evaluate_loss(
     model.eval()
     loss_sum, n_tokens, n_correct = 0.0, 0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         select, targets = shift_targets(batch["labels"])
         logps, correct = model(batch["input_ids"], attention_mask(batch), select,
-                               batch.get("position_ids"), targets=targets)
+                               batch.get("position_ids"), targets=targets,
+                               image_inputs=batch.get("image_inputs"))
         _, m = sft_loss(logps, 1)
         loss_sum += m["loss_sum"].item()
         n_tokens += int(m["num_tokens"])
@@ -162,7 +164,8 @@ def _train(model, train_examples, eval_examples, config: SFTConfig, attention: s
     def loss_fn(mb: dict) -> tuple[torch.Tensor, dict[str, float]]:
         select, targets = shift_targets(mb["labels"])
         logps, correct = net(mb["input_ids"], attention_mask(mb, attention), select,
-                             mb.get("position_ids"), targets=targets)
+                             mb.get("position_ids"), targets=targets,
+                             image_inputs=mb.get("image_inputs"))
         loss_sum, m = sft_loss(logps, 1)
         return loss_sum, {
             "loss": m["loss_sum"].item(),

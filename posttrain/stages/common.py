@@ -19,6 +19,7 @@ from pathlib import Path
 
 from posttrain import artifacts, disk, interrupt, tracking
 from posttrain.config import ModelConfig, PipelineConfig
+from posttrain.vision.models import is_vision_model, load_processor, load_vlm, prepare_trainable
 
 # Lazy imports: models, training and checkpoints (torch, accelerate) load only where a stage
 # trains; every stage module, the flows and preflight import this one.
@@ -351,12 +352,23 @@ def start_tokenizer(cfg: PipelineConfig, inputs: dict):
     return load_tokenizer(cfg.model, path=start_dir(inputs))
 
 
+def start_processor(cfg: PipelineConfig, inputs: dict):
+    """The processor (tokenizer and image processor) of the vision-language model the stage
+    starts from."""
+    return load_processor(cfg.model, path=start_dir(inputs))
+
+
 def load_policy(cfg: PipelineConfig, inputs: dict):
     """The policy a training stage starts from (the base model or an earlier stage's), with the
-    configured gradient checkpointing and LoRA adapters applied."""
+    configured gradient checkpointing and LoRA adapters applied (a vision-language model: its
+    vision tower frozen unless model.train_vision_tower, LoRA on its language model)."""
     from posttrain.models import apply_lora, load_causal_lm
     from posttrain.training import enable_gradient_checkpointing
 
+    if is_vision_model(cfg.model):
+        policy = load_vlm(cfg.model, path=start_dir(inputs))
+        enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
+        return prepare_trainable(policy, cfg.model)
     policy = load_causal_lm(cfg.model, path=start_dir(inputs))
     enable_gradient_checkpointing(policy, cfg.model.gradient_checkpointing)
     if cfg.model.lora is not None:

@@ -25,9 +25,20 @@ from posttrain.data.loading import (
 from posttrain.data.validation import FORMATS, detect_format, validate_rows
 from posttrain.methods import method
 from posttrain.stages.common import dump, run_stage
+from posttrain.vision import demo as vision_demo
+from posttrain.vision.images import has_images, referenced_files, store_images
 
 _DEMO = {"demo:sft": demo.generate_sft, "demo:preference": demo.generate_preference,
          "demo:kto": demo.generate_kto, "demo:prompts": demo.generate_prompts}
+_VISION_DEMO = {"demo:vision-sft": "generate_sft", "demo:vision-preference": "generate_preference"}
+
+
+def checker_of(src: DatasetSource) -> str | None:
+    """Which built-in checker scores completions of the source's prompts: 'demo' (the text
+    tasks), 'vision-demo' (the image task: the row's `answer`), None (no verifiable answer)."""
+    if src.path in _VISION_DEMO:
+        return "vision-demo"
+    return "demo" if src.is_demo else None
 
 
 def sources(cfg: PipelineConfig) -> dict[str, DatasetSource]:
@@ -50,6 +61,9 @@ def source_fingerprint(src: DatasetSource) -> str:
     """Content fingerprint of a data source: file bytes, or the hub id pinned by revision.
 
     The demo's rows are a pure function of its config, which is already part of the key.
+    The image files a local file's rows name (an `images` column of paths) count by path,
+    size and modification time, so an edited image re-runs the stage without every image being
+    read at each start; the data stage then hashes their pixels (posttrain.vision.images).
     """
     if src.is_demo:
         return src.path
@@ -57,12 +71,26 @@ def source_fingerprint(src: DatasetSource) -> str:
     for p in (src.path, src.eval_path):
         if p is None:
             continue
-        parts.append(
-            fingerprint_file(p)
-            if Path(p).is_file()
-            else artifacts.hash_json([p, src.split, src.subset, src.revision])
-        )
+        if Path(p).is_file():
+            parts.append([fingerprint_file(p), _image_files(p)])
+        else:
+            parts.append(artifacts.hash_json([p, src.split, src.subset, src.revision]))
     return artifacts.hash_json(parts)
+
+
+def _image_files(path: str) -> list | None:
+    """(path, size, mtime_ns) of the image files a local data file's rows name; None when its
+    rows have no `images` column (text data: the key is what it was before image data)."""
+    if Path(path).suffix.lower() not in (".jsonl", ".json"):
+        return None  # Parquet holds its images' bytes: the file's own hash covers them
+    rows = load_rows(path)
+    if not any("images" in r for r in rows):
+        return None
+    stats = []
+    for f in referenced_files(rows, Path(path).parent):
+        st = f.stat() if f.is_file() else None
+        stats.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return stats
 
 
 def data_stage_key(cfg: PipelineConfig) -> str:
@@ -70,7 +98,10 @@ def data_stage_key(cfg: PipelineConfig) -> str:
     fingerprints = {name: source_fingerprint(src) for name, src in used.items()}
     config = {"data": {name: dump(src) for name, src in used.items()},
               "formats": {name: allowed_formats(cfg, name) for name in used},
-              "demo": dump(cfg.demo) if any(src.is_demo for src in used.values()) else None}
+              "demo": dump(cfg.demo) if any(src.path in _DEMO for src in used.values())
+              else None}
+    if any(src.path in _VISION_DEMO for src in used.values()):
+        config["vision_demo"] = dump(cfg.vision_demo)
     return artifacts.stage_key("data", config, data_fingerprint=artifacts.hash_json(fingerprints))
 
 
@@ -83,6 +114,10 @@ def _load_eval_source(src: DatasetSource) -> list[dict]:
 
 def _raw(cfg: PipelineConfig, name: str, src: DatasetSource) -> list[tuple[str, list[dict]]]:
     """(label, rows) of a source: one entry to split, or separate train and eval entries."""
+    if src.path in _VISION_DEMO:
+        generate = getattr(vision_demo, _VISION_DEMO[src.path])
+        return [(f"{src.path}/{split}", generate(cfg.vision_demo, split))
+                for split in ("train", "eval")]
     if src.is_demo:
         return [(f"{src.path}/{split}", _DEMO[src.path](cfg.demo, cfg.demo.seed, split))
                 for split in ("train", "eval")]
@@ -93,9 +128,12 @@ def _raw(cfg: PipelineConfig, name: str, src: DatasetSource) -> list[tuple[str, 
     return [(src.path, rows)]
 
 
-def load_dataset(cfg: PipelineConfig, name: str, src: DatasetSource):
+def load_dataset(cfg: PipelineConfig, name: str, src: DatasetSource,
+                 image_dir: Path | None = None):
     """Validated train and eval rows of one source, its format, and a report of what was
-    dropped. A format that a stage reading the source cannot take is a DataError naming them."""
+    dropped. A format that a stage reading the source cannot take is a DataError naming them.
+    Rows with images have them checked and named by content (posttrain.vision.images), and
+    written to `image_dir` when given (the data stage; preflight only checks)."""
     report: dict = {}
     validated, fmt = [], None
     allowed = allowed_formats(cfg, name)
@@ -113,6 +151,11 @@ def load_dataset(cfg: PipelineConfig, name: str, src: DatasetSource):
             rows, fmt, source=label, on_bad_rows=src.on_bad_rows,
             max_drop_fraction=src.max_drop_fraction,
         )
+        if has_images(good):
+            good, image_report = store_images(
+                good, source=label, base_dir=_folder_of(label), out_dir=image_dir,
+                on_bad_rows=src.on_bad_rows, max_drop_fraction=src.max_drop_fraction)
+            rep = {**rep, "images": image_report}
         report[label] = {**rep, "format": fmt}
         validated.append(good)
     if len(validated) == 1:
@@ -120,6 +163,11 @@ def load_dataset(cfg: PipelineConfig, name: str, src: DatasetSource):
     else:
         train, held = validated
     return train, held, fmt, report
+
+
+def _folder_of(label: str) -> Path | None:
+    """The folder relative image paths of a local data file are read from."""
+    return Path(label).expanduser().parent if Path(label).expanduser().is_file() else None
 
 
 def run_data_stage(cfg: PipelineConfig, *, parent_run_id: str | None = None) -> dict:
@@ -130,13 +178,13 @@ def run_data_stage(cfg: PipelineConfig, *, parent_run_id: str | None = None) -> 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         datasets, reports, metrics = {}, {}, {}
         for name, src in sources(cfg).items():
-            train, held, fmt, reports[name] = load_dataset(cfg, name, src)
+            train, held, fmt, reports[name] = load_dataset(cfg, name, src, image_dir=out.dir)
             write_jsonl(train, out.dir / f"{name}_train.jsonl")
             write_jsonl(held, out.dir / f"{name}_eval.jsonl")
             fingerprint = fingerprint_rows(train + held)
             datasets[name] = {"train_rows": len(train), "eval_rows": len(held), "format": fmt,
                               "fingerprint": fingerprint, "source": src.path,
-                              "checker": "demo" if src.is_demo else None}
+                              "checker": checker_of(src), "images": has_images(train)}
             metrics[f"{name}_train_rows"] = len(train)
             metrics[f"{name}_eval_rows"] = len(held)
             for context, rows in (("training", train), ("evaluation", held)):

@@ -26,6 +26,7 @@ from posttrain.stages.evaluate_harness import (
     harness_runner,
     point_task_at,
 )
+from posttrain.vision.models import is_vision_model
 
 # Lazy imports: the evaluation (torch, transformers) and bootstrap (numpy) load inside the
 # stage's body; the flows, promotion and preflight import this module without them.
@@ -91,8 +92,14 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
 
     def body(out: artifacts.StageOutput, run_id: str) -> dict:
         task_dir = out.dir / "harness_tasks"
-        results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest,
-                                task_dir=task_dir)
+        vision = is_vision_model(cfg.model)
+        if vision:
+            from posttrain.vision.evaluate import evaluate_all, sample_images
+
+            results = evaluate_all(cfg, data_manifest, _rows(cfg, data_manifest)[0], candidates)
+        else:
+            results = _evaluate_all(cfg, data_manifest, candidates, reward_manifest,
+                                    task_dir=task_dir)
         point_task_at(task_dir, out.dir, artifacts.stage_dir(cfg.artifacts_root, "evaluate",
                                                               key))
         ground = evaluation_ground(cfg, *_rows(cfg, data_manifest), reward_manifest,
@@ -108,7 +115,12 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
             tracking.log_metrics(run_id, {f"{name}/vs_{e.reference}/{m}_{k}": d[k]
                                           for m, d in paired.get(name, {}).items()
                                           for k in ("diff", "ci_low", "ci_high")})
-            tracking.log_table(run_id, r.samples, f"samples/{name}.json")
+            if vision:  # the table shows each sample's image (MLflow stores them beside it)
+                tracking.client().log_table(
+                    run_id, _columns(sample_images(Path(data_manifest["path"]), r.samples)),
+                    f"samples/{name}.json")
+            else:
+                tracking.log_table(run_id, r.samples, f"samples/{name}.json")
             (out.dir / f"samples_{name}.json").write_text(json.dumps(r.samples, indent=2))
         _log_on_stage_runs(comparison, candidates)
         (out.dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
@@ -124,6 +136,10 @@ def run_eval_stage(cfg: PipelineConfig, data_manifest: dict, candidates: dict[st
         return {f"{n}/{k}": v for n, m in comparison.items() for k, v in m.items()}
 
     return run_stage(cfg, "evaluate", key, params, body, parent_run_id=parent_run_id)
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {c: [r.get(c) for r in rows] for c in (rows[0] if rows else {})}
 
 
 PER_PROMPT_FILE = "per_prompt.json"

@@ -18,10 +18,12 @@ from posttrain.stages.common import (
     run_stage,
     save_trained,
     source_of,
+    start_processor,
     start_tokenizer,
     training_key,
 )
 from posttrain.stages.reward import tokenize_pairs
+from posttrain.vision.models import is_vision_model
 
 # Lazy imports: the recipes, models and training (torch, transformers) load inside the
 # stage's body; the flows, the CLI and preflight import this module without them.
@@ -44,6 +46,17 @@ def _kto_examples(cfg: PipelineConfig, stage, data_manifest: dict, split: str, t
     )
 
 
+def _image_pairs(cfg: PipelineConfig, stage, inputs: dict, split: str, processor):
+    """Tokenized preference pairs with images (posttrain.vision.tokenize)."""
+    from posttrain.vision.tokenize import tokenize_pair_rows
+
+    data_dir = Path(inputs["data"]["path"])
+    name = f"{stage.data}_{split}.jsonl"
+    return tokenize_pair_rows(read_jsonl(data_dir / name), processor, data_dir,
+                              max_length=stage.max_length, source=name,
+                              max_bad_fraction=cfg.data[stage.data].max_drop_fraction)
+
+
 def run_method_stage(cfg: PipelineConfig, stage, inputs: dict, *,
                      parent_run_id: str | None = None) -> dict:
     """Train the start model further with the stage's method (DPO, ORPO, SimPO, CPO or KTO)."""
@@ -53,8 +66,13 @@ def run_method_stage(cfg: PipelineConfig, stage, inputs: dict, *,
         from posttrain.recipes import kto, preference
         from posttrain.training import make_accelerator, with_oom_backoff
 
-        tokenizer = start_tokenizer(cfg, inputs)
-        if stage.method == "kto":
+        vision = is_vision_model(cfg.model)
+        saved = start_processor(cfg, inputs) if vision else start_tokenizer(cfg, inputs)
+        tokenizer = saved.tokenizer if vision else saved
+        if vision:
+            train, report = _image_pairs(cfg, stage, inputs, "train", saved)
+            held, _ = _image_pairs(cfg, stage, inputs, "eval", saved)
+        elif stage.method == "kto":
             train, report = _kto_examples(cfg, stage, inputs["data"], "train", tokenizer)
             held, _ = _kto_examples(cfg, stage, inputs["data"], "eval", tokenizer)
         else:
@@ -80,7 +98,7 @@ def run_method_stage(cfg: PipelineConfig, stage, inputs: dict, *,
                 attempt, stage, record_oom_backoff(out, run_id))
         finally:
             logger.flush()
-        save_trained(accelerator, policy, tokenizer, out.dir / "model")
+        save_trained(accelerator, policy, saved, out.dir / "model")
         return {**final, "train_examples": len(train),
                 "dropped_examples": sum(report["dropped"].values())}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 from posttrain import artifacts, tracking
@@ -16,20 +17,38 @@ from posttrain.stages.common import (
     run_params,
     run_stage,
     save_trained,
+    start_processor,
     start_tokenizer,
     training_key,
 )
+from posttrain.vision.models import is_vision_model
 
 # Lazy imports: the recipes, models and training (torch, transformers) load inside the
 # stage's body; the flows, the CLI and preflight import this module without them.
 
 
-def _tokenize(rows: list[dict], tokenizer, source: str, s: SFTConfig) -> tuple[list[dict], dict]:
+def _tokenize(rows: list[dict], *, tokenizer, source: str, s: SFTConfig
+              ) -> tuple[list[dict], dict]:
     """Tokenized examples plus a report of truncated/dropped rows (counted, never silent)."""
     examples, report = tokenize_sft_rows(
         rows, tokenizer, max_length=s.max_length, truncation=s.truncation,
         completion_only_loss=s.completion_only_loss, source=source,
     )
+    if not examples:
+        raise DataError(f"{source}: no row fits in max_length={s.max_length} tokens ({report})")
+    return examples, report
+
+
+def _tokenize_images(processor, data_dir: Path, rows: list[dict], *, source: str,
+                     s: SFTConfig) -> tuple[list[dict], dict]:
+    """Tokenized examples of rows with images (posttrain.vision.tokenize); packing refused."""
+    from posttrain.vision.tokenize import tokenize_sft_rows as tokenize_image_rows
+
+    if s.packing:
+        raise DataError(f"stages.{s.name}: packing is not supported for vision-language data; "
+                        "set packing: false")
+    examples, report = tokenize_image_rows(rows, processor, data_dir, max_length=s.max_length,
+                                           source=source)
     if not examples:
         raise DataError(f"{source}: no row fits in max_length={s.max_length} tokens ({report})")
     return examples, report
@@ -45,11 +64,18 @@ def run_sft_stage(cfg: PipelineConfig, stage: SFTConfig, inputs: dict, *,
         from posttrain.training import make_accelerator, with_oom_backoff
 
         data_dir = Path(inputs["data"]["path"])
-        tokenizer = start_tokenizer(cfg, inputs)
-        train, report = _tokenize(read_jsonl(data_dir / f"{stage.data}_train.jsonl"), tokenizer,
-                                  f"{stage.data}_train.jsonl", stage)
-        held, _ = _tokenize(read_jsonl(data_dir / f"{stage.data}_eval.jsonl"), tokenizer,
-                            f"{stage.data}_eval.jsonl", stage)
+        vision = is_vision_model(cfg.model)
+        # A vision-language model's processor is saved with it (AutoProcessor loads it back).
+        tokenizer = saved = start_processor(cfg, inputs) if vision else \
+            start_tokenizer(cfg, inputs)
+        if vision:
+            tokenizer = saved.tokenizer
+        tokenize = partial(_tokenize_images, saved, data_dir) if vision else \
+            partial(_tokenize, tokenizer=tokenizer)
+        train, report = tokenize(read_jsonl(data_dir / f"{stage.data}_train.jsonl"),
+                                 source=f"{stage.data}_train.jsonl", s=stage)
+        held, _ = tokenize(read_jsonl(data_dir / f"{stage.data}_eval.jsonl"),
+                           source=f"{stage.data}_eval.jsonl", s=stage)
         (out.dir / "tokenization.json").write_text(json.dumps(report, indent=2))
         logger = tracking.MetricLogger(run_id)
 
@@ -71,7 +97,7 @@ def run_sft_stage(cfg: PipelineConfig, stage: SFTConfig, inputs: dict, *,
         out.meta["attention"] = final["attention"]
         if run_id:
             tracking.client().set_tag(run_id, "posttrain.attention", final["attention"])
-        save_trained(accelerator, model, tokenizer, out.dir / "model")
+        save_trained(accelerator, model, saved, out.dir / "model")
         out.meta["base_model"] = cfg.model.name_or_path
         dropped = report["dropped_too_long"] + report["dropped_no_loss"]
         return {**final, "train_examples": len(train), "dropped_for_length": dropped}

@@ -85,4 +85,6 @@ def endless_batches(
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors, and those of its nested dicts (image inputs), on `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor)
+            else to_device(v, device) if isinstance(v, dict) else v for k, v in batch.items()}
