@@ -5,10 +5,9 @@ reference model (the SFT model): win rate judged by the reward model and a KL es
 candidate's own completions.
 
 Held-out rows come from `posttrain.data.formats.eval_rows`, so any data format can be evaluated:
-rows without a reference (prompt-only data) still get generation metrics.
-
-Generation is greedy and batched (left-padded, KV-cached through `model.generate`), so a score is
-a property of the model, not of sampling luck.
+rows without a reference (prompt-only data) still get generation metrics. Generation is greedy
+and batched (left-padded, KV-cached through `model.generate`), so a score is a property of the
+model, not of sampling luck.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from posttrain.logprobs import (
 )
 from posttrain.models import stop_token_ids
 from posttrain.rewards import score_texts
+from posttrain.training.batches import to_device
 
 Checker = Callable[[object, str], bool]
 
@@ -151,7 +151,7 @@ def evaluate_candidate(
     metrics: dict[str, float] = {}
     per_prompt: dict[str, dict] = {}
     if batches:
-        _add_reference_loss(metrics, per_prompt, model, scored, batches, len(rows))
+        add_reference_loss(metrics, per_prompt, model, scored, batches, len(rows))
         seconds["loss"], clock = time.perf_counter() - clock, time.perf_counter()
     _add_completion_shape(metrics, per_prompt, completions)
     scores: list[float | None] = [None] * len(rows)
@@ -204,7 +204,7 @@ def _reference_batches(rows: list[dict], tokenizer, *, max_length: int, batch_si
     return scored, batches
 
 
-def _add_reference_loss(metrics: dict, per_prompt: dict, model: torch.nn.Module,
+def add_reference_loss(metrics: dict, per_prompt: dict, model: torch.nn.Module,
                         scored: list[tuple[int, dict]], batches: list, num_rows: int) -> None:
     """eval_loss and perplexity over the reference completions: per row (loss sum, token
     count), None for a row without one; the metric is sum / count over all rows."""
@@ -242,10 +242,10 @@ def row_losses(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     net = SelectedLogits(model)
     out: list[tuple[float, int]] = []
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         select, targets = shift_targets(batch["labels"])  # (B, T), (N,)
         logits = net(batch["input_ids"], batch["attention_mask"], select,
-                     batch.get("position_ids"))  # (N, V)
+                     batch.get("position_ids"), image_inputs=batch.get("image_inputs"))  # (N, V)
         token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
         per_row = select.sum(dim=1).tolist()  # tokens of each row, in select's row-major order
         for part, n in zip(token_loss.split(per_row), per_row):

@@ -310,7 +310,9 @@ def _check_evaluation(cfg: PipelineConfig, datasets: dict, rows: dict, result: P
         return [f"evaluate.data: {e}"]
     if not rows[source][1]:
         return [f"evaluate.data: data.{source} has no held-out rows"]
-    if cfg.evaluate.tasks:  # unknown tasks, hub data offline: refused before anything trains
+    # Unknown tasks, hub data offline: refused before anything trains (a vision-language
+    # model's tasks are refused by check_vision).
+    if cfg.evaluate.tasks and not is_vision_model(cfg.model):
         held = eval_rows(rows[source][1], fmt, f"data.{source}")
         held = held[: cfg.evaluate.max_prompts] if cfg.evaluate.max_prompts else held
         problems = check_harness(cfg, held, datasets[source]["checker"])

@@ -133,27 +133,55 @@ def save_mlflow_model(model_dir: str | Path, path: str | Path, *, name: str,
 
     from posttrain.models import load_trained_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto",
-                                                 use_safetensors=True)
-    tokenizer = load_trained_tokenizer(model_dir)
-    model.name_or_path = model.config._name_or_path = name  # MLmodel's source_model_name and
-    # the served "model" field
-    example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
     model_card = huggingface_hub.ModelCard(card) if card else None
     path = Path(path)
-    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
-        mlflow.transformers.save_model(
-            {"model": model, "tokenizer": tokenizer}, str(path), task="llm/v1/chat",
-            input_example=example, model_card=model_card, pip_requirements=_pip_requirements(),
-            # greedy, as the evaluation decodes: transformers' text-generation pipeline samples
-            # (temperature 0.7) unless told otherwise
-            model_config={"do_sample": False}, metadata={"posttrain.name": name})
+    if _is_vision_folder(model_dir):
+        with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+            _save_vision_model(model_dir, path, name=name, model_card=model_card)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto",
+                                                     use_safetensors=True)
+        tokenizer = load_trained_tokenizer(model_dir)
+        model.name_or_path = model.config._name_or_path = name  # MLmodel's source_model_name
+        # and the served "model" field
+        example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
+        with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+            mlflow.transformers.save_model(
+                {"model": model, "tokenizer": tokenizer}, str(path), task="llm/v1/chat",
+                input_example=example, model_card=model_card,
+                pip_requirements=_pip_requirements(),
+                # greedy, as the evaluation decodes: transformers' text-generation pipeline
+                # samples (temperature 0.7) unless told otherwise
+                model_config={"do_sample": False}, metadata={"posttrain.name": name})
     (path / "LICENSE.txt").unlink(missing_ok=True)  # MLflow's hub-license placeholder text
     for rel, text in (extra_files or {}).items():
         (path / rel).write_text(text)
     if adapter_dir is not None and Path(adapter_dir).is_dir():
         shutil.copytree(adapter_dir, path / ADAPTER_DIR)
     return path
+
+
+def _is_vision_folder(model_dir: str | Path) -> bool:
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text())
+
+
+def _save_vision_model(model_dir: str | Path, path: Path, *, name: str, model_card) -> None:
+    """A vision-language model folder as an MLflow transformers model: an image-text-to-text
+    pipeline saved with its processor. MLflow loads such a model as components
+    (`mlflow.transformers.load_model(uri, return_type="components")`: model, processor,
+    tokenizer, image processor); it has no pyfunc serving for models with a processor."""
+    import mlflow
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype="auto",
+                                                        use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    model.name_or_path = model.config._name_or_path = name
+    mlflow.transformers.save_model(
+        pipeline("image-text-to-text", model=model, processor=processor), str(path),
+        processor=processor, model_card=model_card, pip_requirements=_pip_requirements(),
+        metadata={"posttrain.name": name})
 
 
 def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,

@@ -136,6 +136,7 @@ def statuses(result: dict) -> dict[str, str]:
 LONGEST_FIRST = ("test_demo_quality.py", "test_server_outages.py", "test_crash.py", "test_flows.py",
                  "test_multiturn_demo.py", "test_distributed.py", "test_crash_launched.py",
                  "test_servers.py", "test_infra.py", "test_harness.py", "test_examples.py",
+                 "test_vision_pipeline.py",
                  "test_ecosystem.py", "test_concurrency.py", "test_harness_eval.py",
                  "test_prefect_ui.py", "test_trl_parity.py")
 

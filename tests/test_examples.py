@@ -52,7 +52,7 @@ def test_example_sources_have_the_usual_names(path):
     cfg = load_pipeline_config(path)
     assert set(cfg.data) <= {"sft", "preference", "prompts", "kto"}
     assert all(src.is_demo for src in cfg.data.values())  # they run offline as they are
-    assert cfg.model.name_or_path == "tiny"
+    assert cfg.model.name_or_path in ("tiny", "tiny-vlm")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_id)

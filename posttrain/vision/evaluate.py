@@ -17,13 +17,14 @@ import torch
 
 from posttrain import bootstrap
 from posttrain.config import PipelineConfig
+from posttrain.data.packing import collate_padded
 from posttrain.data.validation import content_text
-from posttrain.evaluate import Evaluation
+from posttrain.evaluate import Evaluation, add_reference_loss
 from posttrain.training import make_accelerator, place
 from posttrain.vision import demo
 from posttrain.vision.images import IMAGES, open_image
 from posttrain.vision.models import load_processor, load_vlm
-from posttrain.vision.tokenize import prompt_inputs
+from posttrain.vision.tokenize import prompt_inputs, tokenize_sft_rows
 
 BASE = "base"
 
@@ -45,6 +46,8 @@ def evaluate_all(cfg: PipelineConfig, data_manifest: dict, rows: list[dict],
             texts, lengths = _answers(model, processor, rows, data_dir, cfg.evaluate.max_new_tokens,
                                       accelerator.device)
         results[name] = _evaluation(rows, texts, lengths, checked, cfg.evaluate.num_samples)
+        _add_loss(results[name], model, processor, rows, data_dir, cfg.evaluate.max_length,
+                  cfg.evaluate.batch_size)
         results[name].seconds = {"generate": time.perf_counter() - clock,
                                  "total": time.perf_counter() - clock}
         del model
@@ -72,6 +75,25 @@ def _answers(model, processor, rows: list[dict], data_dir: Path, max_new_tokens:
         texts.append(processor.tokenizer.decode(new, skip_special_tokens=True))
         lengths.append(len(new))
     return texts, lengths
+
+
+def _add_loss(result: Evaluation, model, processor, rows: list[dict], data_dir: Path,
+              max_length: int, batch_size: int) -> None:
+    """eval_loss and perplexity over the rows' reference completions (those that fit in
+    max_length), per row for the intervals, as the text evaluation computes them."""
+    scored = []
+    for i, row in enumerate(rows):
+        if row.get("completion") is None:
+            continue
+        examples, _ = tokenize_sft_rows([row], processor, data_dir, max_length=max_length,
+                                        source="held-out")
+        scored += [(i, e) for e in examples]
+    if not scored:
+        return
+    examples = [e for _, e in scored]
+    batches = [collate_padded(examples[i : i + batch_size], processor.tokenizer.pad_token_id)
+               for i in range(0, len(examples), batch_size)]
+    add_reference_loss(result.metrics, result.per_prompt, model, scored, batches, len(rows))
 
 
 def _evaluation(rows: list[dict], texts: list[str], lengths: list[int], checked: bool,
