@@ -192,7 +192,9 @@ def print_plan(cfg, plan) -> None:
                       (r.key or "after inputs")[:12])
     console.print(table)
     if plan.formats:
-        console.print("data: " + ", ".join(f"{n} ({f})" for n, f in plan.formats.items()))
+        console.print("data: " + ", ".join(
+            f"{n} ({f}{', images' if n in plan.image_sources else ''})"
+            for n, f in plan.formats.items()))
     if plan.promotion:
         p = plan.promotion
         guards = ", ".join(f"{g['metric']} ({g['direction']}, tolerance {g['tolerance']})"

@@ -28,7 +28,9 @@ CARD_FILE = "README.md"
 MODEL_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "chat_template.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
+                   "tokenizer.model", "added_tokens.json",
+                   # a vision-language model's processor (AutoProcessor reads these)
+                   "processor_config.json", "preprocessor_config.json")
 # Settings that are not training settings (the graph fields and the model), for the card.
 _GRAPH_FIELDS = ("method", "starts_from", "start", "data", "reward", "model", "lora")
 
@@ -145,11 +147,19 @@ def _fmt(v) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def model_card(info: dict, *, name: str | None = None) -> str:
-    """A README.md model card (YAML front matter, then markdown) for `lineage()`'s output."""
+def is_vision_folder(model_dir: str | Path) -> bool:
+    """Whether a model folder holds a vision-language model (its config has a vision part)."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text())
+
+
+def model_card(info: dict, *, name: str | None = None, vision: bool = False) -> str:
+    """A README.md model card (YAML front matter, then markdown) for `lineage()`'s output;
+    `vision`: of a vision-language model (its pipeline tag and usage)."""
     title = name or f"posttrain {info['stage']}"
     methods = sorted({e["method"] for e in info["chain"] if e["method"]})
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+    tag = "image-text-to-text" if vision else "text-generation"
+    front = ["---", "library_name: transformers", f"pipeline_tag: {tag}",
              "tags:", "- posttrain", *[f"- {m}" for m in methods]]
     base = info.get("base_model")
     if base and base != "tiny" and not str(base).startswith("/"):
@@ -194,14 +204,24 @@ def model_card(info: dict, *, name: str | None = None) -> str:
             lines += ["", "Training metrics (final): " + ", ".join(
                 f"{k} {_fmt(v)}" for k, v in sorted(numbers.items()))]
         lines.append("")
-    lines += ["## Use", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
-              "model = AutoModelForCausalLM.from_pretrained(FOLDER)",
-              "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": PROMPT}],",
-              "                                    add_generation_prompt=True, return_tensors=\"pt\")",
-              "```", ""]
+    lines += ["## Use", "", "```python", *(_VISION_USE if vision else _TEXT_USE), "```", ""]
     return "\n".join(lines)
+
+
+_TEXT_USE = [
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
+    "model = AutoModelForCausalLM.from_pretrained(FOLDER)",
+    "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": PROMPT}],",
+    "                                    add_generation_prompt=True, return_tensors=\"pt\")"]
+_VISION_USE = [
+    "from transformers import AutoModelForImageTextToText, AutoProcessor",
+    "processor = AutoProcessor.from_pretrained(FOLDER)",
+    "model = AutoModelForImageTextToText.from_pretrained(FOLDER)",
+    "messages = [{\"role\": \"user\", \"content\": [{\"type\": \"image\"},",
+    "                                             {\"type\": \"text\", \"text\": PROMPT}]}]",
+    "text = processor.apply_chat_template(messages, add_generation_prompt=True)",
+    "inputs = processor(text=[text], images=[IMAGE], return_tensors=\"pt\")"]
 
 
 def _describe_base(base) -> str:
@@ -238,6 +258,12 @@ def _copy_hf_files(model_dir: Path, tokenizer_dir: Path, out: Path) -> None:
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
 
 
+def _copy_hf_files_of(folder: Path, out: Path) -> None:
+    for f in TOKENIZER_FILES:
+        if (folder / f).is_file() and not (out / f).is_file():
+            shutil.copy2(folder / f, out / f)
+
+
 def _scrub_config(out: Path) -> None:
     """Drop the machine path transformers may record as `_name_or_path`."""
     path = out / "config.json"
@@ -271,7 +297,7 @@ def export(source: str | Path, out_dir: str | Path, *, name: str | None = None) 
     _scrub_config(out)
     info = lineage(manifest)
     (out / LINEAGE_FILE).write_text(json.dumps(info, indent=2, default=str))
-    (out / CARD_FILE).write_text(model_card(info, name=name))
+    (out / CARD_FILE).write_text(model_card(info, name=name, vision=is_vision_folder(out)))
     return out
 
 
@@ -287,6 +313,9 @@ def _export_registered(uri: str, out: Path) -> None:
         tokenizer_dir = local / "components" / "tokenizer"
         _copy_hf_files(local / "model", tokenizer_dir if tokenizer_dir.is_dir() else
                        local / "model", out)
+        for part in ("processor", "image_processor"):  # a vision-language model's
+            if (local / "components" / part).is_dir():
+                _copy_hf_files_of(local / "components" / part, out)
         _scrub_config(out)
         for f in (LINEAGE_FILE, CARD_FILE):
             if (local / f).is_file():

@@ -63,6 +63,7 @@ class PlanRow:
 class Plan:
     rows: list[PlanRow] = field(default_factory=list)
     formats: dict[str, str] = field(default_factory=dict)
+    image_sources: set[str] = field(default_factory=set)  # the sources whose rows have images
     promotion: dict | None = None
     available_metrics: set[str] = field(default_factory=set)
 
@@ -92,7 +93,8 @@ def plan(cfg: PipelineConfig, targets: list[str] | None = None) -> Plan:
     problems += check_vision(cfg, stages, datasets, vision)
     if not vision:  # a VLM's rows are counted by its own tokenization, in the stage
         problems += _check_stages(cfg, stages, datasets, rows, tokenizer)
-    result = Plan(formats={n: d["format"] for n, d in datasets.items()})
+    result = Plan(formats={n: d["format"] for n, d in datasets.items()},
+                  image_sources={n for n, d in datasets.items() if d["images"]})
     if targets is None and cfg.evaluate.enabled:
         problems += _check_evaluation(cfg, datasets, rows, result)
     if problems:

@@ -135,7 +135,7 @@ def save_mlflow_model(model_dir: str | Path, path: str | Path, *, name: str,
 
     model_card = huggingface_hub.ModelCard(card) if card else None
     path = Path(path)
-    if _is_vision_folder(model_dir):
+    if export.is_vision_folder(model_dir):
         with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
             _save_vision_model(model_dir, path, name=name, model_card=model_card)
     else:
@@ -159,11 +159,6 @@ def save_mlflow_model(model_dir: str | Path, path: str | Path, *, name: str,
     if adapter_dir is not None and Path(adapter_dir).is_dir():
         shutil.copytree(adapter_dir, path / ADAPTER_DIR)
     return path
-
-
-def _is_vision_folder(model_dir: str | Path) -> bool:
-    config = Path(model_dir) / "config.json"
-    return config.is_file() and "vision_config" in json.loads(config.read_text())
 
 
 def _save_vision_model(model_dir: str | Path, path: Path, *, name: str, model_card) -> None:
@@ -210,7 +205,8 @@ def register_champion(name: str, stage: str, manifest: dict, metrics: dict, *,
     values = {k: v for k, v in clean.items()  # the card's held-out numbers: no CIs or timing
               if not k.endswith(CI_SUFFIXES) and k != "eval_seconds"}
     info = export.lineage(manifest, heldout=values)
-    card = export.model_card(info, name=name)
+    card = export.model_card(info, name=name,
+                             vision=export.is_vision_folder(Path(manifest["path"], "model")))
     run_id = manifest.get("mlflow_run_id")
     own_run = not run_id
     if own_run:

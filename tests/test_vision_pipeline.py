@@ -79,3 +79,13 @@ def test_the_vision_example_learns_the_image_task_and_its_champion_loads(tmp_pat
     answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
                                         skip_special_tokens=True)
     assert demo.check("blue", answer), answer
+
+    # `posttrain export` of the champion: a folder the Auto classes load, processor included.
+    exported = _posttrain(["export", "models:/vision-colours@champion", str(tmp_path / "hf")],
+                          tmp_path)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    assert type(AutoProcessor.from_pretrained(tmp_path / "hf")).__name__ == "LlavaProcessor"
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "hf")
+    assert "pipeline_tag: image-text-to-text" in (tmp_path / "hf" / "README.md").read_text()
