@@ -174,11 +174,15 @@ def test_sft_labels_cover_the_assistant_text_only_never_an_image_token(tmp_path,
     assert example["image_inputs"]["pixel_values"].shape == (1, 3, 32, 32)
 
 
-def test_rows_longer_than_max_length_are_dropped_and_counted(tmp_path, processor):
+def test_rows_longer_than_max_length_are_dropped_and_counted_or_refused(tmp_path, processor):
     _png((200, 0, 0), tmp_path / "a.png")
     rows = _stored([_llava_mix_row("a.png")], tmp_path)
     examples, report = tokenize_sft_rows(rows, processor, tmp_path, max_length=20, source="s")
     assert examples == [] and report["dropped_too_long"] == 1
+    with pytest.raises(DataError, match=r"s row 1: \d+ tokens \(its image tokens included\) > "
+                                        "max_length=20"):
+        tokenize_sft_rows(rows, processor, tmp_path, max_length=20, source="s",
+                          truncation="error")
 
 
 def test_pairs_carry_their_image_in_both_halves_of_the_batch(tmp_path, processor):
@@ -295,6 +299,12 @@ def _vision_pipeline(**changes) -> Pipeline:
      "stages.sft (sft): data.sft holds images, but model.name_or_path 'tiny' is a text model"),
     ({"evaluate": {"data": "sft", "tasks": ["posttrain_demo"]}},
      "evaluate.tasks: the harness tasks run on text models only"),
+    ({"stages": [{"name": "sft", "method": "sft", "data": "sft", "packing": False,
+                  "truncation": "truncate_right"}]},
+     "stages.sft (sft): truncation: truncate_right would cut through an image's tokens"),
+    ({"stages": [{"name": "sft", "method": "sft", "data": "sft", "packing": False,
+                  "completion_only_loss": False}]},
+     "stages.sft (sft): completion_only_loss: false is not supported"),
 ])
 def test_preflight_refuses_what_vision_data_cannot_do(tmp_path, change, message):
     from posttrain.preflight import PreflightError, plan

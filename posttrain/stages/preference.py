@@ -53,7 +53,8 @@ def _image_pairs(cfg: PipelineConfig, stage, inputs: dict, split: str, processor
     data_dir = Path(inputs["data"]["path"])
     name = f"{stage.data}_{split}.jsonl"
     return tokenize_pair_rows(read_jsonl(data_dir / name), processor, data_dir,
-                              max_length=stage.max_length, source=name,
+                              max_length=stage.max_length, truncation=stage.truncation,
+                              source=name,
                               max_bad_fraction=cfg.data[stage.data].max_drop_fraction)
 
 

@@ -48,7 +48,7 @@ def _tokenize_images(processor, data_dir: Path, rows: list[dict], *, source: str
         raise DataError(f"stages.{s.name}: packing is not supported for vision-language data; "
                         "set packing: false")
     examples, report = tokenize_image_rows(rows, processor, data_dir, max_length=s.max_length,
-                                           source=source)
+                                           source=source, truncation=s.truncation)
     if not examples:
         raise DataError(f"{source}: no row fits in max_length={s.max_length} tokens ({report})")
     return examples, report
@@ -66,10 +66,8 @@ def run_sft_stage(cfg: PipelineConfig, stage: SFTConfig, inputs: dict, *,
         data_dir = Path(inputs["data"]["path"])
         vision = is_vision_model(cfg.model)
         # A vision-language model's processor is saved with it (AutoProcessor loads it back).
-        tokenizer = saved = start_processor(cfg, inputs) if vision else \
-            start_tokenizer(cfg, inputs)
-        if vision:
-            tokenizer = saved.tokenizer
+        saved = start_processor(cfg, inputs) if vision else start_tokenizer(cfg, inputs)
+        tokenizer = saved.tokenizer if vision else saved
         tokenize = partial(_tokenize_images, saved, data_dir) if vision else \
             partial(_tokenize, tokenizer=tokenizer)
         train, report = tokenize(read_jsonl(data_dir / f"{stage.data}_train.jsonl"),

@@ -31,6 +31,14 @@ def check_vision(cfg: PipelineConfig, stages: list, datasets: dict, vision: bool
             problems.append(
                 f"{where}: packing is not supported for vision-language data (a row would hold "
                 "several examples' image tokens); set packing: false")
+        if getattr(s, "truncation", "drop") not in ("drop", "error"):
+            problems.append(
+                f"{where}: truncation: {s.truncation} would cut through an image's tokens; "
+                "vision-language rows are dropped (truncation: drop) or refused (error)")
+        if not getattr(s, "completion_only_loss", True):
+            problems.append(
+                f"{where}: completion_only_loss: false is not supported for vision-language "
+                "data: the loss is on the assistant's text only")
     if vision and cfg.evaluate.enabled and cfg.evaluate.tasks:
         problems.append("evaluate.tasks: the harness tasks run on text models only; leave "
                         "evaluate.tasks empty for a vision-language model")

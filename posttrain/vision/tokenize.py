@@ -8,7 +8,8 @@ functions concatenate those along the first axis, which is how transformers' pro
 them. Spans are found by encoding the chat template's prefixes with their own images and
 checking that each is a prefix of the whole, so a template that tokenizes differently in
 pieces is an error, not a shifted mask. Image tokens never carry a loss; a row longer than
-max_length is dropped and counted (cutting through an image's tokens would break it).
+max_length is dropped and counted, or with `truncation: error` stops the run (cutting through an
+image's tokens would break it, so the cutting modes are refused by preflight).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 def tokenize_sft_rows(rows: list[dict], processor, data_dir: Path, *, max_length: int,
-                      source: str) -> tuple[list[dict], dict]:
+                      source: str, truncation: str = "drop") -> tuple[list[dict], dict]:
     """SFT examples of prompt-completion or messages rows with images; (examples, report)
     with the report keys of text SFT (posttrain.data.tokenize.tokenize_sft_rows)."""
     examples, too_long, no_loss = [], 0, 0
@@ -43,6 +44,7 @@ def tokenize_sft_rows(rows: list[dict], processor, data_dir: Path, *, max_length
         image_token = _image_token_id(processor)
         labels = [IGNORE_INDEX if t == image_token else lab for t, lab in zip(ids, labels)]
         if len(ids) > max_length:
+            _too_long(where, len(ids), max_length, truncation)
             too_long += 1
             continue
         if all(lab == IGNORE_INDEX for lab in labels[1:]):
@@ -54,7 +56,8 @@ def tokenize_sft_rows(rows: list[dict], processor, data_dir: Path, *, max_length
 
 
 def tokenize_pair_rows(rows: list[dict], processor, data_dir: Path, *, max_length: int,
-                       source: str, max_bad_fraction: float = 0.1) -> tuple[list[dict], dict]:
+                       source: str, truncation: str = "drop", max_bad_fraction: float = 0.1
+                       ) -> tuple[list[dict], dict]:
     """Preference pairs (prompt/chosen/rejected conversations, images in the prompt) as
     {"prompt_ids", "chosen_ids", "rejected_ids", "image_inputs"}; pairs longer than
     max_length are dropped and counted, with an error above `max_bad_fraction`."""
@@ -76,7 +79,9 @@ def tokenize_pair_rows(rows: list[dict], processor, data_dir: Path, *, max_lengt
                 raise DataError(f"{where}, field {side!r}: the chat template's prompt does not "
                                 "tokenize to a prefix of prompt + response")
             sides[side] = full[len(prompt_ids):]
-        if len(prompt_ids) + max(len(sides["chosen"]), len(sides["rejected"])) > max_length:
+        longest = len(prompt_ids) + max(len(sides["chosen"]), len(sides["rejected"]))
+        if longest > max_length:
+            _too_long(where, longest, max_length, truncation)
             dropped["too long"] = dropped.get("too long", 0) + 1
             continue
         examples.append({"prompt_ids": prompt_ids, "chosen_ids": sides["chosen"],
@@ -88,6 +93,12 @@ def tokenize_pair_rows(rows: list[dict], processor, data_dir: Path, *, max_lengt
                         "raise max_length")
     return examples, {"rows_in": len(rows), "rows_out": len(examples), "truncated": 0,
                       "dropped": dropped, "examples": []}
+
+
+def _too_long(where: str, length: int, max_length: int, truncation: str) -> None:
+    if truncation == "error":
+        raise DataError(f"{where}: {length} tokens (its image tokens included) > max_length="
+                        f"{max_length}; raise max_length or set truncation: drop")
 
 
 def prompt_inputs(processor, prompt: list[dict], images: list) -> dict:
