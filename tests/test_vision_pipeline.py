@@ -49,8 +49,8 @@ def test_the_vision_example_learns_the_image_task_and_its_champion_loads(tmp_pat
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    # A client of its own: the worker's global tracking URI is the session store of the tests.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("posttrain-vision").experiment_id],
                                "tags.mlflow.runName = 'evaluate'")
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/dpo.json",
@@ -63,22 +63,30 @@ def test_the_vision_example_learns_the_image_task_and_its_champion_loads(tmp_pat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert set(_status(again.stdout).values()) == {"cached"}
 
-    # The champion, as a user loads it: MLflow's transformers flavor (components, since a
-    # model with a processor has no pipeline form there), then a plain generate on an image.
-    from posttrain.vision import demo
-    from posttrain.vision.tokenize import prompt_inputs
-
-    parts = mlflow.transformers.load_model("models:/vision-colours@champion",
-                                           return_type="components")
-    model, processor = parts["model"], parts["processor"]
-    import random
-
-    image = demo._image(random.Random(5), "blue", 32)
-    inputs = prompt_inputs(processor, demo._prompt(), [image])
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
-                                        skip_special_tokens=True)
-    assert demo.check("blue", answer), answer
+    # The champion, as a user loads it in a script of their own: MLflow's transformers flavor
+    # (components, since a model with a processor has no pipeline form there), then a plain
+    # `generate` on a new image of a blue square.
+    script = (
+        "import random, mlflow\n"
+        "from posttrain.vision import demo\n"
+        "parts = mlflow.transformers.load_model('models:/vision-colours@champion',"
+        " return_type='components')\n"
+        "model, processor = parts['model'], parts['processor']\n"
+        "messages = [{'role': 'user', 'content': [{'type': 'image'},"
+        " {'type': 'text', 'text': demo.QUESTION}]}]\n"
+        "text = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        "inputs = processor(text=[text], images=[demo._image(random.Random(5), 'blue', 32)],"
+        " return_tensors='pt')\n"
+        "out = model.generate(**inputs, max_new_tokens=6, do_sample=False)\n"
+        "print('ANSWER', processor.tokenizer.decode(out[0, inputs['input_ids'].shape[1]:],"
+        " skip_special_tokens=True))\n")
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300, check=False,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    answer = loaded.stdout.split("ANSWER", 1)[1].strip()
+    assert answer == "blue", answer
 
     # `posttrain export` of the champion: a folder the Auto classes load, processor included.
     exported = _posttrain(["export", "models:/vision-colours@champion", str(tmp_path / "hf")],
