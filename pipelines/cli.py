@@ -6,11 +6,13 @@ named, not after a server has started.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import shlex
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated
@@ -63,12 +65,40 @@ def _load(config: str | None, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
-def _preflight(cfg, targets: list[str] | None = None):
-    """The plan, or every problem preflight finds and exit code 2, before anything trains."""
+def _start_embedded_server() -> threading.Thread | None:
+    """Without a Prefect server (no PREFECT_API_URL), a flow runs against Prefect's embedded
+    one, a uvicorn subprocess that takes seconds to start. Started from a thread here, before
+    preflight, it comes up while preflight checks the model and the data; the flow joins the
+    thread (`_preflight`), and Prefect's own start then finds it running. Returns the thread,
+    or None with a server configured."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        # A failed start is not reported here: the flow's own start tries again and reports it.
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="posttrain-prefect-server", daemon=True)
+    thread.start()
+    return thread
+
+
+def _preflight(cfg, targets: list[str] | None = None, *, flow: bool = False):
+    """The plan, or every problem preflight finds and exit code 2, before anything trains.
+    With `flow` (a flow runs next), Prefect's embedded server starts meanwhile."""
     from posttrain.preflight import PreflightError, plan
 
+    server = _start_embedded_server() if flow else None
     try:
-        return plan(cfg, targets)
+        result = plan(cfg, targets)
+        if server is not None:
+            server.join()
+        return result
     except PreflightError as e:
         console.print("[red]preflight found problems; nothing was trained:[/red]")
         for problem in e.problems:
@@ -280,7 +310,7 @@ def run(config: ConfigArg = None, overrides: OverridesArg = None,
     """Run the whole pipeline (data, every stage in order, evaluation, promotion) as a Prefect
     flow, after preflight. Without CONFIG: the built-in demo (conf/demo.yaml)."""
     cfg = _load(config, overrides)
-    print_plan(cfg, _preflight(cfg))
+    print_plan(cfg, _preflight(cfg, flow=True))
     from pipelines.flows import pipeline
 
     result = _run_flow(pipeline, cfg, verbose)
@@ -303,7 +333,7 @@ def _method_command(name: str, summary: str):
             console.print(f"[red]no {name} stage {'named ' + str(wrong) if wrong else ''} in "
                           f"this config[/red] ({name} stages: {have or 'none'})")
             raise typer.Exit(2)
-        print_plan(cfg, _preflight(cfg, targets))
+        print_plan(cfg, _preflight(cfg, targets, flow=True))
         from pipelines.flows import stage_flow
 
         result = _run_flow(lambda c: stage_flow(c, targets), cfg, verbose)
