@@ -6,8 +6,8 @@ all of them (the loss normalized over the global batch's items across micro-batc
 processes, resuming at the data position, checkpoints, `select_best`, the non-finite guard), and
 it is written and tested once here. What a recipe adds is its `Objective`, a module-level class
 with four methods: `count` (a micro-batch's loss items), `loss` (their SUMMED loss and metrics),
-`evaluate` (the held-out metrics) and `step_metrics` (throughput and other per-step metrics).
-`fit` knows nothing else about the recipe.
+`evaluate` (the held-out metrics, run when `evaluates`) and `step_metrics` (throughput and
+other per-step metrics). `fit` knows nothing else about the recipe.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class Objective(Protocol):
 def sums_from_means(loss: torch.Tensor, metrics: dict, n: int) -> tuple[torch.Tensor, Metrics]:
     """A loss and metrics that are MEANS over a micro-batch's `n` items (the losses of
     posttrain/losses/ are, as their papers write them) as the sums `Objective.loss` returns:
-    each times n. (sum, count) pairs pass through unchanged."""
+    each times n. (sum, count) pairs pass through unchanged. One helper, not a sum inside each
+    loss: the losses stay as their hand-worked tests check them, and mean x n is the product the
+    loop has always taken, so every float is what it was."""
     return loss * n, {"loss": loss.item() * n,
                       **{k: v if isinstance(v, tuple) else float(v) * n
                          for k, v in metrics.items()}}
