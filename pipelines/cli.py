@@ -22,6 +22,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from posttrain.charts import CI_SUFFIXES
+
 # Offline-friendly defaults for Prefect's embedded server; explicit settings win.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -167,13 +169,13 @@ def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
     metrics follow posttrain's own, under a row per task (`_metric_label`). `eval_seconds` (each model's
     evaluation time) comes last."""
     harness = sorted({k for c in comparison.values() for k in c if k.startswith("lm_eval/")
-                      and not k.endswith(("_ci_low", "_ci_high"))})
+                      and not k.endswith(CI_SUFFIXES)})
     metrics = [m for m in (*_COMPARISON, *harness, "eval_seconds")
                if any(m in c for c in comparison.values())]
     models = list(comparison)
 
     def half_width(m: dict, metric: str):
-        low, high = m.get(metric + "_ci_low"), m.get(metric + "_ci_high")
+        low, high = m.get(metric + CI_SUFFIXES[0]), m.get(metric + CI_SUFFIXES[1])
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
             return ""
         return (float(high) - float(low)) / 2
@@ -190,7 +192,7 @@ def _comparison_tables(comparison: dict[str, dict], width: int) -> list[Table]:
                 t.add_row(heading, *([""] * len(names)))
             group = heading
             t.add_row(label, *(_short(comparison[n].get(metric, ""), digits) for n in names))
-            if any(metric + "_ci_low" in comparison[n] for n in names):
+            if any(metric + CI_SUFFIXES[0] in comparison[n] for n in names):
                 t.add_row("  ±95%", *(_short(half_width(comparison[n], metric), min(digits, 2))
                                       for n in names), style="dim")
         return t

@@ -78,8 +78,6 @@ def harness_direction(cfg: PipelineConfig, metric: str) -> str | None:
     return harness_metrics(cfg).get(metric) or harness.metric_direction(metric)
 
 
-CI_SUFFIXES = ("_ci_low", "_ci_high")
-
 
 @dataclass
 class Decision:

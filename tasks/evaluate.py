@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from posttrain import progress, stages
+from posttrain.charts import CI_SUFFIXES
 from posttrain.config import PipelineConfig
 from tasks.common import with_stage_cache
 from tasks.train import link_stage, send_progress_to_prefect
@@ -31,7 +32,7 @@ def _evaluate(
     logger = get_run_logger()
     for name, metrics in manifest.get("comparison", {}).items():
         # the values (their 95% intervals are in comparison.json and the MLflow run)
-        shown = {k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}
+        shown = {k: v for k, v in metrics.items() if not k.endswith(CI_SUFFIXES)}
         logger.info(f"held-out {name}: {progress.metrics_text(shown)}")
     link_stage(cfg.name, "evaluate", manifest, Path(manifest["path"]))
     return manifest

@@ -13,6 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from posttrain import promotion, registry, stages, tracking
+from posttrain.charts import CI_SUFFIXES
 from posttrain.config import PipelineConfig
 
 
@@ -148,7 +149,7 @@ def decision_markdown(result: dict, comparison: dict[str, dict], primary: str) -
         head = f"**Nothing promoted**; `{result['registered_model']}` keeps its champion."
     lines = ["# Promotion decision", "", head, ""] + [f"- {r}" for r in result["reasons"]]
     metrics = sorted({k for m in comparison.values() for k in m
-                      if not k.endswith(promotion.CI_SUFFIXES)},
+                      if not k.endswith(CI_SUFFIXES)},
                      key=lambda k: (k != primary, k))
     lines += ["", "## Comparison (held-out)", "",
               "| stage | " + " | ".join(metrics) + " |",
@@ -163,7 +164,7 @@ def decision_markdown(result: dict, comparison: dict[str, dict], primary: str) -
 
 def _with_ci(m: dict, k: str) -> str:
     """A cell: the value, and its 95% bootstrap interval when the evaluation gave one."""
-    low, high = m.get(k + promotion.CI_SUFFIXES[0]), m.get(k + promotion.CI_SUFFIXES[1])
+    low, high = m.get(k + CI_SUFFIXES[0]), m.get(k + CI_SUFFIXES[1])
     if _number(low) is None or _number(high) is None:
         return _fmt(m.get(k))
     return f"{_fmt(m.get(k))} [{_fmt(low)}, {_fmt(high)}]"

@@ -318,6 +318,32 @@ def test_modules_and_functions_stay_small():
     assert LONG_FUNCTIONS - long == set(), "short enough now: take them off LONG_FUNCTIONS"
 
 
+OFFLINE_RECIPES = ("sft", "reward", "preference", "kto", "gkd")  # trained by training.fit
+
+
+def test_offline_recipes_give_fit_an_objective_without_closures():
+    """Issue 19: an offline recipe's train() hands `training.fit` one module-level `Objective`
+    (posttrain/training/loop.py), not callbacks built as closures: no function or lambda
+    defined inside a train(), and no `nonlocal` anywhere in the library."""
+    for path in library_modules().values():
+        tree = ast.parse(path.read_text())
+        assert not any(isinstance(n, ast.Nonlocal) for n in ast.walk(tree)), path
+    for recipe in OFFLINE_RECIPES:
+        path = ROOT / "posttrain" / "recipes" / f"{recipe}.py"
+        tree = ast.parse(path.read_text())
+        trains = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+                  and n.name in ("train", "_train")]
+        assert trains, recipe
+        for train in trains:
+            nested = [n for n in ast.walk(train) if n is not train
+                      and isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+            assert nested == [], f"{recipe}.{train.name} defines closures at lines " \
+                f"{[n.lineno for n in nested]}"
+        objectives = [n.name for n in tree.body if isinstance(n, ast.ClassDef)
+                      and any(getattr(b, "id", None) == "Objective" for b in n.bases)]
+        assert len(objectives) == 1, (recipe, objectives)
+
+
 def test_every_method_has_a_stage_function():
     """The method table (posttrain.methods, what a method is) and the stage layer's table of
     the functions that run them (posttrain.stages.graph) name the same methods."""

@@ -156,11 +156,18 @@ def test_sft_select_best_resumes_to_the_same_step(data, tokenizer, monkeypatch, 
 
 
 def test_fit_refuses_select_best_without_an_evaluation(tokenizer):
-    from posttrain.training import build_optimizer, fit, make_accelerator
+    from posttrain.training import Objective, build_optimizer, fit, make_accelerator
+
+    class Unevaluated(Objective):
+        def count(self, batch):
+            return 1
+
+        def loss(self, batch):
+            return None, {}
 
     model = torch.nn.Linear(2, 1)
     cfg = SFTConfig(max_steps=2, select_best="eval_loss", **SMALL)
     optimizer, scheduler = build_optimizer(list(model.parameters()), cfg)
     with pytest.raises(ValueError, match="select_best: eval_loss needs an evaluation"):
         fit(make_accelerator(), model, optimizer, scheduler, list(model.parameters()),
-            iter([]), cfg, name="sft", count=lambda b: 1, loss_fn=lambda b: (None, {}))
+            iter([]), cfg, name="sft", objective=Unevaluated())

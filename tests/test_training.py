@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from posttrain.config import TrainingConfig
 from posttrain.training import (
+    Objective,
     accumulate,
     build_optimizer,
     endless_batches,
@@ -30,14 +31,31 @@ def _toy(seed: int = 0) -> torch.nn.Linear:
     return torch.nn.Linear(3, 1)
 
 
-def _sum_loss(net):
-    """Squared error SUMMED over the micro-batch's rows, as `accumulate` expects."""
+class SquaredError(Objective):
+    """Squared error SUMMED over the micro-batch's rows, as `accumulate` expects; one item a
+    row."""
 
-    def loss_fn(mb):
-        err = (net(mb["x"]).squeeze(-1) - mb["y"]).pow(2)  # (n,)
+    def __init__(self, net, evaluate=None):
+        self.net, self.held_out, self.evaluates = net, evaluate, evaluate is not None
+
+    def count(self, batch):
+        return len(batch["y"])
+
+    def loss(self, batch):
+        err = (self.net(batch["x"]).squeeze(-1) - batch["y"]).pow(2)  # (n,)
         return err.sum(), {"sq": float(err.detach().sum()), "rows": float(len(err))}
 
-    return loss_fn
+    def evaluate(self):
+        return self.held_out()
+
+
+class PositiveY(SquaredError):
+    """Also the mean of y over the rows with y > 0 alone, a (sum, count) metric."""
+
+    def loss(self, batch):
+        err = (self.net(batch["x"]).squeeze(-1) - batch["y"]).pow(2)
+        positive = batch["y"] > 0
+        return err.sum(), {"pos_y": (float(batch["y"][positive].sum()), int(positive.sum()))}
 
 
 # ------------------------------------------------------------------------------ accumulate
@@ -54,7 +72,7 @@ def test_accumulate_uneven_micro_batches_equal_one_big_batch(accelerator):
     micro = [{"x": x[:2], "y": y[:2]}, {"x": x[2:], "y": y[2:]}]
 
     net = _toy()
-    metrics, total = accumulate(accelerator, net, micro, lambda mb: len(mb["y"]), _sum_loss(net))
+    metrics, total = accumulate(accelerator, net, micro, SquaredError(net))
     accumulated = [p.grad.clone() for p in net.parameters()]
 
     big = _toy()
@@ -82,18 +100,12 @@ def test_accumulate_subset_means_count_their_own_items(accelerator):
     the metric is 1.0 (not a NaN from the empty micro-batch, nor 1.0 * 2 / 5 per item). With
     no such row anywhere it is NaN (undefined), never 0."""
     net = _toy()
-
-    def loss_fn(mb):
-        err = (net(mb["x"]).squeeze(-1) - mb["y"]).pow(2)
-        positive = mb["y"] > 0
-        return err.sum(), {"pos_y": (float(mb["y"][positive].sum()), int(positive.sum()))}
-
     x = torch.zeros(5, 3)
     micro = [{"x": x[:2], "y": torch.tensor([1.0, -1.0])},
              {"x": x[2:], "y": torch.tensor([-2.0, -3.0, -4.0])}]
-    metrics, _ = accumulate(accelerator, net, micro, lambda mb: len(mb["y"]), loss_fn)
+    metrics, _ = accumulate(accelerator, net, micro, PositiveY(net))
     assert metrics["pos_y"] == 1.0
-    metrics, _ = accumulate(accelerator, net, micro[1:], lambda mb: len(mb["y"]), loss_fn)
+    metrics, _ = accumulate(accelerator, net, micro[1:], PositiveY(net))
     assert math.isnan(metrics["pos_y"])
 
 
@@ -201,7 +213,7 @@ def test_fit_steps_logs_and_evaluates_on_schedule(accelerator):
     logged: list[tuple[int, dict]] = []
     final = fit(accelerator, net, optimizer, scheduler, list(net.parameters()),
                 endless_batches(rows, 8, collate, seed=0), cfg, name="toy",
-                count=lambda mb: len(mb["y"]), loss_fn=_sum_loss(net), evaluate=evaluate,
+                objective=SquaredError(net, evaluate),
                 log_metrics=lambda m, s: logged.append((s, dict(m))))
     assert [s for s, _ in logged] == [10, 15, 20, 30]
     assert modes == [(False, False), (False, False)]  # evaluated at 15 and 30, eval mode, no grad

@@ -44,15 +44,15 @@ from posttrain.data.formats import split_implicit as _split_raw
 from posttrain.data.loading import DataError
 from posttrain.data.packing import stack_image_inputs
 from posttrain.data.preference_pairs import (
-    _MAX_EXAMPLES,
     MISSING_MARGIN,
     MISSING_PROMPT,
     BadPairError,
-    _pair_with_status,
-    _unpaired_with_status,
+    pair_with_status,
+    unpaired_with_status,
 )
 
 PADDING_SIDES = ("right", "left")
+_MAX_EXAMPLES = 5  # bad rows a report quotes
 
 
 # ------------------------------------------------------------------------------- datasets
@@ -86,7 +86,7 @@ def tokenize_preference_rows(
             raise BadPairError(MISSING_PROMPT, where, "no 'prompt' column")
         if margins and isinstance(row, dict) and row.get("margin") is None:
             raise BadPairError(MISSING_MARGIN, where)
-        return _pair_with_status(row, tokenizer, max_length, truncation, where)
+        return pair_with_status(row, tokenizer, max_length, truncation, where)
 
     return _tokenize_rows(rows, one, "preference pairs", source, max_bad_fraction)
 
@@ -105,7 +105,7 @@ def tokenize_unpaired_rows(
     kept examples (KTO's desirable/undesirable weights should balance them)."""
 
     def one(row: dict, where: str) -> tuple[dict | None, str]:
-        return _unpaired_with_status(row, tokenizer, max_length, truncation, where)
+        return unpaired_with_status(row, tokenizer, max_length, truncation, where)
 
     examples, report = _tokenize_rows(rows, one, "rows", source, max_bad_fraction)
     report["desirable"] = sum(1 for e in examples if e["label"])

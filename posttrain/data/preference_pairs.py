@@ -21,8 +21,6 @@ DIVERGES_BEFORE_RESPONSE = "chosen and rejected differ before the assistant's tu
 BAD_LABEL = "missing or non-bool label"
 MISSING_MARGIN = "missing margin"
 
-_MAX_EXAMPLES = 5
-
 
 class BadPairError(DataError):
     """A row that cannot be used (identical pair, empty response, missing prompt, ...).
@@ -63,7 +61,7 @@ def tokenize_pair(
     response, or identical chosen and rejected, and DataError for malformed rows. `where`
     (e.g. "data/train.jsonl row 17") prefixes the messages.
     """
-    example, _ = _pair_with_status(row, tokenizer, max_length, truncation, where)
+    example, _ = pair_with_status(row, tokenizer, max_length, truncation, where)
     return example
 
 
@@ -84,7 +82,7 @@ def tokenize_unpaired(
     max_length). Raises BadPairError for a missing prompt, an empty completion, or a label that
     is not a bool (0/1 and "true" are refused: bool(x) would guess).
     """
-    example, _ = _unpaired_with_status(row, tokenizer, max_length, truncation, where)
+    example, _ = unpaired_with_status(row, tokenizer, max_length, truncation, where)
     return example
 
 
@@ -97,10 +95,12 @@ def _check_args(max_length: int, truncation: str) -> None:
         )
 
 
-def _pair_with_status(
+def pair_with_status(
     row: dict, tokenizer: Any, max_length: int, truncation: str, where: str
 ) -> tuple[dict | None, str]:
-    """(example or None, status): status is "ok", "truncated" or OVER_LENGTH."""
+    """`tokenize_pair` with how the row went: (example or None, status), status "ok",
+    "truncated" or OVER_LENGTH (the dataset-level report in posttrain/data/preference.py counts
+    them)."""
     _check_args(max_length, truncation)
     prefix = f"{where}: " if where else ""
     if not isinstance(row, dict):
@@ -215,9 +215,11 @@ def _split_implicit(
     raise DataError(f"{prefix}chosen and rejected must both be strings or both lists of messages")
 
 
-def _unpaired_with_status(
+def unpaired_with_status(
     row: dict, tokenizer: Any, max_length: int, truncation: str, where: str
 ) -> tuple[dict | None, str]:
+    """`tokenize_unpaired` with how the row went: (example or None, status), as
+    `pair_with_status`."""
     _check_args(max_length, truncation)
     prefix = f"{where}: " if where else ""
     if not isinstance(row, dict):

@@ -8,7 +8,7 @@ the data's completions (supervised distillation). Both models then score the sam
 loss is the generalized Jensen-Shannon divergence between their distributions at every
 completion position (posttrain/losses/gkd.py: beta 0 forward KL, 1 reverse KL), a token mean
 over the completion tokens of the whole accumulated batch (the shared offline loop,
-posttrain.training.fit: checkpoints, select_best, the non-finite guard).
+posttrain.training.fit, with `GKDObjective`: checkpoints, select_best, the non-finite guard).
 
 Choices (TRL's GKDTrainer does the same unless said):
 - The on-policy draw is per micro-batch, from random.Random(seed) (every process draws the
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ from posttrain.losses.gkd import gkd_loss
 from posttrain.models import stop_token_ids
 from posttrain.rollout import generate
 from posttrain.training import (
+    Metrics,
+    Objective,
     build_optimizer,
     disable_dropout,
     endless_batches,
@@ -180,7 +183,7 @@ def train(
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config)
     net, optimizer, params = prepare(accelerator, student, optimizer, config)
-    batches = mixed_batches(lambda: accelerator.unwrap_model(net), train_examples, config,
+    batches = mixed_batches(partial(accelerator.unwrap_model, net), train_examples, config,
                             tokenizer=tokenizer, rank=accelerator.process_index,
                             world_size=accelerator.num_processes, generator=generator,
                             sample=sample)
@@ -189,22 +192,35 @@ def train(
     eval_batches = [collate_padded(held[i : i + size], tokenizer.pad_token_id)
                     for i in range(0, len(held), size)]
 
-    def loss_fn(mb: dict) -> tuple[torch.Tensor, dict]:
-        loss_sum, m = _divergence(net, teacher, mb, config, accelerator)
-        metrics = {"loss": m["jsd_sum"].item(), "jsd": m["jsd_sum"].item(),
-                   "on_policy_fraction": (float(mb["on_policy"]), 1.0)}
-        if mb["on_policy"]:
-            rows = mb["labels"].shape[0]
-            metrics["completions/mean_length"] = (float(completion_positions(mb["labels"]).sum()),
-                                                  float(rows))
+    objective = GKDObjective(net, teacher, eval_batches, config, accelerator)
+    return fit(accelerator, net, optimizer, scheduler, params, batches, config, name="gkd",
+               objective=objective, log_metrics=log_metrics, checkpoint_dir=checkpoint_dir)
+
+
+class GKDObjective(Objective):
+    """The divergence to the teacher summed over a micro-batch's completion tokens, with the
+    share of on-policy micro-batches and their completion length; the held-out divergence."""
+
+    def __init__(self, student, teacher, eval_batches: list[dict], config: GKDConfig,
+                 accelerator: Accelerator):
+        self.student, self.teacher, self.eval_batches = student, teacher, eval_batches
+        self.config, self.accelerator = config, accelerator
+        self.evaluates = bool(eval_batches)
+
+    def count(self, batch: dict) -> int:
+        return int(completion_positions(batch["labels"]).sum())
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        loss_sum, m = _divergence(self.student, self.teacher, batch, self.config,
+                                  self.accelerator)
+        metrics: Metrics = {"loss": m["jsd_sum"].item(), "jsd": m["jsd_sum"].item(),
+                            "on_policy_fraction": (float(batch["on_policy"]), 1.0)}
+        if batch["on_policy"]:
+            rows = batch["labels"].shape[0]
+            metrics["completions/mean_length"] = (
+                float(completion_positions(batch["labels"]).sum()), float(rows))
         return loss_sum, metrics
 
-    def count(mb: dict) -> int:
-        return int(completion_positions(mb["labels"]).sum())
-
-    final = fit(accelerator, net, optimizer, scheduler, params, batches, config, name="gkd",
-                count=count, loss_fn=loss_fn,
-                evaluate=(lambda: evaluate_jsd(net, teacher, eval_batches, config, accelerator))
-                if eval_batches else None,
-                log_metrics=log_metrics, checkpoint_dir=checkpoint_dir)
-    return final
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_jsd(self.student, self.teacher, self.eval_batches, self.config,
+                            self.accelerator)

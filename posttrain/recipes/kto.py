@@ -34,7 +34,8 @@ from posttrain.data.preference import collate_unpaired
 from posttrain.logprobs import SelectedLogits, sequence_logps
 from posttrain.losses.kto import kl_estimate, kto_loss
 from posttrain.training import (
-    as_sums,
+    Metrics,
+    Objective,
     build_optimizer,
     endless_batches,
     fit,
@@ -42,6 +43,7 @@ from posttrain.training import (
     precompute_used,
     prepare,
     reference_runner,
+    sums_from_means,
     to_device,
 )
 
@@ -137,55 +139,6 @@ def _precompute_references(net, train_examples: list[dict], eval_examples: list[
     return train_examples, precompute(eval_examples)
 
 
-def _terms(net, reference, accelerator: Accelerator, batch: dict, *, global_batch: bool,
-           beta: float, desirable_weight: float,
-           undesirable_weight: float) -> tuple[torch.Tensor, dict]:
-    """The KTO loss and metrics of one batch."""
-    policy_logps = _logps(net, batch)
-    with torch.no_grad():
-        kl_policy = _logps(net, batch, "kl_")
-    ref, kl_ref = _reference_logps(reference, batch)
-    # Training micro-batches are sharded across processes: z_ref over all shards. Every
-    # process evaluates the whole held-out set, so there the local estimate is the global one.
-    spread = global_batch and accelerator.num_processes > 1
-    z_ref = kl_estimate(kl_policy, kl_ref, partial(accelerator.reduce, reduction="sum")
-                        if spread else None)
-    return kto_loss(
-        policy_logps, ref, batch["labels"], kl_policy, kl_ref, beta=beta,
-        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, z_ref=z_ref,
-    )
-
-
-def _loss_sums(terms: Callable, batch: dict) -> tuple[torch.Tensor, dict]:
-    """`terms` of a training micro-batch as sums, for gradient accumulation."""
-    loss, m = terms(batch, global_batch=True)
-    n = batch["input_ids"].shape[0]
-    # Rewards of desirable / undesirable rows are means over those rows alone: (sum, count)
-    # pairs, so a micro-batch or shard without one side adds nothing instead of a NaN.
-    desirable = int(batch["labels"].bool().sum())
-    for key, rows in (("rewards/chosen", desirable), ("rewards/rejected", n - desirable)):
-        m[key] = (float(m[key]) * rows if rows else 0.0, rows)
-    del m["rewards/margins"]  # derived after accumulation (_with_margins)
-    return as_sums(loss, m, n)
-
-
-def _with_margins(log_metrics: MetricFn | None, metrics: dict[str, float], step: int) -> None:
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    if log_metrics is not None:
-        log_metrics(metrics, step)
-
-
-def _evaluate(terms: Callable, eval_batches: list[dict], device: torch.device) -> dict[str, float]:
-    """The held-out loss, a mean over rows."""
-    total, n_total = 0.0, 0
-    for batch in eval_batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _ = terms(batch, global_batch=False)
-        n_total += batch["input_ids"].shape[0]
-        total += float(loss) * batch["input_ids"].shape[0]
-    return {"eval_loss": total / max(n_total, 1)}
-
-
 def train(
     policy: torch.nn.Module,
     train_examples: list[dict],
@@ -215,9 +168,6 @@ def train(
             batch_size=config.per_device_batch_size,
             num_batches=config.max_steps * config.grad_accum, seed=config.seed,
             accelerator=accelerator)
-    terms = partial(_terms, net, reference, accelerator, beta=config.beta,
-                    desirable_weight=config.desirable_weight,
-                    undesirable_weight=config.undesirable_weight)
     eval_batches = [
         collate(eval_examples[i : i + config.per_device_batch_size], pad_token_id)
         for i in range(0, len(eval_examples), config.per_device_batch_size)
@@ -227,9 +177,69 @@ def train(
         seed=config.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         what="KTO examples",
     )
+    objective = KTOObjective(net, reference, accelerator, eval_batches, beta=config.beta,
+                             desirable_weight=config.desirable_weight,
+                             undesirable_weight=config.undesirable_weight)
     return fit(
         accelerator, net, optimizer, scheduler, params, batches, config, name="kto",
-        count=lambda b: b["input_ids"].shape[0], loss_fn=partial(_loss_sums, terms),
-        evaluate=partial(_evaluate, terms, eval_batches, accelerator.device),
-        log_metrics=partial(_with_margins, log_metrics), checkpoint_dir=checkpoint_dir,
+        objective=objective, log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
     )
+
+
+class KTOObjective(Objective):
+    """The KTO loss summed over a micro-batch's rows (z_ref over the whole micro-batch, across
+    processes); the held-out loss, a mean over rows; the reward margin of the accumulated step."""
+
+    evaluates = True
+
+    def __init__(self, net, reference, accelerator: Accelerator, eval_batches: list[dict], *,
+                 beta: float, desirable_weight: float, undesirable_weight: float):
+        self.net, self.reference, self.accelerator = net, reference, accelerator
+        self.eval_batches = eval_batches
+        self.beta, self.desirable_weight = beta, desirable_weight
+        self.undesirable_weight = undesirable_weight
+
+    def terms(self, batch: dict, *, global_batch: bool) -> tuple[torch.Tensor, dict]:
+        """The KTO loss (a mean over the batch's rows) and metrics of one batch."""
+        policy_logps = _logps(self.net, batch)
+        with torch.no_grad():
+            kl_policy = _logps(self.net, batch, "kl_")
+        ref, kl_ref = _reference_logps(self.reference, batch)
+        # Training micro-batches are sharded across processes: z_ref over all shards. Every
+        # process evaluates the whole held-out set, so there the local estimate is the global one.
+        spread = global_batch and self.accelerator.num_processes > 1
+        z_ref = kl_estimate(kl_policy, kl_ref, partial(self.accelerator.reduce, reduction="sum")
+                            if spread else None)
+        return kto_loss(
+            policy_logps, ref, batch["labels"], kl_policy, kl_ref, beta=self.beta,
+            desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+            z_ref=z_ref,
+        )
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0]
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        loss, m = self.terms(batch, global_batch=True)
+        n = batch["input_ids"].shape[0]
+        # Rewards of desirable / undesirable rows are means over those rows alone: (sum, count)
+        # pairs, so a micro-batch or shard without one side adds nothing instead of a NaN.
+        desirable = int(batch["labels"].bool().sum())
+        for key, rows in (("rewards/chosen", desirable), ("rewards/rejected", n - desirable)):
+            m[key] = (float(m[key]) * rows if rows else 0.0, rows)
+        del m["rewards/margins"]  # derived after accumulation (step_metrics)
+        return sums_from_means(loss, m, n)
+
+    def step_metrics(self, micro: list[dict], metrics: dict[str, float],
+                     seconds: float) -> dict[str, float]:
+        return {"rewards/margins": metrics["rewards/chosen"] - metrics["rewards/rejected"]}
+
+    def evaluate(self) -> dict[str, float]:
+        """The held-out loss, a mean over rows."""
+        total, n_total = 0.0, 0
+        for batch in self.eval_batches:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            loss, _ = self.terms(batch, global_batch=False)
+            n_total += batch["input_ids"].shape[0]
+            total += float(loss) * batch["input_ids"].shape[0]
+        return {"eval_loss": total / max(n_total, 1)}

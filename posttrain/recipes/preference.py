@@ -31,6 +31,7 @@ Departures and choices:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,7 +50,8 @@ from posttrain.losses.dpo import dpo_loss
 from posttrain.losses.orpo import orpo_loss
 from posttrain.losses.simpo import simpo_loss
 from posttrain.training import (
-    as_sums,
+    Metrics,
+    Objective,
     build_optimizer,
     endless_batches,
     fit,
@@ -57,6 +59,7 @@ from posttrain.training import (
     precompute_used,
     prepare,
     reference_runner,
+    sums_from_means,
     to_device,
 )
 
@@ -195,51 +198,63 @@ def train(
     net, optimizer, params = prepare(accelerator, net, optimizer, config)
     if method == "dpo" and reference is None:
         # Through the prepared net: on the device, in the training forward's precision.
-        def precompute(pairs: list[dict]) -> list[dict]:
-            return precompute_reference(
-                net, pairs, pad_token_id=pad_token_id, batch_size=config.per_device_batch_size,
-                average=_averaged(config), device=accelerator.device)
-
+        precompute = partial(
+            precompute_reference, net, pad_token_id=pad_token_id,
+            batch_size=config.per_device_batch_size, average=_averaged(config),
+            device=accelerator.device)
         train_pairs = precompute_used(
             train_pairs, precompute, batch_size=config.per_device_batch_size,
             num_batches=config.max_steps * config.grad_accum, seed=config.seed,
             world_size=accelerator.num_processes)
         eval_pairs = precompute(eval_pairs)
-
-    def terms(batch: dict) -> tuple[torch.Tensor, dict]:
-        if method == "dpo":
-            return _dpo_terms(net, batch, config, reference)
-        return REFERENCE_FREE[method](net, batch, config)
-
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, m = terms(batch)
-        n = batch["input_ids"].shape[0] // 2
-        return as_sums(loss, m, n)
-
     eval_batches = [
         collate_pairs(eval_pairs[i : i + config.per_device_batch_size], pad_token_id)
         for i in range(0, len(eval_pairs), config.per_device_batch_size)
     ]
-
-    def evaluate() -> dict[str, float]:
-        totals: dict[str, float] = {}
-        n_total = 0
-        for batch in eval_batches:
-            batch = to_device(batch, accelerator.device)
-            loss, m = terms(batch)
-            n = batch["input_ids"].shape[0] // 2
-            n_total += n
-            for k, v in {"loss": loss, **m}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * n
-        return {f"eval_{k}": v / max(n_total, 1) for k, v in totals.items()}
-
     batches = endless_batches(
-        train_pairs, config.per_device_batch_size, lambda ex: collate_pairs(ex, pad_token_id),
+        train_pairs, config.per_device_batch_size, partial(collate_pairs, pad_token_id=pad_token_id),
         seed=config.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         what="preference pairs",
     )
     return fit(
         accelerator, net, optimizer, scheduler, params, batches, config, name=method,
-        count=lambda b: b["input_ids"].shape[0] // 2, loss_fn=loss_fn, evaluate=evaluate,
+        objective=PairObjective(method, net, config, reference, eval_batches, accelerator.device),
         log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
     )
+
+
+class PairObjective(Objective):
+    """`method`'s loss (its batch mean, from posttrain/losses/) summed over a micro-batch's
+    pairs; the held-out loss and metrics, means over pairs."""
+
+    evaluates = True
+
+    def __init__(self, method: str, net, config: DPOConfig | ORPOConfig | SimPOConfig | CPOConfig,
+                 reference, eval_batches: list[dict], device: torch.device):
+        self.method, self.net, self.config, self.reference = method, net, config, reference
+        self.eval_batches, self.device = eval_batches, device
+
+    def terms(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The batch-mean loss and metrics."""
+        if self.method == "dpo":
+            return _dpo_terms(self.net, batch, self.config, self.reference)
+        return REFERENCE_FREE[self.method](self.net, batch, self.config)
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        loss, m = self.terms(batch)
+        return sums_from_means(loss, m, self.count(batch))
+
+    def evaluate(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        n_total = 0
+        for batch in self.eval_batches:
+            batch = to_device(batch, self.device)
+            loss, m = self.terms(batch)
+            n = self.count(batch)
+            n_total += n
+            for k, v in {"loss": loss, **m}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * n
+        return {f"eval_{k}": v / max(n_total, 1) for k, v in totals.items()}

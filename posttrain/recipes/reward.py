@@ -9,6 +9,7 @@ go through one forward (concatenated along the batch); the score is read at the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,12 +20,14 @@ from posttrain.data.preference import collate_pairs
 from posttrain.losses.reward import reward_loss
 from posttrain.rewards import RewardScorer
 from posttrain.training import (
-    as_sums,
+    Metrics,
+    Objective,
     build_optimizer,
     endless_batches,
     fit,
     make_accelerator,
     prepare,
+    sums_from_means,
 )
 
 MetricFn = Callable[[dict[str, float], int], None]
@@ -71,7 +74,7 @@ def train(
     optimizer, scheduler = build_optimizer(params, config)
     scorer, optimizer, params = prepare(accelerator, scorer, optimizer, config)
     batches = endless_batches(
-        train_pairs, config.per_device_batch_size, lambda ex: collate_pairs(ex, pad_token_id),
+        train_pairs, config.per_device_batch_size, partial(collate_pairs, pad_token_id=pad_token_id),
         seed=config.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         what="preference pairs",
     )
@@ -80,18 +83,34 @@ def train(
         for i in range(0, len(eval_pairs), config.per_device_batch_size)
     ]
 
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        chosen, rejected = _pair_scores(scorer, batch)
+    objective = RewardObjective(scorer, eval_batches, config.center_rewards_coefficient,
+                                accelerator.device)
+    return fit(
+        accelerator, scorer, optimizer, scheduler, params, batches, config, name="reward",
+        objective=objective, log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
+    )
+
+
+class RewardObjective(Objective):
+    """Bradley-Terry loss summed over a micro-batch's pairs; held-out pairwise accuracy."""
+
+    evaluates = True
+
+    def __init__(self, scorer: RewardScorer, eval_batches: list[dict],
+                 center_coefficient: float | None, device: torch.device):
+        self.scorer, self.eval_batches, self.device = scorer, eval_batches, device
+        self.center_coefficient = center_coefficient
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        chosen, rejected = _pair_scores(self.scorer, batch)
         loss, m = reward_loss(
             chosen, rejected, margin=batch.get("margin"),
-            center_coefficient=config.center_rewards_coefficient,
+            center_coefficient=self.center_coefficient,
         )
-        n = chosen.shape[0]
-        return as_sums(loss, m, n)
+        return sums_from_means(loss, m, chosen.shape[0])
 
-    return fit(
-        accelerator, scorer, optimizer, scheduler, params, batches, config,
-        name="reward", count=lambda b: b["input_ids"].shape[0] // 2, loss_fn=loss_fn,
-        evaluate=lambda: pairwise_accuracy(scorer, eval_batches, accelerator.device),
-        log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
-    )
+    def evaluate(self) -> dict[str, float]:
+        return pairwise_accuracy(self.scorer, self.eval_batches, self.device)

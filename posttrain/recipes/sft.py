@@ -30,6 +30,7 @@ from posttrain.logprobs import SelectedLogits, shift_targets
 from posttrain.losses.sft import sft_loss
 from posttrain.models import packed_attention, set_attention
 from posttrain.training import (
+    Objective,
     build_optimizer,
     endless_batches,
     fit,
@@ -161,35 +162,47 @@ def _train(model, train_examples, eval_examples, config: SFTConfig, attention: s
         for i in range(0, len(eval_examples), config.per_device_batch_size)
     ]
 
-    def loss_fn(mb: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        select, targets = shift_targets(mb["labels"])
-        logps, correct = net(mb["input_ids"], attention_mask(mb, attention), select,
-                             mb.get("position_ids"), targets=targets,
-                             image_inputs=mb.get("image_inputs"))
+    return fit(
+        accelerator, net, optimizer, scheduler, params, batches, config, name="sft",
+        objective=SFTObjective(net, eval_batches, attention, accelerator),
+        log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
+    )
+
+
+class SFTObjective(Objective):
+    """Cross-entropy summed over a micro-batch's completion tokens; held-out loss and
+    perplexity; tokens seen and per second."""
+
+    evaluates = True
+
+    def __init__(self, net: SelectedLogits, eval_batches: list[dict], attention: str,
+                 accelerator: Accelerator):
+        self.net, self.eval_batches, self.attention = net, eval_batches, attention
+        self.accelerator = accelerator
+        self.tokens_seen = 0
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        select, targets = shift_targets(batch["labels"])
+        logps, correct = self.net(batch["input_ids"], attention_mask(batch, self.attention),
+                                  select, batch.get("position_ids"), targets=targets,
+                                  image_inputs=batch.get("image_inputs"))
         loss_sum, m = sft_loss(logps, 1)
         return loss_sum, {
             "loss": m["loss_sum"].item(),
             "mean_token_accuracy": correct.sum().item(),
         }
 
-    tokens_seen = 0
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_loss(self.net, self.eval_batches, self.accelerator.device)
 
-    def throughput(micro: list[dict], seconds: float) -> dict[str, float]:
-        nonlocal tokens_seen
-        real = global_sum(accelerator, sum(_real_tokens(mb) for mb in micro))
-        tokens_seen += int(real)
-        return {"num_tokens": tokens_seen, "tokens_per_second": real / max(seconds, 1e-9)}
-
-    return fit(
-        accelerator, net, optimizer, scheduler, params, batches, config,
-        name="sft", count=_loss_tokens, loss_fn=loss_fn,
-        evaluate=lambda: evaluate_loss(net, eval_batches, accelerator.device),
-        step_extras=throughput, log_metrics=log_metrics, checkpoint_dir=checkpoint_dir,
-    )
-
-
-def _loss_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    def step_metrics(self, micro: list[dict], metrics: dict[str, float],
+                     seconds: float) -> dict[str, float]:
+        real = global_sum(self.accelerator, sum(_real_tokens(mb) for mb in micro))
+        self.tokens_seen += int(real)
+        return {"num_tokens": self.tokens_seen, "tokens_per_second": real / max(seconds, 1e-9)}
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from posttrain import artifacts, tracking
+from posttrain.charts import CI_SUFFIXES
 from posttrain.config import PipelineConfig
 from posttrain.data import demo
 from posttrain.data.formats import eval_rows
@@ -143,7 +144,7 @@ def _columns(rows: list[dict]) -> dict[str, list]:
 
 
 PER_PROMPT_FILE = "per_prompt.json"
-CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+CI_LOW, CI_HIGH = CI_SUFFIXES
 
 
 def with_intervals(metrics: dict[str, float], per_prompt: dict[str, dict], samples: int,

@@ -5,7 +5,8 @@
                 weights, `place` (every model besides the trained one), global sums, teardown
 - batches.py    endless shuffled, sharded micro-batches; the rows a run will train on
 - optimizer.py  AdamW and its schedule, the optimizer step with clipping and the NaN/inf guard
-- loop.py       the offline loop `fit` and gradient accumulation over the global batch
+- loop.py       the offline loop `fit`, the `Objective` each offline recipe gives it, and
+                gradient accumulation over the global batch
 - reference.py  the frozen reference (a copy, or the adapter off), dropout off for RL
 - oom.py        out-of-memory back-off (half the micro-batch, twice the accumulation)
 
@@ -32,7 +33,7 @@ from posttrain.training.devices import (
     resolve_gradient_checkpointing,
     resolve_mixed_precision,
 )
-from posttrain.training.loop import LossFn, accumulate, as_sums, fit
+from posttrain.training.loop import Metrics, Objective, accumulate, fit, sums_from_means
 from posttrain.training.oom import halve_micro_batch, is_out_of_memory, with_oom_backoff
 from posttrain.training.optimizer import (
     NonFiniteError,
@@ -43,10 +44,10 @@ from posttrain.training.optimizer import (
 from posttrain.training.reference import disable_dropout, reference_runner
 
 __all__ = [
-    "Batch", "LossFn", "NonFiniteError", "NonFiniteGuard", "accumulate", "as_sums",
+    "Batch", "Metrics", "NonFiniteError", "NonFiniteGuard", "Objective", "accumulate",
     "build_optimizer", "cpu_processes", "disable_dropout", "enable_gradient_checkpointing",
     "end_distributed", "endless_batches", "fit", "gathered_state_dict", "global_batches",
     "global_sum", "halve_micro_batch", "is_out_of_memory", "make_accelerator", "optimizer_step",
     "place", "precompute_used", "prepare", "reference_runner", "resolve_gradient_checkpointing",
-    "resolve_mixed_precision", "rows_used", "to_device", "with_oom_backoff",
+    "resolve_mixed_precision", "rows_used", "sums_from_means", "to_device", "with_oom_backoff",
 ]
