@@ -443,9 +443,13 @@ def env() -> None:
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover - console entry point
+def main() -> None:
+    """The `posttrain` console entry point."""
+    from posttrain.gc_tuning import tune_for_a_command
+
+    tune_for_a_command()
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

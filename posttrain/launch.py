@@ -41,6 +41,7 @@ from pathlib import Path
 
 from posttrain import progress
 from posttrain.config import LaunchConfig, PipelineConfig
+from posttrain.gc_tuning import tune_for_a_command
 from posttrain.stages.graph import run_training_stage
 
 # Lazy imports: torch (posttrain.training) loads only in the launched processes; the Prefect
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="folder written by run_launched")
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run id")
     args = parser.parse_args(argv)
+    tune_for_a_command()
     signal.signal(signal.SIGTERM, _terminate)
     progress_to_stdout()
     workdir = Path(args.workdir)

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from posttrain.gc_tuning import tune_for_a_command
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never reach a hub: an id that is not cached fails at once instead of after timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The test processes import the whole ML stack as a command does: the same collector tuning.
+tune_for_a_command()
 
 
 @pytest.fixture(scope="session", autouse=True)
