@@ -90,6 +90,18 @@ def _start_embedded_server() -> threading.Thread | None:
     return thread
 
 
+def _ready_the_flow() -> None:
+    """The flow's first work, done while the embedded server comes up (the command would only
+    wait for it): import the flows and Prefect's engine, and open the MLflow store (a new sqlite
+    store runs its schema migrations for seconds). MLflow keeps the store for the flow."""
+    import pipelines.flows  # noqa: F401 - imported now rather than after the wait
+    from posttrain import tracking
+
+    # A store that cannot be opened is reported by the flow, where every stage error goes.
+    with contextlib.suppress(Exception):
+        tracking.client()
+
+
 def _preflight(cfg, targets: list[str] | None = None, *, flow: bool = False):
     """The plan, or every problem preflight finds and exit code 2, before anything trains.
     With `flow` (a flow runs next), Prefect's embedded server starts meanwhile."""
@@ -99,6 +111,7 @@ def _preflight(cfg, targets: list[str] | None = None, *, flow: bool = False):
     try:
         result = plan(cfg, targets)
         if server is not None:
+            _ready_the_flow()
             server.join()
         return result
     except PreflightError as e:

@@ -101,6 +101,25 @@ def test_a_failing_stage_ends_in_one_message_and_a_log_with_the_traceback(tmp_pa
 
 
 
+def test_an_mlflow_store_that_cannot_be_opened_ends_in_one_message_before_training(tmp_path):
+    """The command opens the MLflow store while the embedded Prefect server starts
+    (pipelines/cli.py `_ready_the_flow`); a store that cannot be opened there is still reported
+    once, by the flow, with what to do, and nothing trains."""
+    import yaml
+
+    from tests.conftest import SFT_STAGE, tiny_pipeline_values
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(tiny_pipeline_values(tmp_path, [SFT_STAGE])))
+    (tmp_path / "not-a-folder").write_text("")
+    uri = f"sqlite:///{tmp_path / 'not-a-folder' / 'mlflow.db'}"
+    done = _posttrain(["sft", str(config)], tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "what to do:" in done.stdout and "Traceback" not in done.stdout + done.stderr
+    assert "the run failed" in done.stdout and "not-a-folder" in done.stdout, done.stdout
+    assert not list((tmp_path / "artifacts").glob("sft/*/model"))
+
+
 def test_verbose_keeps_tracebacks_on_the_console_and_quiet_moves_them_to_the_log(tmp_path):
     """errors.capture: without --verbose, Prefect's console handlers lose the traceback of a
     record (the log file keeps it); with --verbose they keep it."""
