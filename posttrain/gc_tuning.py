@@ -19,8 +19,10 @@ FULL_COLLECTION_THRESHOLD = 1000
 
 def tune_for_a_command() -> None:
     """Rare full collections, and none over the whole heap at exit (the operating system frees
-    it). Called first by each process entry point (`posttrain`, the launched stage processes);
-    the atexit hook is registered here, before the libraries' own, so it runs after theirs."""
+    it). Called first by each process entry point (`posttrain`, the launched stage processes,
+    and tests/conftest.py for the test processes); the atexit hook is registered here, before
+    the libraries' own, so it runs after theirs. A command that ends with os._exit (a stop by
+    signal, pipelines/stop.py) skips exit hooks and the final collection anyway."""
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_THRESHOLD)
     atexit.register(gc.freeze)
