@@ -12,7 +12,6 @@ import os
 import platform
 import shlex
 import sys
-import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated
@@ -67,32 +66,9 @@ def _load(config: str | None, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
-def _start_embedded_server() -> threading.Thread | None:
-    """Without a Prefect server (no PREFECT_API_URL), a flow runs against Prefect's embedded
-    one, a uvicorn subprocess that takes seconds to start. Started from a thread here, before
-    preflight, it comes up while preflight checks the model and the data; the flow joins the
-    thread (`_preflight`), and Prefect's own start then finds it running. Returns the thread,
-    or None with a server configured."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-
-    def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        # A failed start is not reported here: the flow's own start tries again and reports it.
-        with contextlib.suppress(Exception):
-            SubprocessASGIServer().start()
-
-    thread = threading.Thread(target=start, name="posttrain-prefect-server", daemon=True)
-    thread.start()
-    return thread
-
-
 def _ready_the_flow() -> None:
-    """The flow's first work, done while the embedded server comes up (the command would only
-    wait for it): import the flows and Prefect's engine, and open the MLflow store (a new sqlite
+    """The flow's first work, done while the temporary Prefect server comes up (the command
+    would only wait for it): import the flows and Prefect's engine, and open the MLflow store (a new sqlite
     store runs its schema migrations for seconds). MLflow keeps the store for the flow."""
     import pipelines.flows  # noqa: F401 - imported now rather than after the wait
     from posttrain import tracking
@@ -104,15 +80,17 @@ def _ready_the_flow() -> None:
 
 def _preflight(cfg, targets: list[str] | None = None, *, flow: bool = False):
     """The plan, or every problem preflight finds and exit code 2, before anything trains.
-    With `flow` (a flow runs next), Prefect's embedded server starts meanwhile."""
+    With `flow` (a flow runs next) and no Prefect server configured, the temporary one starts
+    meanwhile (pipelines/temporary_server.py)."""
+    from pipelines import temporary_server
     from posttrain.preflight import PreflightError, plan
 
-    server = _start_embedded_server() if flow else None
+    server = temporary_server.start() if flow else None
     try:
         result = plan(cfg, targets)
         if server is not None:
             _ready_the_flow()
-            server.join()
+            server.use()
         return result
     except PreflightError as e:
         console.print("[red]preflight found problems; nothing was trained:[/red]")

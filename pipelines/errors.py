@@ -116,8 +116,10 @@ def prefect_unreachable(error: BaseException) -> str | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, httpx.TransportError):
+            from pipelines import temporary_server
+
             url = os.environ.get("PREFECT_API_URL")
-            if not url:
+            if not url and temporary_server.current_url() is None:
                 try:
                     from prefect.settings import PREFECT_API_URL
 

@@ -19,7 +19,7 @@ import weakref
 from pathlib import Path
 from typing import ClassVar
 
-from posttrain import progress
+from posttrain import mlflow_store, progress
 from posttrain.artifacts import current_owner, owner_alive
 from posttrain.charts import comparison_chart, is_number
 
@@ -41,7 +41,7 @@ def tracking_uri() -> str:
 def client():
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    return MlflowClient(tracking_uri=mlflow_store.seed_new_sqlite_store(tracking_uri()))
 
 
 def run_url(run_id: str) -> str:

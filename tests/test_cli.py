@@ -311,3 +311,77 @@ def test_the_command_run_in_process_leaves_the_signal_handlers_as_it_found_them(
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, host)
+
+
+def test_a_command_without_a_prefect_server_starts_the_temporary_one_itself(tmp_path):
+    """Without PREFECT_API_URL the command starts Prefect's temporary server itself
+    (pipelines/temporary_server.py): Prefect's server API is never imported into the command's
+    process (Prefect's own start imports it, seconds of CPU beside preflight), the flow run is
+    recorded on that server's database, and the server is stopped when the command exits."""
+    import re
+    import socket
+    import sqlite3
+
+    import yaml
+
+    from tests.conftest import tiny_pipeline_values
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(tiny_pipeline_values(tmp_path)))
+    probe = ("import atexit, sys\n"  # registered first, so it runs after every other exit hook
+             "atexit.register(lambda: print('server API imported:', "
+             "'prefect.server.api.server' in sys.modules))\n"
+             f"sys.argv = ['posttrain', 'sft', {str(config)!r}]\n"
+             "from pipelines.cli import main\nmain()\n")
+    env = {**os.environ, "COLUMNS": "200", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "server API imported: False" in done.stdout, out
+    port = int(re.search(r"temporary Prefect server on http://127\.0\.0\.1:(\d+)/api", out)[1])
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        runs = db.execute("SELECT flow.name, flow_run.state_type FROM flow_run "
+                          "JOIN flow ON flow.id = flow_run.flow_id").fetchall()
+    assert runs == [("posttrain-stage", "COMPLETED")], runs
+    with socket.socket() as sock:  # stopped: nothing listens on its port any more
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_temporary_server_that_does_not_come_up_is_stopped_and_left_to_prefect(monkeypatch):
+    """When the server exits before it answers, `use` says so, nothing is left running, and
+    Prefect's settings still name no server (its own start then tries and reports why)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines import temporary_server
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(temporary_server.TemporaryServer, "_launch", lambda self: setattr(
+        self, "process", subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])))
+    server = temporary_server.start()
+    assert server is not None and PREFECT_API_URL.value() is None
+    assert server.use() is False
+    assert server.process is None and temporary_server.current_url() is None
+    assert PREFECT_API_URL.value() is None
+
+
+def test_a_lost_temporary_server_is_named_as_such(monkeypatch):
+    """The command's temporary server is Prefect's API URL in this process, but a run that
+    loses it is told it lost the temporary server, not a server at some local port."""
+    import httpx
+
+    from pipelines import errors, temporary_server
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = "http://127.0.0.1:8123/api"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(temporary_server, "current_url", lambda: url)
+    lost = RuntimeError("could not propose state")
+    lost.__cause__ = httpx.ConnectError("refused")
+    with temporary_settings(updates={PREFECT_API_URL: url}):  # as `TemporaryServer.use` leaves it
+        assert errors.prefect_unreachable(lost) == "the temporary Prefect server"
+    monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.5:4200/api")
+    assert errors.prefect_unreachable(lost) == "the Prefect server at http://10.0.0.5:4200/api"
