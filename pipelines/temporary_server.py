@@ -8,12 +8,15 @@ of CPU on this project's 2-core machine, holding the GIL while preflight imports
 command starts the same subprocess itself, before preflight, without importing the server's
 modules, and once it answers points Prefect in this process at it (the API URL of Prefect's
 process-wide settings, the way Prefect's own test harness points a process at the server it
-started). Prefect's own start then never runs.
+started). Prefect's own start then never runs. Flow-run heartbeats are off for it: they let a
+lasting server notice a run whose process died, and this one dies with the process.
 
 If the server does not come up, the command stops it and leaves the start to Prefect, which
 tries again and reports why. The server is stopped at exit (SIGTERM, then SIGKILL after 5 s),
 after Prefect's log and event workers, registered later, have sent what they hold; a command
-stopped by a signal stops it with the rest of its child processes (pipelines/stop.py).
+stopped by a signal stops it with the rest of its child processes (pipelines/stop.py), and on
+Linux a command killed outright (kill -9) takes it along too: the server gets SIGTERM when its
+parent dies (PR_SET_PDEATHSIG), where Prefect's own would be left running.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ import urllib.request
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}
 _PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind its port
+# On Linux the server runs uvicorn after asking for SIGTERM when its parent dies, even by
+# SIGKILL (prctl PR_SET_PDEATHSIG = 1), and exits if the parent died before that.
+_STOPPED_WITH_PARENT = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
+    "sys.argv = ['uvicorn', *sys.argv[2:]]\n"
+    "runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)\n")
 
 
 class TemporaryServer:
@@ -56,10 +67,12 @@ class TemporaryServer:
             self.port = sock.getsockname()[1]
         env = {**os.environ, **_SERVER_ENV,
                **get_current_settings().to_environment_variables(exclude_unset=True)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+        uvicorn = ["--app-dir", str(prefect.__module_path__.parent), "--factory",
+                   "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                   str(self.port), "--log-level", "error", "--lifespan", "on"]
+        start = (["-c", _STOPPED_WITH_PARENT, str(os.getpid())] if sys.platform == "linux"
+                 else ["-m", "uvicorn"])
+        self.process = subprocess.Popen([sys.executable, *start, *uvicorn], env=env)
 
     def wait(self, timeout: float) -> bool:
         """True once the server answers its health check; False if it exits or `timeout`
@@ -89,6 +102,7 @@ class TemporaryServer:
         from prefect.logging import get_logger
         from prefect.settings import (
             PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         )
 
@@ -98,11 +112,13 @@ class TemporaryServer:
         get_logger().info(f"Started a temporary Prefect server on {self.api_url}; for a "
                           "lasting one (its UI, history across runs): make ui, then set "
                           "PREFECT_API_URL")
+        # Flow-run heartbeats let a lasting server notice a run whose process died; this one
+        # dies with the process, and the heartbeat thread held every flow's end for up to 1 s.
+        updates = {PREFECT_API_URL: self.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
         current = prefect.context.get_settings_context()
         self._prior_settings = prefect.context.GLOBAL_SETTINGS_CONTEXT
         prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.SettingsContext(
-            profile=current.profile,
-            settings=current.settings.copy_with_update(updates={PREFECT_API_URL: self.api_url}))
+            profile=current.profile, settings=current.settings.copy_with_update(updates=updates))
         return True
 
     def stop(self) -> None:

@@ -313,11 +313,13 @@ def test_the_command_run_in_process_leaves_the_signal_handlers_as_it_found_them(
         signal.signal(signal.SIGINT, host)
 
 
+@pytest.mark.slow
 def test_a_command_without_a_prefect_server_starts_the_temporary_one_itself(tmp_path):
     """Without PREFECT_API_URL the command starts Prefect's temporary server itself
     (pipelines/temporary_server.py): Prefect's server API is never imported into the command's
     process (Prefect's own start imports it, seconds of CPU beside preflight), the flow run is
-    recorded on that server's database, and the server is stopped when the command exits."""
+    recorded on that server's database (without heartbeats), and the server is stopped when the
+    command exits."""
     import re
     import socket
     import sqlite3
@@ -345,7 +347,11 @@ def test_a_command_without_a_prefect_server_starts_the_temporary_one_itself(tmp_
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         runs = db.execute("SELECT flow.name, flow_run.state_type FROM flow_run "
                           "JOIN flow ON flow.id = flow_run.flow_id").fetchall()
+        events = {e for (e,) in db.execute("SELECT event FROM events")}
     assert runs == [("posttrain-stage", "COMPLETED")], runs
+    # The run's events reached the server, without heartbeats: nothing outlives the command to
+    # watch for them, and their thread held the flow's end for up to a second.
+    assert "prefect.flow-run.Completed" in events and "prefect.flow-run.heartbeat" not in events
     with socket.socket() as sock:  # stopped: nothing listens on its port any more
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
@@ -353,28 +359,29 @@ def test_a_command_without_a_prefect_server_starts_the_temporary_one_itself(tmp_
 def test_a_temporary_server_that_does_not_come_up_is_stopped_and_left_to_prefect(monkeypatch):
     """When the server exits before it answers, `use` says so, nothing is left running, and
     Prefect's settings still name no server (its own start then tries and reports why)."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from pipelines import temporary_server
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setattr(temporary_server.TemporaryServer, "_launch", lambda self: setattr(
         self, "process", subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])))
-    server = temporary_server.start()
-    assert server is not None and PREFECT_API_URL.value() is None
-    assert server.use() is False
-    assert server.process is None and temporary_server.current_url() is None
-    assert PREFECT_API_URL.value() is None
+    # No server configured, even in a test process that has the session's Prefect server.
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        server = temporary_server.start()
+        assert server is not None and PREFECT_API_URL.value() is None
+        assert server.use() is False
+        assert server.process is None and temporary_server.current_url() is None
+        assert PREFECT_API_URL.value() is None
 
 
 def test_a_lost_temporary_server_is_named_as_such(monkeypatch):
     """The command's temporary server is Prefect's API URL in this process, but a run that
     loses it is told it lost the temporary server, not a server at some local port."""
     import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from pipelines import errors, temporary_server
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = "http://127.0.0.1:8123/api"
     monkeypatch.delenv("PREFECT_API_URL", raising=False)

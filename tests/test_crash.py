@@ -4,6 +4,7 @@ from the last checkpoint (issue 13, items 1 and 2)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -401,3 +402,40 @@ def test_a_lost_prefect_server_is_named_with_what_was_kept(tmp_path, monkeypatch
         assert other.startswith("the run failed: ValueError: bad") and "Prefect" not in other
     finally:
         errors.release(cap)
+
+
+@pytest.mark.slow
+def test_a_command_killed_outright_takes_its_temporary_prefect_server_along(tmp_path):
+    """kill -9 of the `posttrain` process alone (not its process group: no stop handler runs)
+    while it uses the temporary Prefect server it started: the server gets SIGTERM from the
+    kernel when its parent dies (pipelines/temporary_server.py) and stops answering, instead
+    of staying behind on its port."""
+    import re
+
+    values = tiny_pipeline_values(tmp_path, [{**SFT_STAGE, "max_steps": 5000,
+                                              "eval_every": 10000}])
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env.pop("PREFECT_API_URL", None)
+    command = Command([sys.executable, "-m", "pipelines.cli", "sft", str(config)], tmp_path, env,
+                      tmp_path / "out.log")
+    started = r"temporary Prefect server on http://127\.0\.0\.1:(\d+)/api"
+    try:
+        command.wait_for(lambda: re.search(started, command.output()), "temporary server")
+        port = int(re.search(started, command.output())[1])
+        command.wait_for(lambda: "Beginning flow run" in command.output(), "the flow run")
+        os.kill(command.proc.pid, signal.SIGKILL)
+        command.proc.wait()
+
+        def answers() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        deadline = time.time() + 15
+        while answers() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not answers(), "the temporary server outlived its command"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.proc.pid, signal.SIGKILL)  # whatever is left of the group

@@ -23,11 +23,23 @@ def migrations(monkeypatch, tmp_path):
     return calls
 
 
+_CONSTRAINT = ("CONSTRAINT", "CHECK", "FOREIGN KEY", "UNIQUE", "PRIMARY KEY")
+
+
+def _statement(sql: str | None) -> tuple:
+    """A CREATE statement with its columns in order and its constraints as a set: MLflow's own
+    migrations list a table's constraints in an order that varies from one process to another."""
+    lines = [line.strip().rstrip(",").strip() for line in (sql or "").splitlines()]
+    return (tuple(line for line in lines if not line.startswith(_CONSTRAINT)),
+            frozenset(line for line in lines if line.startswith(_CONSTRAINT)))
+
+
 def _contents(path) -> dict:
     """The schema, the schema version and the experiments of a store file."""
     with sqlite3.connect(path) as db:
         return {
-            "schema": sorted(db.execute("SELECT type, name, sql FROM sqlite_master")),
+            "schema": sorted((kind, name, _statement(sql)) for kind, name, sql in
+                             db.execute("SELECT type, name, sql FROM sqlite_master")),
             "version": db.execute("SELECT version_num FROM alembic_version").fetchall(),
             "experiments": db.execute("SELECT experiment_id, name, artifact_location, "
                                       "lifecycle_stage FROM experiments").fetchall(),
