@@ -68,8 +68,10 @@ def _load(config: str | None, overrides: list[str] | None):
 
 def _ready_the_flow() -> None:
     """The flow's first work, done while the temporary Prefect server comes up (the command
-    would only wait for it): import the flows and Prefect's engine, and open the MLflow store (a new sqlite
-    store runs its schema migrations for seconds). MLflow keeps the store for the flow."""
+    would only wait for it): import the flows and Prefect's engine, and open the MLflow store
+    (importing MLflow's SQLAlchemy store takes about a second; the first new store on a machine
+    also runs MLflow's migrations, posttrain/mlflow_store.py). MLflow keeps the store for the
+    flow."""
     import pipelines.flows  # noqa: F401 - imported now rather than after the wait
     from posttrain import tracking
 
