@@ -20,7 +20,8 @@ Same settings on both sides: the model folder (a tiny Qwen2 built offline, the d
 `--pairs` plain-text demo preference pairs (prompt/chosen/rejected: the public schema), `--steps`
 steps of `--batch` pairs, AdamW at a constant 5e-4 without warm-up, clipping 1.0, beta 0.1, the
 sigmoid loss, max length 64, one process, `--threads` torch threads, no evaluation during
-training, no checkpoints. Differences that stay: ours holds out 5% of the pairs as its eval split
+training, no checkpoints, gradient checkpointing as ours decides it (off on a CPU; TRL's default
+is on, which its script ran with before 2026-12-06). Differences that stay: ours holds out 5% of the pairs as its eval split
 (it trains on the other 95%) and logs to MLflow; TRL appends an EOS to each response.
 """
 
@@ -111,7 +112,10 @@ def trl_main(argv: list[str]) -> None:
         max_grad_norm=1.0, weight_decay=0.0, beta=SETTINGS["beta"],
         max_length=SETTINGS["max_length"], precompute_ref_log_probs=True, save_strategy="no",
         eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        # What ours does with its default ('auto'): on with a GPU, off on a CPU. TRL's own
+        # default is on everywhere.
+        gradient_checkpointing=torch.cuda.is_available())
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
                          processing_class=tokenizer)
     trainer.train()

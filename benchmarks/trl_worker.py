@@ -15,8 +15,10 @@ epoch), must equal ours: run.py checks it; GRPO samples its completions, so ther
 only in expectation). Same settings: steps, per-device batch, AdamW lr 1e-4 constant without
 warm-up, clipping 1.0, beta 0.1 (GRPO: beta 0, loss_type 'grpo', group-scaled rewards, one
 iteration, temperature 1, the same char-count reward), fp32 or bf16 autocast (`--precision`), one
-process, no logging integrations, no checkpoints, no evaluation. Timing uses a TrainerCallback's
-step ends and the worker's forward hooks and timed window.
+process, no logging integrations, no checkpoints, no evaluation, no gradient checkpointing (TRL's
+configs turn it on by default; before 2026-12-06 TRL ran with it, recomputing every forward in
+its backward pass, which cost it throughput and saved it activation memory). Timing uses a
+TrainerCallback's step ends and the worker's forward hooks and timed window.
 
 Differences that stay (they are TRL's defaults, so they are part of what is compared):
 - TRL builds its tokenized dataset (and, with precompute_ref_log_probs, the reference log-probs)
@@ -147,7 +149,10 @@ def train_stage(args) -> dict:
             lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
             logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
             seed=args.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-            dataloader_num_workers=0, bf16=args.precision == "bf16", **extra,
+            dataloader_num_workers=0, bf16=args.precision == "bf16",
+            # TRL's configs default to True; the worker's training never recomputes activations,
+            # so TRL must not either for the same computation (and the same memory).
+            gradient_checkpointing=False, **extra,
         )
         rss_before = current_rss_mb()
         t0 = time.perf_counter()
@@ -173,6 +178,8 @@ def train_stage(args) -> dict:
             "precompute_s": setup_s if precompute and args.variant in ("dpo", "kto") else 0.0,
             "e2e_s": marks[args.steps - 1][0] - t0,
             "epoch_grad_tokens": marks[max(marks)][1]["grad_tokens"],
+            "gradient_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing",
+                                                   False)),
             "new_tokens": args.new_tokens if args.variant == "grpo" else None,
             "generations": args.generations if args.variant == "grpo" else None,
             **worker._memory(worker._device(), rss_before)}

@@ -7,8 +7,12 @@ a table.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package; plain `pytest` needs it
@@ -278,3 +282,19 @@ def test_wall_dpo_benchmark_prepares_a_pipeline_that_passes_preflight(tmp_path):
                                                                        "precomputed")
     assert [(r.stage, r.status) for r in plan(cfg, ["dpo"]).rows] == [("data", "will run"),
                                                              ("dpo", "will run")]
+
+
+def test_the_trl_side_trains_without_gradient_checkpointing_like_ours():
+    """TRL's configs turn gradient checkpointing on by default; the benchmark worker's own
+    training never recomputes activations, so the TRL worker turns it off: otherwise the ratios
+    compare a recomputing TRL (slower, smaller) with ours. A tiny DPO run through the TRL worker
+    reports what its trained model had."""
+    pytest.importorskip("trl")
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.trl_worker", "--variant", "dpo", "--reference",
+         "precomputed", "--steps", "3", "--warmup", "1", "--hidden", "32", "--layers", "1",
+         "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--threads", "1",
+         "--prompt-len", "4,8", "--completion-len", "4,8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["gradient_checkpointing"] is False and result["steps_per_s"] > 0
