@@ -9,7 +9,8 @@ command starts the same subprocess itself, before preflight, without importing t
 modules, and once it answers points Prefect in this process at it (the API URL of Prefect's
 process-wide settings, the way Prefect's own test harness points a process at the server it
 started). Prefect's own start then never runs. Flow-run heartbeats are off for it: they let a
-lasting server notice a run whose process died, and this one dies with the process.
+lasting server notice a run whose process died, and this one dies with the process. So is the
+UI URL: the server serves no UI, and Prefect then prints no "View at" link to it.
 
 If the server does not come up, the command stops it and leaves the start to Prefect, which
 tries again and reports why. The server is stopped at exit (SIGTERM, then SIGKILL after 5 s),
@@ -104,6 +105,7 @@ class TemporaryServer:
             PREFECT_API_URL,
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            PREFECT_UI_URL,
         )
 
         if not self.wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()):
@@ -114,7 +116,9 @@ class TemporaryServer:
                           "PREFECT_API_URL")
         # Flow-run heartbeats let a lasting server notice a run whose process died; this one
         # dies with the process, and the heartbeat thread held every flow's end for up to 1 s.
-        updates = {PREFECT_API_URL: self.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        # No UI URL: this server serves no UI, so Prefect prints no "View at" link to it.
+        updates = {PREFECT_API_URL: self.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                   PREFECT_UI_URL: ""}
         current = prefect.context.get_settings_context()
         self._prior_settings = prefect.context.GLOBAL_SETTINGS_CONTEXT
         prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.SettingsContext(

@@ -343,6 +343,7 @@ def test_a_command_without_a_prefect_server_starts_the_temporary_one_itself(tmp_
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "server API imported: False" in done.stdout, out
+    assert "View at" not in out  # no link to a server without a UI that is gone after exit
     port = int(re.search(r"temporary Prefect server on http://127\.0\.0\.1:(\d+)/api", out)[1])
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         runs = db.execute("SELECT flow.name, flow_run.state_type FROM flow_run "
