@@ -111,8 +111,8 @@ class TemporaryServer:
         if not self.wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()):
             self.stop()
             return False
-        get_logger().info(f"Started a temporary Prefect server on {self.api_url}; for a "
-                          "lasting one (its UI, history across runs): make ui, then set "
+        get_logger().info(f"Started a temporary Prefect server on {self.api_url} (no UI, "
+                          "stopped at exit); for a lasting one with the UI: make ui, then set "
                           "PREFECT_API_URL")
         # Flow-run heartbeats let a lasting server notice a run whose process died; this one
         # dies with the process, and the heartbeat thread held every flow's end for up to 1 s.
