@@ -21,8 +21,9 @@ Same settings on both sides: the model folder (a tiny Qwen2 built offline, the d
 steps of `--batch` pairs, AdamW at a constant 5e-4 without warm-up, clipping 1.0, beta 0.1, the
 sigmoid loss, max length 64, one process, `--threads` torch threads, no evaluation during
 training, no checkpoints, gradient checkpointing as ours decides it (off on a CPU; TRL's default
-is on, which its script ran with before 2026-12-06). Differences that stay: ours holds out 5% of the pairs as its eval split
-(it trains on the other 95%) and logs to MLflow; TRL appends an EOS to each response.
+is on, which its script ran with before 2026-12-06). Differences that stay: ours holds out 5% of
+the pairs as its eval split (it trains on the other 95%) and logs to MLflow; TRL appends an EOS to
+each response.
 """
 
 from __future__ import annotations
